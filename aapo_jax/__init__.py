@@ -1,0 +1,1 @@
+"""aapo-jax: AAPO and its baselines for RL post-training of LLM reasoning in JAX/Flax NNX."""
