@@ -1,0 +1,400 @@
+"""Import from and export to Hugging Face checkpoints (config.json + safetensors), without torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from aapo_jax import sharding as sharding_lib
+from aapo_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
+from aapo_jax.models.transformer import Transformer
+
+logger = logging.getLogger(__name__)
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+# Tensors some exporters keep that carry no weights of ours.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ---------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """rope_theta and scaling from either config layout.
+
+    transformers 5 writes `rope_parameters` (with `rope_theta` inside); hub
+    checkpoints written by 4.x have top-level `rope_theta` and `rope_scaling`.
+    """
+    params = hf.get("rope_parameters")
+    if params is not None:
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = params
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"config.json rope type {rope_type!r} is not supported "
+            "(supported: 'default', 'llama3')."
+        )
+    return float(theta), RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def config_from_hf(hf: dict, *, dtype="float32", param_dtype=None, remat=False) -> ModelConfig:
+    """ModelConfig from a parsed Hugging Face config.json (4.x or 5.x layout)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"config.json model_type={model_type!r} is not supported; "
+            f"expected one of {SUPPORTED_MODEL_TYPES}."
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported.")
+    if hf.get("use_sliding_window", False):
+        raise ValueError(
+            "config.json use_sliding_window=true: sliding-window attention is not supported."
+        )
+    if model_type == "qwen2" and hf.get("sliding_window") is not None:
+        logger.warning(
+            "config.json sliding_window=%s is ignored: use_sliding_window is false, so every "
+            "layer uses full attention (as transformers does).",
+            hf["sliding_window"],
+        )
+    theta, scaling = _rope_from_hf(hf)
+    heads = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    attention_bias = bool(hf.get("attention_bias", False))
+    dtype = jnp.dtype(dtype).name
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        model_type=model_type,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases; Llama's `attention_bias` covers q/k/v and o.
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=model_type == "llama" and attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=hf.get("pad_token_id"),
+        dtype=dtype,
+        param_dtype=jnp.dtype(param_dtype).name if param_dtype is not None else dtype,
+        remat=remat,
+    )
+
+
+def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict:
+    """Keyword arguments for transformers' Qwen2Config / LlamaConfig."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta}
+        rope.update(dataclasses.asdict(config.rope_scaling))
+    eos = config.eos_token_id
+    kwargs = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
+        pad_token_id=config.pad_token_id,
+        dtype=torch_dtype,
+        architectures=["Qwen2ForCausalLM" if config.model_type == "qwen2" else "LlamaForCausalLM"],
+    )
+    if config.model_type == "llama":
+        if config.qkv_bias != config.o_bias:
+            raise ValueError("Llama export needs qkv_bias == o_bias (HF `attention_bias`).")
+        kwargs.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    elif not config.qkv_bias or config.o_bias or config.mlp_bias:
+        raise ValueError("Qwen2 export needs qkv_bias=True, o_bias=False, mlp_bias=False.")
+    return kwargs
+
+
+# ---------------------------------------------------------------------------
+# Tensor name / layout table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    hf_name: str
+    path: tuple[str | int, ...]  # path in the NNX state
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: tuple[int, ...]
+
+
+def _same(x):
+    return x
+
+
+def _transpose(x):
+    return x.T
+
+
+def weight_table(config: ModelConfig) -> list[_Entry]:
+    """Every checkpoint tensor: HF name, our state path, layout converters, HF shape."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    entries = [_Entry("model.embed_tokens.weight", ("embed",), _same, _same, (v, d))]
+    for i in range(config.num_layers):
+        pre, ours = f"model.layers.{i}.", ("layers", i)
+
+        def proj(hf, path, heads, pre=pre, ours=ours):
+            entries.append(
+                _Entry(
+                    pre + hf + ".weight",
+                    (*ours, "attn", path + "_kernel"),
+                    lambda w, n=heads: w.T.reshape(d, n, dh),
+                    lambda w, n=heads: w.reshape(d, n * dh).T,
+                    (heads * dh, d),
+                )
+            )
+            if config.qkv_bias:
+                entries.append(
+                    _Entry(
+                        pre + hf + ".bias",
+                        (*ours, "attn", path + "_bias"),
+                        lambda b, n=heads: b.reshape(n, dh),
+                        lambda b, n=heads: b.reshape(n * dh),
+                        (heads * dh,),
+                    )
+                )
+
+        proj("self_attn.q_proj", "q", h)
+        proj("self_attn.k_proj", "k", k)
+        proj("self_attn.v_proj", "v", k)
+        entries.append(
+            _Entry(
+                pre + "self_attn.o_proj.weight",
+                (*ours, "attn", "o_kernel"),
+                lambda w: w.T.reshape(h, dh, d),
+                lambda w: w.reshape(h * dh, d).T,
+                (d, h * dh),
+            )
+        )
+        if config.o_bias:
+            entries.append(
+                _Entry(pre + "self_attn.o_proj.bias", (*ours, "attn", "o_bias"), _same, _same, (d,))
+            )
+        for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            entries.append(
+                _Entry(
+                    pre + f"mlp.{name}_proj.weight",
+                    (*ours, "mlp", f"{name}_kernel"),
+                    _transpose,
+                    _transpose,
+                    shape,
+                )
+            )
+            if config.mlp_bias:
+                entries.append(
+                    _Entry(
+                        pre + f"mlp.{name}_proj.bias",
+                        (*ours, "mlp", f"{name}_bias"),
+                        _same,
+                        _same,
+                        shape[:1],
+                    )
+                )
+        for hf, norm in (
+            ("input_layernorm", "input_norm"),
+            ("post_attention_layernorm", "post_attn_norm"),
+        ):
+            entries.append(_Entry(pre + hf + ".weight", (*ours, norm, "scale"), _same, _same, (d,)))
+    entries.append(_Entry("model.norm.weight", ("final_norm", "scale"), _same, _same, (d,)))
+    if not config.tie_word_embeddings:
+        entries.append(_Entry("lm_head.weight", ("lm_head",), _transpose, _transpose, (v, d)))
+    return entries
+
+
+# ---------------------------------------------------------------------------
+# Import
+
+
+def _at(state: nnx.State, path: tuple[str | int, ...]):
+    for key in path:
+        state = state[key]
+    return state
+
+
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file, for single-file and sharded checkpoints."""
+    index = path / SAFE_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / SAFE_SINGLE
+    if single.exists():
+        with safe_open(single, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise FileNotFoundError(f"{path}: neither {SAFE_INDEX} nor {SAFE_SINGLE} found.")
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """The parsed config.json of a checkpoint directory."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint?).")
+    return json.loads(config_file.read_text())
+
+
+def load_hf_checkpoint(
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    *,
+    param_dtype=None,
+    mesh: Mesh | None = None,
+    rules=sharding_lib.LOGICAL_RULES,
+    remat: bool = False,
+) -> Transformer:
+    """Load a Qwen2 / Llama-3 Hugging Face checkpoint directory as an NNX `Transformer`.
+
+    Tensors are read one at a time (bf16 included), converted to our layout and
+    `param_dtype` (default: `dtype`), and placed straight onto their device or,
+    with `mesh`, their sharding — the host never holds two full copies.
+
+    Raises:
+      ValueError: unsupported model_type or rope type, a missing, unexpected or
+        wrongly shaped tensor (the message names the tensor).
+    """
+    path = Path(path)
+    config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shardings = sharding_lib.state_shardings(state, mesh, rules) if mesh is not None else None
+
+    files = _checkpoint_files(path)
+    table = {e.hf_name: e for e in weight_table(config)}
+    missing = sorted(set(table) - set(files))
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensor(s) {missing[:8]}.")
+    extra = sorted(n for n in set(files) - set(table) if not n.endswith(_IGNORED_SUFFIXES))
+    if config.tie_word_embeddings and "lm_head.weight" in extra:
+        logger.warning("%s: ignoring lm_head.weight, the embeddings are tied.", path)
+        extra.remove("lm_head.weight")
+    if extra:
+        raise ValueError(f"{path}: checkpoint has unexpected tensor(s) {extra[:8]}.")
+
+    by_file: dict[Path, list[_Entry]] = {}
+    for entry in table.values():
+        by_file.setdefault(files[entry.hf_name], []).append(entry)
+    for file, entries in by_file.items():
+        with safe_open(file, framework="numpy") as f:
+            for entry in entries:
+                tensor = f.get_tensor(entry.hf_name)
+                if tuple(tensor.shape) != entry.hf_shape:
+                    raise ValueError(
+                        f"{path}: tensor {entry.hf_name} has shape {tuple(tensor.shape)}, "
+                        f"expected {entry.hf_shape} from config.json."
+                    )
+                variable = _at(state, entry.path)
+                value = np.ascontiguousarray(entry.to_ours(tensor.astype(variable.value.dtype)))
+                target = _at(shardings, entry.path).value if shardings is not None else None
+                variable.value = jax.device_put(value, target)
+                del tensor, value
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------
+# Export
+
+
+def _iter_hf_tensors(model: Transformer, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    state = nnx.state(model, nnx.Param)
+    for entry in weight_table(model.config):
+        value = np.asarray(jax.device_get(_at(state, entry.path).value))
+        yield entry.hf_name, np.ascontiguousarray(entry.to_hf(value).astype(dtype))
+
+
+def save_hf_checkpoint(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    max_shard_size: int = 5 * 1024**3,
+) -> None:
+    """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads.
+
+    Args:
+      model: the model to export.
+      path: output directory (created).
+      dtype: tensor dtype on disk (default: the model's `param_dtype`).
+      max_shard_size: bytes per safetensors file; above it the checkpoint is
+        sharded with a `model.safetensors.index.json`, as transformers does.
+    """
+    import transformers  # deferred: only export needs it
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = jnp.dtype(model.config.param_dtype if dtype is None else dtype)
+    torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
+    config_cls = (
+        transformers.Qwen2Config if model.config.model_type == "qwen2" else transformers.LlamaConfig
+    )
+    config_cls(**config_to_hf(model.config, torch_dtype)).save_pretrained(path)
+
+    # Group tensors into shards without materialising more than one shard.
+    shards: list[list[str]] = [[]]
+    sizes = [0]
+    for entry in weight_table(model.config):
+        nbytes = int(np.prod(entry.hf_shape)) * dtype.itemsize
+        if shards[-1] and sizes[-1] + nbytes > max_shard_size:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append(entry.hf_name)
+        sizes[-1] += nbytes
+    for stale in [*path.glob("model*.safetensors"), path / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)
+    tensors = _iter_hf_tensors(model, dtype)
+    names = (
+        [SAFE_SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for file, shard in zip(names, shards, strict=True):
+        chunk = dict(next(tensors) for _ in shard)
+        save_file(chunk, path / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, file))
+        del chunk
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (path / SAFE_INDEX).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,316 @@
+"""Flax NNX decoder for the Qwen2 / Llama-3 families with an explicit KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from aapo_jax.models.config import ModelConfig
+
+# A large finite negative instead of -inf keeps masked scores out of NaN territory.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Fixed-size key/value buffers for every layer, written left to right.
+
+    All rows share one write index because batches are left-padded: slot `s`
+    holds the same step for every row. `mask_BxS` marks the slots that hold a
+    real token (not padding, not yet written).
+    """
+
+    k: tuple[Float[Array, "B S K Dh"], ...]
+    v: tuple[Float[Array, "B S K Dh"], ...]
+    mask_BxS: Bool[Array, "B S"]
+    index: Int[Array, ""]
+
+    @property
+    def size(self) -> int:
+        return self.mask_BxS.shape[1]
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None) -> KVCache:
+    """An empty cache of `cache_size` slots per row (keys/values in `dtype`, default compute)."""
+    dtype = config.compute_dtype if dtype is None else dtype
+    shape = (batch_size, cache_size, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        mask_BxS=jnp.zeros((batch_size, cache_size), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def positions_from_mask(mask_BxL: Array) -> Int[Array, "B L"]:
+    """Position ids of a left-padded batch: 0 at each row's first real token."""
+    mask = mask_BxL.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies (fp32, as transformers computes them), llama3-scaled if set."""
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxLxHxDh: Array, positions_BxL: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate-half RoPE (the transformers layout), angles in fp32."""
+    angles = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos = jnp.cos(angles).astype(x_BxLxHxDh.dtype)
+    sin = jnp.sin(angles).astype(x_BxLxHxDh.dtype)
+    half = x_BxLxHxDh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxLxHxDh[..., half:], x_BxLxHxDh[..., :half]], axis=-1)
+    return x_BxLxHxDh * cos + rotated * sin
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with fp32 statistics, scaled after casting back (transformers order)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = config.rms_norm_eps
+        self.scale = _param(rngs, (config.hidden_size,), ("norm",), config.weight_dtype, "ones")
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention over the (optionally cached) keys and values."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        dt = config.weight_dtype
+        self.config = config
+        self.q_kernel = _param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt)
+        self.k_kernel = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt)
+        self.v_kernel = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt)
+        self.o_kernel = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt)
+        if config.qkv_bias:
+            self.q_bias = _param(rngs, (h, dh), ("q_heads", "head_dim"), dt, "zeros")
+            self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), dt, "zeros")
+            self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), dt, "zeros")
+        if config.o_bias:
+            self.o_bias = _param(rngs, (d,), ("embed",), dt, "zeros")
+
+    def _project(self, x, kernel, bias_name):
+        y = jnp.einsum("bld,dhk->blhk", x, kernel.value.astype(x.dtype))
+        if self.config.qkv_bias:
+            y = y + getattr(self, bias_name).value.astype(x.dtype)
+        return y
+
+    def __call__(
+        self,
+        x_BxLxD: Array,
+        positions_BxL: Array,
+        mask_BxL: Array,
+        cache_kv: tuple[Array, Array] | None,
+        cache_mask_BxS: Array | None,
+        cache_index: Array | None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        cfg = self.config
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(self._project(x_BxLxD, self.q_kernel, "q_bias"), positions_BxL, inv_freq)
+        k = apply_rope(self._project(x_BxLxD, self.k_kernel, "k_bias"), positions_BxL, inv_freq)
+        v = self._project(x_BxLxD, self.v_kernel, "v_bias")
+        seq_len = x_BxLxD.shape[1]
+        if cache_kv is None:
+            keys, values, key_mask = k, v, mask_BxL.astype(bool)
+            query_slot = jnp.arange(seq_len)
+        else:
+            start = (0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
+            values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
+            key_mask = cache_mask_BxS
+            query_slot = cache_index + jnp.arange(seq_len)
+        key_slot = jnp.arange(keys.shape[1])
+        causal_LxS = key_slot[None, :] <= query_slot[:, None]
+        # Every query also sees its own slot, so a padding query (no real key
+        # before it) attends to itself only and never to later tokens.
+        self_LxS = key_slot[None, :] == query_slot[:, None]
+        visible_BxLxS = (causal_LxS[None] & key_mask[:, None, :]) | self_LxS[None]
+
+        b, group = x_BxLxD.shape[0], cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, seq_len, cfg.num_kv_heads, group, cfg.head_dim)
+        scores = jnp.einsum(
+            "blkgd,bskd->bkgls", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        scores = scores / np.float32(math.sqrt(cfg.head_dim))
+        scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x_BxLxD.dtype)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, values.astype(probs.dtype))
+        out = out.reshape(b, seq_len, cfg.num_heads, cfg.head_dim)
+        y = jnp.einsum("blhk,hkd->bld", out, self.o_kernel.value.astype(out.dtype))
+        if cfg.o_bias:
+            y = y + self.o_bias.value.astype(y.dtype)
+        return y, (None if cache_kv is None else (keys, values))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, dt = config.hidden_size, config.intermediate_size, config.weight_dtype
+        self.config = config
+        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), dt)
+        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), dt)
+        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), dt)
+        if config.mlp_bias:
+            self.gate_bias = _param(rngs, (f,), ("mlp",), dt, "zeros")
+            self.up_bias = _param(rngs, (f,), ("mlp",), dt, "zeros")
+            self.down_bias = _param(rngs, (d,), ("embed",), dt, "zeros")
+
+    def __call__(self, x_BxLxD: Array) -> Array:
+        def dense(x, name):
+            y = x @ getattr(self, f"{name}_kernel").value.astype(x.dtype)
+            if self.config.mlp_bias:
+                y = y + getattr(self, f"{name}_bias").value.astype(x.dtype)
+            return y
+
+        hidden = jax.nn.silu(dense(x_BxLxD, "gate")) * dense(x_BxLxD, "up")
+        return dense(hidden, "down")
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention block followed by a pre-norm SwiGLU block."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache_kv, cache_mask, cache_index):
+        attn_out, new_kv = self.attn(
+            self.input_norm(x), positions, mask, cache_kv, cache_mask, cache_index
+        )
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, new_kv
+
+
+class Transformer(nnx.Module):
+    """Decoder-only causal LM (Qwen2 / Qwen2.5 / Llama-3.x).
+
+    Prefill and single-token decode are the same call: pass a `KVCache` and the
+    new tokens are written at `cache.index`, attending to every earlier real
+    slot. Without a cache it is a plain causal forward over `tokens_BxL`.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = _param(
+            rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config.weight_dtype
+        )
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs,
+                (config.hidden_size, config.vocab_size),
+                ("embed", "vocab"),
+                config.weight_dtype,
+            )
+
+    def lm_head_kernel(self) -> Float[Array, "D V"]:
+        """The output projection [D, V] (the transposed embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed.value.T
+        return self.lm_head.value
+
+    def hidden_states(
+        self,
+        tokens_BxL: Int[Array, "B L"],
+        positions_BxL: Int[Array, "B L"],
+        mask_BxL: Array,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Final-normed hidden states [B, L, D] (compute dtype) and the updated cache."""
+        cfg = self.config
+        x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(cfg.compute_dtype)
+        mask_BxL = mask_BxL.astype(bool)
+        cache_mask = None
+        if cache is not None:
+            cache_mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL, (0, cache.index))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            index = None if cache is None else cache.index
+            call = nnx.remat(DecoderLayer.__call__) if cfg.remat else DecoderLayer.__call__
+            x, new_kv = call(layer, x, positions_BxL, mask_BxL, kv, cache_mask, index)
+            if new_kv is not None:
+                new_k.append(new_kv[0])
+                new_v.append(new_kv[1])
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        new_cache = KVCache(
+            k=tuple(new_k),
+            v=tuple(new_v),
+            mask_BxS=cache_mask,
+            index=cache.index + tokens_BxL.shape[1],
+        )
+        return x, new_cache
+
+    def logits_from_hidden(self, hidden_BxLxD: Array) -> Float[Array, "B L V"]:
+        """fp32 logits from hidden states (fp32 accumulation in the head matmul)."""
+        kernel = self.lm_head_kernel().astype(hidden_BxLxD.dtype)
+        return jnp.einsum("bld,dv->blv", hidden_BxLxD, kernel, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens_BxL: Int[Array, "B L"],
+        positions_BxL: Int[Array, "B L"],
+        mask_BxL: Array,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "B L V"], KVCache | None]:
+        hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, mask_BxL, cache)
+        return self.logits_from_hidden(hidden), cache
+
+
+def compute_logits(
+    model: Transformer, input_ids: Int[Array, "B L"], attention_mask: Array
+) -> Float[Array, "B L V"]:
+    """fp32 logits for a (left-padded) batch; positions come from the attention mask.
+
+    Logits at padding positions are finite but meaningless.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    logits, _ = model(input_ids, positions_from_mask(attention_mask), attention_mask)
+    return logits

@@ -1,0 +1,108 @@
+"""Device mesh (data, fsdp, tensor) and logical-axis rules for parameters and batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes). A dimension whose size the mesh axes do
+# not divide is replicated instead (e.g. a single KV head on a 4-way tensor axis).
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("length", None),
+)
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices.")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh shape (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) needs "
+            f"{math.prod(shape)} devices, {len(devices)} are available."
+        )
+    # Auto axes: jit propagates shardings and `with_sharding_constraint` works.
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = LOGICAL_RULES,
+) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes on this mesh.
+
+    Each mesh axis is used at most once; a dimension is left replicated when the
+    product of its mesh axes does not divide it.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or size % ways:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The `logical_axes` metadata of a parameter (replicated when absent)."""
+    metadata = variable.get_metadata()
+    axes = metadata.get("logical_axes")
+    if axes is None:
+        return (None,) * np.ndim(variable.value)
+    return tuple(axes)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.State:
+    """A NamedSharding for every variable of an (abstract or concrete) NNX state."""
+
+    def one(variable):
+        spec = logical_to_spec(variable_axes(variable), variable.value.shape, mesh, rules)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.Module:
+    """A copy of `model` with every parameter placed on `mesh` by the logical rules."""
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh, rules)
+    state = jax.device_put(state, shardings)
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Shard the leading (batch) dimension over data × fsdp, replicate the rest."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -1,0 +1,271 @@
+"""The NNX decoder against transformers, HF import/export, cache, causality and sharding."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from aapo_jax import models, sharding
+from tests import hf_fixtures
+
+PARITY_ATOL = 1e-4
+# bf16 weights + activations against the fp32 forward of the same checkpoint.
+BF16_ATOL = 0.15
+LENGTHS = (11, 4, 7, 1)
+WIDTH = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family -> (transformers-5 dir, hub-style bf16 sharded 4.x-config dir)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for i, family in enumerate(hf_fixtures.FAMILIES):
+        v5 = hf_fixtures.save_checkpoint(family, root / family, seed=i)
+        hub = hf_fixtures.hub_style_copy(v5, root / f"{family}_hub")
+        out[family] = (v5, hub)
+    return out
+
+
+def _batch(seed=0, vocab=hf_fixtures.TINY["vocab_size"]):
+    return hf_fixtures.left_padded_batch(np.random.default_rng(seed), LENGTHS, WIDTH, vocab)
+
+
+def _max_valid_diff(a, b, mask):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) * np.asarray(mask)[..., None]))
+
+
+@pytest.mark.parametrize("family", list(hf_fixtures.FAMILIES))
+@pytest.mark.parametrize("layout", ["v5", "hub"])
+def test_logits_match_transformers(checkpoints, family, layout):
+    path = checkpoints[family][0 if layout == "v5" else 1]
+    ids, mask = _batch()
+    ours = models.compute_logits(models.load_hf_checkpoint(path), ids, mask)
+    ref = hf_fixtures.torch_logits(path, ids, mask)
+    assert np.abs(ref).max() > 0.5, "logits too small for a meaningful comparison"
+    assert _max_valid_diff(ours, ref, mask) <= PARITY_ATOL
+
+
+def test_hub_layout_is_what_the_fixture_claims(checkpoints):
+    _, hub = checkpoints["llama3"]
+    config = json.loads((hub / "config.json").read_text())
+    assert "rope_parameters" not in config and config["rope_scaling"]["rope_type"] == "llama3"
+    assert config["torch_dtype"] == "bfloat16"
+    assert (hub / "model.safetensors.index.json").exists()
+    tensor = next(iter(load_file(next(hub.glob("model-*.safetensors"))).values()))
+    assert tensor.dtype.name == "bfloat16"
+
+
+def test_config_fields(checkpoints):
+    qwen = models.load_hf_checkpoint(checkpoints["qwen2"][1]).config
+    assert qwen.qkv_bias and not qwen.o_bias and not qwen.tie_word_embeddings
+    mqa = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"][0]).config
+    assert mqa.tie_word_embeddings and mqa.num_kv_heads == 1
+    llama = models.load_hf_checkpoint(checkpoints["llama3"][1]).config
+    assert llama.rope_scaling.factor == 8.0 and llama.rope_theta == 500000.0
+    assert not llama.qkv_bias
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3_tied"])
+def test_export_loads_in_transformers_with_identical_logits(checkpoints, tmp_path, family):
+    model = models.load_hf_checkpoint(checkpoints[family][0])
+    models.save_hf_checkpoint(model, tmp_path / "out")
+    ids, mask = _batch(1)
+    exported = hf_fixtures.torch_logits(tmp_path / "out", ids, mask)
+    original = hf_fixtures.torch_logits(checkpoints[family][0], ids, mask)
+    np.testing.assert_array_equal(exported, original)
+
+
+def test_import_export_import_is_bit_exact(checkpoints, tmp_path):
+    first = models.load_hf_checkpoint(checkpoints["llama3"][1], dtype=jnp.bfloat16)
+    models.save_hf_checkpoint(first, tmp_path / "a", max_shard_size=30_000)
+    assert (tmp_path / "a" / "model.safetensors.index.json").exists()
+    second = models.load_hf_checkpoint(tmp_path / "a", dtype=jnp.bfloat16)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(first)), jax.tree.leaves(nnx.state(second)), strict=True
+    ):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # And the files themselves round-trip: same tensors as the hub checkpoint.
+    src = {}
+    for f in checkpoints["llama3"][1].glob("*.safetensors"):
+        src.update(load_file(f))
+    out = {}
+    for f in (tmp_path / "a").glob("*.safetensors"):
+        out.update(load_file(f))
+    assert src.keys() == out.keys()
+    for k in src:
+        np.testing.assert_array_equal(src[k], out[k])
+
+
+def test_causality(checkpoints):
+    model = models.load_hf_checkpoint(checkpoints["qwen2"][0])
+    ids, mask = _batch(2)
+    t = 8
+    changed = ids.copy()
+    changed[:, t] = (changed[:, t] + 1) % hf_fixtures.TINY["vocab_size"]
+    a = np.asarray(models.compute_logits(model, ids, mask))
+    b = np.asarray(models.compute_logits(model, changed, mask))
+    np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    assert np.abs(a[0, t:] - b[0, t:]).max() > 1e-3
+
+
+def test_left_padding_invariance(checkpoints):
+    model = models.load_hf_checkpoint(checkpoints["llama3"][0])
+    ids, mask = _batch(3)
+    padded = np.asarray(models.compute_logits(model, ids, mask))
+    for row, n in enumerate(LENGTHS):
+        alone = models.compute_logits(model, ids[row : row + 1, -n:], mask[row : row + 1, -n:])
+        np.testing.assert_allclose(padded[row, -n:], np.asarray(alone)[0], atol=1e-5, rtol=0)
+
+
+def test_bf16_within_documented_tolerance(checkpoints):
+    path = checkpoints["qwen2"][1]
+    ids, mask = _batch(4)
+    ref = models.compute_logits(models.load_hf_checkpoint(path), ids, mask)
+    bf16 = models.load_hf_checkpoint(path, dtype=jnp.bfloat16)
+    assert bf16.embed.value.dtype == jnp.bfloat16
+    low = models.compute_logits(bf16, ids, mask)
+    assert low.dtype == jnp.float32
+    assert np.isfinite(np.asarray(low)).all()
+    assert _max_valid_diff(low, ref, mask) <= BF16_ATOL
+
+
+def test_cache_prefill_and_decode_equal_full_forward(checkpoints):
+    model = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"][0])
+    ids, mask = _batch(5)
+    full = np.asarray(models.compute_logits(model, ids, mask))
+    split = 7
+    cache = models.init_cache(model.config, ids.shape[0], cache_size=WIDTH + 4)
+    positions = models.positions_from_mask(mask)
+    logits, cache = model(ids[:, :split], positions[:, :split], mask[:, :split], cache)
+    steps = [np.asarray(logits)]
+    for t in range(split, WIDTH):
+        logits, cache = model(ids[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1], cache)
+        steps.append(np.asarray(logits))
+    assert int(cache.index) == WIDTH
+    np.testing.assert_allclose(
+        np.concatenate(steps, axis=1) * mask[..., None], full * mask[..., None], atol=1e-5
+    )
+
+
+def test_remat_gives_same_logits_and_grads(checkpoints):
+    path = checkpoints["llama3"][0]
+    ids, mask = _batch(6)
+
+    def loss(model):
+        return jnp.mean(models.compute_logits(model, ids, mask) ** 2)
+
+    plain = models.load_hf_checkpoint(path)
+    remat = models.load_hf_checkpoint(path, remat=True)
+    g1 = jax.tree.leaves(nnx.grad(loss)(plain))
+    g2 = jax.tree.leaves(nnx.grad(loss)(remat))
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_sharded_forward_matches_one_device(checkpoints):
+    assert jax.device_count() == 8
+    path = checkpoints["qwen2"][1]
+    ids, mask = _batch(7)
+    ids, mask = np.tile(ids, (2, 1)), np.tile(mask, (2, 1))  # 8 rows
+    expected = np.asarray(models.compute_logits(models.load_hf_checkpoint(path), ids, mask))
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model = models.load_hf_checkpoint(path, mesh=mesh)
+    q = model.layers[0].attn.q_kernel.value
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert model.embed.value.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids, mask):
+        return models.compute_logits(nnx.merge(graphdef, state), ids, mask)
+
+    batch = sharding.batch_sharding(mesh, 2)
+    got = forward(state, jax.device_put(ids, batch), jax.device_put(mask, batch))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0)
+
+
+def test_logical_to_spec_replicates_indivisible_dims():
+    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
+    spec = sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (32, 1, 8), mesh)
+    assert spec == jax.sharding.PartitionSpec(None, None, None)
+    spec = sharding.logical_to_spec(("vocab", "embed"), (96, 32), mesh)
+    assert spec == jax.sharding.PartitionSpec("tensor", None)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh(data=2, fsdp=2, tensor=4)
+
+
+# --- clear errors ------------------------------------------------------------
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(path, fn):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_unsupported_model_type(checkpoints, tmp_path):
+    path = hf_fixtures.copy_checkpoint(checkpoints["qwen2"][0], tmp_path / "c")
+    _edit_config(path, model_type="mistral")
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        models.load_hf_checkpoint(path)
+
+
+def test_unsupported_rope_type(checkpoints, tmp_path):
+    path = hf_fixtures.copy_checkpoint(checkpoints["llama3"][1], tmp_path / "c")
+    config = json.loads((path / "config.json").read_text())
+    _edit_config(path, rope_scaling={**config["rope_scaling"], "rope_type": "yarn"})
+    with pytest.raises(ValueError, match="'yarn'"):
+        models.load_hf_checkpoint(path)
+
+
+def test_missing_tensor(checkpoints, tmp_path):
+    path = hf_fixtures.copy_checkpoint(checkpoints["qwen2"][0], tmp_path / "c")
+    _edit_tensors(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        models.load_hf_checkpoint(path)
+
+
+def test_extra_tensor(checkpoints, tmp_path):
+    path = hf_fixtures.copy_checkpoint(checkpoints["qwen2"][0], tmp_path / "c")
+    _edit_tensors(path, lambda t: t.update({"model.layers.9.extra.weight": np.ones(3, "f4")}))
+    with pytest.raises(ValueError, match=r"unexpected.*model\.layers\.9\.extra\.weight"):
+        models.load_hf_checkpoint(path)
+
+
+def test_shape_mismatch(checkpoints, tmp_path):
+    path = hf_fixtures.copy_checkpoint(checkpoints["qwen2"][0], tmp_path / "c")
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _edit_tensors(path, lambda t: t.update({name: np.ones((8, 32), "f4")}))
+    with pytest.raises(ValueError, match=rf"{name}.*\(8, 32\).*\(16, 32\)"):
+        models.load_hf_checkpoint(path)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        models.load_hf_checkpoint(tmp_path)
+
+
+def test_bad_model_config_names_field():
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        models.ModelConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=3,
+            head_dim=2,
+        )
