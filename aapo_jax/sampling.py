@@ -1,0 +1,307 @@
+"""KV-cache generation: one prefill, then one jitted `lax.while_loop` decode over fixed buffers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
+from aapo_jax.models.transformer import Transformer, init_cache, positions_from_mask
+
+_NEG_INF = -jnp.inf
+
+
+@flax.struct.dataclass
+class SamplerOutput:
+    """Completions for N rows (N = B·G with G samples per prompt, grouped by prompt).
+
+    Attributes:
+      tokens: int32[N, T] sampled tokens; `pad_token_id` after the first EOS.
+      mask: bool[N, T] every token up to and including the first EOS.
+      logprobs: f32[N, T] log π(token) under the model's own distribution —
+        BEFORE temperature / top-k / top-p / min-p — i.e. the log-softmax of
+        `compute_logits` over prompt + completion; 0 where `mask` is False.
+      lengths: int32[N] number of completion tokens (the sum of `mask`).
+    """
+
+    tokens: Int[Array, "N T"]
+    mask: Bool[Array, "N T"]
+    logprobs: Float[Array, "N T"]
+    lengths: Int[Array, " N"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling settings (each distinct value compiles its own program).
+
+    temperature=0 is greedy; top_k=0, top_p=1 and min_p=0 switch those filters
+    off (the transformers convention). `eos_token_ids` may be empty: then the
+    whole budget is generated.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    num_samples: int = 1
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0 (0 = off), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}.")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int | np.integer):
+        return (int(eos_token_id),)
+    return tuple(int(e) for e in eos_token_id)
+
+
+def filter_logits(logits_NxV: Array, config: SamplingConfig) -> Float[Array, "N V"]:
+    """fp32 logits / temperature with top-k, top-p and min-p applied (-inf outside)."""
+    logits = logits_NxV.astype(jnp.float32) / config.temperature
+    if config.top_k > 0 and config.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if config.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep the smallest prefix whose mass reaches top_p (always ≥ 1 token).
+        cutoff_idx = jnp.sum(mass_before < config.top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, _NEG_INF, logits)
+    if config.min_p > 0.0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        threshold = config.min_p * jnp.max(probs, axis=-1, keepdims=True)
+        logits = jnp.where(probs < threshold, _NEG_INF, logits)
+    return logits
+
+
+def sample_token(
+    logits_NxV: Array, rng: Array, config: SamplingConfig
+) -> tuple[Int[Array, " N"], Float[Array, " N"]]:
+    """One token per row and its log-prob under the unfiltered, untempered softmax."""
+    logits = logits_NxV.astype(jnp.float32)
+    if config.greedy:
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        token = jax.random.categorical(rng, filter_logits(logits, config), axis=-1)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[
+        :, 0
+    ]
+    return token.astype(jnp.int32), logprob
+
+
+@flax.struct.dataclass
+class _LoopState:
+    step: Array
+    tokens: Array
+    logprobs: Array
+    done: Array
+    cache: object
+    positions: Array
+    rng: Array
+
+
+def generate_tokens(
+    model: Transformer,
+    input_ids_BxP: Int[Array, "B P"],
+    attention_mask_BxP: Array,
+    rng: Array,
+    config: SamplingConfig,
+) -> SamplerOutput:
+    """Pure, traceable generation (call inside your own `jit`, e.g. an RL step).
+
+    The prompt batch is prefilled once; with `config.num_samples = G > 1` the
+    prefilled cache is repeated G times (rows b·G + g), so the prompt is never
+    recomputed per sample. Decoding is one `lax.while_loop` over fixed-size
+    token buffers and a fixed-size cache (P + max_new_tokens slots) that stops
+    as soon as every row has emitted EOS or the budget is spent.
+    """
+    b, p = input_ids_BxP.shape
+    g, t = config.num_samples, config.max_new_tokens
+    mask_BxP = attention_mask_BxP.astype(bool)
+    positions = positions_from_mask(mask_BxP)
+    cache = init_cache(model.config, b, p + t)
+    hidden, cache = model.hidden_states(input_ids_BxP, positions, mask_BxP, cache)
+    last_logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+    next_position = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
+
+    if g > 1:
+        repeat = functools.partial(jnp.repeat, repeats=g, axis=0)
+        cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)))
+        cache = cache.replace(mask_BxS=repeat(cache.mask_BxS))
+        last_logits, next_position = repeat(last_logits), repeat(next_position)
+    n = b * g
+    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+
+    rng, first_rng = jax.random.split(rng)
+    token, logprob = sample_token(last_logits, first_rng, config)
+    state = _LoopState(
+        step=jnp.ones((), jnp.int32),
+        tokens=jnp.full((n, t), config.pad_token_id, jnp.int32).at[:, 0].set(token),
+        logprobs=jnp.zeros((n, t), jnp.float32).at[:, 0].set(logprob),
+        done=jnp.isin(token, eos),
+        cache=cache,
+        positions=next_position,
+        rng=rng,
+    )
+
+    def cond(state: _LoopState):
+        return (state.step < t) & ~jnp.all(state.done)
+
+    def body(state: _LoopState) -> _LoopState:
+        prev = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)
+        logits, cache = model(prev, state.positions[:, None], ~state.done[:, None], state.cache)
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        token, logprob = sample_token(logits[:, 0], step_rng, config)
+        token = jnp.where(state.done, config.pad_token_id, token)
+        logprob = jnp.where(state.done, 0.0, logprob)
+        return _LoopState(
+            step=state.step + 1,
+            tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1),
+            logprobs=jax.lax.dynamic_update_index_in_dim(
+                state.logprobs, logprob, state.step, axis=1
+            ),
+            done=state.done | jnp.isin(token, eos),
+            cache=cache,
+            positions=state.positions + 1,
+            rng=state.rng,
+        )
+
+    state = jax.lax.while_loop(cond, body, state)
+    return completion_output(state.tokens, state.logprobs, eos)
+
+
+def completion_output(tokens_NxT: Array, logprobs_NxT: Array, eos: Array) -> SamplerOutput:
+    """Mask = every token up to and including the first EOS; zero log-probs beyond it."""
+    is_eos = jnp.isin(tokens_NxT, eos)
+    eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+    mask = eos_before == 0
+    return SamplerOutput(
+        tokens=tokens_NxT,
+        mask=mask,
+        logprobs=jnp.where(mask, logprobs_NxT, 0.0),
+        lengths=jnp.sum(mask, axis=1).astype(jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "config"))
+def _generate_jit(graphdefs, states, input_ids, attention_mask, rngs, config):
+    outputs = []
+    for graphdef, state, rng in zip(graphdefs, states, rngs, strict=True):
+        model = nnx.merge(graphdef, state)
+        outputs.append(generate_tokens(model, input_ids, attention_mask, rng, config))
+    return tuple(outputs)
+
+
+def _bucket_prompts(input_ids, attention_mask, buckets):
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.asarray(attention_mask).astype(bool)
+    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
+        raise ValueError(
+            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both "
+            "be [B, P]."
+        )
+    if buckets:
+        width = bucket_length(input_ids.shape[1], buckets)
+        extra = width - input_ids.shape[1]
+        input_ids = np.pad(input_ids, ((0, 0), (extra, 0)))
+        attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+    return input_ids, attention_mask
+
+
+def generate_many(
+    models: Sequence[Transformer],
+    input_ids: Int[Array, "B P"],
+    attention_mask: Array,
+    *,
+    rngs: Sequence[Array],
+    config: SamplingConfig,
+    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+) -> tuple[SamplerOutput, ...]:
+    """Sample several models (e.g. policy and reference) on the same prompts in ONE program.
+
+    No host round trip happens between the models. Each model gets its own key.
+    """
+    input_ids, attention_mask = _bucket_prompts(input_ids, attention_mask, buckets)
+    graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
+    return _generate_jit(
+        tuple(graphdefs), tuple(states), input_ids, attention_mask, tuple(rngs), config
+    )
+
+
+def generate(
+    model: Transformer,
+    input_ids: Int[Array, "B P"],
+    attention_mask: Array,
+    *,
+    rng: Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    num_samples: int = 1,
+    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+) -> SamplerOutput:
+    """Generate completions for a left-padded prompt batch (jitted; cached per shape).
+
+    Args:
+      model: the policy (or any) `Transformer`.
+      input_ids: int[B, P] left-padded prompts; attention_mask: [B, P] (1 = token).
+      rng: PRNG key; the same key gives the same samples.
+      max_new_tokens: the token budget T (the output is always [N, T]).
+      temperature: 0.0 is greedy. top_p / top_k / min_p: 1.0 / 0 / 0.0 are off.
+      eos_token_id: an int, a list of ints (stop tokens), or None (no early stop).
+      pad_token_id: written after a row's first EOS.
+      num_samples: G completions per prompt; rows are ordered b·G + g.
+      buckets: prompts are left-padded to the next bucket length so that a run
+        compiles few programs; None keeps P as given.
+
+    Returns:
+      `SamplerOutput` (tokens, mask, logprobs before temperature/filters, lengths).
+    """
+    config = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        min_p=float(min_p),
+        eos_token_ids=_eos_tuple(eos_token_id),
+        pad_token_id=int(pad_token_id),
+        num_samples=int(num_samples),
+    )
+    (out,) = generate_many(
+        [model], input_ids, attention_mask, rngs=[rng], config=config, buckets=buckets
+    )
+    return out

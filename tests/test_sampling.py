@@ -1,0 +1,265 @@
+"""Generation: greedy parity with transformers, sampling filters and law, masks, compiles."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aapo_jax import models, sampling
+from tests import hf_fixtures
+
+VOCAB = hf_fixtures.TINY["vocab_size"]
+PAD = 0
+LENGTHS = (9, 3, 6, 1, 12)
+WIDTH = 12
+T = 10
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("samp")
+    return {
+        family: hf_fixtures.save_checkpoint(family, root / family, seed=10 + i)
+        for i, family in enumerate(("qwen2", "llama3", "qwen2_tied_mqa"))
+    }
+
+
+@pytest.fixture(scope="module")
+def qwen(checkpoints):
+    return models.load_hf_checkpoint(checkpoints["qwen2"])
+
+
+def _prompts(seed=0, lengths=LENGTHS, width=WIDTH):
+    return hf_fixtures.left_padded_batch(np.random.default_rng(seed), lengths, width, VOCAB)
+
+
+def _hf_greedy(path, ids, mask, eos):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=T,
+            pad_token_id=PAD,
+            eos_token_id=eos,
+        )
+    new = out[:, ids.shape[1] :].numpy()
+    return np.pad(new, ((0, 0), (0, T - new.shape[1])), constant_values=PAD)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "qwen2_tied_mqa"])
+def test_greedy_matches_transformers_with_early_eos(checkpoints, family):
+    model = models.load_hf_checkpoint(checkpoints[family])
+    ids, mask = _prompts(1)
+    free = sampling.generate(
+        model, ids, mask, rng=jax.random.key(0), max_new_tokens=T, temperature=0.0
+    )
+    # An EOS id the greedy path emits early in some rows but not in all.
+    eos = int(free.tokens[0, 2])
+    out = sampling.generate(
+        model,
+        ids,
+        mask,
+        rng=jax.random.key(0),
+        max_new_tokens=T,
+        temperature=0.0,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+    )
+    assert int(out.lengths[0]) <= 3 and int(out.lengths.max()) > 3
+    expected = _hf_greedy(checkpoints[family], ids, mask, eos)
+    np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+
+
+def test_eos_none_generates_the_full_budget(qwen):
+    ids, mask = _prompts(2)
+    out = sampling.generate(qwen, ids, mask, rng=jax.random.key(1), max_new_tokens=T)
+    assert out.tokens.shape == (len(LENGTHS), T)
+    assert bool(out.mask.all()) and (np.asarray(out.lengths) == T).all()
+
+
+def test_mask_and_eos_semantics(qwen):
+    ids, mask = _prompts(3)
+    free = sampling.generate(
+        qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=T, temperature=0.0
+    )
+    eos = [int(free.tokens[1, 4]), int(free.tokens[2, 0])]
+    out = sampling.generate(
+        qwen,
+        ids,
+        mask,
+        rng=jax.random.key(0),
+        max_new_tokens=T,
+        temperature=0.0,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+    )
+    tokens, m = np.asarray(out.tokens), np.asarray(out.mask)
+    for row in range(tokens.shape[0]):
+        hits = np.flatnonzero(np.isin(tokens[row], eos))
+        n = hits[0] + 1 if hits.size else T
+        assert m[row, :n].all() and not m[row, n:].any()
+        assert (tokens[row, n:] == PAD).all()
+        assert out.lengths[row] == n
+        assert (np.asarray(out.logprobs)[row, n:] == 0).all()
+    assert int(out.lengths[2]) == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_full_forward(qwen, temperature):
+    ids, mask = _prompts(4)
+    out = sampling.generate(
+        qwen,
+        ids,
+        mask,
+        rng=jax.random.key(3),
+        max_new_tokens=T,
+        temperature=temperature,
+        eos_token_id=5,
+        buckets=None,
+    )
+    full_ids = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
+    full_mask = np.concatenate([mask, np.asarray(out.mask)], axis=1)
+    logits = models.compute_logits(qwen, full_ids, full_mask)
+    logp = jax.nn.log_softmax(logits[:, WIDTH - 1 : -1], axis=-1)
+    expected = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], -1)[..., 0]
+    expected = expected * np.asarray(out.mask)
+    np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=2e-5)
+
+
+def test_top_k1_and_tiny_top_p_equal_greedy(qwen):
+    ids, mask = _prompts(5)
+    kw = dict(rng=jax.random.key(7), max_new_tokens=T, eos_token_id=3)
+    greedy = sampling.generate(qwen, ids, mask, temperature=0.0, **kw)
+    top1 = sampling.generate(qwen, ids, mask, temperature=1.3, top_k=1, **kw)
+    tiny_p = sampling.generate(qwen, ids, mask, temperature=1.0, top_p=1e-6, **kw)
+    np.testing.assert_array_equal(np.asarray(top1.tokens), np.asarray(greedy.tokens))
+    np.testing.assert_array_equal(np.asarray(tiny_p.tokens), np.asarray(greedy.tokens))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_first_token_follows_tempered_softmax(qwen, temperature):
+    ids, mask = _prompts(6, lengths=(5,), width=5)
+    g = 6000
+    out = sampling.generate(
+        qwen,
+        ids,
+        mask,
+        rng=jax.random.key(11),
+        max_new_tokens=1,
+        temperature=temperature,
+        num_samples=g,
+    )
+    logits = np.asarray(models.compute_logits(qwen, ids, mask))[0, -1]
+    expected = np.asarray(jax.nn.softmax(jnp.asarray(logits) / temperature))
+    counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=VOCAB) / g
+    total_variation = 0.5 * np.abs(counts - expected).sum()
+    # Sampling noise alone gives TV ≈ 0.04 for this vocab and sample count.
+    assert total_variation < 0.07, total_variation
+
+
+def test_filters():
+    config = sampling.SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=2)
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.25, 0.05]]))
+    kept = np.isfinite(np.asarray(sampling.filter_logits(logits, config)))
+    np.testing.assert_array_equal(kept, [[True, False, True, False]])
+    config = sampling.SamplingConfig(max_new_tokens=1, top_p=0.7)
+    kept = np.isfinite(np.asarray(sampling.filter_logits(logits, config)))
+    np.testing.assert_array_equal(kept, [[True, False, True, False]])  # 0.5 + 0.25 ≥ 0.7
+    config = sampling.SamplingConfig(max_new_tokens=1, min_p=0.45)
+    kept = np.isfinite(np.asarray(sampling.filter_logits(logits, config)))
+    np.testing.assert_array_equal(kept, [[True, False, True, False]])  # p ≥ 0.45·0.5
+
+
+def test_determinism_from_key(qwen):
+    ids, mask = _prompts(7)
+    kw = dict(max_new_tokens=T, temperature=1.0, eos_token_id=4)
+    a = sampling.generate(qwen, ids, mask, rng=jax.random.key(5), **kw)
+    b = sampling.generate(qwen, ids, mask, rng=jax.random.key(5), **kw)
+    c = sampling.generate(qwen, ids, mask, rng=jax.random.key(6), **kw)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_group_sampling_prefills_once_and_orders_rows(qwen):
+    ids, mask = _prompts(8)
+    g = 3
+    greedy = sampling.generate(
+        qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=T, temperature=0.0
+    )
+    grouped = sampling.generate(
+        qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=T, temperature=0.0, num_samples=g
+    )
+    np.testing.assert_array_equal(
+        np.asarray(grouped.tokens), np.repeat(np.asarray(greedy.tokens), g, axis=0)
+    )
+    sampled = sampling.generate(
+        qwen, ids, mask, rng=jax.random.key(1), max_new_tokens=T, num_samples=g
+    )
+    rows = np.asarray(sampled.tokens).reshape(len(LENGTHS), g, T)
+    assert any(not np.array_equal(rows[b, 0], rows[b, 1]) for b in range(len(LENGTHS)))
+
+
+def test_policy_and_reference_in_one_program(checkpoints, qwen):
+    other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
+    ids, mask = _prompts(9)
+    config = sampling.SamplingConfig(max_new_tokens=T, eos_token_ids=(4,), num_samples=2)
+    keys = jax.random.split(jax.random.key(2))
+    both = sampling.generate_many([qwen, other], ids, mask, rngs=list(keys), config=config)
+    for model, key, out in zip([qwen, other], keys, both, strict=True):
+        alone = sampling.generate(
+            model, ids, mask, rng=key, max_new_tokens=T, eos_token_id=4, num_samples=2
+        )
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(alone.tokens))
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_no_recompile_for_same_bucket(qwen):
+    kw = dict(max_new_tokens=T, temperature=1.0, eos_token_id=4, buckets=(16, 32))
+    ids, mask = _prompts(10)
+    jax.block_until_ready(sampling.generate(qwen, ids, mask, rng=jax.random.key(0), **kw))
+    with _count_compiles() as compiles:
+        for seed, width in [(11, 12), (12, 14), (13, 16), (14, 9)]:
+            ids, mask = _prompts(seed, lengths=(9, 3, 6, 1, 5), width=width)
+            out = sampling.generate(qwen, ids, mask, rng=jax.random.key(seed), **kw)
+            jax.block_until_ready(out)
+    assert compiles == []
+    # A different budget is a different program: the counter does see compiles.
+    with _count_compiles() as compiles:
+        jax.block_until_ready(
+            sampling.generate(
+                qwen, ids, mask, rng=jax.random.key(0), **{**kw, "max_new_tokens": T + 1}
+            )
+        )
+    assert compiles
+
+
+def test_bad_arguments_name_the_field(qwen):
+    ids, mask = _prompts(0)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.generate(qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampling.generate(qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"attention_mask \(5, 11\)"):
+        sampling.generate(qwen, ids, mask[:, 1:], rng=jax.random.key(0), max_new_tokens=2)
