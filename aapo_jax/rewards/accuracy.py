@@ -1,0 +1,347 @@
+"""Math-verify accuracy rewards (both AAPO reference variants) and the cosine length-scaled one."""
+
+import functools
+import itertools
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from aapo_jax.rewards.base import (
+    GOLD_UNPARSABLE,
+    TIMEOUTS,
+    Stats,
+    as_rewards,
+    check_batch,
+    record,
+)
+
+# math-verify's own per-operation timeouts (integer seconds, signal.alarm based). They only work
+# in the main thread of a process: elsewhere they are switched off (see `_alarm_timeout`), and the
+# hard per-sample bound of `RewardScorer`'s worker processes is what keeps a sample from hanging.
+DEFAULT_MATH_VERIFY_TIMEOUT_S = 1
+
+# Defaults of open-r1 / open-rs `get_cosine_scaled_reward`.
+COSINE_DEFAULTS = dict(
+    min_value_wrong=-1.0,
+    max_value_wrong=-0.5,
+    min_value_correct=0.5,
+    max_value_correct=1.0,
+    max_len=1000,
+)
+
+
+class _Configs(NamedTuple):
+    gold_latex: list[Any]
+    gold_boxed: list[Any]
+    completion: list[Any]
+    completion_with_expr: list[Any]
+
+
+class _DropDeprecatedEquationsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "equations=True in NormalizationConfig is deprecated" not in record.getMessage()
+
+
+@functools.cache
+def _configs() -> _Configs:
+    """Builds the math-verify extraction configs once per process (imports math-verify lazily)."""
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    # equations=True still shortens `a = b = 3` to `3`, but latex2sympy2 logs a deprecation
+    # warning on every normalisation; keep the behaviour of the reference code, drop the spam.
+    logging.getLogger("latex2sympy2_extended.math_normalization").addFilter(
+        _DropDeprecatedEquationsWarning()
+    )
+    completion_latex = LatexExtractionConfig(
+        normalization_config=NormalizationConfig(
+            nits=False,
+            malformed_operators=False,
+            basic_latex=True,
+            equations=True,
+            boxed="all",
+            units=True,
+        ),
+        boxed_match_priority=0,  # \boxed{} is tried first
+        try_extract_without_anchor=False,
+    )
+    return _Configs(
+        gold_latex=[LatexExtractionConfig()],
+        gold_boxed=[LatexExtractionConfig(), ExprExtractionConfig()],
+        completion=[completion_latex],
+        completion_with_expr=[completion_latex, ExprExtractionConfig()],
+    )
+
+
+def _alarm_timeout(timeout_s: int | None) -> int | None:
+    # signal.alarm only works in the main thread; math-verify raises ValueError elsewhere.
+    if timeout_s is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return max(1, int(timeout_s))
+
+
+def _parse(text: str, config: list[Any], timeout_s: int | None) -> tuple[list[Any], bool]:
+    """math_verify.parse in first_match mode; returns (parsed, timed_out). Errors parse to []."""
+    from math_verify import parse
+    from math_verify.errors import TimeoutException
+
+    try:
+        parsed = parse(
+            text,
+            extraction_config=config,
+            extraction_mode="first_match",
+            parsing_timeout=timeout_s,
+            raise_on_error=True,
+        )
+    except TimeoutException:
+        return [], True
+    except Exception:  # math-verify's own non-raising mode also maps errors to []
+        return [], False
+    return parsed, False
+
+
+def _verify(gold: list[Any], pred: list[Any], timeout_s: int | None) -> tuple[bool, bool]:
+    """math_verify.verify(gold, pred); returns (verified, timed_out).
+
+    Same semantics as `verify(gold, pred)` (any pair of extractions matches; a pair that errors
+    or times out counts as no match), but one pair at a time so that a timeout can be counted.
+    """
+    from math_verify import verify
+    from math_verify.errors import TimeoutException
+
+    timed_out = False
+    for g, p in itertools.product(gold, pred):
+        try:
+            if verify(g, p, timeout_seconds=timeout_s, raise_on_error=True):
+                return True, timed_out
+        except TimeoutException:
+            timed_out = True
+        except Exception:  # as in math-verify: a pair that errors is no match
+            continue
+    return False, timed_out
+
+
+def is_correct(
+    completion: str,
+    gold: str,
+    *,
+    gold_boxed: bool = False,
+    extract_expressions: bool = False,
+    math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
+    stats: Stats | None = None,
+) -> bool | None:
+    """Whether the completion's final answer equals the gold answer; None if the gold is unparsable.
+
+    Gold: parsed as LaTeX (`gold_boxed=False`, the open-rs `accuracy_reward`: the gold must be
+    LaTeX, e.g. `$0.5$`, `\\frac{1}{2}` or a solution with `\\boxed{}`; a bare `0.5` does not
+    parse), or wrapped as `$\\boxed{gold}$` and parsed with the default LaTeX + expression
+    configs (`gold_boxed=True`, the SimpleRL `accuracy_reward_lv35`; bare numbers parse).
+    Completion: LaTeX extraction with `\\boxed{}` first, no anchor-less matches, the reference's
+    normalisation; with `extract_expressions=True` also plain expressions (then `the answer is 2`
+    without a box counts). Both in first_match mode, then `verify(gold, pred)`.
+
+    Timeouts (math-verify's own, `math_verify_timeout_s` seconds per operation, main thread only)
+    make the answer wrong and are counted in `stats["timeouts"]`.
+    """
+    configs = _configs()
+    timeout_s = _alarm_timeout(math_verify_timeout_s)
+    if gold_boxed:
+        gold_parsed, gold_timed_out = _parse(f"$\\boxed{{{gold}}}$", configs.gold_boxed, timeout_s)
+    else:
+        gold_parsed, gold_timed_out = _parse(gold, configs.gold_latex, timeout_s)
+    if not gold_parsed:
+        record(stats, TIMEOUTS if gold_timed_out else GOLD_UNPARSABLE)
+        return None
+    config = configs.completion_with_expr if extract_expressions else configs.completion
+    pred_parsed, timed_out = _parse(completion, config, timeout_s)
+    verified = False
+    if pred_parsed:
+        verified, timed_out = _verify(gold_parsed, pred_parsed, timeout_s)
+    if timed_out:
+        record(stats, TIMEOUTS)
+    return verified
+
+
+def _accuracy(
+    completions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    gold_boxed: bool,
+    extract_expressions: bool,
+    math_verify_timeout_s: int | None,
+    stats: Stats | None,
+) -> np.ndarray:
+    check_batch(completions, answers)
+    values = []
+    for completion, gold in zip(completions, answers, strict=True):
+        correct = is_correct(
+            completion,
+            gold,
+            gold_boxed=gold_boxed,
+            extract_expressions=extract_expressions,
+            math_verify_timeout_s=math_verify_timeout_s,
+            stats=stats,
+        )
+        values.append(1.0 if correct else 0.0)
+    return as_rewards(values)
+
+
+def accuracy(
+    completions: Sequence[str],
+    *,
+    answers: Sequence[str],
+    extract_expressions: bool = False,
+    math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
+    stats: Stats | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Accuracy, gold parsed as LaTeX (open-rs `accuracy_reward`): 1.0 if verified else 0.0.
+
+    An unparsable gold gives 0.0 and is counted in `stats["gold_unparsable"]` (open-r1 gives
+    1.0). See `is_correct` for the extraction rules.
+
+    Returns:
+      f32[N] in {0, 1}.
+    """
+    del kwargs
+    return _accuracy(
+        completions,
+        answers,
+        gold_boxed=False,
+        extract_expressions=extract_expressions,
+        math_verify_timeout_s=math_verify_timeout_s,
+        stats=stats,
+    )
+
+
+def accuracy_boxed_gold(
+    completions: Sequence[str],
+    *,
+    answers: Sequence[str],
+    extract_expressions: bool = False,
+    math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
+    stats: Stats | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Accuracy, gold wrapped as `$\\boxed{gold}$` (SimpleRL `accuracy_reward_lv35`).
+
+    For bare gold answers (`0.5`, `-4`, `\\frac{1}{2}`). An unparsable gold gives 0.0 and is
+    counted in `stats["gold_unparsable"]`. See `is_correct` for the extraction rules.
+
+    Returns:
+      f32[N] in {0, 1}.
+    """
+    del kwargs
+    return _accuracy(
+        completions,
+        answers,
+        gold_boxed=True,
+        extract_expressions=extract_expressions,
+        math_verify_timeout_s=math_verify_timeout_s,
+        stats=stats,
+    )
+
+
+def cosine_value(
+    length: float,
+    correct: bool,
+    *,
+    min_value_wrong: float = -1.0,
+    max_value_wrong: float = -0.5,
+    min_value_correct: float = 0.5,
+    max_value_correct: float = 1.0,
+    max_len: float = 1000,
+) -> float:
+    """The open-r1 cosine schedule for one completion.
+
+        progress = clip(length / max_len, 0, 1);   c = cos(π · progress)
+        correct: min_value_correct + ½ (max_value_correct − min_value_correct)(1 + c)
+        wrong:   max_value_wrong   + ½ (min_value_wrong   − max_value_wrong  )(1 + c)
+
+    Short correct answers get max_value_correct, long ones min_value_correct; short wrong answers
+    get min_value_wrong (the largest penalty), long ones max_value_wrong. Unlike open-r1 the
+    progress is clipped at 1: past max_len its cosine rises again, rewarding very long answers.
+    """
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    progress = min(max(length / max_len, 0.0), 1.0)
+    cosine = math.cos(progress * math.pi)
+    if correct:
+        low, high = min_value_correct, max_value_correct
+    else:
+        low, high = max_value_wrong, min_value_wrong
+    return low + 0.5 * (high - low) * (1.0 + cosine)
+
+
+def cosine(
+    completions: Sequence[str],
+    *,
+    answers: Sequence[str],
+    completion_lengths: Sequence[int] | np.ndarray | None = None,
+    min_value_wrong: float = COSINE_DEFAULTS["min_value_wrong"],
+    max_value_wrong: float = COSINE_DEFAULTS["max_value_wrong"],
+    min_value_correct: float = COSINE_DEFAULTS["min_value_correct"],
+    max_value_correct: float = COSINE_DEFAULTS["max_value_correct"],
+    max_len: float = COSINE_DEFAULTS["max_len"],
+    gold_boxed: bool = False,
+    extract_expressions: bool = False,
+    math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
+    stats: Stats | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Cosine length-scaled accuracy (open-r1 / open-rs `get_cosine_scaled_reward`).
+
+    Correctness as in `accuracy` (`gold_boxed=True`: as in `accuracy_boxed_gold`), then
+    `cosine_value`. The length is `completion_lengths[i]` (tokens, what the trainer passes) when
+    given, else `len(completions[i])` in characters (what open-r1 measures; max_len is then in
+    characters too). An unparsable gold gives 0.0 and is counted (open-r1 gives 1.0).
+    Use `make_cosine_reward(...)` for other parameters.
+
+    Returns:
+      f32[N] in [min_value_wrong, max_value_correct] (0.0 for an unparsable gold).
+    """
+    del kwargs
+    n = check_batch(completions, answers)
+    if completion_lengths is not None and len(completion_lengths) != n:
+        raise ValueError(f"completion_lengths has {len(completion_lengths)} entries, expected {n}")
+    values = []
+    for i, (completion, gold) in enumerate(zip(completions, answers, strict=True)):
+        correct = is_correct(
+            completion,
+            gold,
+            gold_boxed=gold_boxed,
+            extract_expressions=extract_expressions,
+            math_verify_timeout_s=math_verify_timeout_s,
+            stats=stats,
+        )
+        if correct is None:
+            values.append(0.0)
+            continue
+        length = len(completion) if completion_lengths is None else float(completion_lengths[i])
+        values.append(
+            cosine_value(
+                length,
+                correct,
+                min_value_wrong=min_value_wrong,
+                max_value_wrong=max_value_wrong,
+                min_value_correct=min_value_correct,
+                max_value_correct=max_value_correct,
+                max_len=max_len,
+            )
+        )
+    return as_rewards(values)
+
+
+def make_cosine_reward(**params: Any) -> functools.partial:
+    """`cosine` with other parameters (names as in `cosine`); picklable for worker processes."""
+    allowed = {*COSINE_DEFAULTS, "gold_boxed", "extract_expressions", "math_verify_timeout_s"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"unknown cosine reward parameters {unknown}; valid: {sorted(allowed)}")
+    if "max_len" in params and params["max_len"] <= 0:
+        raise ValueError(f"max_len must be positive, got {params['max_len']}")
+    return functools.partial(cosine, **params)

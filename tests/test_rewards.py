@@ -1,0 +1,408 @@
+"""Tests for aapo_jax.rewards: math-verify accuracy, format, cosine, gym, sums, scorer, tokens."""
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aapo_jax import rewards
+from aapo_jax.rewards import (
+    CRASHED,
+    ERRORS,
+    GOLD_UNPARSABLE,
+    KILLED,
+    TIMEOUTS,
+    RewardScorer,
+    accuracy,
+    accuracy_boxed_gold,
+    cosine,
+    cosine_value,
+    extract_gym_answer,
+    format_reward,
+    format_think_close,
+    get_host_reward,
+    make_cosine_reward,
+    make_gym_reward,
+    tag_count,
+    weighted_sum,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PATHOLOGICAL = r"\boxed{9^{9^{9^{9}}}}"  # verify against 42 runs CPU-bound for minutes
+TIMEOUT_S = 2.0
+# Killing a worker and reading its replacement's first answer is well under a second here; the
+# bound leaves room for a loaded 2-core CI machine.
+SLACK_S = 3.0
+
+COT = "<think>\nHalf of one is one half.\n</think>\n<answer>\n$\\boxed{\\frac{1}{2}}$\n</answer>"
+
+
+def _raising_reward(completions, *, answers, **kwargs):
+    """A host reward that raises for completions containing 'boom'."""
+    if any("boom" in c for c in completions):
+        raise RuntimeError("boom")
+    return np.ones(len(completions), np.float32)
+
+
+def _crashing_reward(completions, *, answers, **kwargs):
+    """A host reward whose process dies (as on a segfault or OOM kill) on 'crash'."""
+    if any("crash" in c for c in completions):
+        os._exit(3)
+    return np.ones(len(completions), np.float32)
+
+
+def _one(fn, completion, gold, **kwargs):
+    return float(fn([completion], answers=[gold], **kwargs)[0])
+
+
+# -- accuracy ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "expected"),
+    [
+        (r"so \boxed{\frac{1}{2}}", "0.5", 1.0),
+        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+        (COT, "0.5", 1.0),
+        (r"The result is \boxed{2}.", "2", 1.0),
+        (r"$\boxed{-4}$", "-4", 1.0),
+        (r"\boxed{x^2 + 2x}", "x(x+2)", 1.0),
+        (r"\boxed{3}", "2", 0.0),
+        (r"\boxed{\frac{1}{3}}", "0.5", 0.0),
+        ("The answer is 2", "2", 0.0),  # no box, no LaTeX: nothing extracted
+        ("", "2", 0.0),
+    ],
+)
+def test_accuracy_boxed_gold(completion, gold, expected):
+    assert _one(accuracy_boxed_gold, completion, gold) == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "expected"),
+    [
+        (r"so \boxed{\frac{1}{2}}", "$0.5$", 1.0),
+        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+        (COT, r"The probability is $\boxed{\frac12}$.", 1.0),
+        (r"\boxed{2}", "$2$", 1.0),
+        (r"\boxed{3}", "$2$", 0.0),
+        ("The answer is 2", "$2$", 0.0),
+    ],
+)
+def test_accuracy_latex_gold(completion, gold, expected):
+    assert _one(accuracy, completion, gold) == expected
+
+
+def test_unparsable_gold_gives_zero_and_is_counted():
+    stats = {}
+    # A bare number is not LaTeX: variant (a) cannot parse it (variant (b) can).
+    assert _one(accuracy, r"\boxed{2}", "2", stats=stats) == 0.0
+    assert stats == {GOLD_UNPARSABLE: 1}
+    assert _one(accuracy_boxed_gold, r"\boxed{2}", "2", stats=stats) == 1.0
+    assert _one(accuracy_boxed_gold, r"\boxed{2}", "", stats=stats) == 0.0
+    assert stats == {GOLD_UNPARSABLE: 2}
+
+
+def test_accuracy_extract_expressions_option():
+    assert _one(accuracy_boxed_gold, "The final answer is 2.", "2") == 0.0
+    assert _one(accuracy_boxed_gold, "The final answer is 2.", "2", extract_expressions=True) == 1.0
+
+
+def test_accuracy_batch_shape_and_alignment():
+    out = accuracy_boxed_gold([r"\boxed{1}", r"\boxed{2}", "x"], answers=["1", "3", "1"])
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="aligned"):
+        accuracy([r"\boxed{1}"], answers=["1", "2"])
+
+
+# -- format ------------------------------------------------------------------------------------
+
+
+def test_format_reward():
+    good = "<think>\nstep 1\nstep 2\n</think>\n<answer>\n42\n</answer>"
+    bad = [
+        "<think>step</think><answer>42</answer>",  # no newlines
+        "<think>\nstep\n</think>\n42",  # no answer block
+        "<answer>\n42\n</answer>\n<think>\nstep\n</think>",  # wrong order
+        "Sure! <think>\nstep\n</think>\n<answer>\n42\n</answer>",  # text before
+        "<think>\nstep\n</think>\n\n<answer>\n42\n</answer>",  # blank line between blocks
+        "",
+    ]
+    out = format_reward([good, *bad], answers=[""] * (1 + len(bad)))
+    np.testing.assert_array_equal(out, [1.0] + [0.0] * len(bad))
+
+
+def test_tag_variants():
+    full = "<think>\nx\n</think>\n<answer>\n1\n</answer>"
+    assert _one(tag_count, full, "") == 1.0
+    assert _one(tag_count, "<think>\nx\n</think>\n1", "") == 0.5
+    assert _one(format_think_close, "x\n</think>\n1", "") == 1.0
+    assert _one(format_think_close, "x\n</think>\n\n</think>\n", "") == 0.0
+
+
+# -- cosine ------------------------------------------------------------------------------------
+
+
+def test_cosine_shape():
+    lengths = [0, 100, 500, 900, 1000]
+    right = cosine([r"\boxed{2}"] * 5, answers=["$2$"] * 5, completion_lengths=lengths)
+    wrong = cosine([r"\boxed{3}"] * 5, answers=["$2$"] * 5, completion_lengths=lengths)
+    assert np.all(np.diff(right) < 0), right  # shorter correct answers are better
+    assert np.all(np.diff(wrong) > 0), wrong  # longer wrong answers are penalised less
+    np.testing.assert_allclose([right[0], right[-1]], [1.0, 0.5], atol=1e-6)
+    np.testing.assert_allclose([wrong[0], wrong[-1]], [-1.0, -0.5], atol=1e-6)
+    np.testing.assert_allclose(right[2], 0.75, atol=1e-6)
+
+
+def test_cosine_length_units_and_clipping():
+    completion = r"\boxed{2}" + " " * 491  # 500 characters
+    by_chars = _one(cosine, completion, "$2$")
+    np.testing.assert_allclose(by_chars, 0.75, atol=1e-6)
+    by_tokens = _one(cosine, completion, "$2$", completion_lengths=[0])
+    np.testing.assert_allclose(by_tokens, 1.0, atol=1e-6)
+    past_max = _one(cosine, r"\boxed{2}", "$2$", completion_lengths=[1800])
+    np.testing.assert_allclose(past_max, 0.5, atol=1e-6)  # clipped, not rising again
+    short = make_cosine_reward(max_len=10)
+    np.testing.assert_allclose(_one(short, r"\boxed{2}", "$2$", completion_lengths=[10]), 0.5)
+    with pytest.raises(ValueError, match="unknown cosine"):
+        make_cosine_reward(max_length=10)
+
+
+def test_cosine_unparsable_gold():
+    stats = {}
+    assert _one(cosine, r"\boxed{2}", "2", stats=stats) == 0.0
+    assert stats == {GOLD_UNPARSABLE: 1}
+
+
+@given(
+    length=st.floats(0, 5000, allow_nan=False),
+    longer=st.floats(0, 5000, allow_nan=False),
+    correct=st.booleans(),
+)
+def test_cosine_value_bounds_and_monotone(length, longer, correct):
+    lo, hi = (0.5, 1.0) if correct else (-1.0, -0.5)
+    a = cosine_value(length, correct)
+    b = cosine_value(length + longer, correct)
+    assert lo - 1e-9 <= a <= hi + 1e-9
+    assert (b <= a + 1e-12) if correct else (b >= a - 1e-12)
+
+
+# -- reasoning-gym -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gym_entries():
+    import reasoning_gym
+
+    return list(reasoning_gym.create_dataset("basic_arithmetic", size=5, seed=1))
+
+
+def test_extract_gym_answer():
+    assert extract_gym_answer("<answer>1</answer> then <answer>\n -4 \n</answer>") == "-4"
+    assert extract_gym_answer("work\nmore work\n  -4  \n\n") == "-4"
+    assert extract_gym_answer("  \n") is None
+
+
+def test_gym_reward(gym_entries):
+    entry = gym_entries[0]
+    gold = entry["answer"]
+    reward = make_gym_reward("basic_arithmetic")
+    completions = [
+        f"<think>\n{entry['question']}\n</think>\n<answer>\n{gold}\n</answer>",
+        f"<answer> {gold} </answer>",  # padded: score_answer alone would give 0.5
+        f"I computed it.\n{gold}",
+        "<answer>12345</answer>",
+    ]
+    n = len(completions)
+    out = reward(completions, answers=[gold] * n, entries=[entry] * n)
+    np.testing.assert_array_equal(out, [1.0, 1.0, 1.0, 0.0])
+    # metadata= may hold whole entries or their metadata dicts.
+    by_meta = reward(completions, answers=[gold] * n, metadata=[entry["metadata"]] * n)
+    np.testing.assert_array_equal(by_meta, out)
+    with pytest.raises(ValueError, match="entries"):
+        reward(completions, answers=[gold] * n)
+    assert isinstance(get_host_reward("gym:basic_arithmetic"), rewards.GymReward)
+    with pytest.raises(ValueError, match="did you mean"):
+        make_gym_reward("basic_arithmetik")
+
+
+# -- weighted sums and the registry ------------------------------------------------------------
+
+
+def test_weighted_sum():
+    total = weighted_sum({"format": (format_reward, 1.0), "accuracy": (accuracy_boxed_gold, 2.0)})
+    completions = [COT, r"\boxed{0.5}", "<think>\nx\n</think>\n<answer>\n7\n</answer>"]
+    answers = ["0.5"] * 3
+    np.testing.assert_allclose(total(completions, answers=answers), [3.0, 2.0, 1.0])
+    parts = total.evaluate(completions, answers=answers)
+    np.testing.assert_array_equal(parts["format"], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(parts["accuracy"], [1.0, 1.0, 0.0])
+    assert total.weights == {"format": 1.0, "accuracy": 2.0}
+    with pytest.raises(ValueError, match="weight"):
+        weighted_sum({"format": (format_reward, float("nan"))})
+    with pytest.raises(ValueError, match="at least one"):
+        weighted_sum({})
+
+
+def test_registry():
+    assert {"accuracy", "accuracy_boxed_gold", "format", "cosine"} <= set(rewards.HOST_REWARDS)
+    assert get_host_reward("accuracy") is accuracy
+    assert get_host_reward("accuracy_boxed_gold") is accuracy_boxed_gold
+    with pytest.raises(ValueError, match="accuracy_boxed_gold"):
+        get_host_reward("acuracy")
+
+
+def test_import_is_light():
+    code = (
+        "import sys, aapo_jax.rewards; "
+        "print(sorted(m for m in ('jax', 'math_verify', 'reasoning_gym') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# -- scorer: in-process ------------------------------------------------------------------------
+
+
+def test_scorer_in_process_catches_errors():
+    scorer = RewardScorer(
+        {"ok": (format_reward, 1.0), "raises": (_raising_reward, 1.0)}, num_workers=0
+    )
+    result = scorer.score(["boom", "fine"], ["1", "1"])
+    np.testing.assert_array_equal(result.rewards, [0.0, 1.0])
+    assert result.stats[ERRORS] == 1
+    assert "boom" in result.first_error
+    with pytest.raises(ValueError, match="reserved"):
+        scorer(["x"], ["1"], stats={})
+
+
+def test_scorer_in_process_soft_timeout():
+    scorer = RewardScorer(accuracy_boxed_gold, num_workers=0)
+    start = time.monotonic()
+    out, stats = scorer([PATHOLOGICAL, r"\boxed{42}"], ["42", "42"])
+    assert time.monotonic() - start < 2 * TIMEOUT_S + SLACK_S
+    np.testing.assert_array_equal(out, [0.0, 1.0])
+    assert stats[TIMEOUTS] == 1
+
+
+def test_scorer_rejects_unpicklable_rewards():
+    with pytest.raises(ValueError, match="worker process"):
+        RewardScorer(lambda completions, **kw: np.zeros(len(completions)), num_workers=1)
+
+
+# -- scorer: worker pool -----------------------------------------------------------------------
+
+
+def test_pool_pathological_answer_is_bounded():
+    total = weighted_sum({"accuracy": (accuracy_boxed_gold, 1.0), "format": (format_reward, 0.5)})
+    with RewardScorer(total, timeout_s=TIMEOUT_S, num_workers=2) as scorer:
+        scorer([r"\boxed{1}"], ["1"])  # starts the pool
+        start = time.monotonic()
+        out, stats = scorer([PATHOLOGICAL], ["42"])
+        assert time.monotonic() - start < 2 * TIMEOUT_S + SLACK_S
+        np.testing.assert_array_equal(out, [0.0])
+        assert stats[TIMEOUTS] == 1
+        result = scorer.score([COT, r"\boxed{2}", r"\boxed{3}"], ["0.5", "2", "2"])
+        np.testing.assert_allclose(result.rewards, [1.5, 1.0, 0.0])
+        np.testing.assert_array_equal(result.components["format"], [1.0, 0.0, 0.0])
+        assert result.stats[TIMEOUTS] == 0
+        np.testing.assert_allclose(result.stats["mean/accuracy"], 2 / 3)
+
+
+def test_pool_kills_and_replaces_a_hung_worker():
+    # Without math-verify's own alarm the verify hangs: only the hard bound stops it.
+    no_alarm = functools.partial(accuracy_boxed_gold, math_verify_timeout_s=None)
+    with RewardScorer(no_alarm, timeout_s=TIMEOUT_S, num_workers=2, chunk_size=8) as scorer:
+        scorer([r"\boxed{1}"] * 4, ["1"] * 4)
+        pids = set(scorer.worker_pids)
+        completions = [r"\boxed{1}", r"\boxed{2}", PATHOLOGICAL, r"\boxed{4}", r"\boxed{0}"]
+        start = time.monotonic()
+        out, stats = scorer(completions, ["1", "2", "42", "4", "5"])
+        assert time.monotonic() - start < 2 * TIMEOUT_S + SLACK_S
+        np.testing.assert_array_equal(out, [1.0, 1.0, 0.0, 1.0, 0.0])
+        assert (stats[TIMEOUTS], stats[KILLED], stats[ERRORS]) == (1, 1, 0)
+        (killed,) = pids - set(scorer.worker_pids)
+        with pytest.raises(ProcessLookupError):
+            os.kill(killed, 0)  # the stuck worker is gone, not left spinning
+        out, stats = scorer([r"\boxed{7}"] * 6, ["7"] * 6)
+        np.testing.assert_array_equal(out, np.ones(6))
+        assert stats[TIMEOUTS] == 0
+
+
+def test_pool_catches_errors_and_passes_per_sample_fields(gym_entries):
+    components = {
+        "raises": (_raising_reward, 1.0),
+        "cosine": (cosine, 1.0),
+        "gym": (make_gym_reward("basic_arithmetic"), 1.0),
+    }
+    golds = [e["answer"] for e in gym_entries]
+    completions = [f"<answer>{g}</answer> $\\boxed{{{g}}}$" for g in golds]
+    completions[1] = "boom"
+    lengths = np.arange(5) * 250
+    kwargs = dict(entries=gym_entries, completion_lengths=lengths, max_completion_length=1000)
+    with RewardScorer(components, num_workers=2, chunk_size=2) as scorer:
+        pool = scorer.score(completions, [f"${g}$" for g in golds], **kwargs)
+    local = RewardScorer(components, num_workers=0).score(
+        completions, [f"${g}$" for g in golds], **kwargs
+    )
+    assert pool.stats[ERRORS] == local.stats[ERRORS] == 1
+    for name in components:
+        np.testing.assert_allclose(pool.components[name], local.components[name])
+    np.testing.assert_array_equal(pool.components["raises"], [1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(pool.components["gym"], [1, 0, 1, 1, 1])
+    expected_cosine = [cosine_value(n, True) for n in lengths]
+    expected_cosine[1] = cosine_value(250, False)
+    np.testing.assert_allclose(pool.components["cosine"], expected_cosine, atol=1e-6)
+
+
+def test_pool_survives_a_crashing_worker():
+    with RewardScorer(_crashing_reward, num_workers=1, chunk_size=4) as scorer:
+        out, stats = scorer(["a", "crash", "b", "c"], ["1"] * 4)
+        np.testing.assert_array_equal(out, [1.0, 0.0, 1.0, 1.0])
+        assert (stats[ERRORS], stats[CRASHED], stats[TIMEOUTS]) == (1, 1, 0)
+        out, stats = scorer(["d"], ["1"])
+        np.testing.assert_array_equal(out, [1.0])
+
+
+# -- token rewards -----------------------------------------------------------------------------
+
+
+def _token_batch():
+    eos = 2
+    tokens = jnp.array([[5, 6, eos, 0], [5, 7, eos, 0], [5, 6, 9, eos], [5, eos, 0, 0]])
+    lengths = jnp.array([3, 3, 4, 2])
+    mask = jnp.arange(4)[None, :] < lengths[:, None]
+    targets = jnp.array([[5, 6, -1], [5, 6, -1], [5, 6, -1], [5, 6, -1]])
+    target_len = jnp.array([2, 2, 2, 2])
+    return tokens, mask, targets, target_len
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_token_rewards(use_jit):
+    wrap = jax.jit if use_jit else (lambda f: f)
+    batch = _token_batch()
+    exact = wrap(rewards.exact_match)(*batch)
+    prefix = wrap(rewards.prefix_match)(*batch)
+    assert exact.dtype == prefix.dtype == jnp.float32
+    np.testing.assert_array_equal(exact, [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(prefix, [1.0, 0.5, 1.0, 0.5])
+    # Targets wider than the completion, and a target the completion is too short to hold.
+    tokens, mask, _, _ = batch
+    wide = jnp.full((4, 6), -1).at[:, :2].set(jnp.array([5, 6]))
+    np.testing.assert_array_equal(
+        wrap(rewards.exact_match)(tokens, mask, wide, jnp.array([2, 2, 2, 5])), [1, 0, 0, 0]
+    )
+    assert set(rewards.TOKEN_REWARDS) == {"exact_match", "prefix_match"}
+    with pytest.raises(ValueError, match="exact_match"):
+        rewards.get_token_reward("exact")
