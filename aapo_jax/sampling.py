@@ -75,7 +75,8 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
-def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """EOS ids as a tuple: an int, a list of ints, or None (no early stop)."""
     if eos_token_id is None:
         return ()
     if isinstance(eos_token_id, int | np.integer):
@@ -297,7 +298,7 @@ def generate(
         top_k=int(top_k),
         top_p=float(top_p),
         min_p=float(min_p),
-        eos_token_ids=_eos_tuple(eos_token_id),
+        eos_token_ids=eos_ids(eos_token_id),
         pad_token_id=int(pad_token_id),
         num_samples=int(num_samples),
     )

@@ -106,3 +106,31 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.Modul
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Shard the leading (batch) dimension over data × fsdp, replicate the rest."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def tree_shardings(tree, params: nnx.State, mesh: Mesh, rules=LOGICAL_RULES):
+    """A NamedSharding for every leaf of `tree` (e.g. a whole train state).
+
+    A leaf whose tree path ends with a parameter's path and has its shape (the
+    parameter itself, the reference copy, AdamW's mu and nu) gets that
+    parameter's sharding; every other leaf (step, rng, counters) is replicated.
+    """
+    by_path = {}
+    flat_params = jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    for path, variable in flat_params:
+        spec = logical_to_spec(variable_axes(variable), variable.value.shape, mesh, rules)
+        by_path[(*path, jax.tree_util.GetAttrKey("value"))] = (variable.value.shape, spec)
+    longest = max((len(p) for p in by_path), default=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        for size in range(min(longest, len(path)), 0, -1):
+            match = by_path.get(tuple(path[-size:]))
+            if match is not None and tuple(match[0]) == tuple(shape):
+                return NamedSharding(mesh, match[1])
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)

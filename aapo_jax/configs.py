@@ -1,0 +1,230 @@
+"""Frozen typed configs for the RL step, and their validated conversion from ml_collections."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from aapo_jax import advantages, losses
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the paper's schedules, global-norm clipping and gradient accumulation.
+
+    schedule: "constant" (linear warmup, then constant) or "cosine" (linear
+    warmup, then cosine decay to `final_lr_fraction · learning_rate` at
+    `total_steps`). `warmup_ratio` is a fraction of `total_steps`.
+    """
+
+    learning_rate: float = 1e-6
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    total_steps: int = 1000
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "> 0")
+        _check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _check(self.total_steps >= 1, "optim.total_steps", self.total_steps, "≥ 1")
+        _check(
+            0 <= self.final_lr_fraction <= 1,
+            "optim.final_lr_fraction",
+            self.final_lr_fraction,
+            "in [0, 1]",
+        )
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, "≥ 0 (0 = off)")
+        _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", self.grad_accum_steps, "≥ 1")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_ratio * self.total_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Which advantage estimator, loss and reference policy; their hyper-parameters.
+
+    reference: "frozen" (the initial weights: the paper's default), "sync"
+    (copy the policy every `reference_sync_every` steps) or "ema" (after each
+    step ref ← (1 − α)·ref + α·policy with α = `reference_ema_rate`).
+    """
+
+    advantage: str = "aapo"
+    loss: str = "aapo"
+    group_size: int = 8
+    scale_rewards: bool = False
+    margin_low: float = 0.2
+    margin_high: float = 0.28
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_beta: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    seq_mean: bool = False
+    reference: Literal["frozen", "sync", "ema"] = "frozen"
+    reference_sync_every: int = 0
+    reference_ema_rate: float = 0.0
+    logprob_chunk_size: int = 128
+
+    def __post_init__(self):
+        _check(
+            self.advantage in advantages.ADVANTAGES,
+            "rl.advantage",
+            self.advantage,
+            f"one of {sorted(advantages.ADVANTAGES)}",
+        )
+        _check(self.loss in losses.LOSSES, "rl.loss", self.loss, f"one of {sorted(losses.LOSSES)}")
+        _check(self.group_size >= 1, "rl.group_size", self.group_size, "≥ 1")
+        if self.advantage in ("grpo", "rloo", "aapo") or self.scale_rewards:
+            _check(self.group_size >= 2, "rl.group_size", self.group_size, "≥ 2 for this advantage")
+        _check(self.margin_low >= 0, "rl.margin_low", self.margin_low, "≥ 0")
+        _check(self.margin_high >= 0, "rl.margin_high", self.margin_high, "≥ 0")
+        _check(self.kl_beta >= 0, "rl.kl_beta", self.kl_beta, "≥ 0")
+        if self.reference == "sync":
+            _check(
+                self.reference_sync_every >= 1,
+                "rl.reference_sync_every",
+                self.reference_sync_every,
+                "≥ 1 when rl.reference='sync'",
+            )
+        if self.reference == "ema":
+            _check(
+                0 < self.reference_ema_rate <= 1,
+                "rl.reference_ema_rate",
+                self.reference_ema_rate,
+                "in (0, 1] when rl.reference='ema'",
+            )
+        _check(
+            self.logprob_chunk_size >= 1, "rl.logprob_chunk_size", self.logprob_chunk_size, "≥ 1"
+        )
+
+    @property
+    def samples_reference(self) -> bool:
+        """Whether each step samples the reference policy (AAPO's margin needs r̃)."""
+        return advantages.needs_reference(self.advantage)
+
+    @property
+    def needs_reference_logprobs(self) -> bool:
+        """Whether the loss scores policy completions under the reference (KL term)."""
+        return self.loss == "ppo_clip" and self.kl_beta > 0
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.samples_reference or self.needs_reference_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """Rollout sampling: the paper uses temperature 1.0 (0.7 for open-rs), top_p 1.0."""
+
+    max_prompt_length: int = 512
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        _check(
+            self.max_prompt_length >= 1, "sampling.max_prompt_length", self.max_prompt_length, "≥ 1"
+        )
+        _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "≥ 1")
+        _check(self.temperature > 0, "sampling.temperature", self.temperature, "> 0 for RL")
+        _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes; one may be -1 (all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config field {field}={value!r} is invalid: expected {expected}.")
+
+
+def _coerce(value: Any, annotation: Any, field: str) -> Any:
+    """Check/convert one value against a (resolved) type annotation, naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _check(value in choices, field, value, f"one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, field)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"config field {field}={value!r} matches none of {annotation}.")
+    if origin is tuple:
+        _check(isinstance(value, list | tuple), field, value, "a tuple")
+        args = typing.get_args(annotation)
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(annotation):
+        return from_mapping(annotation, value, prefix=field)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"config field {field}={value!r} must be a bool.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"config field {field}={value!r} must be an int.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"config field {field}={value!r} must be a number.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TypeError(f"config field {field}={value!r} must be a string.")
+        return value
+    return value
+
+
+def from_mapping(cls: type, values: Mapping[str, Any] | Any, *, prefix: str = "") -> Any:
+    """Build frozen dataclass `cls` from a dict / ConfigDict, validating every field.
+
+    Unknown keys, wrong types and out-of-range values raise errors that name
+    the full dotted field (e.g. `rl.margin_low`). Missing keys take defaults.
+    """
+    if dataclasses.is_dataclass(values) and isinstance(values, cls):
+        return values
+    if hasattr(values, "to_dict"):
+        values = values.to_dict()
+    if not isinstance(values, Mapping):
+        raise TypeError(f"config field {prefix or cls.__name__} must be a mapping, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ValueError(
+            f"unknown config field(s) {[where + k for k in unknown]}; valid: {sorted(fields)}."
+        )
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
