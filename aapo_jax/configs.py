@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from aapo_jax import advantages, losses
+from aapo_jax.data.sources import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +178,19 @@ def _coerce(value: Any, annotation: Any, field: str) -> Any:
                 errors.append(str(e))
         raise TypeError(f"config field {field}={value!r} matches none of {annotation}.")
     if origin is tuple:
-        _check(isinstance(value, list | tuple), field, value, "a tuple")
         args = typing.get_args(annotation)
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value))
+        if isinstance(value, Mapping):  # key/value settings, e.g. data.gym_kwargs
+            value = tuple(sorted(value.items()))
+        _check(isinstance(value, list | tuple), field, value, "a tuple")
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [args[0]] * len(value)
+        else:
+            _check(len(args) == len(value), field, value, f"a tuple of {len(args)} items")
+            items = list(args)
+        return tuple(
+            _coerce(v, item, f"{field}[{i}]")
+            for i, (v, item) in enumerate(zip(value, items, strict=True))
+        )
     if dataclasses.is_dataclass(annotation):
         return from_mapping(annotation, value, prefix=field)
     if annotation is Any:
@@ -228,3 +238,134 @@ def from_mapping(cls: type, values: Mapping[str, Any] | Any, *, prefix: str = ""
     for name, value in values.items():
         kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A local Hugging Face checkpoint directory and how to hold it in memory."""
+
+    path: str = ""
+    tokenizer_path: str = ""  # default: `path`
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["", "float32", "bfloat16"] = ""  # default: `dtype`
+    remat: bool = False
+
+    def __post_init__(self):
+        _check(bool(self.path), "model.path", self.path, "a local Hugging Face checkpoint dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """How a question becomes a prompt: a plain `{question}` template and/or the chat template."""
+
+    template: str = "{question}"
+    system_prompt: str = ""
+    use_chat_template: bool = False
+
+    def __post_init__(self):
+        _check(
+            "{question}" in self.template, "prompt.template", self.template, "a '{question}' field"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Host rewards on decoded text (`names` from rewards.HOST_REWARDS or 'gym:<task>', summed
+    with `weights`), time-bounded per sample; or one JAX-native token reward (`kind='token'`).
+    """
+
+    kind: Literal["host", "token"] = "host"
+    names: tuple[str, ...] = ("accuracy",)
+    weights: tuple[float, ...] = (1.0,)
+    timeout_s: float = 5.0
+    num_workers: int = 2
+    eval_name: str = ""  # the 0/1 verifier for eval accuracy; default: names[0] (host)
+
+    def __post_init__(self):
+        _check(len(self.names) >= 1, "reward.names", self.names, "at least one reward")
+        if not self.eval_name:
+            _check(
+                self.kind == "host",
+                "reward.eval_name",
+                self.eval_name,
+                "a host reward name (a 0/1 verifier) when kind='token'",
+            )
+            object.__setattr__(self, "eval_name", self.names[0])
+        _check(
+            len(self.weights) == len(self.names),
+            "reward.weights",
+            self.weights,
+            f"one weight per name ({len(self.names)})",
+        )
+        if self.kind == "token":
+            from aapo_jax.rewards import tokens
+
+            _check(
+                len(self.names) == 1 and self.names[0] in tokens.TOKEN_REWARDS,
+                "reward.names",
+                self.names,
+                f"one of {sorted(tokens.TOKEN_REWARDS)} for kind='token'",
+            )
+        _check(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "> 0")
+        _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "≥ 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoopConfig:
+    """The host loop: steps, batch, logging, evaluation and checkpoint cadence."""
+
+    steps: int = 100
+    prompts_per_step: int = 16
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_size: int = 0  # 0: the whole eval split
+    eval_batch_size: int = 64
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    samples_every: int = 10
+    num_samples_logged: int = 4
+    export_hf: bool = False
+    tensorboard: bool = True
+    wandb_project: str = ""
+
+    def __post_init__(self):
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "log_every",
+            "eval_batch_size",
+            "keep_checkpoints",
+        ):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "≥ 1")
+        for name in ("eval_every", "eval_size", "checkpoint_every", "samples_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "≥ 0 (0 = off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs, validated before anything is compiled."""
+
+    model: ModelSource
+    data: DataConfig
+    prompt: PromptConfig = PromptConfig()
+    rl: RLConfig = RLConfig()
+    optim: OptimConfig = OptimConfig()
+    sampling: SamplerSettings = SamplerSettings()
+    reward: RewardConfig = RewardConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    name: str = "run"
+
+    def __post_init__(self):
+        _check(
+            self.optim.total_steps == self.train.steps,
+            "optim.total_steps",
+            self.optim.total_steps,
+            f"equal to train.steps={self.train.steps} (the schedule's length)",
+        )
+
+
+def experiment_config(config: Any) -> ExperimentConfig:
+    """Validate an ml_collections ConfigDict (or dict) into a frozen `ExperimentConfig`."""
+    return from_mapping(ExperimentConfig, config)

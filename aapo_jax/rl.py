@@ -335,54 +335,64 @@ def rollout_metrics(
     return metrics
 
 
-def make_rl_step(
+def make_rollout_fn(
     rl: RLConfig,
-    optim: OptimConfig,
     settings: SamplerSettings,
     graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    reward_fn: TokenRewardFn,
     *,
     eos_token_id,
     pad_token_id: int,
-    kl_metric: bool = True,
-) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
-    """`rl_step(state, prompts) -> (state, metrics)` for JAX-native rewards.
+) -> Callable[
+    [TrainState, Array, Array], tuple[sampling.SamplerOutput, sampling.SamplerOutput | None]
+]:
+    """`rollout(state, ids_BxP, mask_BxP) -> (policy_out, ref_out | None)`, G rows per prompt.
 
-    Policy sampling (G per prompt), reference sampling (when the advantage needs
-    r̃), reward, advantage, reference log-probs (KL loss or diagnostic) and the
-    update all trace into ONE program when jitted.
+    The reference is sampled (same prompts, paired by index, its own key) only
+    when the advantage estimator needs r̃. Keys are `fold_in(state.rng, state.step)`.
+    """
+    config = sampling_config(settings, rl, eos_token_id, pad_token_id)
+
+    def rollout(state: TrainState, ids_BxP: Array, mask_BxP: Array):
+        rng = jax.random.fold_in(state.rng, state.step)
+        policy_rng, ref_rng = jax.random.split(rng)
+        policy = nnx.merge(graphdef, state.params)
+        out = sampling.generate_tokens(policy, ids_BxP, mask_BxP, policy_rng, config)
+        ref_out = None
+        if rl.samples_reference:
+            reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
+            ref_out = sampling.generate_tokens(reference, ids_BxP, mask_BxP, ref_rng, config)
+        return out, ref_out
+
+    return rollout
+
+
+def make_update_fn(
+    rl: RLConfig,
+    optim: OptimConfig,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    kl_metric: bool = True,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """`update(state, ids_BxP, mask_BxP, out, rewards_BxG, ref_rewards_BxG) -> (state, metrics)`.
+
+    Advantages from the registry, reference log-probs of the policy completions
+    (for a KL loss, or as a diagnostic when `kl_metric` and a reference exists),
+    then `make_train_step`'s update. `ref_rewards_BxG` is None unless AAPO.
     """
     train_step = make_train_step(rl, optim, graphdef, tx)
-    config = sampling_config(settings, rl, eos_token_id, pad_token_id)
     adv_fn = advantages_lib.get_advantage_fn(rl.advantage)
     adv_kwargs = advantage_kwargs(rl)
     g = rl.group_size
     want_ref_logprobs = rl.needs_reference_logprobs or (kl_metric and rl.uses_reference)
 
-    def rl_step(state: TrainState, prompts: PromptBatch) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(state.rng, state.step)
-        policy_rng, ref_rng = jax.random.split(rng)
-        policy = nnx.merge(graphdef, state.params)
-        out = sampling.generate_tokens(policy, prompts.ids, prompts.mask, policy_rng, config)
-        repeat = lambda x: jnp.repeat(x, g, axis=0)
-        targets, target_len = repeat(prompts.targets), repeat(prompts.target_len)
-        b = prompts.ids.shape[0]
-        rewards = reward_fn(out.tokens, out.mask, targets, target_len).reshape(b, g)
-        ref_rewards = None
-        reference = None
-        if state.ref_params is not None:
-            reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
-        if rl.samples_reference:
-            ref_out = sampling.generate_tokens(
-                reference, prompts.ids, prompts.mask, ref_rng, config
-            )
-            ref_rewards = reward_fn(ref_out.tokens, ref_out.mask, targets, target_len)
-            ref_rewards = ref_rewards.reshape(b, g)
-        adv = adv_fn(rewards, ref_rewards, **adv_kwargs)
-        prompt_ids, prompt_mask = repeat(prompts.ids), repeat(prompts.mask)
+    def update(state, ids_BxP, mask_BxP, out, rewards_BxG, ref_rewards_BxG=None):
+        adv = adv_fn(rewards_BxG, ref_rewards_BxG, **adv_kwargs)
+        prompt_ids = jnp.repeat(ids_BxP, g, axis=0)
+        prompt_mask = jnp.repeat(mask_BxP, g, axis=0)
         ref_logprobs = None
         if want_ref_logprobs:
+            reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
             ref_logprobs, _ = completion_logprobs(
                 reference,
                 prompt_ids,
@@ -401,8 +411,46 @@ def make_rl_step(
             ref_logprobs=ref_logprobs,
         )
         state, metrics = train_step(state, batch)
-        metrics.update(rollout_metrics(rewards, ref_rewards, adv, out, rl))
+        metrics.update(rollout_metrics(rewards_BxG, ref_rewards_BxG, adv, out, rl))
         return state, metrics
+
+    return update
+
+
+def make_rl_step(
+    rl: RLConfig,
+    optim: OptimConfig,
+    settings: SamplerSettings,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    reward_fn: TokenRewardFn,
+    *,
+    eos_token_id,
+    pad_token_id: int,
+    kl_metric: bool = True,
+) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
+    """`rl_step(state, prompts) -> (state, metrics)` for JAX-native rewards.
+
+    Policy sampling (G per prompt), reference sampling (when the advantage needs
+    r̃), reward, advantage, reference log-probs (KL loss or diagnostic) and the
+    update all trace into ONE program when jitted.
+    """
+    rollout = make_rollout_fn(
+        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
+    update = make_update_fn(rl, optim, graphdef, tx, kl_metric=kl_metric)
+    g = rl.group_size
+
+    def score(out, prompts: PromptBatch):
+        targets = jnp.repeat(prompts.targets, g, axis=0)
+        target_len = jnp.repeat(prompts.target_len, g, axis=0)
+        return reward_fn(out.tokens, out.mask, targets, target_len).reshape(-1, g)
+
+    def rl_step(state: TrainState, prompts: PromptBatch) -> tuple[TrainState, dict]:
+        out, ref_out = rollout(state, prompts.ids, prompts.mask)
+        rewards = score(out, prompts)
+        ref_rewards = None if ref_out is None else score(ref_out, prompts)
+        return update(state, prompts.ids, prompts.mask, out, rewards, ref_rewards)
 
     return rl_step
 

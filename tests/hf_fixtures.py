@@ -164,3 +164,19 @@ def make_tokenizer(path: Path, corpus: list[str] | None = None, vocab_size: int 
     )
     fast.save_pretrained(path)
     return path
+
+
+def make_model_dir(path: Path, family: str = "qwen2", seed: int = 0) -> Path:
+    """A tokenizer plus a random tiny checkpoint of matching vocabulary, in one directory."""
+    from transformers import AutoTokenizer
+
+    make_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    make_torch_model(family, seed, **ids).save_pretrained(path)
+    return path

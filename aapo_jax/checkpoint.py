@@ -1,0 +1,120 @@
+"""Orbax checkpoints of the full training state, data iterator position and config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from aapo_jax.rl import TrainState
+
+
+def _to_saveable(state: TrainState) -> dict:
+    """A plain pytree (typed PRNG keys as raw uint32 data; orbax stores arrays)."""
+    tree = {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "rng": jax.random.key_data(state.rng),
+        "skipped_updates": state.skipped_updates,
+    }
+    if state.ref_params is not None:
+        tree["ref_params"] = state.ref_params
+    return tree
+
+
+def _abstract(tree):
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+class Checkpointer:
+    """Saves and restores `TrainState` + JSON side data under `directory`.
+
+    Each checkpoint holds the params, optimizer state, step, rng and skipped-update
+    count; the reference params only when `save_reference` (i.e. when they are not
+    the initial weights, which the trainer reloads from the source checkpoint);
+    and two JSON items: `data` (the data iterator state) and `meta` (config etc.).
+    Saving is asynchronous; `wait()` blocks until the last save is on disk.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int = 2,
+        save_reference: bool = False,
+        async_save: bool = True,
+    ):
+        self.directory = Path(directory).absolute()
+        self.save_reference = save_reference
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(
+        self, step: int, state: TrainState, *, data: dict, meta: dict, force: bool = True
+    ) -> bool:
+        """Save at `step` (returns whether a checkpoint was written)."""
+        if not self.save_reference:
+            state = state.replace(ref_params=None)
+        return self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_to_saveable(state)),
+                data=ocp.args.JsonSave(data),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+
+    def restore(
+        self, target: TrainState, step: int | None = None
+    ) -> tuple[TrainState, dict, dict[str, Any]]:
+        """Restore into the structure and shardings of `target` (a live or abstract state).
+
+        The reference params are taken from `target` when they were not saved.
+        Returns (state, data, meta).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+        saved_ref = self.save_reference and target.ref_params is not None
+        abstract = _abstract(_to_saveable(target if saved_ref else target.replace(ref_params=None)))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        tree = restored.state
+        state = TrainState(
+            step=tree["step"],
+            params=tree["params"],
+            opt_state=tree["opt_state"],
+            ref_params=tree["ref_params"] if saved_ref else target.ref_params,
+            rng=jax.random.wrap_key_data(tree["rng"]),
+            skipped_updates=tree["skipped_updates"],
+        )
+        return state, dict(restored.data), dict(restored.meta)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

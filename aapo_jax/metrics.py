@@ -1,0 +1,156 @@
+"""Metric writers (JSONL, TensorBoard without TensorFlow, optional Weights & Biases) and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+class MetricWriter:
+    """Writes scalars to `workdir/metrics.jsonl`, TensorBoard event files and W&B.
+
+    TensorBoard files go to `workdir/tensorboard` (written by tensorboardX, no
+    TensorFlow needed). W&B is used only when `wandb_project` is set and the
+    package is installed (set WANDB_MODE=offline to log without a network).
+    Pass `enabled=False` on every process but the first.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
+        self.workdir = Path(workdir)
+        self.enabled = enabled
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / METRICS_FILE, "a")
+        self._samples = open(self.workdir / SAMPLES_FILE, "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                logger.warning("wandb_project=%r but wandb is not installed.", wandb_project)
+            else:
+                self._wandb = wandb.init(
+                    project=wandb_project,
+                    name=run_name,
+                    dir=str(self.workdir),
+                    config=dict(config or {}),
+                    resume="allow",
+                )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """One row of scalars at `step` (non-finite values are written as null in JSON)."""
+        if not self.enabled:
+            return
+        values = {k: _scalar(v) for k, v in scalars.items()}
+        finite = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+        row = {"step": int(step), **finite}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(values, step=int(step))
+
+    def write_samples(self, step: int, samples: Sequence[Mapping[str, Any]]) -> None:
+        """A few sample completions (prompt, completion, reward, ...) for reading."""
+        if not self.enabled or not samples:
+            return
+        for sample in samples:
+            self._samples.write(json.dumps({"step": int(step), **sample}) + "\n")
+        self._samples.flush()
+        if self._tb is not None:
+            text = "\n\n".join(
+                f"**reward {s.get('reward', '')}** `{s.get('prompt', '')}`"
+                f" → `{s.get('completion', '')}`"
+                for s in samples
+            )
+            self._tb.add_text("samples", text, int(step))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        self._samples.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl file (a directory means its metrics.jsonl)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(
+    rows: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    out_path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> Path:
+    """One panel per metric against step, saved as a PNG. Missing keys are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
+        raise ValueError(f"none of the metrics to plot were logged: {list(keys)}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="o" if len(points) < 30 else None, linewidth=1.5)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,121 @@
+"""Shared defaults for every experiment config (not runnable on its own: it has no model)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields of `aapo_jax.configs.ExperimentConfig` with their defaults.
+
+    `optim.total_steps` follows `train.steps` (a shared reference), so overriding
+    `--config.train.steps` also lengthens the learning-rate schedule.
+    """
+    steps = ml_collections.FieldReference(100)
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.model = dict(path="", tokenizer_path="", dtype="float32", param_dtype="", remat=False)
+    c.data = dict(
+        source="reasoning_gym",
+        name="",
+        path="",
+        eval_path="",
+        train_split="train",
+        eval_split="test",
+        gym_kwargs={},
+        train_size=10000,
+        eval_size=500,
+        seed=0,
+        question_key=ml_collections.FieldReference(None, field_type=str),
+        answer_key=ml_collections.FieldReference(None, field_type=str),
+    )
+    c.prompt = dict(template="{question}", system_prompt="", use_chat_template=False)
+    c.rl = dict(
+        advantage="aapo",
+        loss="aapo",
+        group_size=8,
+        scale_rewards=False,
+        margin_low=0.2,
+        margin_high=0.28,
+        eps_low=0.2,
+        eps_high=0.2,
+        kl_beta=0.0,
+        kl_estimator="k3",
+        seq_mean=False,
+        reference="frozen",
+        reference_sync_every=0,
+        reference_ema_rate=0.0,
+        logprob_chunk_size=128,
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-6,
+            schedule="constant",
+            warmup_ratio=0.0,
+            final_lr_fraction=0.1,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            max_grad_norm=1.0,
+            grad_accum_steps=1,
+        )
+    )
+    c.optim.total_steps = steps
+    c.sampling = dict(
+        max_prompt_length=512, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0
+    )
+    c.reward = dict(
+        kind="host", names=("accuracy",), weights=(1.0,), timeout_s=5.0, num_workers=2, eval_name=""
+    )
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.train = ml_collections.ConfigDict(
+        dict(
+            prompts_per_step=16,
+            seed=0,
+            log_every=1,
+            eval_every=0,
+            eval_size=0,
+            eval_batch_size=64,
+            checkpoint_every=50,
+            keep_checkpoints=2,
+            samples_every=10,
+            num_samples_logged=4,
+            export_hf=False,
+            tensorboard=True,
+            wandb_project="",
+        )
+    )
+    c.train.steps = steps
+    return c
+
+
+# Algorithms as the paper compares them: the advantage estimator and its loss.
+ALGORITHMS = {
+    # AAPO: group advantage + clipped margin against the reference, plain PG loss.
+    "aapo": dict(advantage="aapo", loss="aapo", scale_rewards=False),
+    # GRPO: std-scaled group advantage, PPO-clip loss (one update: ratio 1).
+    "grpo": dict(advantage="grpo", loss="ppo_clip", scale_rewards=True),
+    # Dr. GRPO: mean-only baseline, token-sum PG.
+    "dr_grpo": dict(advantage="dr_grpo", loss="pg", scale_rewards=False),
+    # RLOO: leave-one-out baseline.
+    "rloo": dict(advantage="rloo", loss="pg", scale_rewards=False),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
+    """`'algo=grpo,variant=tiny'` -> {'algo': 'grpo', 'variant': 'tiny'} over the defaults."""
+    values = dict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        if "=" not in part:
+            raise ValueError(f"config argument {part!r} must look like key=value")
+        key, value = part.split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+        values[key] = value
+    return values
+
+
+def set_algorithm(config: ml_collections.ConfigDict, algo: str) -> None:
+    """Switch the advantage estimator and loss to the named algorithm."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGORITHMS)}")
+    config.rl.update(ALGORITHMS[algo])

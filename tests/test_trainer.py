@@ -1,0 +1,165 @@
+"""The training loop end to end on a tiny random model: outputs, resume, SIGTERM, writers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aapo_jax import checkpoint, configs, metrics, trainer
+from configs.base import base_config
+from tests import hf_fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return hf_fixtures.make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def tiny_config(model_dir, **train):
+    c = base_config()
+    c.name = "tiny"
+    c.model.path = str(model_dir)
+    c.data.name = "chain_sum"
+    c.data.gym_kwargs = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+    c.data.train_size = 64
+    c.data.eval_size = 8
+    c.rl.group_size = 4
+    c.sampling.max_prompt_length = 128
+    c.sampling.max_new_tokens = 6
+    c.reward.names = ("gym:chain_sum",)
+    c.reward.num_workers = 0
+    c.optim.learning_rate = 1e-3
+    c.train.steps = 2
+    c.train.prompts_per_step = 4
+    c.train.samples_every = 1
+    c.train.checkpoint_every = 1
+    c.train.update(train)
+    return c
+
+
+def test_two_steps_write_metrics_plots_checkpoints_and_summary(model_dir, tmp_path):
+    summary = trainer.train(configs.experiment_config(tiny_config(model_dir)), tmp_path)
+    for key in ("initial_eval_accuracy", "final_eval_accuracy", "eval_problems", "steps"):
+        assert key in summary
+    assert summary["steps"] == 2 and summary["eval_problems"] == 8
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    rows = metrics.read_metrics(tmp_path)
+    assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]
+    assert {r["step"] for r in rows if "eval/accuracy" in r} == {0, 2}
+    for name in summary["plots"]:
+        assert (tmp_path / name).stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {"prompt", "completion", "reward", "answer"} <= set(samples[0])
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+
+
+STEP_KEYS = ("loss", "grad_norm", "reward_mean", "ref_reward_mean", "entropy", "kl")
+
+
+def test_resume_gives_the_same_next_step(model_dir, tmp_path):
+    straight = tmp_path / "straight"
+    trainer.train(configs.experiment_config(tiny_config(model_dir, steps=3)), straight)
+    resumed = tmp_path / "resumed"
+    trainer.train(configs.experiment_config(tiny_config(model_dir, steps=2)), resumed)
+    summary = trainer.train(configs.experiment_config(tiny_config(model_dir, steps=3)), resumed)
+    assert summary["steps"] == 3
+
+    def step3(workdir):
+        (row,) = [r for r in metrics.read_metrics(workdir) if r["step"] == 3 and "loss" in r]
+        return {k: row[k] for k in STEP_KEYS}
+
+    expected, got = step3(straight), step3(resumed)
+    for key in STEP_KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+
+
+def test_token_reward_path(model_dir, tmp_path):
+    c = tiny_config(model_dir)
+    c.reward.kind = "token"
+    c.reward.names = ("exact_match",)
+    c.reward.eval_name = "gym:chain_sum"
+    summary = trainer.train(configs.experiment_config(c), tmp_path)
+    assert summary["steps"] == 2
+    rows = [r for r in metrics.read_metrics(tmp_path) if "reward_mean" in r]
+    assert rows and all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+
+
+def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from tests.test_trainer import tiny_config\n\n\n"
+        f"def get_config():\n    return tiny_config({str(model_dir)!r}, steps=500)\n"
+    )
+    workdir = tmp_path / "wd"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            f"--config={config_file}",
+            f"--workdir={workdir}",
+            "--noprogress",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 240
+    rows = []
+    while time.time() < deadline and len([r for r in rows if "loss" in r]) < 3:
+        time.sleep(0.5)
+        if (workdir / metrics.METRICS_FILE).exists():
+            rows = metrics.read_metrics(workdir)
+        assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert '"interrupted": true' in output
+    step = checkpoint.Checkpointer(workdir / "checkpoints").latest_step()
+    assert 3 <= step < 500
+    # The checkpoint restores: a new run resumes from it and finishes.
+    config = configs.experiment_config(tiny_config(model_dir, steps=step + 1))
+    summary = trainer.train(config, workdir)
+    assert summary["steps"] == step + 1
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False, wandb_project="aapo-jax-test")
+    writer.write_scalars(1, {"reward_mean": 0.5})
+    writer.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert metrics.read_metrics(tmp_path) == [{"step": 1, "reward_mean": 0.5}]
+
+
+def test_bad_config_fails_before_anything_is_built(model_dir):
+    c = tiny_config(model_dir)
+    c.rl.advantage = "ppo"
+    with pytest.raises(ValueError, match=r"rl\.advantage='ppo'"):
+        configs.experiment_config(c)
+    c = tiny_config(model_dir)
+    c.reward.weights = (1.0, 2.0)
+    with pytest.raises(ValueError, match=r"reward\.weights"):
+        configs.experiment_config(c)
+    # A config written without the shared steps reference.
+    d = tiny_config(model_dir).to_dict()
+    d["optim"]["total_steps"] = 7
+    with pytest.raises(ValueError, match=r"optim\.total_steps=7"):
+        configs.experiment_config(d)
+    d["optim"]["total_steps"] = 2
+    d["optim"]["learning_rat"] = 2
+    with pytest.raises(ValueError, match=r"unknown config field.*'optim\.learning_rat'"):
+        configs.experiment_config(d)
