@@ -23,11 +23,12 @@ class KVCache:
 
     All rows share one write index because batches are left-padded: slot `s`
     holds the same step for every row. `mask_BxS` marks the slots that hold a
-    real token (not padding, not yet written).
+    real token (not padding, not yet written). Keys and values are head-major
+    ([B, K, S, Dh]) so attention reads them without a relayout every step.
     """
 
-    k: tuple[Float[Array, "B S K Dh"], ...]
-    v: tuple[Float[Array, "B S K Dh"], ...]
+    k: tuple[Float[Array, "B K S Dh"], ...]
+    v: tuple[Float[Array, "B K S Dh"], ...]
     mask_BxS: Bool[Array, "B S"]
     index: Int[Array, ""]
 
@@ -36,10 +37,22 @@ class KVCache:
         return self.mask_BxS.shape[1]
 
 
+def visibility(query_slot_L: Array, key_mask_BxS: Array) -> Bool[Array, "B L S"]:
+    """Which key slots each query sees: causal over real slots, plus its own slot.
+
+    The own slot keeps a padding query (no real key before it) attending to
+    itself only, never to later tokens.
+    """
+    key_slot = jnp.arange(key_mask_BxS.shape[1])
+    causal_LxS = key_slot[None, :] <= query_slot_L[:, None]
+    self_LxS = key_slot[None, :] == query_slot_L[:, None]
+    return (causal_LxS[None] & key_mask_BxS[:, None, :]) | self_LxS[None]
+
+
 def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None) -> KVCache:
     """An empty cache of `cache_size` slots per row (keys/values in `dtype`, default compute)."""
     dtype = config.compute_dtype if dtype is None else dtype
-    shape = (batch_size, cache_size, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, cache_size, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(
         k=zeros,
@@ -138,9 +151,8 @@ class Attention(nnx.Module):
         self,
         x_BxLxD: Array,
         positions_BxL: Array,
-        mask_BxL: Array,
+        visible_BxLxS: Array,
         cache_kv: tuple[Array, Array] | None,
-        cache_mask_BxS: Array | None,
         cache_index: Array | None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
@@ -149,31 +161,32 @@ class Attention(nnx.Module):
         k = apply_rope(self._project(x_BxLxD, self.k_kernel, "k_bias"), positions_BxL, inv_freq)
         v = self._project(x_BxLxD, self.v_kernel, "v_bias")
         seq_len = x_BxLxD.shape[1]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, L, Dh]
         if cache_kv is None:
-            keys, values, key_mask = k, v, mask_BxL.astype(bool)
-            query_slot = jnp.arange(seq_len)
+            keys, values = k, v
         else:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
             values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
-            key_mask = cache_mask_BxS
-            query_slot = cache_index + jnp.arange(seq_len)
-        key_slot = jnp.arange(keys.shape[1])
-        causal_LxS = key_slot[None, :] <= query_slot[:, None]
-        # Every query also sees its own slot, so a padding query (no real key
-        # before it) attends to itself only and never to later tokens.
-        self_LxS = key_slot[None, :] == query_slot[:, None]
-        visible_BxLxS = (causal_LxS[None] & key_mask[:, None, :]) | self_LxS[None]
 
         b, group = x_BxLxD.shape[0], cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, seq_len, cfg.num_kv_heads, group, cfg.head_dim)
-        scores = jnp.einsum(
-            "blkgd,bskd->bkgls", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
-        )
+        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        if seq_len == 1:
+            # Decode: one query per row. Broadcast-multiply-reduce fuses into one pass over
+            # the cache, where a dot would run B·K tiny matrix-vector products.
+            q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
+            scores = jnp.sum(q32[:, :, :, None, :] * keys[:, :, None], axis=-1)[:, :, :, None]
+        else:
+            scores = jnp.einsum("blkgd,bksd->bkgls", q, keys, preferred_element_type=jnp.float32)
         scores = scores / np.float32(math.sqrt(cfg.head_dim))
         scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x_BxLxD.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, values.astype(probs.dtype))
+        probs = jax.nn.softmax(scores, axis=-1)
+        if seq_len == 1:
+            out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
+            out = out.astype(x_BxLxD.dtype)
+        else:
+            out = jnp.einsum("bkgls,bksd->blkgd", probs.astype(x_BxLxD.dtype), values)
         out = out.reshape(b, seq_len, cfg.num_heads, cfg.head_dim)
         y = jnp.einsum("blhk,hkd->bld", out, self.o_kernel.value.astype(out.dtype))
         if cfg.o_bias:
@@ -215,10 +228,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache_kv, cache_mask, cache_index):
-        attn_out, new_kv = self.attn(
-            self.input_norm(x), positions, mask, cache_kv, cache_mask, cache_index
-        )
+    def __call__(self, x, positions, visible, cache_kv, cache_index):
+        attn_out, new_kv = self.attn(self.input_norm(x), positions, visible, cache_kv, cache_index)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return x, new_kv
@@ -264,15 +275,20 @@ class Transformer(nnx.Module):
         cfg = self.config
         x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(cfg.compute_dtype)
         mask_BxL = mask_BxL.astype(bool)
-        cache_mask = None
-        if cache is not None:
+        if cache is None:
+            cache_mask = None
+            visible = visibility(jnp.arange(tokens_BxL.shape[1]), mask_BxL)
+        else:
             cache_mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL, (0, cache.index))
+            visible = visibility(cache.index + jnp.arange(tokens_BxL.shape[1]), cache_mask)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
-            call = nnx.remat(DecoderLayer.__call__) if cfg.remat else DecoderLayer.__call__
-            x, new_kv = call(layer, x, positions_BxL, mask_BxL, kv, cache_mask, index)
+            # Remat only pays off under a gradient: the cached (sampling) path never takes one.
+            remat = cfg.remat and cache is None
+            call = nnx.remat(DecoderLayer.__call__) if remat else DecoderLayer.__call__
+            x, new_kv = call(layer, x, positions_BxL, visible, kv, index)
             if new_kv is not None:
                 new_k.append(new_kv[0])
                 new_v.append(new_kv[1])
