@@ -40,11 +40,13 @@ def make_mesh(
         if len(devices) % known:
             raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices.")
         shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+    if math.prod(shape) > len(devices):
         raise ValueError(
             f"mesh shape (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) needs "
             f"{math.prod(shape)} devices, {len(devices)} are available."
         )
+    # A fully specified smaller mesh uses the first devices (e.g. one device for a tiny run).
+    devices = devices[: math.prod(shape)]
     # Auto axes: jit propagates shardings and `with_sharding_constraint` works.
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
