@@ -100,6 +100,19 @@ def apply_rope(x_BxLxHxDh: Array, positions_BxL: Array, inv_freq: np.ndarray) ->
     return x_BxLxHxDh * cos + rotated * sin
 
 
+def dense(x: Array, kernel: Array, n_in: int = 1) -> Array:
+    """x[..., in] @ kernel[in..., out...] as ONE 2-D matmul over all leading positions.
+
+    Flattening the token axes first keeps XLA on plain GEMMs in the backward pass
+    too (a dot with several batch-like axes is relaid out with copies on CPU).
+    `n_in` is the number of trailing axes of `x` that are contracted.
+    """
+    lead, contract = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
+    out = kernel.shape[n_in:]
+    y = x.reshape(-1, math.prod(contract)) @ kernel.reshape(math.prod(contract), -1)
+    return y.reshape(*lead, *out)
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
     if init == "normal":
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -142,7 +155,7 @@ class Attention(nnx.Module):
             self.o_bias = _param(rngs, (d,), ("embed",), dt, "zeros")
 
     def _project(self, x, kernel, bias_name):
-        y = jnp.einsum("bld,dhk->blhk", x, kernel.value.astype(x.dtype))
+        y = dense(x, kernel.value.astype(x.dtype))
         if self.config.qkv_bias:
             y = y + getattr(self, bias_name).value.astype(x.dtype)
         return y
@@ -178,7 +191,11 @@ class Attention(nnx.Module):
             q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
             scores = jnp.sum(q32[:, :, :, None, :] * keys[:, :, None], axis=-1)[:, :, :, None]
         else:
-            scores = jnp.einsum("blkgd,bksd->bkgls", q, keys, preferred_element_type=jnp.float32)
+            # Queries of one KV head as one [G·L, Dh] block: plain batched GEMMs over (B, K),
+            # forward and backward, with no relayout of the keys.
+            q = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, group * seq_len, -1)
+            scores = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32)
+            scores = scores.reshape(b, cfg.num_kv_heads, group, seq_len, -1)
         scores = scores / np.float32(math.sqrt(cfg.head_dim))
         scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)
@@ -186,9 +203,11 @@ class Attention(nnx.Module):
             out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
             out = out.astype(x_BxLxD.dtype)
         else:
-            out = jnp.einsum("bkgls,bksd->blkgd", probs.astype(x_BxLxD.dtype), values)
+            probs = probs.astype(x_BxLxD.dtype).reshape(b, cfg.num_kv_heads, group * seq_len, -1)
+            out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
+            out = out.reshape(b, cfg.num_kv_heads, group, seq_len, -1).transpose(0, 3, 1, 2, 4)
         out = out.reshape(b, seq_len, cfg.num_heads, cfg.head_dim)
-        y = jnp.einsum("blhk,hkd->bld", out, self.o_kernel.value.astype(out.dtype))
+        y = dense(out, self.o_kernel.value.astype(out.dtype), n_in=2)
         if cfg.o_bias:
             y = y + self.o_bias.value.astype(y.dtype)
         return y, (None if cache_kv is None else (keys, values))
@@ -209,14 +228,14 @@ class MLP(nnx.Module):
             self.down_bias = _param(rngs, (d,), ("embed",), dt, "zeros")
 
     def __call__(self, x_BxLxD: Array) -> Array:
-        def dense(x, name):
-            y = x @ getattr(self, f"{name}_kernel").value.astype(x.dtype)
+        def project(x, name):
+            y = dense(x, getattr(self, f"{name}_kernel").value.astype(x.dtype))
             if self.config.mlp_bias:
                 y = y + getattr(self, f"{name}_bias").value.astype(x.dtype)
             return y
 
-        hidden = jax.nn.silu(dense(x_BxLxD, "gate")) * dense(x_BxLxD, "up")
-        return dense(hidden, "down")
+        hidden = jax.nn.silu(project(x_BxLxD, "gate")) * project(x_BxLxD, "up")
+        return project(hidden, "down")
 
 
 class DecoderLayer(nnx.Module):
@@ -306,7 +325,11 @@ class Transformer(nnx.Module):
     def logits_from_hidden(self, hidden_BxLxD: Array) -> Float[Array, "B L V"]:
         """fp32 logits from hidden states (fp32 accumulation in the head matmul)."""
         kernel = self.lm_head_kernel().astype(hidden_BxLxD.dtype)
-        return jnp.einsum("bld,dv->blv", hidden_BxLxD, kernel, preferred_element_type=jnp.float32)
+        b, length, d = hidden_BxLxD.shape
+        logits = jnp.matmul(
+            hidden_BxLxD.reshape(b * length, d), kernel, preferred_element_type=jnp.float32
+        )
+        return logits.reshape(b, length, -1)
 
     def __call__(
         self,
