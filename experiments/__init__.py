@@ -1,0 +1,1 @@
+"""Standalone experiments and benchmarks (run as `python -m experiments.<name>`)."""

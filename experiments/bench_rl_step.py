@@ -1,0 +1,188 @@
+"""Seconds per jitted RL step (AAPO vs GRPO) on the reference workload, and achieved GFLOP/s.
+
+    python -m experiments.bench_rl_step            # tiny reference workload + medium variant
+    python -m experiments.bench_rl_step --json     # one JSON object (aapo_step_s, grpo_step_s, …)
+
+Reference workload: 8 prompts × G=4, prompt 16 tokens, completion 32 (EOS off,
+so every row decodes the full budget), temperature 1.0, the tiny Qwen2 shape
+(2 layers, width 128, 4 heads / 2 kv heads, MLP 256, vocab 512), a JAX-native
+reward. One AAPO step = policy sampling + reference sampling + reward +
+advantage + update; one GRPO step = policy sampling + reference log-probs for
+the KL penalty (β = 0.04) + update. Each is ONE jitted program; the two are
+timed alternately after warm-up and the medians reported. FLOPs count the
+matmuls of prefill, decode (attention over the fixed cache), the update's
+forward + backward (3× forward) and, for GRPO, the reference forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from experiments import bench_common
+
+SHAPES = {
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    ),
+    "medium": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+    ),
+}
+PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 8, 4, 16, 32
+ALGORITHMS = {
+    "aapo": dict(advantage="aapo", loss="aapo"),
+    "grpo": dict(advantage="grpo", loss="ppo_clip", scale_rewards=True, kl_beta=0.04),
+}
+
+
+def step_flops(config, rl) -> float:
+    """Matmul FLOPs of one RL step of the reference workload."""
+    body, head = bench_common.body_and_head_params(config)
+    cache = PROMPT_LEN + NEW_TOKENS
+    rows = PROMPTS * GROUP
+    attn = bench_common.attention_flops_per_token(config, cache)
+    # Sampling: prefill once per prompt (head on the last token), decode per row.
+    prefill = PROMPTS * (PROMPT_LEN * (2 * body + attn) + 2 * head)
+    decode = rows * (NEW_TOKENS - 1) * (2 * (body + head) + attn)
+    samplers = 2 if rl.samples_reference else 1
+    # A full forward over prompt + completion (causal attention: on average half the keys).
+    forward = (
+        rows
+        * cache
+        * (2 * (body + head) + bench_common.attention_flops_per_token(config, cache // 2))
+    )
+    update = 3 * forward
+    reference_forward = forward if rl.needs_reference_logprobs else 0
+    return float(samplers * (prefill + decode) + update + reference_forward)
+
+
+def build_steps(size: str):
+    """Jitted AAPO and GRPO steps, their states and the prompt batch for one model size."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from aapo_jax import configs, models, rl
+    from aapo_jax.rewards import tokens
+
+    config = models.ModelConfig(qkv_bias=True, **SHAPES[size])
+    optim = configs.OptimConfig(learning_rate=1e-5, total_steps=1000)
+    settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    ids = jax.random.randint(jax.random.key(1), (PROMPTS, PROMPT_LEN), 3, config.vocab_size)
+    prompts = rl.PromptBatch(
+        ids=ids,
+        mask=jnp.ones_like(ids),
+        targets=jax.random.randint(jax.random.key(2), (PROMPTS, 4), 3, config.vocab_size),
+        target_len=jnp.full((PROMPTS,), 4, jnp.int32),
+    )
+    out = {}
+    for name, kw in ALGORITHMS.items():
+        rl_cfg = configs.RLConfig(group_size=GROUP, **kw)
+        tx = rl.make_optimizer(optim)
+        model = models.Transformer(config, rngs=nnx.Rngs(0))
+        graphdef, state = rl.init_train_state(model, tx, rl_cfg, jax.random.key(0))
+        fn = rl.make_rl_step(
+            rl_cfg,
+            optim,
+            settings,
+            graphdef,
+            tx,
+            tokens.prefix_match,
+            eos_token_id=None,
+            pad_token_id=0,
+            kl_metric=False,
+        )
+        out[name] = dict(step=jax.jit(fn, donate_argnums=0), state=state, rl=rl_cfg)
+    return config, out, prompts
+
+
+def time_size(size: str, reps: int) -> dict:
+    """Warm up both steps, then alternate them `reps` times; median seconds per step."""
+    import jax
+
+    config, steps, prompts = build_steps(size)
+    for entry in steps.values():
+        start = time.perf_counter()
+        entry["state"], metrics = entry["step"](entry["state"], prompts)
+        jax.block_until_ready(metrics)
+        entry["compile_s"] = time.perf_counter() - start
+        entry["times"] = []
+    for _ in range(reps):
+        for entry in steps.values():
+            start = time.perf_counter()
+            entry["state"], metrics = entry["step"](entry["state"], prompts)
+            jax.block_until_ready(metrics)
+            entry["times"].append(time.perf_counter() - start)
+    result = {"size": size, "params": config.num_params}
+    for name, entry in steps.items():
+        seconds = statistics.median(entry["times"])
+        generated = PROMPTS * GROUP * NEW_TOKENS * (2 if entry["rl"].samples_reference else 1)
+        result[name] = {
+            "step_s": seconds,
+            "compile_s": entry["compile_s"],
+            "generated_tokens_per_s": generated / seconds,
+            "gflops": step_flops(config, entry["rl"]) / seconds / 1e9,
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--reps", type=int, default=15, help="timed steps per algorithm (tiny)")
+    parser.add_argument("--skip_medium", action="store_true", help="only the tiny workload")
+    args = parser.parse_args(argv)
+
+    calibration = bench_common.matmul_calibration([(PROMPTS * GROUP, 128), (PROMPTS * GROUP, 512)])
+    sizes = [time_size("tiny", args.reps)]
+    if not args.skip_medium:
+        sizes.append(time_size("medium", max(3, args.reps // 5)))
+    square = calibration["square_1024"]
+    result = {
+        "aapo_step_s": sizes[0]["aapo"]["step_s"],
+        "grpo_step_s": sizes[0]["grpo"]["step_s"],
+        "calibration_gflops": calibration,
+        "sizes": sizes,
+        "workload": dict(
+            prompts=PROMPTS, group=GROUP, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS
+        ),
+    }
+    if not args.skip_medium:
+        result["medium_aapo_fraction_of_calibration"] = sizes[1]["aapo"]["gflops"] / square
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"calibration: {', '.join(f'{k}={v:.1f}' for k, v in calibration.items())} GFLOP/s")
+    print(
+        f"{'size':8} {'params':>11} {'algo':5} {'step ms':>8} {'gen tok/s':>10} "
+        f"{'GFLOP/s':>8} {'% of 1024³':>10} {'compile s':>9}"
+    )
+    for entry in sizes:
+        for name in ALGORITHMS:
+            r = entry[name]
+            print(
+                f"{entry['size']:8} {entry['params']:>11,} {name:5} {1000 * r['step_s']:8.1f} "
+                f"{r['generated_tokens_per_s']:10.0f} {r['gflops']:8.1f} "
+                f"{100 * r['gflops'] / square:9.0f}% {r['compile_s']:9.1f}"
+            )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
