@@ -119,3 +119,55 @@ def set_algorithm(config: ml_collections.ConfigDict, algo: str) -> None:
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGORITHMS)}")
     config.rl.update(ALGORITHMS[algo])
+
+
+def apply_tiny(config: ml_collections.ConfigDict) -> None:
+    """Shrink a real config to a CPU smoke run (a tiny model and data file still come from
+    --config.model.path / --config.data.path): 2 steps, 2 prompts × 2 samples, 8 new tokens.
+    """
+    config.train.steps = 2
+    config.train.prompts_per_step = 2
+    config.train.eval_size = 4
+    config.train.eval_batch_size = 4
+    config.train.checkpoint_every = 0
+    config.rl.group_size = 2
+    config.sampling.max_prompt_length = 1024  # room for system prompts in small vocabularies
+    config.sampling.max_new_tokens = 8
+    config.data.train_size = 32
+    config.data.eval_size = 4
+    config.reward.num_workers = 0
+    config.mesh = dict(data=1, fsdp=1, tensor=1)
+    config.name += "-tiny"
+
+
+def simplerl_config(arg: str | None, *, name: str, max_prompt: int, max_completion: int):
+    """The SimpleRL-Zoo setting shared by the 7B and Llama configs (see their docstrings)."""
+    args = parse_arg(arg, algo="aapo", variant="full")
+    c = base_config()
+    c.name = f"{name}-{args['algo']}"
+    c.data.source = "jsonl"
+    c.data.train_size = 100_000
+    c.data.eval_size = 64
+    c.sampling.max_prompt_length = max_prompt
+    c.sampling.max_new_tokens = max_completion
+    c.sampling.temperature = 1.0
+    c.sampling.top_p = 1.0
+    c.rl.group_size = 6
+    c.train.prompts_per_step = 16
+    c.train.steps = 100
+    c.train.eval_batch_size = 16
+    c.train.checkpoint_every = 10
+    c.optim.learning_rate = 1e-6
+    c.optim.schedule = "constant"
+    c.optim.warmup_ratio = 0.03
+    # SimpleRL-Zoo golds are bare answers (e.g. 1/2 in LaTeX): they are parsed wrapped in a box.
+    c.reward.names = ("accuracy_boxed_gold",)
+    c.reward.weights = (1.0,)
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    set_algorithm(c, args["algo"])
+    if args["variant"] == "tiny":
+        apply_tiny(c)
+    elif args["variant"] != "full":
+        raise ValueError(f"unknown variant {args['variant']!r}; valid: full, tiny")
+    return c
