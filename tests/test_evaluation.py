@@ -1,0 +1,211 @@
+"""Evaluation metrics: pass@k against brute force, majority vote, and evaluate on a rigged model."""
+
+import itertools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from aapo_jax import evaluation, models
+from aapo_jax.data.sources import Example
+
+# ---------------------------------------------------------------------------
+# pass@k and majority vote
+
+
+def _brute_pass_at_k(n, c, k):
+    """Fraction of the k-subsets of n samples (the first c correct) holding a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_brute_force():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert evaluation.pass_at_k(n, c, k) == pytest.approx(
+                    _brute_pass_at_k(n, c, k), abs=1e-12
+                ), (n, c, k)
+
+
+def test_pass_at_k_closed_form_cases():
+    assert evaluation.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert evaluation.pass_at_k(10, 0, 5) == 0.0
+    assert evaluation.pass_at_k(10, 10, 1) == 1.0
+    # Large n: no overflow, equals the binomial formula.
+    expect = 1 - math.comb(200 - 37, 16) / math.comb(200, 16)
+    assert evaluation.pass_at_k(200, 37, 16) == pytest.approx(expect, rel=1e-9)
+
+
+@pytest.mark.parametrize("n,c,k", [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        evaluation.pass_at_k(n, c, k)
+
+
+def test_majority_vote():
+    assert evaluation.majority_vote(["1", "2", "2", "3"]) == ("2", 1)
+    # A tie goes to the answer seen first.
+    assert evaluation.majority_vote(["7", "5", "5", "7"]) == ("7", 0)
+    assert evaluation.majority_vote(["5", "7", "7", "5"]) == ("5", 0)
+    # Missing answers do not vote.
+    assert evaluation.majority_vote([None, None, "4"]) == ("4", 2)
+    assert evaluation.majority_vote([None, None]) == (None, -1)
+    assert evaluation.majority_vote([]) == (None, -1)
+
+
+def test_paper_protocol_constants():
+    prompt = evaluation.PAPER_QUERY_TEMPLATE.format(question="What is 1+1?")
+    assert "$\\boxed{ANSWER}$" in prompt
+    assert prompt.endswith("What is 1+1?")
+    assert (evaluation.PAPER_TEMPERATURE, evaluation.PAPER_TOP_P) == (0.6, 0.95)
+    assert evaluation.math_extract_fn("so the answer is $\\boxed{42}$.") == "42"
+    assert evaluation.math_extract_fn("no answer here") is None
+    score = evaluation.math_score_fn()
+    examples = [Example("q", "42"), Example("q", "42")]
+    np.testing.assert_array_equal(score(["$\\boxed{42}$", "$\\boxed{41}$"], examples), [1.0, 0.0])
+
+
+# ---------------------------------------------------------------------------
+# evaluate() on a model whose next-token distribution is set by hand
+
+VOCAB = ["<pad>", "<eos>", "q", "a", "b", "c", "x", "y"]
+ID = {t: i for i, t in enumerate(VOCAB)}
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel(ID, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left"
+    )
+
+
+def _markov_model(transitions: dict[str, dict[str, float]]):
+    """A Transformer whose next-token logits depend only on the current token.
+
+    Attention and MLP outputs are zeroed, so the final hidden state is RMSNorm(embed[t]); with
+    one-hot embeddings that is √D·e_t and the logits row of t is √D·lm_head[t]. Unlisted
+    successors get logit −30.
+    """
+    d = 16
+    config = models.ModelConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=d,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        qkv_bias=True,
+    )
+    model = models.Transformer(config, rngs=nnx.Rngs(0))
+    for layer in model.layers:
+        layer.attn.o_kernel.value = jnp.zeros_like(layer.attn.o_kernel.value)
+        layer.mlp.down_kernel.value = jnp.zeros_like(layer.mlp.down_kernel.value)
+    model.embed.value = jnp.eye(len(VOCAB), d)
+    head = np.full((d, len(VOCAB)), -30.0, np.float32)
+    for src, successors in transitions.items():
+        for dst, logit in successors.items():
+            head[ID[src], ID[dst]] = logit
+    model.lm_head.value = jnp.asarray(head / math.sqrt(d))
+    return model
+
+
+# After the prompt "q a" the model always answers x (correct), after "q b" always y (wrong),
+# after "q c" x or y with equal odds, except that greedy decoding picks y.
+TRANSITIONS = {
+    "a": {"x": 0.0},
+    "b": {"y": 0.0},
+    "c": {"x": 0.0, "y": 1e-3},
+    "x": {"<eos>": 0.0},
+    "y": {"<eos>": 0.0},
+}
+
+
+def _score_x(completions, examples):
+    """1.0 for a completion that is exactly the gold answer."""
+    pairs = zip(completions, examples, strict=True)
+    return np.asarray([float(c == e.answer) for c, e in pairs], np.float32)
+
+
+def _evaluate(examples, **kwargs):
+    defaults = dict(
+        score_fn=_score_x,
+        prompt_fn=evaluation.template_prompt_fn("q {question}"),
+        max_new_tokens=4,
+        batch_size=4,
+        progress=False,
+        buckets=None,
+    )
+    return evaluation.evaluate(
+        _markov_model(TRANSITIONS), _tokenizer(), examples, **{**defaults, **kwargs}
+    )
+
+
+def _examples(questions):
+    return [Example(question=q, answer="x") for q in questions]
+
+
+def test_evaluate_greedy_and_deterministic_samples():
+    # 7 problems over batches of 4: the short last batch must not change the results.
+    examples = _examples("aabbbab")
+    report = _evaluate(examples, n_samples=3, k=2, temperature=1.0, top_p=1.0, details=True)
+    assert report["num_problems"] == 7
+    assert report["greedy_accuracy"] == pytest.approx(3 / 7)
+    assert report["pass@1"] == pytest.approx(3 / 7)
+    assert report["pass@2"] == pytest.approx(3 / 7)
+    assert report["maj@2"] == pytest.approx(3 / 7)
+    assert report["greedy_completion_len"] == 2.0  # the answer, then EOS
+    assert report["greedy_truncated_frac"] == 0.0
+    problems = report["problems"]
+    assert [p["greedy_completion"] for p in problems] == ["x", "x", "y", "y", "y", "x", "y"]
+    assert problems[0]["completions"] == ["x", "x", "x"]
+    assert problems[0]["majority_answer"] == "x"
+    assert problems[2]["scores"] == [0.0, 0.0, 0.0]
+
+
+def test_evaluate_sampled_metrics_follow_the_counts():
+    examples = _examples("c" * 40)
+    report = _evaluate(examples, n_samples=8, k=4, temperature=1.0, top_p=1.0, details=True)
+    assert report["greedy_accuracy"] == 0.0  # greedy prefers y
+    scores = np.asarray([p["scores"] for p in report["problems"]])
+    counts = scores.sum(axis=1).astype(int)
+    # Sampling really is ~50/50 (40 × 8 Bernoulli(0.5) draws).
+    assert 0.4 < counts.mean() / 8 < 0.6
+    assert report["pass@1"] == pytest.approx(counts.mean() / 8)
+    expect = np.mean([evaluation.pass_at_k(8, int(c), 4) for c in counts])
+    assert report["pass@4"] == pytest.approx(expect)
+    maj = []
+    for p, row in zip(report["problems"], scores, strict=True):
+        winner, first = evaluation.majority_vote(p["completions"][:4])
+        assert p["majority_answer"] == winner
+        maj.append(row[first])
+    assert report["maj@4"] == pytest.approx(np.mean(maj))
+
+
+def test_evaluate_counts_truncation_and_is_seeded():
+    # With a budget of 1 token the EOS never fits: every completion is cut off.
+    report = _evaluate(_examples("ab"), n_samples=0, max_new_tokens=1)
+    assert report["greedy_truncated_frac"] == 1.0
+    a = _evaluate(_examples("cccc"), n_samples=4, temperature=1.0, details=True)
+    b = _evaluate(_examples("cccc"), n_samples=4, temperature=1.0, details=True)
+    assert [p["completions"] for p in a["problems"]] == [p["completions"] for p in b["problems"]]
+
+
+def test_evaluate_rejects_bad_settings():
+    with pytest.raises(ValueError, match="k must be"):
+        _evaluate(_examples("a"), n_samples=2, k=3, temperature=1.0)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        _evaluate(_examples("a"), n_samples=0, greedy=False)
+    with pytest.raises(ValueError, match="temperature"):
+        _evaluate(_examples("a"), n_samples=2, temperature=0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        _evaluate([])
