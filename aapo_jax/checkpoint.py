@@ -112,6 +112,14 @@ class Checkpointer:
         )
         return state, dict(restored.data), dict(restored.meta)
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON `meta` item (config etc.) of a checkpoint, without loading any array."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

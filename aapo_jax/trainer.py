@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 
 from aapo_jax import checkpoint as checkpoint_lib
+from aapo_jax import configs, models, rewards, rl, sharding
 from aapo_jax import data as data_lib
 from aapo_jax import metrics as metrics_lib
-from aapo_jax import models, rewards, rl, sharding
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.data import pipeline, sources
 
@@ -391,6 +391,26 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
+
+
+def load_trained_model(
+    workdir: str | os.PathLike, step: int | None = None
+) -> tuple[models.Transformer, ExperimentConfig]:
+    """The policy of a training workdir's newest (or given) checkpoint, and the run's config."""
+    checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints")
+    try:
+        config = configs.experiment_config(checkpointer.read_meta(step)["config"])
+        model = models.load_hf_checkpoint(
+            config.model.path,
+            dtype=jnp.dtype(config.model.dtype),
+            param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype),
+        )
+        tx = rl.make_optimizer(config.optim)
+        graphdef, state = rl.init_train_state(model, tx, config.rl, jax.random.key(0))
+        state, _, _ = checkpointer.restore(state, step)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, state.params), config
 
 
 def train(config: ExperimentConfig, workdir: str | os.PathLike, **kwargs) -> dict[str, Any]:

@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from aapo_jax import checkpoint, configs, metrics, trainer
+from aapo_jax import checkpoint, configs, metrics, models, trainer
 from configs.base import base_config
+from experiments import evaluate
 from tests import hf_fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,27 @@ def test_two_steps_write_metrics_plots_checkpoints_and_summary(model_dir, tmp_pa
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {"prompt", "completion", "reward", "answer"} <= set(samples[0])
     assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+    # The trained policy loads back from the workdir and evaluates like the run's last eval.
+    model, config = trainer.load_trained_model(tmp_path)
+    assert config.name == "tiny"
+    initial = models.load_hf_checkpoint(model_dir)
+    assert not np.array_equal(np.asarray(model.embed.value), np.asarray(initial.embed.value))
+    report = evaluate.run(
+        evaluate.parse_args(
+            [
+                f"--model={tmp_path}",
+                "--task=gym:chain_sum",
+                "--n=2",
+                "--eval_size=8",
+                "--template={question}",
+                '--gym_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}',
+                "--train_size=64",
+                "--max_new_tokens=6",
+            ]
+        )
+    )
+    assert report["model"] == str(tmp_path) and report["num_problems"] == 8
+    assert report["greedy_accuracy"] == pytest.approx(summary["final_eval_accuracy"])
 
 
 STEP_KEYS = ("loss", "grad_norm", "reward_mean", "ref_reward_mean", "entropy", "kl")
