@@ -1,4 +1,4 @@
-"""The shipped quickstart checkpoint: files, sizes, task.json, tokenizer, and its held-out accuracy."""
+"""The shipped quickstart checkpoint: files, size, task.json, tokenizer, held-out accuracy."""
 
 import json
 from pathlib import Path
