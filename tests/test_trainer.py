@@ -109,10 +109,16 @@ def test_token_reward_path(model_dir, tmp_path):
     c.reward.kind = "token"
     c.reward.names = ("exact_match",)
     c.reward.eval_name = "gym:chain_sum"
+    c.train.export_hf = True
     summary = trainer.train(configs.experiment_config(c), tmp_path)
     assert summary["steps"] == 2
     rows = [r for r in metrics.read_metrics(tmp_path) if "reward_mean" in r]
     assert rows and all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+    # export_hf: the final policy as a Hugging Face directory, tokenizer included.
+    exported = models.load_hf_checkpoint(tmp_path / "hf")
+    trained, _ = trainer.load_trained_model(tmp_path)
+    np.testing.assert_array_equal(np.asarray(exported.embed.value), np.asarray(trained.embed.value))
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
 def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
