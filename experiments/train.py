@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("aapo_jax").setLevel(logging.INFO)
     config = configs.experiment_config(_CONFIG.value)
     summary = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
     print(json.dumps(summary, indent=2))
