@@ -140,9 +140,21 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
     config.name += "-tiny"
 
 
-def simplerl_config(arg: str | None, *, name: str, max_prompt: int, max_completion: int):
-    """The SimpleRL-Zoo setting shared by the 7B and Llama configs (see their docstrings)."""
+def paper_config(
+    arg: str | None,
+    *,
+    name: str,
+    max_prompt: int,
+    max_completion: int,
+    temperature: float,
+    customize,
+):
+    """What the paper's runs share (a local jsonl file, G=6, 16 prompts/step, 100 steps,
+    lr 1e-6, bf16 with remat), then `customize(config)`, then the algorithm and variant.
+    """
     args = parse_arg(arg, algo="aapo", variant="full")
+    if args["variant"] not in ("full", "tiny"):
+        raise ValueError(f"unknown variant {args['variant']!r}; valid: full, tiny")
     c = base_config()
     c.name = f"{name}-{args['algo']}"
     c.data.source = "jsonl"
@@ -150,7 +162,7 @@ def simplerl_config(arg: str | None, *, name: str, max_prompt: int, max_completi
     c.data.eval_size = 64
     c.sampling.max_prompt_length = max_prompt
     c.sampling.max_new_tokens = max_completion
-    c.sampling.temperature = 1.0
+    c.sampling.temperature = temperature
     c.sampling.top_p = 1.0
     c.rl.group_size = 6
     c.train.prompts_per_step = 16
@@ -158,16 +170,30 @@ def simplerl_config(arg: str | None, *, name: str, max_prompt: int, max_completi
     c.train.eval_batch_size = 16
     c.train.checkpoint_every = 10
     c.optim.learning_rate = 1e-6
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    customize(c)
+    set_algorithm(c, args["algo"])
+    if args["variant"] == "tiny":
+        apply_tiny(c)
+    return c
+
+
+def _simplerl(c: ml_collections.ConfigDict) -> None:
     c.optim.schedule = "constant"
     c.optim.warmup_ratio = 0.03
     # SimpleRL-Zoo golds are bare answers (e.g. 1/2 in LaTeX): they are parsed wrapped in a box.
     c.reward.names = ("accuracy_boxed_gold",)
     c.reward.weights = (1.0,)
-    c.model.dtype = "bfloat16"
-    c.model.remat = True
-    set_algorithm(c, args["algo"])
-    if args["variant"] == "tiny":
-        apply_tiny(c)
-    elif args["variant"] != "full":
-        raise ValueError(f"unknown variant {args['variant']!r}; valid: full, tiny")
-    return c
+
+
+def simplerl_config(arg: str | None, *, name: str, max_prompt: int, max_completion: int):
+    """The SimpleRL-Zoo setting shared by the 7B and Llama configs (see their docstrings)."""
+    return paper_config(
+        arg,
+        name=name,
+        max_prompt=max_prompt,
+        max_completion=max_completion,
+        temperature=1.0,
+        customize=_simplerl,
+    )

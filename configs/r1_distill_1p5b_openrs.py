@@ -13,7 +13,7 @@ system prompt. The cosine reward is `cosine_open_rs`: wrong answers score 0
 (short) to -0.5 (long) over a 3584-token scale, as in the authors' script.
 """
 
-from configs.base import apply_tiny, base_config, parse_arg, set_algorithm
+from configs.base import paper_config
 
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -25,35 +25,23 @@ SYSTEM_PROMPT = (
 )
 
 
-def get_config(arg: str | None = None):
-    args = parse_arg(arg, algo="aapo", variant="full")
-    c = base_config()
-    c.name = f"r1-distill-1p5b-{args['algo']}"
-    c.data.source = "jsonl"
-    c.data.train_size = 100_000
-    c.data.eval_size = 64
+def _open_rs(c) -> None:
     c.prompt.use_chat_template = True
     c.prompt.system_prompt = SYSTEM_PROMPT
-    c.sampling.max_prompt_length = 512
-    c.sampling.max_new_tokens = 3584
-    c.sampling.temperature = 0.7
-    c.rl.group_size = 6
-    c.train.prompts_per_step = 16
-    c.train.steps = 100
-    c.train.eval_batch_size = 16
-    c.train.checkpoint_every = 10
-    c.optim.learning_rate = 1e-6
     c.optim.schedule = "cosine"
     c.optim.warmup_ratio = 0.1
     c.optim.final_lr_fraction = 0.1
     c.reward.names = ("format", "cosine_open_rs")
     c.reward.weights = (1.0, 2.0)
     c.reward.eval_name = "accuracy"
-    c.model.dtype = "bfloat16"
-    c.model.remat = True
-    set_algorithm(c, args["algo"])
-    if args["variant"] == "tiny":
-        apply_tiny(c)
-    elif args["variant"] != "full":
-        raise ValueError(f"unknown variant {args['variant']!r}; valid: full, tiny")
-    return c
+
+
+def get_config(arg: str | None = None):
+    return paper_config(
+        arg,
+        name="r1-distill-1p5b",
+        max_prompt=512,
+        max_completion=3584,
+        temperature=0.7,
+        customize=_open_rs,
+    )
