@@ -327,7 +327,9 @@ def evaluate(
             record.update(greedy_completion=row[0], greedy_score=float(score))
 
     if n_samples:
-        with tqdm(total=len(prompts), desc=f"sample×{n_samples}", disable=not progress) as bar:
+        with tqdm(
+            total=len(prompts), desc=f"sample×{n_samples}", disable=not progress, leave=False
+        ) as bar:
             texts, lengths, cut = _generate_texts(
                 model,
                 tokenizer,
@@ -344,13 +346,12 @@ def evaluate(
         counts = correct.sum(axis=1)
         pass_k = [pass_at_k(n_samples, int(c), k) for c in counts]
         maj = []
-        for record, row, ok in zip(records, texts, correct, strict=True):
-            answers = [extract(t) for t in row[:k]]
-            winner, index = majority_vote(answers)
-            maj.append(bool(ok[index]) if index >= 0 else False)
+        for i, (record, row) in enumerate(zip(records, texts, strict=True)):
+            winner, first = majority_vote([extract(t) for t in row[:k]])
+            maj.append(bool(correct[i, first]) if first >= 0 else False)
             record.update(
                 completions=row,
-                scores=[float(s) for s in scores[len(maj) - 1]],
+                scores=[float(x) for x in scores[i]],
                 majority_answer=None if winner is None else str(winner),
             )
         report.update(
