@@ -3,7 +3,7 @@
     python -m experiments.train --config=configs/quickstart.py --workdir=/tmp/quickstart
 
 The model (aapo_jax/assets/quickstart, made by experiments/pretrain_tiny.py) is a
-0.33M-parameter Qwen2-shaped decoder warmed up with supervised answers to ~35%
+0.37M-parameter Qwen2-shaped decoder warmed up with supervised answers to ~35%
 held-out accuracy; AAPO then trains it with reasoning-gym's own scorer as the
 reward and reports greedy accuracy on 500 held-out problems before and after,
 in `summary.json` and plots in the workdir. About 10 minutes on 2 CPU cores.
