@@ -7,6 +7,35 @@ import statistics
 import time
 from collections.abc import Callable
 
+# The two benchmarked Qwen2 shapes, as `aapo_jax.models.ModelConfig` fields (q/k/v bias on).
+MODEL_SHAPES = {
+    "tiny": dict(  # 0.43M parameters
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    ),
+    "medium": dict(  # 33.6M parameters
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+    ),
+}
+
+
+def model_config(size: str, **overrides):
+    """The `ModelConfig` of a benchmarked size."""
+    from aapo_jax.models import ModelConfig
+
+    return ModelConfig(qkv_bias=True, **MODEL_SHAPES[size], **overrides)
+
 
 def body_and_head_params(config) -> tuple[int, int]:
     """(non-embedding matmul params of the layers, params of the output head)."""

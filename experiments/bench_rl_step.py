@@ -24,26 +24,6 @@ import time
 
 from experiments import bench_common
 
-SHAPES = {
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-    ),
-    "medium": dict(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        head_dim=64,
-    ),
-}
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 8, 4, 16, 32
 ALGORITHMS = {
     "aapo": dict(advantage="aapo", loss="aapo"),
@@ -81,7 +61,7 @@ def build_steps(size: str):
     from aapo_jax import configs, models, rl
     from aapo_jax.rewards import tokens
 
-    config = models.ModelConfig(qkv_bias=True, **SHAPES[size])
+    config = bench_common.model_config(size)
     optim = configs.OptimConfig(learning_rate=1e-5, total_steps=1000)
     settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
     ids = jax.random.randint(jax.random.key(1), (PROMPTS, PROMPT_LEN), 3, config.vocab_size)

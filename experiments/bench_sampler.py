@@ -25,27 +25,7 @@ import numpy as np
 
 from experiments import bench_common
 
-# Qwen2 shapes (transformers config kwargs) of the two benchmarked checkpoints.
-SIZES = {
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-    ),
-    "medium": dict(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-    ),
-}
+SIZES = bench_common.MODEL_SHAPES
 MODES = {"greedy": 0.0, "sampling": 1.0}  # mode -> temperature (top_p 1.0, top_k 0)
 PROMPT_WIDTH = 64  # prompt lengths are drawn in [16, 64], left-padded to 64
 PAD_ID = 0
@@ -68,17 +48,11 @@ def build_checkpoint(path: Path, size: str, seed: int = 0) -> Path:
     import torch
     import transformers
 
+    from aapo_jax.models.hf import config_to_hf
+
     torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        **SIZES[size],
-        tie_word_embeddings=False,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=PAD_ID,
-    )
+    ours = bench_common.model_config(size, max_position_embeddings=1024, pad_token_id=PAD_ID)
+    config = transformers.Qwen2Config(**config_to_hf(ours, "float32"))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
