@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,15 @@ SAMPLES_FILE = "samples.jsonl"
 
 def _scalar(value: Any) -> float:
     return float(np.asarray(value))
+
+
+def tensorboard_tag(name: str) -> str:
+    """`name` with every character TensorBoard rejects (outside `[-/\\w.]`) replaced by `_`.
+
+    TensorBoard renames such tags itself but logs a warning on every write, e.g. for
+    the per-reward metric `reward/gym:chain_sum`.
+    """
+    return re.sub(r"[^-/\w.]", "_", name)
 
 
 class MetricWriter:
@@ -79,7 +89,7 @@ class MetricWriter:
         self._jsonl.flush()
         if self._tb is not None:
             for name, value in values.items():
-                self._tb.add_scalar(name, value, int(step))
+                self._tb.add_scalar(tensorboard_tag(name), value, int(step))
         if self._wandb is not None:
             self._wandb.log(values, step=int(step))
 
