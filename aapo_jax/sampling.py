@@ -105,6 +105,21 @@ def filter_logits(logits_NxV: Array, config: SamplingConfig) -> Float[Array, "N 
     return logits
 
 
+def categorical_inverse_cdf(rng: Array, logits_NxV: Array) -> Int[Array, " N"]:
+    """One draw per row from softmax(logits) by inverting the CDF with ONE uniform per row.
+
+    Token i is drawn iff cdf[i-1] ≤ u·cdf[V-1] < cdf[i]; tokens of zero probability
+    (-inf logits) are never drawn. Exact up to fp32 rounding of the cumulative sum,
+    and far cheaper than Gumbel-max, which hashes V random numbers per row: on CPU
+    that hashing costs several times a tiny model's whole decode step.
+    """
+    probs = jax.nn.softmax(logits_NxV.astype(jnp.float32), axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(rng, (logits_NxV.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    # u < 1, so u·cdf[V-1] < cdf[V-1] (round-to-nearest cannot reach it): the count is < V.
+    return jnp.sum(cdf <= u, axis=-1)
+
+
 def sample_token(
     logits_NxV: Array, rng: Array, config: SamplingConfig
 ) -> tuple[Int[Array, " N"], Float[Array, " N"]]:
@@ -113,7 +128,7 @@ def sample_token(
     if config.greedy:
         token = jnp.argmax(logits, axis=-1)
     else:
-        token = jax.random.categorical(rng, filter_logits(logits, config), axis=-1)
+        token = categorical_inverse_cdf(rng, filter_logits(logits, config))
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[
         :, 0
     ]
@@ -123,12 +138,113 @@ def sample_token(
 @flax.struct.dataclass
 class _LoopState:
     step: Array
-    tokens: Array
-    logprobs: Array
-    done: Array
-    cache: object
+    tokens: tuple[Array, ...]
+    logprobs: tuple[Array, ...]
+    done: tuple[Array, ...]
+    caches: tuple[object, ...]
     positions: Array
-    rng: Array
+    rngs: tuple[Array, ...]
+
+
+def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config: SamplingConfig):
+    """Prefill one model's cache once per prompt, then repeat it `num_samples` times."""
+    b, p = input_ids_BxP.shape
+    cache = init_cache(model.config, b, p + config.max_new_tokens)
+    hidden, cache = model.hidden_states(input_ids_BxP, positions_BxP, mask_BxP, cache)
+    last_logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+    if config.num_samples > 1:
+        repeat = functools.partial(jnp.repeat, repeats=config.num_samples, axis=0)
+        cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)))
+        cache = cache.replace(mask_BxS=repeat(cache.mask_BxS))
+        last_logits = repeat(last_logits)
+    return last_logits, cache
+
+
+def generate_tokens_many(
+    models: Sequence[Transformer],
+    input_ids_BxP: Int[Array, "B P"],
+    attention_mask_BxP: Array,
+    rngs: Sequence[Array],
+    config: SamplingConfig,
+) -> tuple[SamplerOutput, ...]:
+    """Pure, traceable generation from several models (e.g. policy and reference) at once.
+
+    Each model prefills the prompt batch once; with `config.num_samples = G > 1`
+    its prefilled cache is repeated G times (rows b·G + g), so the prompt is
+    never recomputed per sample. Decoding is ONE `lax.while_loop` whose body
+    advances every model by one token, over fixed-size token buffers and
+    fixed-size caches (P + max_new_tokens slots); it stops as soon as every row
+    of every model has emitted EOS or the budget is spent. Sharing the loop
+    halves the per-step overhead of sampling policy and reference back to back
+    and copies no weights. Each model's output depends only on its own key:
+    it equals `generate_tokens(model, …, rng)`.
+    """
+    if len(models) != len(rngs):
+        raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
+    t = config.max_new_tokens
+    mask_BxP = attention_mask_BxP.astype(bool)
+    positions = positions_from_mask(mask_BxP)
+    next_position = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
+    next_position = jnp.repeat(next_position, config.num_samples, axis=0)
+    n = next_position.shape[0]
+    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+
+    tokens, logprobs, done, caches, loop_rngs = [], [], [], [], []
+    for model, rng in zip(models, rngs, strict=True):
+        last_logits, cache = _prefill(model, input_ids_BxP, mask_BxP, positions, config)
+        rng, first_rng = jax.random.split(rng)
+        token, logprob = sample_token(last_logits, first_rng, config)
+        tokens.append(jnp.full((n, t), config.pad_token_id, jnp.int32).at[:, 0].set(token))
+        logprobs.append(jnp.zeros((n, t), jnp.float32).at[:, 0].set(logprob))
+        done.append(jnp.isin(token, eos))
+        caches.append(cache)
+        loop_rngs.append(rng)
+    state = _LoopState(
+        step=jnp.ones((), jnp.int32),
+        tokens=tuple(tokens),
+        logprobs=tuple(logprobs),
+        done=tuple(done),
+        caches=tuple(caches),
+        positions=next_position,
+        rngs=tuple(loop_rngs),
+    )
+
+    def cond(state: _LoopState):
+        all_done = functools.reduce(jnp.logical_and, [jnp.all(d) for d in state.done])
+        return (state.step < t) & ~all_done
+
+    def advance(model, tokens, logprobs, done, cache, rng, step, positions):
+        prev = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)
+        logits, cache = model(prev, positions[:, None], ~done[:, None], cache)
+        token, logprob = sample_token(logits[:, 0], jax.random.fold_in(rng, step), config)
+        token = jnp.where(done, config.pad_token_id, token)
+        logprob = jnp.where(done, 0.0, logprob)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
+        logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, logprob, step, axis=1)
+        return tokens, logprobs, done | jnp.isin(token, eos), cache
+
+    def body(state: _LoopState) -> _LoopState:
+        per_model = [
+            advance(model, *parts, state.rngs[i], state.step, state.positions)
+            for i, (model, *parts) in enumerate(
+                zip(models, state.tokens, state.logprobs, state.done, state.caches, strict=True)
+            )
+        ]
+        tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
+        return state.replace(
+            step=state.step + 1,
+            tokens=tokens,
+            logprobs=logprobs,
+            done=done,
+            caches=caches,
+            positions=state.positions + 1,
+        )
+
+    state = jax.lax.while_loop(cond, body, state)
+    return tuple(
+        completion_output(tokens, logprobs, eos)
+        for tokens, logprobs in zip(state.tokens, state.logprobs, strict=True)
+    )
 
 
 def generate_tokens(
@@ -146,59 +262,8 @@ def generate_tokens(
     token buffers and a fixed-size cache (P + max_new_tokens slots) that stops
     as soon as every row has emitted EOS or the budget is spent.
     """
-    b, p = input_ids_BxP.shape
-    g, t = config.num_samples, config.max_new_tokens
-    mask_BxP = attention_mask_BxP.astype(bool)
-    positions = positions_from_mask(mask_BxP)
-    cache = init_cache(model.config, b, p + t)
-    hidden, cache = model.hidden_states(input_ids_BxP, positions, mask_BxP, cache)
-    last_logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
-    next_position = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
-
-    if g > 1:
-        repeat = functools.partial(jnp.repeat, repeats=g, axis=0)
-        cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)))
-        cache = cache.replace(mask_BxS=repeat(cache.mask_BxS))
-        last_logits, next_position = repeat(last_logits), repeat(next_position)
-    n = b * g
-    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
-
-    rng, first_rng = jax.random.split(rng)
-    token, logprob = sample_token(last_logits, first_rng, config)
-    state = _LoopState(
-        step=jnp.ones((), jnp.int32),
-        tokens=jnp.full((n, t), config.pad_token_id, jnp.int32).at[:, 0].set(token),
-        logprobs=jnp.zeros((n, t), jnp.float32).at[:, 0].set(logprob),
-        done=jnp.isin(token, eos),
-        cache=cache,
-        positions=next_position,
-        rng=rng,
-    )
-
-    def cond(state: _LoopState):
-        return (state.step < t) & ~jnp.all(state.done)
-
-    def body(state: _LoopState) -> _LoopState:
-        prev = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)
-        logits, cache = model(prev, state.positions[:, None], ~state.done[:, None], state.cache)
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        token, logprob = sample_token(logits[:, 0], step_rng, config)
-        token = jnp.where(state.done, config.pad_token_id, token)
-        logprob = jnp.where(state.done, 0.0, logprob)
-        return _LoopState(
-            step=state.step + 1,
-            tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1),
-            logprobs=jax.lax.dynamic_update_index_in_dim(
-                state.logprobs, logprob, state.step, axis=1
-            ),
-            done=state.done | jnp.isin(token, eos),
-            cache=cache,
-            positions=state.positions + 1,
-            rng=state.rng,
-        )
-
-    state = jax.lax.while_loop(cond, body, state)
-    return completion_output(state.tokens, state.logprobs, eos)
+    (out,) = generate_tokens_many([model], input_ids_BxP, attention_mask_BxP, [rng], config)
+    return out
 
 
 def completion_output(tokens_NxT: Array, logprobs_NxT: Array, eos: Array) -> SamplerOutput:
@@ -216,11 +281,8 @@ def completion_output(tokens_NxT: Array, logprobs_NxT: Array, eos: Array) -> Sam
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "config"))
 def _generate_jit(graphdefs, states, input_ids, attention_mask, rngs, config):
-    outputs = []
-    for graphdef, state, rng in zip(graphdefs, states, rngs, strict=True):
-        model = nnx.merge(graphdef, state)
-        outputs.append(generate_tokens(model, input_ids, attention_mask, rng, config))
-    return tuple(outputs)
+    models = [nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True)]
+    return generate_tokens_many(models, input_ids, attention_mask, rngs, config)
 
 
 def _bucket_prompts(input_ids, attention_mask, buckets):
@@ -250,7 +312,8 @@ def generate_many(
 ) -> tuple[SamplerOutput, ...]:
     """Sample several models (e.g. policy and reference) on the same prompts in ONE program.
 
-    No host round trip happens between the models. Each model gets its own key.
+    One decode loop advances every model (`generate_tokens_many`); no host round
+    trip happens between them. Each model gets its own key.
     """
     input_ids, attention_mask = _bucket_prompts(input_ids, attention_mask, buckets)
     graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)

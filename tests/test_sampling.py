@@ -218,6 +218,30 @@ def test_policy_and_reference_in_one_program(checkpoints, qwen):
             model, ids, mask, rng=key, max_new_tokens=T, eos_token_id=4, num_samples=2
         )
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(alone.tokens))
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(alone.logprobs), atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(alone.lengths))
+
+
+def test_inverse_cdf_draws_follow_softmax_and_skip_zero_probability():
+    logits = jnp.array([[-jnp.inf, 0.0, 1.0, -jnp.inf, 2.0, -jnp.inf]])
+    keys = jax.random.split(jax.random.key(4), 20_000)
+    draws = np.asarray(jax.vmap(lambda k: sampling.categorical_inverse_cdf(k, logits))(keys))
+    counts = np.bincount(draws.ravel(), minlength=6) / draws.size
+    expected = np.asarray(jax.nn.softmax(logits[0]))
+    assert counts[[0, 3, 5]].sum() == 0
+    # 20k draws: the standard error of each frequency is below 0.0035.
+    np.testing.assert_allclose(counts, expected, atol=0.015)
+
+
+def test_inverse_cdf_largest_uniform_draws_the_last_possible_token(monkeypatch):
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    monkeypatch.setattr(
+        sampling.jax.random, "uniform", lambda key, shape, dtype: jnp.full(shape, below_one, dtype)
+    )
+    logits = jnp.array([[0.3, 1.0, -jnp.inf, -jnp.inf], [5.0, -jnp.inf, -jnp.inf, 0.1]])
+    np.testing.assert_array_equal(
+        np.asarray(sampling.categorical_inverse_cdf(jax.random.key(0), logits)), [1, 3]
+    )
 
 
 @contextlib.contextmanager
