@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from aapo_jax import advantages as advantages_lib
 from aapo_jax import losses as losses_lib
 from aapo_jax import sampling
 from aapo_jax.configs import OptimConfig, RLConfig, SamplerSettings
-from aapo_jax.models.transformer import Transformer, positions_from_mask
+from aapo_jax.models.transformer import Transformer, init_cache, positions_from_mask
 
 TokenRewardFn = Callable[[Array, Array, Array, Array], Array]
 
@@ -125,14 +126,41 @@ def completion_logprobs(
     completion_mask: Array,
     *,
     chunk_size: int = 128,
+    prompt_group_size: int = 1,
 ) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
-    """fp32 log π(o_t | q, o_<t) and entropies for every completion token, chunked over T."""
+    """fp32 log π(o_t | q, o_<t) and entropies for every completion token, chunked over T.
+
+    With `prompt_group_size = G > 1` the caller promises that rows come in groups
+    of G consecutive rows with identical prompts (the sampler's b·G + g order).
+    Each prompt is then run through the model ONCE into a KV cache that the G
+    completions continue from, instead of G times; gradients flow through the
+    shared keys and values, so values and gradients equal the plain forward up to
+    summation order. If N is not a multiple of G the plain forward is used.
+    """
     prompt_len = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
-    hidden, _ = model.hidden_states(ids, positions_from_mask(mask), mask)
-    # Hidden state at position t predicts token t + 1.
-    hidden = hidden[:, prompt_len - 1 : -1]
+    positions = positions_from_mask(mask)
+    g = prompt_group_size
+    if g > 1 and prompt_ids.shape[0] % g == 0:
+        remat = model.config.remat
+        cache = init_cache(model.config, prompt_ids.shape[0] // g, mask.shape[1])
+        prompt_hidden, cache = model.hidden_states(
+            prompt_ids[::g], positions[::g, :prompt_len], mask[::g, :prompt_len], cache, remat=remat
+        )
+        completion_hidden, _ = model.hidden_states(
+            completion_ids,
+            positions[:, prompt_len:],
+            mask[:, prompt_len:],
+            cache.repeat_rows(g),
+            remat=remat,
+        )
+        last_prompt = jnp.repeat(prompt_hidden[:, -1:], g, axis=0)
+        hidden = jnp.concatenate([last_prompt, completion_hidden[:, :-1]], axis=1)
+    else:
+        ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+        hidden, _ = model.hidden_states(ids, positions, mask)
+        # Hidden state at position t predicts token t + 1.
+        hidden = hidden[:, prompt_len - 1 : -1]
     return losses_lib.chunked_token_logprobs(
         hidden, model.lm_head_kernel(), completion_ids, chunk_size=chunk_size
     )
@@ -182,7 +210,12 @@ def update_reference(rl: RLConfig, step: Array, params: nnx.State, ref: nnx.Stat
 
 
 def make_train_step(
-    rl: RLConfig, optim: OptimConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+    rl: RLConfig,
+    optim: OptimConfig,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    prompt_group_size: int = 1,
 ) -> Callable[[TrainState, RolloutBatch], tuple[TrainState, dict]]:
     """`step(state, batch) -> (state, metrics)`: one on-policy update of the policy.
 
@@ -190,13 +223,17 @@ def make_train_step(
     sums and denominators add up, so the gradient is that of the exact global
     token mean. A non-finite loss or gradient skips the update (counted in
     `skipped_updates`). Jit it yourself, e.g. with `jit_step`.
+
+    `prompt_group_size = G` declares that batch rows come in groups of G with
+    identical prompts (as `make_update_fn` builds them): each micro-batch then
+    runs every prompt through the model once (see `completion_logprobs`).
     """
     loss_fn = losses_lib.get_loss_fn(rl.loss)
     hparams = loss_kwargs(rl)
     schedule = make_schedule(optim)
     k = optim.grad_accum_steps
 
-    def micro_loss(params, mb: RolloutBatch):
+    def micro_loss(params, mb: RolloutBatch, prompt_group: int):
         model = nnx.merge(graphdef, params)
         logp, entropy = completion_logprobs(
             model,
@@ -205,6 +242,7 @@ def make_train_step(
             mb.completion_ids,
             mb.completion_mask,
             chunk_size=rl.logprob_chunk_size,
+            prompt_group_size=prompt_group,
         )
         terms = loss_fn(
             logp,
@@ -225,12 +263,14 @@ def make_train_step(
             sums["kl"] = jnp.sum(kl * mask)
         return terms.total, (terms.denominator, sums)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
     def step(state: TrainState, batch: RolloutBatch) -> tuple[TrainState, dict]:
         n = batch.completion_ids.shape[0]
         if n % k:
             raise ValueError(f"batch rows {n} not divisible by optim.grad_accum_steps={k}.")
+        # Micro-batches are contiguous rows: groups stay whole iff G divides n / k.
+        group = prompt_group_size if (n // k) % prompt_group_size == 0 else 1
+        loss_of_group = functools.partial(micro_loss, prompt_group=group)
+        grad_fn = jax.value_and_grad(loss_of_group, has_aux=True)
         micro = jax.tree.map(lambda x: x.reshape(k, n // k, *x.shape[1:]), batch)
 
         def accumulate(carry, mb):
@@ -382,7 +422,7 @@ def make_update_fn(
     (for a KL loss, or as a diagnostic when `kl_metric` and a reference exists),
     then `make_train_step`'s update. `ref_rewards_BxG` is None unless AAPO.
     """
-    train_step = make_train_step(rl, optim, graphdef, tx)
+    train_step = make_train_step(rl, optim, graphdef, tx, prompt_group_size=rl.group_size)
     adv_fn = advantages_lib.get_advantage_fn(rl.advantage)
     adv_kwargs = advantage_kwargs(rl)
     g = rl.group_size
@@ -402,6 +442,7 @@ def make_update_fn(
                 out.tokens,
                 out.mask,
                 chunk_size=rl.logprob_chunk_size,
+                prompt_group_size=g,
             )
             ref_logprobs = jax.lax.stop_gradient(ref_logprobs)
         batch = RolloutBatch(

@@ -152,12 +152,8 @@ def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config:
     cache = init_cache(model.config, b, p + config.max_new_tokens)
     hidden, cache = model.hidden_states(input_ids_BxP, positions_BxP, mask_BxP, cache)
     last_logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
-    if config.num_samples > 1:
-        repeat = functools.partial(jnp.repeat, repeats=config.num_samples, axis=0)
-        cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)))
-        cache = cache.replace(mask_BxS=repeat(cache.mask_BxS))
-        last_logits = repeat(last_logits)
-    return last_logits, cache
+    last_logits = jnp.repeat(last_logits, config.num_samples, axis=0)
+    return last_logits, cache.repeat_rows(config.num_samples)
 
 
 def generate_tokens_many(

@@ -118,6 +118,81 @@ def test_completion_logprobs_equal_sampler_logprobs():
     assert (np.asarray(entropy) > 0).all()
 
 
+def _grouped_rollout(model, seed=3):
+    """G sampled completions per prompt (rows b·G + g), prompts repeated to match."""
+    prompts = _prompts()
+    out = sampling.generate(
+        model,
+        prompts.ids,
+        prompts.mask,
+        rng=jax.random.key(seed),
+        max_new_tokens=T,
+        eos_token_id=5,
+        num_samples=G,
+        buckets=None,
+    )
+    assert 0 < int(jnp.sum(out.lengths < T))  # some rows stop early: masked tails
+    ids, mask = jnp.repeat(prompts.ids, G, axis=0), jnp.repeat(prompts.mask, G, axis=0)
+    return ids, mask, out
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_shared_prompt_forward_equals_plain_forward_and_gradient(remat):
+    model = models.Transformer(TINY.replace(remat=remat), rngs=nnx.Rngs(0))
+    ids, mask, out = _grouped_rollout(model)
+    graphdef, params = nnx.split(model)
+    weights = jax.random.normal(jax.random.key(9), out.tokens.shape) * out.mask
+
+    def objective(params, group):
+        logp, entropy = rl.completion_logprobs(
+            nnx.merge(graphdef, params),
+            ids,
+            mask,
+            out.tokens,
+            out.mask,
+            chunk_size=2,
+            prompt_group_size=group,
+        )
+        return jnp.sum(logp * weights), (logp * out.mask, entropy * out.mask)
+
+    grad_fn = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)
+    (plain, plain_aux), plain_grad = grad_fn(params, 1)
+    (shared, shared_aux), shared_grad = grad_fn(params, G)
+    np.testing.assert_allclose(float(shared), float(plain), rtol=1e-5)
+    for a, b in zip(_leaves(shared_aux), _leaves(plain_aux), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    for a, b in zip(_leaves(shared_grad), _leaves(plain_grad), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    # Equal to the sampler's own log-probs, too.
+    np.testing.assert_allclose(np.asarray(shared_aux[0]), np.asarray(out.logprobs), atol=2e-5)
+
+
+def test_train_step_with_shared_prompts_matches_plain_step():
+    model = _model()
+    ids, mask, out = _grouped_rollout(model)
+    batch = rl.RolloutBatch(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        completion_ids=out.tokens,
+        completion_mask=out.mask,
+        advantages=jax.random.normal(jax.random.key(1), (B * G,)),
+    )
+    results = []
+    for group, k in ((1, 1), (G, 1), (G, 2), (G, 8)):  # k=8: G does not divide the micro-batch
+        rl_cfg, optim, tx, graphdef, state = _setup(
+            optim=configs.OptimConfig(
+                learning_rate=1e-2, total_steps=10, grad_accum_steps=k, eps=1.0
+            )
+        )
+        step = jax.jit(rl.make_train_step(rl_cfg, optim, graphdef, tx, prompt_group_size=group))
+        results.append(step(state, batch))
+    (s_plain, m_plain), *others = results
+    for s_other, m_other in others:
+        np.testing.assert_allclose(float(m_other["loss"]), float(m_plain["loss"]), rtol=1e-5)
+        for a, b in zip(_leaves(s_other.params), _leaves(s_plain.params), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     batch = _rollout_batch()
     results = []

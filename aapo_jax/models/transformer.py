@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -37,6 +38,17 @@ class KVCache:
     @property
     def size(self) -> int:
         return self.mask_BxS.shape[1]
+
+    def repeat_rows(self, repeats: int) -> KVCache:
+        """Every row repeated `repeats` times (rows b·repeats + r): one prefill, G continuations."""
+        if repeats == 1:
+            return self
+        repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)
+        return self.replace(
+            k=tuple(map(repeat, self.k)),
+            v=tuple(map(repeat, self.v)),
+            mask_BxS=repeat(self.mask_BxS),
+        )
 
 
 def visibility(query_slot_L: Array, key_mask_BxS: Array) -> Bool[Array, "B L S"]:
@@ -295,9 +307,18 @@ class Transformer(nnx.Module):
         positions_BxL: Int[Array, "B L"],
         mask_BxL: Array,
         cache: KVCache | None = None,
+        *,
+        remat: bool | None = None,
     ) -> tuple[Array, KVCache | None]:
-        """Final-normed hidden states [B, L, D] (compute dtype) and the updated cache."""
+        """Final-normed hidden states [B, L, D] (compute dtype) and the updated cache.
+
+        `remat` rematerialises each layer in the backward pass; the default is
+        `config.remat` without a cache and off with one (sampling never takes a
+        gradient). A training forward that runs through a cache passes it explicitly.
+        """
         cfg = self.config
+        if remat is None:
+            remat = cfg.remat and cache is None
         x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(cfg.compute_dtype)
         mask_BxL = mask_BxL.astype(bool)
         if cache is None:
@@ -310,8 +331,6 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
-            # Remat only pays off under a gradient: the cached (sampling) path never takes one.
-            remat = cfg.remat and cache is None
             call = nnx.remat(DecoderLayer.__call__) if remat else DecoderLayer.__call__
             x, new_kv = call(layer, x, positions_BxL, visible, kv, index)
             if new_kv is not None:
