@@ -83,10 +83,10 @@ def chunked_token_logprobs(
         logp[n, t] = logits[n, t, y] − logsumexp_v logits[n, t, v],   H[n, t] = entropy
 
     Only f32[N, chunk_size, V] logits exist at any time, forward and backward: the chunk
-    body is rematerialised in the backward pass instead of saving its logits. T is padded up
-    to a multiple of chunk_size and the result sliced back. bf16 inputs are multiplied with
-    fp32 accumulation; a bf16 × bf16 product is exact in fp32, so this equals casting the
-    inputs to fp32 first up to summation order.
+    body is rematerialised in the backward pass (when T spans several chunks) instead of
+    saving its logits. T is padded up to a multiple of chunk_size and the result sliced back.
+    bf16 inputs are multiplied with fp32 accumulation; a bf16 × bf16 product is exact in
+    fp32, so this equals casting the inputs to fp32 first up to summation order.
 
     Args:
       hidden_NxTxD: final hidden states (after the final norm), aligned with targets.
@@ -109,12 +109,17 @@ def chunked_token_logprobs(
     hidden_KxNxCxD = hidden_NxPxD.reshape(num_rows, num_chunks, chunk, width).swapaxes(0, 1)
     targets_KxNxC = targets_NxP.reshape(num_rows, num_chunks, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one_chunk(lm_head_DxV, hidden_NxCxD, targets_NxC):
         logits_NxCxV = jnp.einsum(
             "ncd,dv->ncv", hidden_NxCxD, lm_head_DxV, preferred_element_type=jnp.float32
         )
         return _log_softmax_at(logits_NxCxV / temperature, targets_NxC)
+
+    if num_chunks == 1:
+        # One chunk: keeping its logits for the backward pass costs no more memory than
+        # recomputing them would (either way one chunk is live), and saves a matmul.
+        return one_chunk(lm_head_DxV, hidden_NxTxD, targets_NxT)
+    one_chunk = jax.checkpoint(one_chunk)
 
     # lm_head goes in as an argument (not a closure) so checkpoint sees it as an input.
     logp_KxNxC, entropy_KxNxC = jax.lax.map(

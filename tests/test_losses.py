@@ -125,7 +125,7 @@ def test_chunked_logprobs_match_full(jit, seq_len):
     close(logp, np_token_logprobs(logits, targets))
 
 
-@pytest.mark.parametrize("seq_len", [16, 13])
+@pytest.mark.parametrize("seq_len", [16, 13, 5], ids=["multiple", "ragged", "one_chunk"])
 def test_chunked_logprobs_gradient_matches_full(seq_len):
     hidden, lm_head, targets = _head(seq_len + 100, 2, seq_len)
     weights = jnp.asarray(np.random.default_rng(7).normal(size=(2, 2, seq_len)), jnp.float32)
