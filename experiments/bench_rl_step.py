@@ -11,7 +11,8 @@ advantage + update; one GRPO step = policy sampling + reference log-probs for
 the KL penalty (β = 0.04) + update. Each is ONE jitted program; the two are
 timed alternately after warm-up and the medians reported. FLOPs count the
 matmuls of prefill, decode (attention over the fixed cache), the update's
-forward + backward (3× forward) and, for GRPO, the reference forward.
+forward + backward (3× forward; each prompt runs once per group) and, for
+GRPO, the reference forward.
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ def step_flops(config, rl) -> float:
     prefill = PROMPTS * (PROMPT_LEN * (2 * body + attn) + 2 * head)
     decode = rows * (NEW_TOKENS - 1) * (2 * (body + head) + attn)
     samplers = 2 if rl.samples_reference else 1
-    # A full forward over prompt + completion (causal attention: on average half the keys).
-    forward = (
-        rows
-        * cache
-        * (2 * (body + head) + bench_common.attention_flops_per_token(config, cache // 2))
+    # The update's forward runs each prompt once into a P+T-slot cache that its G
+    # completions continue from; the head runs on the T predicting positions per row.
+    forward = PROMPTS * PROMPT_LEN * (2 * body + attn) + rows * NEW_TOKENS * (
+        2 * (body + head) + attn
     )
     update = 3 * forward
     reference_forward = forward if rl.needs_reference_logprobs else 0
