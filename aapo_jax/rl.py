@@ -400,7 +400,7 @@ def make_rollout_fn(
         if not rl.samples_reference:
             return sampling.generate_tokens(policy, ids_BxP, mask_BxP, policy_rng, config), None
         reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
-        # One decode loop advances both models: half the per-token loop overhead.
+        # One decode loop advances both models (outputs equal two separate loops).
         return sampling.generate_tokens_many(
             [policy, reference], ids_BxP, mask_BxP, [policy_rng, ref_rng], config
         )

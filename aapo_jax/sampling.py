@@ -170,10 +170,11 @@ def generate_tokens_many(
     never recomputed per sample. Decoding is ONE `lax.while_loop` whose body
     advances every model by one token, over fixed-size token buffers and
     fixed-size caches (P + max_new_tokens slots); it stops as soon as every row
-    of every model has emitted EOS or the budget is spent. Sharing the loop
-    halves the per-step overhead of sampling policy and reference back to back
-    and copies no weights. Each model's output depends only on its own key:
-    it equals `generate_tokens(model, …, rng)`.
+    of every model has emitted EOS or the budget is spent. The loop copies no
+    weights, and the models' independent per-step work is one program that XLA
+    may schedule concurrently (on a 2-core CPU the tiny AAPO rollout is 2% faster
+    than two loops back to back: each step's cost is its matmuls). Each model's
+    output depends only on its own key: it equals `generate_tokens(model, …, rng)`.
     """
     if len(models) != len(rngs):
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")

@@ -6,7 +6,7 @@ The model (aapo_jax/assets/quickstart, made by experiments/pretrain_tiny.py) is 
 0.37M-parameter Qwen2-shaped decoder warmed up with supervised answers to ~35%
 held-out accuracy; AAPO then trains it with reasoning-gym's own scorer as the
 reward and reports greedy accuracy on 500 held-out problems before and after,
-in `summary.json` and plots in the workdir. About 10 minutes on 2 CPU cores.
+in `summary.json` and plots in the workdir. About 2 minutes on 2 idle CPU cores.
 
 Arguments: `algo=aapo|grpo|dr_grpo|rloo`, `group=G` (samples per prompt),
 `seed=S`, `variant=full|tiny` (tiny: 2 steps on 8 eval problems, for CI).

@@ -4,7 +4,7 @@
 
 The recipe (deterministic from --seed; a few minutes on 2 CPU cores):
 
-1. Task: reasoning-gym `chain_sum` with `TASK_KWARGS` (2–3 terms of 1–2 digits, + and −).
+1. Task: reasoning-gym `chain_sum` with `TASK_KWARGS` (2–3 terms of 2 digits, + and −).
    `gym_splits(TASK_NAME, train_size=TRAIN_SIZE, eval_size=EVAL_SIZE, seed=SPLIT_SEED)` gives
    disjoint train / eval problems; warm-up reads ONLY the train split (the eval split is used
    for the stopping rule and reported).
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 TASK_NAME = "chain_sum"
-TASK_KWARGS = dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2)
+TASK_KWARGS = dict(min_terms=2, max_terms=3, min_digits=2, max_digits=2)
 TRAIN_SIZE = 20_000
 EVAL_SIZE = 500
 SPLIT_SEED = 0
