@@ -11,6 +11,7 @@ import json
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from aapo_jax import configs, trainer
@@ -23,6 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    # Libraries (orbax, jax) log every checkpoint step at INFO; keep their warnings and
+    # our own INFO lines (resume, SIGTERM), so the progress bar stays readable.
+    # `--verbosity=0` brings everything back.
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("aapo_jax").setLevel(logging.INFO)
     config = configs.experiment_config(_CONFIG.value)
     summary = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
