@@ -110,6 +110,26 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def shard_batch(tree, mesh: Mesh):
+    """Put host arrays (any pytree) on `mesh`, rows split over data × fsdp.
+
+    Each array's leading dimension is split over the `data` and `fsdp` axes
+    (`batch_sharding`), so every device computes on its own rows instead of
+    every device computing the whole batch. An array whose rows the axes do not
+    divide evenly (or a scalar) is replicated. Single-process only: the arrays
+    are the global batch.
+    """
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def one(x):
+        x = np.asarray(x)
+        if x.ndim and x.shape[0] % rows == 0:
+            return jax.device_put(x, batch_sharding(mesh, x.ndim))
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree.map(one, tree)
+
+
 def tree_shardings(tree, params: nnx.State, mesh: Mesh, rules=LOGICAL_RULES):
     """A NamedSharding for every leaf of `tree` (e.g. a whole train state).
 

@@ -127,7 +127,10 @@ class Trainer:
                 eos_token_id=self.eos,
                 pad_token_id=self.pad,
             )
-            self._rl_step = jax.jit(step, donate_argnums=0)
+            # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
+            self._rl_step = jax.jit(
+                step, out_shardings=(self.state_shardings, None), donate_argnums=0
+            )
             self.scorer = None
         else:
             rollout = rl.make_rollout_fn(
@@ -135,7 +138,9 @@ class Trainer:
             )
             self._rollout = jax.jit(rollout)
             update = rl.make_update_fn(cfg.rl, cfg.optim, self.graphdef, self.tx)
-            self._update = jax.jit(update, donate_argnums=0)
+            self._update = jax.jit(
+                update, out_shardings=(self.state_shardings, None), donate_argnums=0
+            )
             self.scorer = rewards.RewardScorer(
                 host_reward_fn(cfg.reward.names, cfg.reward.weights),
                 timeout_s=cfg.reward.timeout_s,
@@ -171,13 +176,12 @@ class Trainer:
     def step(self, batch: pipeline.HostPromptBatch) -> tuple[dict, list[dict]]:
         """One RL iteration on a prompt batch; returns (metrics, sample completions)."""
         cfg = self.config
-        ids, mask = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
+        ids, mask = sharding.shard_batch((batch.ids, batch.mask), self.mesh)
         samples: list[dict] = []
         if self.scorer is None:
             targets, target_len = self._token_targets(batch)
-            prompts = rl.PromptBatch(
-                ids=ids, mask=mask, targets=jnp.asarray(targets), target_len=jnp.asarray(target_len)
-            )
+            targets, target_len = sharding.shard_batch((targets, target_len), self.mesh)
+            prompts = rl.PromptBatch(ids=ids, mask=mask, targets=targets, target_len=target_len)
             self.state, metrics = self._rl_step(self.state, prompts)
             return jax.device_get(metrics), samples
         out, ref_out = self._rollout(self.state, ids, mask)
@@ -187,7 +191,7 @@ class Trainer:
         ref_rewards = None
         if ref_out is not None:
             _, ref_result = self._score(ref_out, batch)
-            ref_rewards = jnp.asarray(ref_result.rewards.reshape(b, g))
+            ref_rewards = sharding.shard_batch(ref_result.rewards.reshape(b, g), self.mesh)
             extra.update(
                 {
                     f"ref_reward/{k}": ref_result.stats[k]
@@ -197,9 +201,8 @@ class Trainer:
             )
         for name, values in result.components.items():
             extra[f"reward/{name}"] = float(np.mean(values))
-        self.state, metrics = self._update(
-            self.state, ids, mask, out, jnp.asarray(result.rewards.reshape(b, g)), ref_rewards
-        )
+        rewards_BxG = sharding.shard_batch(result.rewards.reshape(b, g), self.mesh)
+        self.state, metrics = self._update(self.state, ids, mask, out, rewards_BxG, ref_rewards)
         metrics = {**jax.device_get(metrics), **extra}
         n_log = cfg.train.num_samples_logged
         for i in range(min(n_log, len(texts))):

@@ -269,3 +269,14 @@ def test_bad_model_config_names_field():
             num_kv_heads=3,
             head_dim=2,
         )
+
+
+def test_shard_batch_splits_rows_over_data_and_fsdp():
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    ids, odd, scalar = sharding.shard_batch(
+        (np.zeros((8, 5), np.int32), np.zeros((6, 3), np.float32), np.float32(1.0)), mesh
+    )
+    assert ids.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert {s.data.shape for s in ids.addressable_shards} == {(2, 5)}  # 4 row blocks
+    assert odd.sharding.spec == jax.sharding.PartitionSpec()  # 6 rows do not split 4 ways
+    assert scalar.sharding.spec == jax.sharding.PartitionSpec()
