@@ -110,19 +110,52 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def put(tree, shardings):
+    """Place a pytree of values that every process holds in full onto global shardings.
+
+    One process: `jax.device_put`. Several processes (after
+    `jax.distributed.initialize()`): each process builds the same values (same
+    seed, same checkpoint file) and contributes the slices its own devices hold
+    (`jax.make_array_from_callback`); typed PRNG keys travel as their key data.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.random.key_data(x)
+            spec = PartitionSpec(*sharding.spec, *([None] * (data.ndim - len(sharding.spec))))
+            data = one(data, NamedSharding(sharding.mesh, spec))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_batch(tree, mesh: Mesh):
     """Put host arrays (any pytree) on `mesh`, rows split over data × fsdp.
 
     Each array's leading dimension is split over the `data` and `fsdp` axes
     (`batch_sharding`), so every device computes on its own rows instead of
-    every device computing the whole batch. An array whose rows the axes do not
-    divide evenly (or a scalar) is replicated. Single-process only: the arrays
-    are the global batch.
+    every device computing the whole batch. With one process the arrays are the
+    global batch, and one whose rows the axes do not divide evenly (or a scalar)
+    is replicated. With several processes each passes its own rows (e.g. from a
+    per-process data shard) and the global batch is their concatenation in
+    process order; the rows must then divide evenly.
     """
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    processes = jax.process_count()
 
     def one(x):
         x = np.asarray(x)
+        if processes > 1:
+            if x.ndim == 0 or (x.shape[0] * processes) % rows:
+                raise ValueError(
+                    f"an array of shape {x.shape} per process cannot be split by rows over "
+                    f"data × fsdp = {rows} devices across {processes} processes."
+                )
+            return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
         if x.ndim and x.shape[0] % rows == 0:
             return jax.device_put(x, batch_sharding(mesh, x.ndim))
         return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))

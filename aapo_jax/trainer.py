@@ -102,7 +102,7 @@ class Trainer:
             self.model, self.tx, cfg.rl, jax.random.key(cfg.train.seed)
         )
         self.state_shardings = sharding.tree_shardings(state, state.params, self.mesh)
-        self.state = jax.device_put(state, self.state_shardings)
+        self.state = sharding.put(state, self.state_shardings)
         self._build_steps()
         self.checkpointer = checkpoint_lib.Checkpointer(
             self.workdir / "checkpoints",

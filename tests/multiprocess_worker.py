@@ -1,0 +1,96 @@
+"""One process of the two-process test (tests/test_multiprocess.py), and the shared workload.
+
+    python -m tests.multiprocess_worker PROCESS_ID PORT OUT_JSON
+
+Each process runs `jax.distributed.initialize()` with CPU collectives (gloo),
+builds the same tiny model and train state from seed 0, places the state on a
+global (data=2, fsdp=2) mesh spanning both processes' devices, feeds ITS OWN
+half of the prompt rows, and runs RL steps; process 0 writes the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 8, 4, 6, 5
+
+
+def rl_steps(steps: int = 2) -> dict:
+    """`steps` one-program RL steps on a data=2 × fsdp=2 mesh over the first 4 global devices.
+
+    Each process passes rows `[i·B/n, (i+1)·B/n)` of the prompt batch (process i of n).
+    Returns the per-step metrics and Σ|θ| of the final parameters.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from aapo_jax import configs, models, rl, sharding
+    from aapo_jax.rewards import tokens
+
+    config = models.ModelConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qkv_bias=True,
+    )
+    rl_cfg = configs.RLConfig(group_size=GROUP)
+    optim = configs.OptimConfig(learning_rate=1e-2, total_steps=10, eps=1.0)
+    tx = rl.make_optimizer(optim)
+    model = models.Transformer(config, rngs=nnx.Rngs(0))
+    graphdef, state = rl.init_train_state(model, tx, rl_cfg, jax.random.key(0))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=1)
+    shardings = sharding.tree_shardings(state, state.params, mesh)
+    state = sharding.put(state, shardings)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, config.vocab_size, size=(PROMPTS, PROMPT_LEN)).astype(np.int32)
+    mask = np.ones_like(ids)
+    targets = np.full((PROMPTS, 2), -1, np.int32)
+    targets[:, 0] = 7
+    target_len = np.ones((PROMPTS,), np.int32)
+    per_process = PROMPTS // jax.process_count()
+    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    local = (ids[rows], mask[rows], targets[rows], target_len[rows])
+    prompts = rl.PromptBatch(*sharding.shard_batch(local, mesh))
+
+    settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    step = rl.make_rl_step(
+        rl_cfg, optim, settings, graphdef, tx, tokens.prefix_match, eos_token_id=5, pad_token_id=0
+    )
+    step = jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, prompts)
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    abs_sum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
+    return dict(
+        metrics=history,
+        param_abs_sum=float(abs_sum(state.params)),
+        devices=jax.device_count(),
+        processes=jax.process_count(),
+    )
+
+
+def main(argv: list[str]) -> None:
+    process_id, port, out = int(argv[0]), int(argv[1]), argv[2]
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    result = rl_steps()
+    if process_id == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
