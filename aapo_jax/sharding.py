@@ -122,6 +122,8 @@ def put(tree, shardings):
         return jax.device_put(tree, shardings)
 
     def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # already global: reshard
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = jax.random.key_data(x)
             spec = PartitionSpec(*sharding.spec, *([None] * (data.ndim - len(sharding.spec))))
@@ -131,6 +133,22 @@ def put(tree, shardings):
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+    """NumPy copies of every (global) array in `tree`, whole, on every process.
+
+    Arrays this process can read entirely are fetched directly; arrays spread over
+    several processes are all-gathered (a collective: every process must call).
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def shard_batch(tree, mesh: Mesh):

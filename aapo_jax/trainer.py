@@ -165,6 +165,12 @@ class Trainer:
         )
         return texts, result
 
+    @staticmethod
+    def _local_rows(tree, rows: int):
+        """Host copies of this process's `rows` rows (process i holds rows [i·rows, (i+1)·rows))."""
+        start = jax.process_index() * rows
+        return jax.tree.map(lambda x: x[start : start + rows], sharding.to_host(tree))
+
     def _token_targets(self, batch: pipeline.HostPromptBatch):
         encoded = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in batch.answers]
         width = max(len(t) for t in encoded)
@@ -185,12 +191,14 @@ class Trainer:
             self.state, metrics = self._rl_step(self.state, prompts)
             return jax.device_get(metrics), samples
         out, ref_out = self._rollout(self.state, ids, mask)
-        b, g = ids.shape[0], cfg.rl.group_size
-        texts, result = self._score(out, batch)
+        # Host rewards score this process's own rows: its prompts' G completions each.
+        b, g = batch.ids.shape[0], cfg.rl.group_size
+        out_local, ref_local = self._local_rows((out, ref_out), b * g)
+        texts, result = self._score(out_local, batch)
         extra = {f"reward/{k}": v for k, v in result.stats.items() if not k.startswith("mean/")}
         ref_rewards = None
         if ref_out is not None:
-            _, ref_result = self._score(ref_out, batch)
+            _, ref_result = self._score(ref_local, batch)
             ref_rewards = sharding.shard_batch(ref_result.rewards.reshape(b, g), self.mesh)
             extra.update(
                 {
@@ -237,6 +245,7 @@ class Trainer:
                 eos_token_id=self.eos,
                 pad_token_id=self.pad,
             )
+            out = sharding.to_host(out)  # every process scores the whole eval split
             texts = decode_completions(self.tokenizer, out)
             result = self.eval_scorer.score(
                 texts,
@@ -335,10 +344,10 @@ class Trainer:
             if self.checkpointer.latest_step() != step:
                 self.save(step, initial_eval)
             if cfg.train.export_hf:
-                models.save_hf_checkpoint(
-                    nnx.merge(self.graphdef, self.state.params), self.workdir / "hf"
-                )
-                self.tokenizer.save_pretrained(self.workdir / "hf")
+                params = sharding.to_host(self.state.params)  # collective: all processes
+                if jax.process_index() == 0:
+                    models.save_hf_checkpoint(nnx.merge(self.graphdef, params), self.workdir / "hf")
+                    self.tokenizer.save_pretrained(self.workdir / "hf")
             writer.flush()
             summary = self._summary(initial_eval, final_eval, step, time.time() - start_time)
             return summary

@@ -4,12 +4,14 @@
 
 Override any field from the command line, e.g. `--config.rl.advantage=grpo
 --config.train.steps=50`. Re-running with the same --workdir resumes from its
-newest checkpoint; SIGTERM saves a checkpoint and exits.
+newest checkpoint; SIGTERM saves a checkpoint and exits. On several hosts, run
+the same command with `--distributed` on each (see README).
 """
 
 import json
 import logging
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -19,6 +21,18 @@ from aapo_jax import configs, trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first: one process per host, same command and "
+    "workdir everywhere. Cloud TPU, SLURM and Open MPI are detected; otherwise pass the "
+    "three flags below.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (with --distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in all (--distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,6 +44,12 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("aapo_jax").setLevel(logging.INFO)
+    if _DISTRIBUTED.value:  # before anything touches a JAX backend
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
     config = configs.experiment_config(_CONFIG.value)
     summary = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
     print(json.dumps(summary, indent=2))

@@ -1,11 +1,13 @@
 """One process of the two-process test (tests/test_multiprocess.py), and the shared workload.
 
-    python -m tests.multiprocess_worker PROCESS_ID PORT OUT_JSON
+    python -m tests.multiprocess_worker rl_steps PROCESS_ID PORT OUT_JSON
+    python -m tests.multiprocess_worker train PROCESS_ID PORT OUT_JSON MODEL_DIR WORKDIR
 
 Each process runs `jax.distributed.initialize()` with CPU collectives (gloo),
 builds the same tiny model and train state from seed 0, places the state on a
 global (data=2, fsdp=2) mesh spanning both processes' devices, feeds ITS OWN
-half of the prompt rows, and runs RL steps; process 0 writes the metrics.
+half of the prompt rows, and runs RL steps (`rl_steps`) or the whole trainer
+(`train`); process 0 writes the result.
 """
 
 from __future__ import annotations
@@ -78,14 +80,60 @@ def rl_steps(steps: int = 2) -> dict:
     )
 
 
+def digit_fraction(completions, *, answers, **kwargs):
+    """A host reward that varies on a random model's output: the share of digit characters."""
+    import numpy as np
+
+    return np.asarray(
+        [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions], np.float32
+    )
+
+
+def trainer_config(model_dir: str):
+    """Two host-reward trainer steps on a data=2 × fsdp=2 mesh, with evals and checkpoints."""
+    from configs.base import base_config
+
+    c = base_config()
+    c.name = "two-process"
+    c.model.path = model_dir
+    c.data.name = "chain_sum"
+    c.data.gym_kwargs = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+    c.data.train_size = 64
+    c.data.eval_size = 8
+    c.rl.group_size = 4
+    c.sampling.max_prompt_length = 128
+    c.sampling.max_new_tokens = 6
+    c.reward.names = ("digit_fraction",)
+    c.reward.eval_name = "gym:chain_sum"
+    c.reward.num_workers = 0
+    c.optim.learning_rate = 1e-3
+    c.optim.eps = 1.0
+    c.train.steps = 2
+    c.train.prompts_per_step = 4
+    c.train.samples_every = 1
+    c.train.checkpoint_every = 1
+    c.train.export_hf = True
+    c.mesh = dict(data=2, fsdp=2, tensor=1)
+    return c
+
+
+def train(model_dir: str, workdir: str) -> dict:
+    """`trainer.train` on `trainer_config` (every process calls it with the same workdir)."""
+    from aapo_jax import configs, rewards, trainer
+
+    rewards.HOST_REWARDS["digit_fraction"] = digit_fraction
+    return trainer.train(configs.experiment_config(trainer_config(model_dir)), workdir)
+
+
 def main(argv: list[str]) -> None:
-    process_id, port, out = int(argv[0]), int(argv[1]), argv[2]
+    """argv: MODE PROCESS_ID PORT OUT_JSON [MODEL_DIR WORKDIR]; MODE is rl_steps or train."""
+    mode, process_id, port, out = argv[0], int(argv[1]), int(argv[2]), argv[3]
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_default_matmul_precision", "highest")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    result = rl_steps()
+    result = rl_steps() if mode == "rl_steps" else train(argv[4], argv[5])
     if process_id == 0:
         with open(out, "w") as f:
             json.dump(result, f)
