@@ -31,17 +31,8 @@ def rl_steps(steps: int = 2) -> dict:
 
     from aapo_jax import configs, models, rl, sharding
     from aapo_jax.rewards import tokens
+    from tests.test_rl import TINY as config
 
-    config = models.ModelConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        qkv_bias=True,
-    )
     rl_cfg = configs.RLConfig(group_size=GROUP)
     optim = configs.OptimConfig(learning_rate=1e-2, total_steps=10, eps=1.0)
     tx = rl.make_optimizer(optim)
@@ -90,28 +81,14 @@ def digit_fraction(completions, *, answers, **kwargs):
 
 
 def trainer_config(model_dir: str):
-    """Two host-reward trainer steps on a data=2 × fsdp=2 mesh, with evals and checkpoints."""
-    from configs.base import base_config
+    """tests/test_trainer.py's two-step tiny run on a data=2 × fsdp=2 mesh, with HF export."""
+    from tests.test_trainer import tiny_config
 
-    c = base_config()
+    c = tiny_config(model_dir)
     c.name = "two-process"
-    c.model.path = model_dir
-    c.data.name = "chain_sum"
-    c.data.gym_kwargs = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
-    c.data.train_size = 64
-    c.data.eval_size = 8
-    c.rl.group_size = 4
-    c.sampling.max_prompt_length = 128
-    c.sampling.max_new_tokens = 6
     c.reward.names = ("digit_fraction",)
     c.reward.eval_name = "gym:chain_sum"
-    c.reward.num_workers = 0
-    c.optim.learning_rate = 1e-3
     c.optim.eps = 1.0
-    c.train.steps = 2
-    c.train.prompts_per_step = 4
-    c.train.samples_every = 1
-    c.train.checkpoint_every = 1
     c.train.export_hf = True
     c.mesh = dict(data=2, fsdp=2, tensor=1)
     return c
