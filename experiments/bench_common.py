@@ -37,6 +37,26 @@ def model_config(size: str, **overrides):
     return ModelConfig(qkv_bias=True, **MODEL_SHAPES[size], **overrides)
 
 
+def random_torch_model(hf_config, seed: int = 0):
+    """A fp32 transformers model from `hf_config` with O(1) logits, in eval mode.
+
+    Every weight is drawn from N(0, 0.15²) and every norm scale from 1 + N(0, 0.1²), so
+    the next-token distribution is far from uniform and argmax ties are unlikely.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
+    return model.eval()
+
+
 def body_and_head_params(config) -> tuple[int, int]:
     """(non-embedding matmul params of the layers, params of the output head)."""
     head = config.hidden_size * config.vocab_size

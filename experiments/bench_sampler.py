@@ -45,22 +45,13 @@ class Case:
 
 def build_checkpoint(path: Path, size: str, seed: int = 0) -> Path:
     """A random fp32 Qwen2 checkpoint with O(1) logits, so sampled tokens are varied."""
-    import torch
     import transformers
 
     from aapo_jax.models.hf import config_to_hf
 
-    torch.manual_seed(seed)
     ours = bench_common.model_config(size, max_position_embeddings=1024, pad_token_id=PAD_ID)
     config = transformers.Qwen2Config(**config_to_hf(ours, "float32"))
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
-    model.save_pretrained(path)
+    bench_common.random_torch_model(config, seed).save_pretrained(path)
     return path
 
 

@@ -57,19 +57,9 @@ def hf_config(family: str, **overrides):
 
 def make_torch_model(family: str, seed: int = 0, **overrides):
     """A randomly initialised transformers model with O(1) logits (all params perturbed)."""
-    import torch
-    import transformers
+    from experiments.bench_common import random_torch_model
 
-    torch.manual_seed(seed)
-    config = hf_config(family, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
-    return model.eval()
+    return random_torch_model(hf_config(family, **overrides), seed)
 
 
 def save_checkpoint(family: str, path: Path, seed: int = 0, **overrides) -> Path:
