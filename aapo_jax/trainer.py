@@ -166,10 +166,14 @@ class Trainer:
         return texts, result
 
     @staticmethod
-    def _local_rows(tree, rows: int):
-        """Host copies of this process's `rows` rows (process i holds rows [i·rows, (i+1)·rows))."""
+    def _local_rows(outs, rows: int):
+        """Host copies of this process's `rows` rows (process i holds rows [i·rows, (i+1)·rows)).
+
+        Only what scoring reads (tokens, mask, lengths) leaves the device: the log-probs stay.
+        """
         start = jax.process_index() * rows
-        return jax.tree.map(lambda x: x[start : start + rows], sharding.to_host(tree))
+        needed = [None if out is None else out.replace(logprobs=None) for out in outs]
+        return jax.tree.map(lambda x: x[start : start + rows], sharding.to_host(needed))
 
     def _token_targets(self, batch: pipeline.HostPromptBatch):
         encoded = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in batch.answers]
@@ -245,7 +249,8 @@ class Trainer:
                 eos_token_id=self.eos,
                 pad_token_id=self.pad,
             )
-            out = sharding.to_host(out)  # every process scores the whole eval split
+            # Every process scores the whole eval split; the log-probs are not needed.
+            out = sharding.to_host(out.replace(logprobs=None))
             texts = decode_completions(self.tokenizer, out)
             result = self.eval_scorer.score(
                 texts,
