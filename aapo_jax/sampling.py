@@ -221,11 +221,10 @@ def generate_tokens_many(
         return tokens, logprobs, done | jnp.isin(token, eos), cache
 
     def body(state: _LoopState) -> _LoopState:
+        per_model_state = (state.tokens, state.logprobs, state.done, state.caches, state.rngs)
         per_model = [
-            advance(model, *parts, state.rngs[i], state.step, state.positions)
-            for i, (model, *parts) in enumerate(
-                zip(models, state.tokens, state.logprobs, state.done, state.caches, strict=True)
-            )
+            advance(model, *parts, state.step, state.positions)
+            for model, *parts in zip(models, *per_model_state, strict=True)
         ]
         tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
         return state.replace(
