@@ -103,12 +103,20 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x_BxLxHxDh: Array, positions_BxL: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate-half RoPE (the transformers layout), angles in fp32."""
+def rope_tables(positions_BxL: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos and sin of the RoPE angles, fp32 [B, L, Dh] (each half repeated), as transformers.
+
+    Computed once per forward and shared by every layer's queries and keys: XLA:CPU
+    evaluates cos/sin slowly, and inlined per use they cost more than the projections.
+    """
     angles = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos = jnp.cos(angles).astype(x_BxLxHxDh.dtype)
-    sin = jnp.sin(angles).astype(x_BxLxHxDh.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+
+
+def apply_rope(x_BxLxHxDh: Array, rope: tuple[Array, Array]) -> Array:
+    """Rotate-half RoPE (the transformers layout) with tables from `rope_tables`."""
+    cos, sin = (t[:, :, None, :].astype(x_BxLxHxDh.dtype) for t in rope)
     half = x_BxLxHxDh.shape[-1] // 2
     rotated = jnp.concatenate([-x_BxLxHxDh[..., half:], x_BxLxHxDh[..., :half]], axis=-1)
     return x_BxLxHxDh * cos + rotated * sin
@@ -177,15 +185,14 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x_BxLxD: Array,
-        positions_BxL: Array,
+        rope: tuple[Array, Array],
         visible_BxLxS: Array,
         cache_kv: tuple[Array, Array] | None,
         cache_index: Array | None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
-        inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(self._project(x_BxLxD, self.q_kernel, "q_bias"), positions_BxL, inv_freq)
-        k = apply_rope(self._project(x_BxLxD, self.k_kernel, "k_bias"), positions_BxL, inv_freq)
+        q = apply_rope(self._project(x_BxLxD, self.q_kernel, "q_bias"), rope)
+        k = apply_rope(self._project(x_BxLxD, self.k_kernel, "k_bias"), rope)
         v = self._project(x_BxLxD, self.v_kernel, "v_bias")
         seq_len = x_BxLxD.shape[1]
         v = v.swapaxes(1, 2)  # [B, K, L, Dh]
@@ -265,8 +272,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, visible, cache_kv, cache_index):
-        attn_out, new_kv = self.attn(self.input_norm(x), positions, visible, cache_kv, cache_index)
+    def __call__(self, x, rope, visible, cache_kv, cache_index):
+        attn_out, new_kv = self.attn(self.input_norm(x), rope, visible, cache_kv, cache_index)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return x, new_kv
@@ -327,12 +334,13 @@ class Transformer(nnx.Module):
         else:
             cache_mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL, (0, cache.index))
             visible = visibility(cache.index + jnp.arange(tokens_BxL.shape[1]), cache_mask)
+        rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
             call = nnx.remat(DecoderLayer.__call__) if remat else DecoderLayer.__call__
-            x, new_kv = call(layer, x, positions_BxL, visible, kv, index)
+            x, new_kv = call(layer, x, rope, visible, kv, index)
             if new_kv is not None:
                 new_k.append(new_kv[0])
                 new_v.append(new_kv[1])
