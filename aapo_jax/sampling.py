@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import flax.struct
@@ -11,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
+from aapo_jax import sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
 from aapo_jax.models.transformer import Transformer, init_cache, positions_from_mask
 
@@ -105,34 +108,84 @@ def filter_logits(logits_NxV: Array, config: SamplingConfig) -> Float[Array, "N 
     return logits
 
 
+def inverse_cdf_draw(u_N: Float[Array, " N"], logits_NxV: Array) -> Int[Array, " N"]:
+    """The token whose CDF interval holds u·Z, per row, for u ∈ [0, 1) (Z: the total mass).
+
+    Two levels instead of a length-V cumulative sum (a slow reduce-window on CPU): the
+    vocabulary is cut into ~√V blocks, the block holding u·Z is found from the blocks'
+    cumulative masses, then the token inside that block; both prefix sums are
+    broadcast-and-reduce over ~√V entries. Tokens of zero probability (-inf logits)
+    are never drawn; exact up to fp32 rounding of the prefix sums.
+    """
+    n, v = logits_NxV.shape
+    width = math.isqrt(v - 1) + 1  # ⌈√V⌉
+    blocks = -(-v // width)
+    probs = jax.nn.softmax(logits_NxV.astype(jnp.float32), axis=-1)
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * width - v))).reshape(n, blocks, width)
+    block_mass = jnp.sum(probs, axis=-1)  # [N, nb]
+    # before[j] = Σ_{i<j} mass[i] and upto[j] = Σ_{i≤j} mass[i], the same sums term for term.
+    strict = np.tril(np.ones((blocks, blocks), bool), -1)
+    before = jnp.sum(jnp.where(strict, block_mass[:, None, :], 0.0), axis=-1)
+    upto = jnp.sum(jnp.where(strict | np.eye(blocks, dtype=bool), block_mass[:, None, :], 0.0), -1)
+    target = u_N.astype(jnp.float32)[:, None] * upto[:, -1:]
+    # A zero-mass block has upto[j] = upto[j-1], so it is counted past, never chosen.
+    block = jnp.minimum(jnp.sum(upto <= target, axis=-1), blocks - 1)
+    inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [N, width]
+    offset = jnp.take_along_axis(before, block[:, None], axis=1)
+    inclusive = np.tril(np.ones((width, width), bool))
+    cdf = offset + jnp.sum(jnp.where(inclusive, inner[:, None, :], 0.0), axis=-1)
+    index = jnp.sum(cdf <= target, axis=-1)
+    # Rounding may put u·Z past the block's own last sum: fall back to its last real token.
+    last = width - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    return (block * width + jnp.minimum(index, last)).astype(jnp.int32)
+
+
 def categorical_inverse_cdf(rng: Array, logits_NxV: Array) -> Int[Array, " N"]:
     """One draw per row from softmax(logits) by inverting the CDF with ONE uniform per row.
 
-    Token i is drawn iff cdf[i-1] ≤ u·cdf[V-1] < cdf[i]; tokens of zero probability
-    (-inf logits) are never drawn. Exact up to fp32 rounding of the cumulative sum,
-    and far cheaper than Gumbel-max, which hashes V random numbers per row: on CPU
-    that hashing costs several times a tiny model's whole decode step.
+    Far cheaper than Gumbel-max, which hashes V random numbers per row: on CPU that
+    hashing costs several times a tiny model's whole decode step.
     """
-    probs = jax.nn.softmax(logits_NxV.astype(jnp.float32), axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(rng, (logits_NxV.shape[0], 1), jnp.float32) * cdf[:, -1:]
-    # u < 1, so u·cdf[V-1] < cdf[V-1] (round-to-nearest cannot reach it): the count is < V.
-    return jnp.sum(cdf <= u, axis=-1)
+    u = jax.random.uniform(rng, (logits_NxV.shape[0], 1), jnp.float32)[:, 0]
+    return inverse_cdf_draw(u, logits_NxV)
+
+
+def draw_uniforms(rng: Array, rows: int, config: SamplingConfig) -> Float[Array, "T N"] | None:
+    """The uniforms of every step's draw, made before the decode loop (None when greedy).
+
+    Row t drives step t: step 0 uses the second half of `split(rng)`, step t ≥ 1 uses
+    `fold_in(first half, t)`. Drawn up front, the loop body holds no PRNG work (on CPU
+    threefry runs as a loop of its own), and row n's samples do not depend on how the
+    rows are split over devices.
+    """
+    if config.greedy:
+        return None
+    rng, first_rng = jax.random.split(rng)
+
+    def one(key):
+        return jax.random.uniform(key, (rows, 1), jnp.float32)[:, 0]
+
+    steps = jnp.arange(1, config.max_new_tokens)
+    later = jax.vmap(lambda t: one(jax.random.fold_in(rng, t)))(steps)
+    return jnp.concatenate([one(first_rng)[None], later], axis=0)
 
 
 def sample_token(
-    logits_NxV: Array, rng: Array, config: SamplingConfig
+    logits_NxV: Array, u_N: Array | None, config: SamplingConfig
 ) -> tuple[Int[Array, " N"], Float[Array, " N"]]:
-    """One token per row and its log-prob under the unfiltered, untempered softmax."""
+    """One token per row and its log-prob under the unfiltered, untempered softmax.
+
+    `u_N` is this step's row of `draw_uniforms` (None when greedy).
+    """
     logits = logits_NxV.astype(jnp.float32)
     if config.greedy:
-        token = jnp.argmax(logits, axis=-1)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        token = categorical_inverse_cdf(rng, filter_logits(logits, config))
+        token = inverse_cdf_draw(u_N, filter_logits(logits, config))
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[
         :, 0
     ]
-    return token.astype(jnp.int32), logprob
+    return token, logprob
 
 
 @flax.struct.dataclass
@@ -143,7 +196,6 @@ class _LoopState:
     done: tuple[Array, ...]
     caches: tuple[object, ...]
     positions: Array
-    rngs: tuple[Array, ...]
 
 
 def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config: SamplingConfig):
@@ -156,28 +208,20 @@ def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config:
     return last_logits, cache.repeat_rows(config.num_samples)
 
 
-def generate_tokens_many(
+def _step_uniforms(uniforms_TxN: Array | None, step: Array) -> Array | None:
+    if uniforms_TxN is None:
+        return None
+    return jax.lax.dynamic_index_in_dim(uniforms_TxN, step, axis=0, keepdims=False)
+
+
+def _decode(
     models: Sequence[Transformer],
-    input_ids_BxP: Int[Array, "B P"],
+    input_ids_BxP: Array,
     attention_mask_BxP: Array,
-    rngs: Sequence[Array],
+    uniforms: Sequence[Array | None],
     config: SamplingConfig,
 ) -> tuple[SamplerOutput, ...]:
-    """Pure, traceable generation from several models (e.g. policy and reference) at once.
-
-    Each model prefills the prompt batch once; with `config.num_samples = G > 1`
-    its prefilled cache is repeated G times (rows b·G + g), so the prompt is
-    never recomputed per sample. Decoding is ONE `lax.while_loop` whose body
-    advances every model by one token, over fixed-size token buffers and
-    fixed-size caches (P + max_new_tokens slots); it stops as soon as every row
-    of every model has emitted EOS or the budget is spent. The loop copies no
-    weights, and the models' independent per-step work is one program that XLA
-    may schedule concurrently (on a 2-core CPU the tiny AAPO rollout is 2% faster
-    than two loops back to back: each step's cost is its matmuls). Each model's
-    output depends only on its own key: it equals `generate_tokens(model, …, rng)`.
-    """
-    if len(models) != len(rngs):
-        raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
+    """Prefill and decode loop over these rows (`generate_tokens_many` without the keys)."""
     t = config.max_new_tokens
     mask_BxP = attention_mask_BxP.astype(bool)
     positions = positions_from_mask(mask_BxP)
@@ -186,16 +230,14 @@ def generate_tokens_many(
     n = next_position.shape[0]
     eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
 
-    tokens, logprobs, done, caches, loop_rngs = [], [], [], [], []
-    for model, rng in zip(models, rngs, strict=True):
+    tokens, logprobs, done, caches = [], [], [], []
+    for model, uniforms_TxN in zip(models, uniforms, strict=True):
         last_logits, cache = _prefill(model, input_ids_BxP, mask_BxP, positions, config)
-        rng, first_rng = jax.random.split(rng)
-        token, logprob = sample_token(last_logits, first_rng, config)
+        token, logprob = sample_token(last_logits, _step_uniforms(uniforms_TxN, 0), config)
         tokens.append(jnp.full((n, t), config.pad_token_id, jnp.int32).at[:, 0].set(token))
         logprobs.append(jnp.zeros((n, t), jnp.float32).at[:, 0].set(logprob))
         done.append(jnp.isin(token, eos))
         caches.append(cache)
-        loop_rngs.append(rng)
     state = _LoopState(
         step=jnp.ones((), jnp.int32),
         tokens=tuple(tokens),
@@ -203,17 +245,16 @@ def generate_tokens_many(
         done=tuple(done),
         caches=tuple(caches),
         positions=next_position,
-        rngs=tuple(loop_rngs),
     )
 
     def cond(state: _LoopState):
         all_done = functools.reduce(jnp.logical_and, [jnp.all(d) for d in state.done])
         return (state.step < t) & ~all_done
 
-    def advance(model, tokens, logprobs, done, cache, rng, step, positions):
+    def advance(model, uniforms_TxN, tokens, logprobs, done, cache, step, positions):
         prev = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)
         logits, cache = model(prev, positions[:, None], ~done[:, None], cache)
-        token, logprob = sample_token(logits[:, 0], jax.random.fold_in(rng, step), config)
+        token, logprob = sample_token(logits[:, 0], _step_uniforms(uniforms_TxN, step), config)
         token = jnp.where(done, config.pad_token_id, token)
         logprob = jnp.where(done, 0.0, logprob)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
@@ -221,10 +262,10 @@ def generate_tokens_many(
         return tokens, logprobs, done | jnp.isin(token, eos), cache
 
     def body(state: _LoopState) -> _LoopState:
-        per_model_state = (state.tokens, state.logprobs, state.done, state.caches, state.rngs)
+        per_model_state = (state.tokens, state.logprobs, state.done, state.caches)
         per_model = [
-            advance(model, *parts, state.step, state.positions)
-            for model, *parts in zip(models, *per_model_state, strict=True)
+            advance(model, uniforms_TxN, *parts, state.step, state.positions)
+            for model, uniforms_TxN, *parts in zip(models, uniforms, *per_model_state, strict=True)
         ]
         tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
         return state.replace(
@@ -243,12 +284,76 @@ def generate_tokens_many(
     )
 
 
+def row_parallel(mesh: Mesh | None, prompts: int) -> bool:
+    """Whether `generate_tokens_many` splits these prompts over the mesh's devices.
+
+    Only for a data-parallel mesh (fsdp = tensor = 1, so every device holds the whole
+    model) with more than one device on the batch axes, and a prompt count they divide.
+    """
+    if mesh is None or mesh.shape.get("fsdp", 1) != 1 or mesh.shape.get("tensor", 1) != 1:
+        return False
+    ways = mesh.shape.get("data", 1)
+    return ways > 1 and prompts % ways == 0
+
+
+def generate_tokens_many(
+    models: Sequence[Transformer],
+    input_ids_BxP: Int[Array, "B P"],
+    attention_mask_BxP: Array,
+    rngs: Sequence[Array],
+    config: SamplingConfig,
+    *,
+    mesh: Mesh | None = None,
+) -> tuple[SamplerOutput, ...]:
+    """Pure, traceable generation from several models (e.g. policy and reference) at once.
+
+    Each model prefills the prompt batch once; with `config.num_samples = G > 1`
+    its prefilled cache is repeated G times (rows b·G + g), so the prompt is
+    never recomputed per sample. Decoding is ONE `lax.while_loop` whose body
+    advances every model by one token, over fixed-size token buffers and
+    fixed-size caches (P + max_new_tokens slots); it stops as soon as every row
+    of every model has emitted EOS or the budget is spent. The loop copies no
+    weights, and the models' independent per-step work is one program that XLA
+    may schedule concurrently. Each model's output depends only on its own key:
+    it equals `generate_tokens(model, …, rng)`.
+
+    With a data-parallel `mesh` (see `row_parallel`) the prompts are split over its
+    `data` axis and each device prefills and decodes its own rows in its own loop,
+    with no collective per step; the outputs equal one device's, bit for bit. XLA:CPU
+    runs a small op on one core, so one device per core (`cpu_devices`) is how this
+    loop uses them all.
+    """
+    if len(models) != len(rngs):
+        raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
+    rows = input_ids_BxP.shape[0] * config.num_samples
+    uniforms = tuple(draw_uniforms(rng, rows, config) for rng in rngs)
+    if not row_parallel(mesh, input_ids_BxP.shape[0]):
+        return _decode(models, input_ids_BxP, attention_mask_BxP, uniforms, config)
+
+    graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
+
+    def local(states, ids, mask, uniforms):
+        local_models = [nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True)]
+        return _decode(local_models, ids, mask, uniforms, config)
+
+    by_row = PartitionSpec("data")
+    spec_u = tuple(None if u is None else PartitionSpec(None, "data") for u in uniforms)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), by_row, by_row, spec_u),
+        out_specs=by_row,
+    )(states, input_ids_BxP, attention_mask_BxP, uniforms)
+
+
 def generate_tokens(
     model: Transformer,
     input_ids_BxP: Int[Array, "B P"],
     attention_mask_BxP: Array,
     rng: Array,
     config: SamplingConfig,
+    *,
+    mesh: Mesh | None = None,
 ) -> SamplerOutput:
     """Pure, traceable generation (call inside your own `jit`, e.g. an RL step).
 
@@ -256,9 +361,12 @@ def generate_tokens(
     prefilled cache is repeated G times (rows b·G + g), so the prompt is never
     recomputed per sample. Decoding is one `lax.while_loop` over fixed-size
     token buffers and a fixed-size cache (P + max_new_tokens slots) that stops
-    as soon as every row has emitted EOS or the budget is spent.
+    as soon as every row has emitted EOS or the budget is spent. `mesh`: see
+    `generate_tokens_many`.
     """
-    (out,) = generate_tokens_many([model], input_ids_BxP, attention_mask_BxP, [rng], config)
+    (out,) = generate_tokens_many(
+        [model], input_ids_BxP, attention_mask_BxP, [rng], config, mesh=mesh
+    )
     return out
 
 
@@ -275,10 +383,10 @@ def completion_output(tokens_NxT: Array, logprobs_NxT: Array, eos: Array) -> Sam
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "config"))
-def _generate_jit(graphdefs, states, input_ids, attention_mask, rngs, config):
+@functools.partial(jax.jit, static_argnames=("graphdefs", "config", "mesh"))
+def _generate_jit(graphdefs, states, input_ids, attention_mask, rngs, config, mesh):
     models = [nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True)]
-    return generate_tokens_many(models, input_ids, attention_mask, rngs, config)
+    return generate_tokens_many(models, input_ids, attention_mask, rngs, config, mesh=mesh)
 
 
 def _bucket_prompts(input_ids, attention_mask, buckets):
@@ -305,16 +413,26 @@ def generate_many(
     rngs: Sequence[Array],
     config: SamplingConfig,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    mesh: Mesh | None = None,
 ) -> tuple[SamplerOutput, ...]:
     """Sample several models (e.g. policy and reference) on the same prompts in ONE program.
 
     One decode loop advances every model (`generate_tokens_many`); no host round
-    trip happens between them. Each model gets its own key.
+    trip happens between them. Each model gets its own key. `mesh`: see `generate`.
     """
     input_ids, attention_mask = _bucket_prompts(input_ids, attention_mask, buckets)
     graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
+    if mesh is not None:
+        input_ids, attention_mask = sharding.shard_batch((input_ids, attention_mask), mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        leaves = jax.tree.leaves(states)
+        # Weights already replicated (e.g. by `sharding.shard_model`) stay where they are.
+        if row_parallel(mesh, input_ids.shape[0]) and any(
+            not x.sharding.is_equivalent_to(replicated, x.ndim) for x in leaves
+        ):
+            states = jax.device_put(states, replicated)
     return _generate_jit(
-        tuple(graphdefs), tuple(states), input_ids, attention_mask, tuple(rngs), config
+        tuple(graphdefs), tuple(states), input_ids, attention_mask, tuple(rngs), config, mesh
     )
 
 
@@ -333,6 +451,7 @@ def generate(
     pad_token_id: int = 0,
     num_samples: int = 1,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    mesh: Mesh | None = None,
 ) -> SamplerOutput:
     """Generate completions for a left-padded prompt batch (jitted; cached per shape).
 
@@ -347,6 +466,10 @@ def generate(
       num_samples: G completions per prompt; rows are ordered b·G + g.
       buckets: prompts are left-padded to the next bucket length so that a run
         compiles few programs; None keeps P as given.
+      mesh: split the prompt rows over this mesh's data × fsdp devices. On a
+        data-parallel mesh (`row_parallel`) every device decodes its own rows in its
+        own loop (the model is replicated onto each; outputs equal one device's);
+        otherwise XLA partitions the program by the model's and rows' shardings.
 
     Returns:
       `SamplerOutput` (tokens, mask, logprobs before temperature/filters, lengths).
@@ -362,6 +485,6 @@ def generate(
         num_samples=int(num_samples),
     )
     (out,) = generate_many(
-        [model], input_ids, attention_mask, rngs=[rng], config=config, buckets=buckets
+        [model], input_ids, attention_mask, rngs=[rng], config=config, buckets=buckets, mesh=mesh
     )
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +26,23 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("length", None),
 )
+
+
+def use_cpu_devices(count: int | None = None) -> None:
+    """Expose `count` JAX CPU devices (default: one per core); call before any JAX work.
+
+    XLA:CPU runs each small op on a single core, so a model of a few million
+    parameters leaves the other cores idle on one device; with one device per core
+    a data-parallel mesh (`make_mesh(data=-1, fsdp=1)`) splits the rows over all of
+    them. Only the CPU backend is affected (a GPU or TPU run keeps its devices).
+    An explicit `--xla_force_host_platform_device_count` in XLA_FLAGS wins.
+    """
+    if count is None:
+        count = os.cpu_count() or 1
+    if count < 1:
+        raise ValueError(f"use_cpu_devices: count must be ≥ 1, got {count}.")
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", count)
 
 
 def make_mesh(

@@ -7,6 +7,12 @@
 Both frameworks load the same random Qwen2 checkpoint (built here, in a temp
 dir) and decode the same left-padded prompts with EOS switched off, so every
 row generates exactly the full budget. ratio = ours tok/s ÷ transformers tok/s.
+
+Both use every core: transformers through torch's intra-op threads, ours by
+exposing one JAX CPU device per core (`--devices`, default all) and splitting the
+prompt rows over them (`sampling.generate(..., mesh=)`: each device decodes its
+own rows). XLA:CPU runs each small op of a decode step on one core, so on one
+device the other core idles; `ours_1dev` is timed in the same run for reference.
 """
 
 from __future__ import annotations
@@ -68,7 +74,14 @@ def make_prompts(batch: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def run_case(
-    case: Case, ours, hf, prompts, reps: tuple[int, int], budget_s: float, hf_max_time_s: float
+    case: Case,
+    ours,
+    hf,
+    prompts,
+    reps: tuple[int, int],
+    budget_s: float,
+    hf_max_time_s: float,
+    mesh=None,
 ) -> dict:
     """Warm both up, then alternate ours / transformers; median tokens/s per generate.
 
@@ -78,19 +91,23 @@ def run_case(
     time stays under `budget_s`, up to `reps[1]`. A transformers call stops at
     `hf_max_time_s` (its `max_time`), so a starved CPU cannot stall the run;
     its rate then counts the tokens it did produce and `hf_truncated` is set.
+    With a `mesh` of several devices, ours runs row-parallel on it and is also
+    timed on one device (`ours_1dev_*`) in the same alternation.
     """
     import jax
     import torch
 
-    from aapo_jax import sampling
+    from aapo_jax import sampling, sharding
 
     ids, mask = prompts
     temperature = MODES[case.mode]
     ids_t, mask_t = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask)
+    parallel = mesh is not None and mesh.devices.size > 1
+    replicated = sharding.shard_model(ours, mesh) if parallel else ours
 
-    def run_ours(seed: int) -> np.ndarray:
+    def run_ours(seed: int, one_device: bool = False) -> np.ndarray:
         out = sampling.generate(
-            ours,
+            ours if one_device else replicated,
             ids,
             mask,
             rng=jax.random.key(seed),
@@ -100,6 +117,7 @@ def run_case(
             top_k=0,
             eos_token_id=None,
             pad_token_id=PAD_ID,
+            mesh=None if one_device else mesh,
         )
         return np.asarray(jax.block_until_ready(out).tokens)
 
@@ -124,16 +142,22 @@ def run_case(
     start = time.perf_counter()
     ours_tokens = run_ours(0)
     first_call_s = time.perf_counter() - start
+    if parallel:
+        same_as_1dev = bool(np.array_equal(run_ours(0, one_device=True), ours_tokens))
     run_hf(0, new_tokens=4)
 
     min_reps, max_reps = reps
-    ours_s, hf_s, hf_rates = [], [], []
+    ours_s, ours_1dev_s, hf_s, hf_rates = [], [], [], []
     truncated = False
     timed_start = time.perf_counter()
     for rep in range(1, max_reps + 1):
         start = time.perf_counter()
         run_ours(rep)
         ours_s.append(time.perf_counter() - start)
+        if parallel:
+            start = time.perf_counter()
+            run_ours(rep, one_device=True)
+            ours_1dev_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         hf_tokens = run_hf(rep)
         hf_s.append(time.perf_counter() - start)
@@ -148,6 +172,15 @@ def run_case(
     ours_med = statistics.median(ours_s)
     ours_rates = [case.batch * case.new_tokens / s for s in ours_s]
     flops = bench_common.generate_flops(ours.config, case.batch, ids.shape[1], case.new_tokens)
+    one_device = {}
+    if parallel:
+        rate_1dev = statistics.median(case.batch * case.new_tokens / s for s in ours_1dev_s)
+        one_device = dict(
+            ours_1dev_tokens_per_s=rate_1dev,
+            ratio_1dev=rate_1dev / statistics.median(hf_rates),
+            ours_1dev_seconds_all=ours_1dev_s,
+            parallel_tokens_equal_1dev=same_as_1dev,
+        )
     return dict(
         size=case.size,
         params=ours.config.num_params,
@@ -166,6 +199,8 @@ def run_case(
         reps=len(ours_s),
         hf_truncated=truncated,
         greedy_rows_identical=float(np.mean(same_rows)) if case.mode == "greedy" else None,
+        devices=int(mesh.devices.size) if parallel else 1,
+        **one_device,
     )
 
 
@@ -173,7 +208,7 @@ def _table(result: dict) -> str:
     cal = result["calibration_gflops"]
     head = (
         f"{'case':<28}{'params':>11}{'ours tok/s':>12}{'HF tok/s':>11}{'ratio':>7}{'r(best)':>8}"
-        f"{'ours GF/s':>11}{'%sq':>6}{'%dec':>6}{'reps':>5}{'greedy=':>8}"
+        f"{'ours GF/s':>11}{'%sq':>6}{'%dec':>6}{'reps':>5}{'greedy=':>8}{'1dev ratio':>11}"
     )
     lines = [head, "-" * len(head)]
     for c in result["cases"]:
@@ -188,6 +223,7 @@ def _table(result: dict) -> str:
             f"{100 * c['ours_gflops'] / cal['square_1024']:>6.0f}"
             f"{100 * c['ours_gflops'] / dec:>6.0f}{c['reps']:>5}"
             f"{'' if same is None else f'{same:.2f}':>8}"
+            f"{c.get('ratio_1dev', c['ratio']):>11.2f}"
         )
     lines.append("")
     lines.append(
@@ -204,6 +240,16 @@ def _table(result: dict) -> str:
         f"{result['loadavg'][1]:.1f} on {result['cpu_count']} CPUs"
     )
     lines.append("greedy=: fraction of rows whose whole greedy completion equals transformers'.")
+    devices = result["devices"]
+    lines.append(
+        f"ours ran row-parallel on {devices} JAX CPU device(s); 1dev ratio: ours on one "
+        "device, timed in the same alternation."
+        + (
+            f" Row-parallel tokens equal one device's in every case: {result['parallel_equal']}."
+            if devices > 1
+            else ""
+        )
+    )
     if any(c["hf_truncated"] for c in result["cases"]):
         lines.append("*: a transformers call hit max_time; its rate counts the tokens it produced.")
     lines.extend(f"note: {n}" for n in result["notes"])
@@ -218,9 +264,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="batch 32 × 64 new tokens only")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=os.cpu_count(),
+        help="JAX CPU devices to split our rows over (default: one per core; 1 = one device)",
+    )
     args = parser.parse_args(argv)
 
     import jax
+
+    from aapo_jax import sharding
+
+    sharding.use_cpu_devices(args.devices)
     import jax.numpy as jnp
     import torch
     import transformers
@@ -242,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = bench_common.matmul_calibration(
         sorted({(b, s["hidden_size"]) for b in batches for s in SIZES.values()})
     )
+    mesh = sharding.make_mesh(data=-1, fsdp=1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sampler_") as tmp:
         models = {}
@@ -254,7 +311,11 @@ def main(argv: list[str] | None = None) -> None:
             prompts = make_prompts(case.batch, SIZES[case.size]["vocab_size"])
             # The b32 × t64 cases carry the targets: always 3 reps there.
             reps = (3, 3) if (case.batch, case.new_tokens) == (32, 64) else (1, 3)
-            rows.append(run_case(case, ours, hf, prompts, reps, budget_s=30.0, hf_max_time_s=90.0))
+            rows.append(
+                run_case(
+                    case, ours, hf, prompts, reps, budget_s=30.0, hf_max_time_s=90.0, mesh=mesh
+                )
+            )
 
     def target(size: str) -> float:
         (row,) = (
@@ -269,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         cases=rows,
         targets={f"{size}_b32_t64_sampling_ratio": target(size) for size in SIZES},
         loadavg=(load_start, os.getloadavg()[0]),
+        devices=int(mesh.devices.size),
+        parallel_equal=all(r.get("parallel_tokens_equal_1dev", True) for r in rows),
         jax_backend=jax.default_backend(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),

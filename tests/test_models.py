@@ -1,6 +1,9 @@
 """The NNX decoder against transformers, HF import/export, cache, causality and sharding."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -280,3 +283,21 @@ def test_shard_batch_splits_rows_over_data_and_fsdp():
     assert {s.data.shape for s in ids.addressable_shards} == {(2, 5)}  # 4 row blocks
     assert odd.sharding.spec == jax.sharding.PartitionSpec()  # 6 rows do not split 4 ways
     assert scalar.sharding.spec == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize(
+    ("xla_flags", "expected"), [("", 3), ("--xla_force_host_platform_device_count=2", 2)]
+)
+def test_use_cpu_devices_before_jax_starts(xla_flags, expected):
+    """One CPU device per requested core in a fresh process; an explicit XLA flag wins."""
+    code = (
+        "from aapo_jax import sharding; sharding.use_cpu_devices(3); "
+        "import jax; print(jax.device_count())"
+    )
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == str(expected)
+    with pytest.raises(ValueError, match="count must be ≥ 1"):
+        sharding.use_cpu_devices(0)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aapo_jax import models, sampling
+from aapo_jax import models, sampling, sharding
 from tests import hf_fixtures
 
 VOCAB = hf_fixtures.TINY["vocab_size"]
@@ -287,3 +287,87 @@ def test_bad_arguments_name_the_field(qwen):
         sampling.generate(qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=0)
     with pytest.raises(ValueError, match=r"attention_mask \(5, 11\)"):
         sampling.generate(qwen, ids, mask[:, 1:], rng=jax.random.key(0), max_new_tokens=2)
+
+
+def _numpy_inverse_cdf(logits, u):
+    """float64 reference: the first token whose CDF exceeds u·Z, and u·Z's gap to a boundary."""
+    p = np.exp(logits - logits.max())
+    cdf = np.cumsum(p / p.sum())
+    return int(np.searchsorted(cdf, u, side="right")), float(np.min(np.abs(cdf - u)))
+
+
+def test_inverse_cdf_draw_matches_a_float64_cumulative_sum():
+    # V = 37 is no square: the last of the ⌈√37⌉ = 7 blocks is padded. The first block
+    # and the last tokens have zero probability, and one row is all but one -inf.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, size=(4, 37)).astype(np.float32)
+    logits[:, :7] = -np.inf
+    logits[:, 33:] = -np.inf
+    logits[3, :] = -np.inf
+    logits[3, 20] = 0.0
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    us = np.concatenate([[0.0, below_one], rng.uniform(size=300)]).astype(np.float32)
+    draw = jax.jit(jax.vmap(sampling.inverse_cdf_draw, in_axes=(0, None)))
+    got = np.asarray(draw(jnp.asarray(np.repeat(us[:, None], 4, 1)), jnp.asarray(logits)))
+    for row in range(4):
+        drawn = got[:, row]
+        assert np.all(np.isfinite(logits[row, drawn])), "drew a zero-probability token"
+        for u, token in zip(us, drawn, strict=True):
+            expected, gap = _numpy_inverse_cdf(logits[row].astype(np.float64), float(u))
+            # Only a u within fp32 rounding of a CDF boundary may land on the neighbour.
+            assert token == expected or gap < 1e-5, (row, u, token, expected)
+    assert np.all(got[:, 3] == 20)
+    # The largest uniform draws each row's last possible token.
+    np.testing.assert_array_equal(got[1, :3], [32, 32, 32])
+
+
+def test_draw_uniforms_is_the_per_step_key_stream():
+    config = sampling.SamplingConfig(max_new_tokens=5)
+    rng = jax.random.key(3)
+    uniforms = np.asarray(sampling.draw_uniforms(rng, 6, config))
+    assert uniforms.shape == (5, 6)
+    later, first = jax.random.split(rng)
+    np.testing.assert_array_equal(uniforms[0], jax.random.uniform(first, (6, 1))[:, 0])
+    for t in range(1, 5):
+        step = jax.random.uniform(jax.random.fold_in(later, t), (6, 1))[:, 0]
+        np.testing.assert_array_equal(uniforms[t], step)
+    greedy = sampling.SamplingConfig(max_new_tokens=5, temperature=0.0)
+    assert sampling.draw_uniforms(rng, 6, greedy) is None
+
+
+def test_row_parallel_needs_a_data_mesh_that_divides_the_prompts():
+    data4 = sharding.make_mesh(data=4, fsdp=1)
+    assert sampling.row_parallel(data4, 8)
+    assert not sampling.row_parallel(data4, 6)
+    assert not sampling.row_parallel(None, 8)
+    assert not sampling.row_parallel(sharding.make_mesh(data=1, fsdp=4), 8)
+    assert not sampling.row_parallel(sharding.make_mesh(data=2, fsdp=2), 8)
+    assert not sampling.row_parallel(sharding.make_mesh(data=1, fsdp=1), 8)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_row_parallel_generation_equals_one_device(checkpoints, qwen, temperature):
+    """Each of 4 devices decodes its own prompts in its own loop: same tokens as one device."""
+    other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
+    mesh = sharding.make_mesh(data=4, fsdp=1)
+    ids, mask = _prompts(11, lengths=(9, 3, 6, 1, 12, 2, 7, 5))
+    config = sampling.SamplingConfig(
+        max_new_tokens=T, temperature=temperature, eos_token_ids=(4,), num_samples=2
+    )
+    keys = list(jax.random.split(jax.random.key(7)))
+    alone = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=config)
+    models_on_mesh = [sharding.shard_model(m, mesh) for m in (qwen, other)]
+    split = sampling.generate_many(models_on_mesh, ids, mask, rngs=keys, config=config, mesh=mesh)
+    for a, b in zip(alone, split, strict=True):
+        assert len(b.tokens.sharding.device_set) == 4
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+        # Each device's matmuls see fewer rows: only the fp32 summation order differs.
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+    # 6 prompts do not split 4 ways: the program is partitioned by XLA instead, same result.
+    ids6, mask6 = ids[:6], mask[:6]
+    kw = dict(rng=keys[0], max_new_tokens=T, temperature=temperature, eos_token_id=4)
+    np.testing.assert_array_equal(
+        np.asarray(sampling.generate(qwen, ids6, mask6, **kw).tokens),
+        np.asarray(sampling.generate(models_on_mesh[0], ids6, mask6, mesh=mesh, **kw).tokens),
+    )
