@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from aapo_jax import advantages as advantages_lib
@@ -216,6 +217,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     prompt_group_size: int = 1,
+    row_axis: str | None = None,
 ) -> Callable[[TrainState, RolloutBatch], tuple[TrainState, dict]]:
     """`step(state, batch) -> (state, metrics)`: one on-policy update of the policy.
 
@@ -227,6 +229,11 @@ def make_train_step(
     `prompt_group_size = G` declares that batch rows come in groups of G with
     identical prompts (as `make_update_fn` builds them): each micro-batch then
     runs every prompt through the model once (see `completion_logprobs`).
+
+    `row_axis`: the step runs inside `shard_map` with the batch rows split over
+    this mesh axis and the state replicated; gradients, loss sums and
+    denominators are summed over it before the update, so every device applies
+    the same update: the global batch's (data parallelism).
     """
     loss_fn = losses_lib.get_loss_fn(rl.loss)
     hparams = loss_kwargs(rl)
@@ -272,10 +279,18 @@ def make_train_step(
         loss_of_group = functools.partial(micro_loss, prompt_group=group)
         grad_fn = jax.value_and_grad(loss_of_group, has_aux=True)
         micro = jax.tree.map(lambda x: x.reshape(k, n // k, *x.shape[1:]), batch)
+        # Inside shard_map, this device's gradients and sums are its own ("varying")
+        # until the explicit psum below.
+        local = (
+            (lambda x: x)
+            if row_axis is None
+            else functools.partial(jax.lax.pcast, axis_name=row_axis, to="varying")
+        )
+        params = local(state.params)
 
         def accumulate(carry, mb):
             grads, total, denom, sums = carry
-            (t, (d, s)), g = grad_fn(state.params, mb)
+            (t, (d, s)), g = grad_fn(params, mb)
             return (
                 jax.tree.map(jnp.add, grads, g),
                 total + t,
@@ -283,12 +298,12 @@ def make_train_step(
                 jax.tree.map(jnp.add, sums, s),
             ), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        first = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro)))
+        first = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
         sum_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0][1][1])
-        (grads, total, denom, sums), _ = jax.lax.scan(
-            accumulate, (zeros, 0.0, 0.0, sum_zeros), micro
-        )
+        init = local((jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0, sum_zeros))
+        (grads, total, denom, sums), _ = jax.lax.scan(accumulate, init, micro)
+        if row_axis is not None:
+            grads, total, denom, sums = jax.lax.psum((grads, total, denom, sums), row_axis)
         scale = 1.0 / jnp.maximum(denom, 1.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
         loss = total * scale
@@ -382,6 +397,7 @@ def make_rollout_fn(
     *,
     eos_token_id,
     pad_token_id: int,
+    mesh: Mesh | None = None,
 ) -> Callable[
     [TrainState, Array, Array], tuple[sampling.SamplerOutput, sampling.SamplerOutput | None]
 ]:
@@ -389,7 +405,8 @@ def make_rollout_fn(
 
     The reference is sampled (same prompts, paired by index, its own key) only
     when the advantage estimator needs r̃, in the same decode loop as the policy.
-    Keys are `fold_in(state.rng, state.step)`.
+    Keys are `fold_in(state.rng, state.step)`. On a data-parallel `mesh` each
+    device decodes its own prompts' rows (`sampling.generate_tokens_many`).
     """
     config = sampling_config(settings, rl, eos_token_id, pad_token_id)
 
@@ -398,14 +415,33 @@ def make_rollout_fn(
         policy_rng, ref_rng = jax.random.split(rng)
         policy = nnx.merge(graphdef, state.params)
         if not rl.samples_reference:
-            return sampling.generate_tokens(policy, ids_BxP, mask_BxP, policy_rng, config), None
+            out = sampling.generate_tokens(policy, ids_BxP, mask_BxP, policy_rng, config, mesh=mesh)
+            return out, None
         reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
         # One decode loop advances both models (outputs equal two separate loops).
         return sampling.generate_tokens_many(
-            [policy, reference], ids_BxP, mask_BxP, [policy_rng, ref_rng], config
+            [policy, reference], ids_BxP, mask_BxP, [policy_rng, ref_rng], config, mesh=mesh
         )
 
     return rollout
+
+
+def _all_rows(tree, axis: str, size: int):
+    """Inside `shard_map`: every device's rows, in device order, on every device.
+
+    A psum of zero-padded blocks rather than `all_gather`, so that the result is
+    typed as replicated over `axis` (it may then leave through `PartitionSpec()`).
+    """
+    index = jax.lax.axis_index(axis)
+
+    def one(x):
+        n = x.shape[0]
+        wide = x.astype(jnp.int32) if x.dtype == jnp.bool_ else x
+        full = jnp.zeros((n * size, *x.shape[1:]), wide.dtype)
+        full = jax.lax.dynamic_update_slice_in_dim(full, wide, index * n, axis=0)
+        return jax.lax.psum(full, axis).astype(x.dtype)
+
+    return jax.tree.map(one, tree)
 
 
 def make_update_fn(
@@ -415,20 +451,28 @@ def make_update_fn(
     tx: optax.GradientTransformation,
     *,
     kl_metric: bool = True,
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """`update(state, ids_BxP, mask_BxP, out, rewards_BxG, ref_rewards_BxG) -> (state, metrics)`.
 
     Advantages from the registry, reference log-probs of the policy completions
     (for a KL loss, or as a diagnostic when `kl_metric` and a reference exists),
     then `make_train_step`'s update. `ref_rewards_BxG` is None unless AAPO.
+
+    On a data-parallel `mesh` (`sampling.row_parallel`) with the state replicated,
+    the update runs in `shard_map`: each device takes its own prompts' rows
+    (groups stay whole), and only gradients and loss sums cross devices; metrics
+    are those of the whole batch. Otherwise XLA partitions it by the shardings.
     """
-    train_step = make_train_step(rl, optim, graphdef, tx, prompt_group_size=rl.group_size)
+    g = rl.group_size
+    row_axis = "data" if mesh is not None else None
+    train_step = make_train_step(rl, optim, graphdef, tx, prompt_group_size=g, row_axis=row_axis)
+    plain_step = make_train_step(rl, optim, graphdef, tx, prompt_group_size=g)
     adv_fn = advantages_lib.get_advantage_fn(rl.advantage)
     adv_kwargs = advantage_kwargs(rl)
-    g = rl.group_size
     want_ref_logprobs = rl.needs_reference_logprobs or (kl_metric and rl.uses_reference)
 
-    def update(state, ids_BxP, mask_BxP, out, rewards_BxG, ref_rewards_BxG=None):
+    def update_rows(step_fn, axis, state, ids_BxP, mask_BxP, out, rewards_BxG, ref_rewards_BxG):
         adv = adv_fn(rewards_BxG, ref_rewards_BxG, **adv_kwargs)
         prompt_ids = jnp.repeat(ids_BxP, g, axis=0)
         prompt_mask = jnp.repeat(mask_BxP, g, axis=0)
@@ -453,9 +497,24 @@ def make_update_fn(
             advantages=adv.reshape(-1),
             ref_logprobs=ref_logprobs,
         )
-        state, metrics = train_step(state, batch)
-        metrics.update(rollout_metrics(rewards_BxG, ref_rewards_BxG, adv, out, rl))
+        state, metrics = step_fn(state, batch)
+        scored = (rewards_BxG, ref_rewards_BxG, adv, out.replace(logprobs=None))
+        if axis is not None:  # the whole batch's statistics, on every device
+            scored = _all_rows(scored, axis, mesh.shape[axis])
+        metrics.update(rollout_metrics(*scored, rl))
         return state, metrics
+
+    def update(state, ids_BxP, mask_BxP, out, rewards_BxG, ref_rewards_BxG=None):
+        args = (state, ids_BxP, mask_BxP, out, rewards_BxG, ref_rewards_BxG)
+        if not sampling.row_parallel(mesh, ids_BxP.shape[0]):
+            return update_rows(plain_step, None, *args)
+        rows = PartitionSpec(row_axis)
+        return jax.shard_map(
+            functools.partial(update_rows, train_step, row_axis),
+            mesh=mesh,
+            in_specs=(PartitionSpec(), rows, rows, rows, rows, rows),
+            out_specs=PartitionSpec(),
+        )(*args)
 
     return update
 
@@ -471,17 +530,18 @@ def make_rl_step(
     eos_token_id,
     pad_token_id: int,
     kl_metric: bool = True,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
     """`rl_step(state, prompts) -> (state, metrics)` for JAX-native rewards.
 
     Policy sampling (G per prompt), reference sampling (when the advantage needs
     r̃), reward, advantage, reference log-probs (KL loss or diagnostic) and the
-    update all trace into ONE program when jitted.
+    update all trace into ONE program when jitted. `mesh`: see `make_rollout_fn`.
     """
     rollout = make_rollout_fn(
-        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh
     )
-    update = make_update_fn(rl, optim, graphdef, tx, kl_metric=kl_metric)
+    update = make_update_fn(rl, optim, graphdef, tx, kl_metric=kl_metric, mesh=mesh)
     g = rl.group_size
 
     def score(out, prompts: PromptBatch):

@@ -126,6 +126,7 @@ class Trainer:
                 reward_fn,
                 eos_token_id=self.eos,
                 pad_token_id=self.pad,
+                mesh=self.mesh,
             )
             # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
             self._rl_step = jax.jit(
@@ -134,10 +135,15 @@ class Trainer:
             self.scorer = None
         else:
             rollout = rl.make_rollout_fn(
-                cfg.rl, cfg.sampling, self.graphdef, eos_token_id=self.eos, pad_token_id=self.pad
+                cfg.rl,
+                cfg.sampling,
+                self.graphdef,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                mesh=self.mesh,
             )
             self._rollout = jax.jit(rollout)
-            update = rl.make_update_fn(cfg.rl, cfg.optim, self.graphdef, self.tx)
+            update = rl.make_update_fn(cfg.rl, cfg.optim, self.graphdef, self.tx, mesh=self.mesh)
             self._update = jax.jit(
                 update, out_shardings=(self.state_shardings, None), donate_argnums=0
             )

@@ -13,12 +13,18 @@ timed alternately after warm-up and the medians reported. FLOPs count the
 matmuls of prefill, decode (attention over the fixed cache), the update's
 forward + backward (3× forward; each prompt runs once per group) and, for
 GRPO, the reference forward.
+
+One JAX CPU device per core (`--devices`, default all): the prompts are split
+over a data-parallel mesh, each device samples and differentiates its own rows
+and only gradients and loss sums cross devices (`rl.make_rl_step(..., mesh=)`).
+XLA:CPU runs each small op on one core, so one device would leave the other idle.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -52,13 +58,16 @@ def step_flops(config, rl) -> float:
     return float(samplers * (prefill + decode) + update + reference_forward)
 
 
-def build_steps(size: str):
-    """Jitted AAPO and GRPO steps, their states and the prompt batch for one model size."""
+def build_steps(size: str, mesh=None):
+    """Jitted AAPO and GRPO steps, their states and the prompt batch for one model size.
+
+    With a `mesh`, states are replicated on it and the prompt rows split over it.
+    """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from aapo_jax import configs, models, rl
+    from aapo_jax import configs, models, rl, sharding
     from aapo_jax.rewards import tokens
 
     config = bench_common.model_config(size)
@@ -87,16 +96,25 @@ def build_steps(size: str):
             eos_token_id=None,
             pad_token_id=0,
             kl_metric=False,
+            mesh=mesh,
         )
-        out[name] = dict(step=jax.jit(fn, donate_argnums=0), state=state, rl=rl_cfg)
+        if mesh is None:
+            step = jax.jit(fn, donate_argnums=0)
+        else:  # inputs carry their shardings; the state keeps its own
+            shardings = sharding.tree_shardings(state, state.params, mesh)
+            state = sharding.put(state, shardings)
+            step = jax.jit(fn, out_shardings=(shardings, None), donate_argnums=0)
+        out[name] = dict(step=step, state=state, rl=rl_cfg)
+    if mesh is not None:
+        prompts = sharding.shard_batch(prompts, mesh)
     return config, out, prompts
 
 
-def time_size(size: str, reps: int) -> dict:
+def time_size(size: str, reps: int, mesh=None) -> dict:
     """Warm up both steps, then alternate them `reps` times; median seconds per step."""
     import jax
 
-    config, steps, prompts = build_steps(size)
+    config, steps, prompts = build_steps(size, mesh)
     for entry in steps.values():
         start = time.perf_counter()
         entry["state"], metrics = entry["step"](entry["state"], prompts)
@@ -127,12 +145,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--reps", type=int, default=15, help="timed steps per algorithm (tiny)")
     parser.add_argument("--skip_medium", action="store_true", help="only the tiny workload")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=os.cpu_count(),
+        help="JAX CPU devices to split the rows over (default: one per core; 1 = one device)",
+    )
     args = parser.parse_args(argv)
 
+    import jax
+
+    from aapo_jax import sharding
+
+    sharding.use_cpu_devices(args.devices)
+    mesh = sharding.make_mesh(data=-1, fsdp=1)
+    mesh = mesh if mesh.devices.size > 1 else None
     calibration = bench_common.matmul_calibration([(PROMPTS * GROUP, 128), (PROMPTS * GROUP, 512)])
-    sizes = [time_size("tiny", args.reps)]
+    sizes = [time_size("tiny", args.reps, mesh)]
     if not args.skip_medium:
-        sizes.append(time_size("medium", max(3, args.reps // 5)))
+        sizes.append(time_size("medium", max(3, args.reps // 5), mesh))
     square = calibration["square_1024"]
     result = {
         "aapo_step_s": sizes[0]["aapo"]["step_s"],
@@ -142,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         "workload": dict(
             prompts=PROMPTS, group=GROUP, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS
         ),
+        "devices": 1 if mesh is None else int(mesh.devices.size),
+        "backend": jax.default_backend(),
     }
     if not args.skip_medium:
         result["medium_aapo_fraction_of_calibration"] = sizes[1]["aapo"]["gflops"] / square
@@ -149,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"calibration: {', '.join(f'{k}={v:.1f}' for k, v in calibration.items())} GFLOP/s")
+    print(f"devices: {result['devices']} ({result['backend']}); the prompts' rows split over them")
     print(
         f"{'size':8} {'params':>11} {'algo':5} {'step ms':>8} {'gen tok/s':>10} "
         f"{'GFLOP/s':>8} {'% of 1024³':>10} {'compile s':>9}"

@@ -110,11 +110,13 @@ def test_resume_gives_the_same_next_step(model_dir, tmp_path):
 
 @pytest.mark.parametrize("kind", ["host", "token"])
 def test_sharded_mesh_trains_like_one_device(model_dir, tmp_path, kind):
-    """data × fsdp × tensor = 2 × 2 × 2 on the 8 CPU devices: same steps as one device."""
+    """data × fsdp × tensor = 2 × 2 × 2 on the 8 CPU devices, and a data-parallel 4 × 1 × 1
+    mesh (each device samples and differentiates its own prompt): same steps as one device."""
     runs = {}
     for name, mesh in (
         ("one", dict(data=1, fsdp=1, tensor=1)),
         ("mesh", dict(data=2, fsdp=2, tensor=2)),
+        ("data", dict(data=4, fsdp=1, tensor=1)),
     ):
         c = tiny_config(model_dir, eval_every=0, samples_every=0)
         c.optim.eps = 1.0  # keep the update linear in the gradient (see tests/test_rl.py)
@@ -124,15 +126,16 @@ def test_sharded_mesh_trains_like_one_device(model_dir, tmp_path, kind):
             c.reward.eval_name = "gym:chain_sum"
         trainer.train(configs.experiment_config(c), tmp_path / name)
         runs[name] = [r for r in metrics.read_metrics(tmp_path / name) if "loss" in r]
-    assert [r["step"] for r in runs["mesh"]] == [1, 2]
-    for one, mesh in zip(runs["one"], runs["mesh"], strict=True):
-        for key in STEP_KEYS:
-            assert mesh[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
     model_one, _ = trainer.load_trained_model(tmp_path / "one")
-    model_mesh, _ = trainer.load_trained_model(tmp_path / "mesh")
-    np.testing.assert_allclose(
-        np.asarray(model_mesh.embed.value), np.asarray(model_one.embed.value), atol=1e-6
-    )
+    for name in ("mesh", "data"):
+        assert [r["step"] for r in runs[name]] == [1, 2]
+        for one, mesh in zip(runs["one"], runs[name], strict=True):
+            for key in STEP_KEYS:
+                assert mesh[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (name, key)
+        model_mesh, _ = trainer.load_trained_model(tmp_path / name)
+        np.testing.assert_allclose(
+            np.asarray(model_mesh.embed.value), np.asarray(model_one.embed.value), atol=1e-6
+        )
 
 
 def test_token_reward_path(model_dir, tmp_path):
