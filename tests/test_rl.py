@@ -372,6 +372,25 @@ def test_sharded_train_step_matches_one_device():
         np.testing.assert_allclose(a, b, atol=1e-7)
 
 
+def test_psum_flat_equals_a_psum_per_leaf():
+    mesh = sharding.make_mesh(data=4, fsdp=1)
+    tree = {
+        "w": jnp.arange(4 * 6, dtype=jnp.float32).reshape(4, 2, 3) / 7,
+        "n": jnp.arange(8, dtype=jnp.int32).reshape(4, 2),
+        "s": jnp.linspace(-1, 1, 4, dtype=jnp.float32).reshape(4, 1),
+    }
+    rows = jax.sharding.PartitionSpec("data")
+
+    def run(reduce):
+        return jax.jit(jax.shard_map(reduce, mesh=mesh, in_specs=rows, out_specs=rows))(tree)
+
+    flat = run(lambda t: rl.psum_flat(t, "data"))
+    each = run(lambda t: jax.tree.map(lambda x: jax.lax.psum(x, "data"), t))
+    for name in tree:
+        assert flat[name].dtype == tree[name].dtype and flat[name].shape == tree[name].shape
+        np.testing.assert_allclose(np.asarray(flat[name]), np.asarray(each[name]), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "algo",
     [dict(), dict(advantage="grpo", loss="ppo_clip", scale_rewards=True, kl_beta=0.04)],
