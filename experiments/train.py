@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from aapo_jax import configs, trainer
+from aapo_jax import configs, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -33,6 +33,13 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in all (--distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    1,
+    "JAX CPU devices to expose (0 = one per core). With several, a data-parallel mesh "
+    "(--config.mesh.data=-1 --config.mesh.fsdp=1) samples and trains each device's rows on "
+    "its own core; XLA:CPU runs a small model's ops on one core per device.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,7 +51,9 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("aapo_jax").setLevel(logging.INFO)
-    if _DISTRIBUTED.value:  # before anything touches a JAX backend
+    if _CPU_DEVICES.value != 1:  # before anything touches a JAX backend
+        sharding.use_cpu_devices(_CPU_DEVICES.value or None)
+    if _DISTRIBUTED.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
