@@ -284,10 +284,12 @@ def _decode(
 
 
 def row_parallel(mesh: Mesh | None, prompts: int) -> bool:
-    """Whether `generate_tokens_many` splits these prompts over the mesh's devices.
+    """Whether work on these prompts is split by rows over the mesh's devices.
 
-    Only for a data-parallel mesh (fsdp = tensor = 1, so every device holds the whole
-    model) with more than one device on the batch axes, and a prompt count they divide.
+    The sampler (`generate_tokens_many`) and the data-parallel update
+    (`rl.make_update_fn`) do so only on a data-parallel mesh (fsdp = tensor = 1, so
+    every device holds the whole model) with several devices on `data`, for a
+    prompt count they divide.
     """
     if mesh is None or mesh.shape.get("fsdp", 1) != 1 or mesh.shape.get("tensor", 1) != 1:
         return False
@@ -318,9 +320,10 @@ def generate_tokens_many(
 
     With a data-parallel `mesh` (see `row_parallel`) the prompts are split over its
     `data` axis and each device prefills and decodes its own rows in its own loop,
-    with no collective per step; the outputs equal one device's, bit for bit. XLA:CPU
-    runs a small op on one core, so one device per core (`cpu_devices`) is how this
-    loop uses them all.
+    with no collective per step. Every row keeps its own uniforms, so the tokens are
+    one device's (up to fp32 rounding of the logits: each device's matmuls see fewer
+    rows; log-probs agree to ~1e-6). XLA:CPU runs a small op on one core, so one
+    device per core (`sharding.use_cpu_devices`) is how this loop uses them all.
     """
     if len(models) != len(rngs):
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
@@ -383,7 +386,7 @@ def completion_output(tokens_NxT: Array, logprobs_NxT: Array, eos: Array) -> Sam
 @functools.partial(jax.jit, static_argnames=("config", "mesh"))
 def _generate_jit(models, input_ids, attention_mask, rngs, config, mesh):
     # NNX modules are pytrees: passing them whole costs a flatten, not an `nnx.split`
-    # (~0.5 ms a call for a small model, a tenth of a tiny model's whole generate).
+    # and a GraphDef hash (together ~1 ms of host time a call for a small model).
     return generate_tokens_many(models, input_ids, attention_mask, rngs, config, mesh=mesh)
 
 

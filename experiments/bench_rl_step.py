@@ -17,7 +17,8 @@ GRPO, the reference forward.
 One JAX CPU device per core (`--devices`, default all): the prompts are split
 over a data-parallel mesh, each device samples and differentiates its own rows
 and only gradients and loss sums cross devices (`rl.make_rl_step(..., mesh=)`).
-XLA:CPU runs each small op on one core, so one device would leave the other idle.
+XLA:CPU runs each small op on one core, so one device would leave the other idle;
+the same steps on one device are alternated with them (`1dev ms`).
 """
 
 from __future__ import annotations
@@ -111,20 +112,28 @@ def build_steps(size: str, mesh=None):
 
 
 def time_size(size: str, reps: int, mesh=None) -> dict:
-    """Warm up both steps, then alternate them `reps` times; median seconds per step."""
+    """Warm up every step, then alternate them `reps` times; median seconds per step.
+
+    With a `mesh`, the same steps on one device are built and alternated too
+    (`one_device_step_s`), so the two are measured side by side.
+    """
     import jax
 
     config, steps, prompts = build_steps(size, mesh)
-    for entry in steps.values():
+    runs = [(name, entry, prompts) for name, entry in steps.items()]
+    if mesh is not None:
+        _, alone, alone_prompts = build_steps(size, None)
+        runs += [(name + "_1dev", entry, alone_prompts) for name, entry in alone.items()]
+    for _, entry, batch in runs:
         start = time.perf_counter()
-        entry["state"], metrics = entry["step"](entry["state"], prompts)
+        entry["state"], metrics = entry["step"](entry["state"], batch)
         jax.block_until_ready(metrics)
         entry["compile_s"] = time.perf_counter() - start
         entry["times"] = []
     for _ in range(reps):
-        for entry in steps.values():
+        for _, entry, batch in runs:
             start = time.perf_counter()
-            entry["state"], metrics = entry["step"](entry["state"], prompts)
+            entry["state"], metrics = entry["step"](entry["state"], batch)
             jax.block_until_ready(metrics)
             entry["times"].append(time.perf_counter() - start)
     result = {"size": size, "params": config.num_params}
@@ -137,6 +146,8 @@ def time_size(size: str, reps: int, mesh=None) -> dict:
             "generated_tokens_per_s": generated / seconds,
             "gflops": step_flops(config, entry["rl"]) / seconds / 1e9,
         }
+        if mesh is not None:
+            result[name]["one_device_step_s"] = statistics.median(alone[name]["times"])
     return result
 
 
@@ -185,16 +196,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"devices: {result['devices']} ({result['backend']}); the prompts' rows split over them")
     print(
         f"{'size':8} {'params':>11} {'algo':5} {'step ms':>8} {'gen tok/s':>10} "
-        f"{'GFLOP/s':>8} {'% of 1024³':>10} {'compile s':>9}"
+        f"{'GFLOP/s':>8} {'% of 1024³':>10} {'compile s':>9} {'1dev ms':>8}"
     )
     for entry in sizes:
         for name in ALGORITHMS:
             r = entry[name]
+            alone = 1000 * r.get("one_device_step_s", r["step_s"])
             print(
                 f"{entry['size']:8} {entry['params']:>11,} {name:5} {1000 * r['step_s']:8.1f} "
                 f"{r['generated_tokens_per_s']:10.0f} {r['gflops']:8.1f} "
-                f"{100 * r['gflops'] / square:9.0f}% {r['compile_s']:9.1f}"
+                f"{100 * r['gflops'] / square:9.0f}% {r['compile_s']:9.1f} {alone:8.1f}"
             )
+    if result["devices"] > 1:
+        print("1dev ms: the same step on one device, alternated with the others in this run.")
     sys.stdout.flush()
 
 
