@@ -30,6 +30,16 @@ MODEL_SHAPES = {
 }
 
 
+def data_mesh(devices: int):
+    """Expose `devices` JAX CPU devices (call before any JAX work) and return a
+    data-parallel mesh over all devices, or None when there is only one."""
+    from aapo_jax import sharding
+
+    sharding.use_cpu_devices(devices)
+    mesh = sharding.make_mesh(data=-1, fsdp=1)
+    return mesh if mesh.devices.size > 1 else None
+
+
 def model_config(size: str, **overrides):
     """The `ModelConfig` of a benchmarked size."""
     from aapo_jax.models import ModelConfig

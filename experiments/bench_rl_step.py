@@ -18,7 +18,7 @@ One JAX CPU device per core (`--devices`, default all): the prompts are split
 over a data-parallel mesh, each device samples and differentiates its own rows
 and only gradients and loss sums cross devices (`rl.make_rl_step(..., mesh=)`).
 XLA:CPU runs each small op on one core, so one device would leave the other idle;
-the same steps on one device are alternated with them (`1dev ms`).
+the same steps on one device are timed after them in the same run (`1dev ms`).
 """
 
 from __future__ import annotations
@@ -111,31 +111,36 @@ def build_steps(size: str, mesh=None):
     return config, out, prompts
 
 
-def time_size(size: str, reps: int, mesh=None) -> dict:
-    """Warm up every step, then alternate them `reps` times; median seconds per step.
-
-    With a `mesh`, the same steps on one device are built and alternated too
-    (`one_device_step_s`), so the two are measured side by side.
-    """
+def _alternate(steps: dict, prompts, reps: int) -> None:
+    """Warm up every step (`compile_s`), then run them in turn `reps` times (`times`)."""
     import jax
 
-    config, steps, prompts = build_steps(size, mesh)
-    runs = [(name, entry, prompts) for name, entry in steps.items()]
-    if mesh is not None:
-        _, alone, alone_prompts = build_steps(size, None)
-        runs += [(name + "_1dev", entry, alone_prompts) for name, entry in alone.items()]
-    for _, entry, batch in runs:
+    for entry in steps.values():
         start = time.perf_counter()
-        entry["state"], metrics = entry["step"](entry["state"], batch)
+        entry["state"], metrics = entry["step"](entry["state"], prompts)
         jax.block_until_ready(metrics)
         entry["compile_s"] = time.perf_counter() - start
         entry["times"] = []
     for _ in range(reps):
-        for _, entry, batch in runs:
+        for entry in steps.values():
             start = time.perf_counter()
-            entry["state"], metrics = entry["step"](entry["state"], batch)
+            entry["state"], metrics = entry["step"](entry["state"], prompts)
             jax.block_until_ready(metrics)
             entry["times"].append(time.perf_counter() - start)
+
+
+def time_size(size: str, reps: int, mesh=None) -> dict:
+    """Warm up both steps, then alternate them `reps` times; median seconds per step.
+
+    With a `mesh`, the same two steps on one device are timed next, the same way
+    (`one_device_step_s`): after the mesh's, not interleaved with them, because
+    switching between the two sets of buffers and programs slows both.
+    """
+    config, steps, prompts = build_steps(size, mesh)
+    _alternate(steps, prompts, reps)
+    if mesh is not None:
+        _, alone, alone_prompts = build_steps(size, None)
+        _alternate(alone, alone_prompts, reps)
     result = {"size": size, "params": config.num_params}
     for name, entry in steps.items():
         seconds = statistics.median(entry["times"])
@@ -164,13 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    mesh = bench_common.data_mesh(args.devices)  # before any JAX work
     import jax
 
-    from aapo_jax import sharding
-
-    sharding.use_cpu_devices(args.devices)
-    mesh = sharding.make_mesh(data=-1, fsdp=1)
-    mesh = mesh if mesh.devices.size > 1 else None
     calibration = bench_common.matmul_calibration([(PROMPTS * GROUP, 128), (PROMPTS * GROUP, 512)])
     sizes = [time_size("tiny", args.reps, mesh)]
     if not args.skip_medium:
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{100 * r['gflops'] / square:9.0f}% {r['compile_s']:9.1f} {alone:8.1f}"
             )
     if result["devices"] > 1:
-        print("1dev ms: the same step on one device, alternated with the others in this run.")
+        print("1dev ms: the same step on one device, timed after the others in this run.")
     sys.stdout.flush()
 
 

@@ -91,7 +91,7 @@ def run_case(
     time stays under `budget_s`, up to `reps[1]`. A transformers call stops at
     `hf_max_time_s` (its `max_time`), so a starved CPU cannot stall the run;
     its rate then counts the tokens it did produce and `hf_truncated` is set.
-    With a `mesh` of several devices, ours runs row-parallel on it and is also
+    With a `mesh` (of several devices), ours runs row-parallel on it and is also
     timed on one device (`ours_1dev_*`) in the same alternation.
     """
     import jax
@@ -102,7 +102,7 @@ def run_case(
     ids, mask = prompts
     temperature = MODES[case.mode]
     ids_t, mask_t = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask)
-    parallel = mesh is not None and mesh.devices.size > 1
+    parallel = mesh is not None
     replicated = sharding.shard_model(ours, mesh) if parallel else ours
 
     def run_ours(seed: int, one_device: bool = False) -> np.ndarray:
@@ -272,11 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    mesh = bench_common.data_mesh(args.devices)  # before any JAX work
     import jax
-
-    from aapo_jax import sharding
-
-    sharding.use_cpu_devices(args.devices)
     import jax.numpy as jnp
     import torch
     import transformers
@@ -298,7 +295,6 @@ def main(argv: list[str] | None = None) -> None:
     calibration = bench_common.matmul_calibration(
         sorted({(b, s["hidden_size"]) for b in batches for s in SIZES.values()})
     )
-    mesh = sharding.make_mesh(data=-1, fsdp=1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sampler_") as tmp:
         models = {}
@@ -330,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         cases=rows,
         targets={f"{size}_b32_t64_sampling_ratio": target(size) for size in SIZES},
         loadavg=(load_start, os.getloadavg()[0]),
-        devices=int(mesh.devices.size),
+        devices=1 if mesh is None else int(mesh.devices.size),
         parallel_equal=all(r.get("parallel_tokens_equal_1dev", True) for r in rows),
         jax_backend=jax.default_backend(),
         cpu_count=os.cpu_count(),
