@@ -1,14 +1,13 @@
-"""Advantage estimators: pure, jittable functions from group rewards f32[B,G] to f32[B,G]."""
+"""Advantage estimators: pure, jittable functions from group rewards f32[B,G] to f32[B,G].
 
-from collections.abc import Callable
+`aapo_jax.algorithms` pairs each with a loss and its hyper-parameters.
+"""
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 # Added to the group std before dividing, as in the AAPO / TRL reference code.
 STD_EPS = 1e-4
-
-AdvantageFn = Callable[..., Float[Array, "B G"]]
 
 
 def _check_rewards(rewards: Float[Array, "B G"], name: str = "rewards") -> None:
@@ -146,6 +145,28 @@ def margin(
     return jnp.clip(diff_BxG, -margin_low, margin_high)
 
 
+def aapo_with_stats(
+    rewards: Float[Array, "B G"],
+    ref_rewards: Float[Array, "B G"],
+    *,
+    scale_rewards: bool = False,
+    margin_low: float = 0.2,
+    margin_high: float = 0.28,
+) -> tuple[Float[Array, "B G"], dict[str, Float[Array, ""]]]:
+    """`aapo` and `margin_stats` from ONE computation of the margin (the train step's entry).
+
+    Args:
+      rewards, ref_rewards, scale_rewards, margin_low, margin_high: as in `aapo`.
+
+    Returns:
+      (f32[B, G] advantages, the `margin_stats` dict).
+    """
+    margin_BxG = margin(rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high)
+    diff_BxG = rewards.astype(jnp.float32) - ref_rewards.astype(jnp.float32)
+    stats = _margin_stats(diff_BxG, margin_BxG, margin_low, margin_high)
+    return grpo(rewards, scale_rewards=scale_rewards) + margin_BxG, stats
+
+
 def aapo(
     rewards: Float[Array, "B G"],
     ref_rewards: Float[Array, "B G"],
@@ -171,13 +192,29 @@ def aapo(
     Returns:
       f32[B, G] advantages.
     """
-    margin_BxG = margin(rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high)
-    return grpo(rewards, scale_rewards=scale_rewards) + margin_BxG
+    advantages_BxG, _ = aapo_with_stats(
+        rewards,
+        ref_rewards,
+        scale_rewards=scale_rewards,
+        margin_low=margin_low,
+        margin_high=margin_high,
+    )
+    return advantages_BxG
+
+
+def _margin_stats(diff_BxG, margin_BxG, margin_low, margin_high) -> dict[str, Float[Array, ""]]:
+    return {
+        "margin_mean": jnp.mean(margin_BxG),
+        "margin_clip_low_frac": jnp.mean((diff_BxG < -margin_low).astype(jnp.float32)),
+        "margin_clip_high_frac": jnp.mean((diff_BxG > margin_high).astype(jnp.float32)),
+        "margin_nonzero_frac": jnp.mean((margin_BxG != 0).astype(jnp.float32)),
+    }
 
 
 def margin_stats(
     rewards: Float[Array, "B G"],
     ref_rewards: Float[Array, "B G"],
+    *,
     margin_low: float = 0.2,
     margin_high: float = 0.28,
 ) -> dict[str, Float[Array, ""]]:
@@ -196,80 +233,4 @@ def margin_stats(
     """
     margin_BxG = margin(rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high)
     diff_BxG = rewards.astype(jnp.float32) - ref_rewards.astype(jnp.float32)
-    return {
-        "margin_mean": jnp.mean(margin_BxG),
-        "margin_clip_low_frac": jnp.mean((diff_BxG < -margin_low).astype(jnp.float32)),
-        "margin_clip_high_frac": jnp.mean((diff_BxG > margin_high).astype(jnp.float32)),
-        "margin_nonzero_frac": jnp.mean((margin_BxG != 0).astype(jnp.float32)),
-    }
-
-
-# Registry entries share one signature, fn(rewards, ref_rewards, **hparams); estimators
-# without a reference ignore ref_rewards (None is fine for them).
-
-
-def _grpo_entry(rewards, ref_rewards=None, *, scale_rewards: bool = True):
-    del ref_rewards
-    return grpo(rewards, scale_rewards=scale_rewards)
-
-
-def _dr_grpo_entry(rewards, ref_rewards=None):
-    del ref_rewards
-    return dr_grpo(rewards)
-
-
-def _rloo_entry(rewards, ref_rewards=None):
-    del ref_rewards
-    return rloo(rewards)
-
-
-def _reinforce_entry(rewards, ref_rewards=None):
-    del ref_rewards
-    return reinforce(rewards)
-
-
-def _aapo_entry(
-    rewards,
-    ref_rewards=None,
-    *,
-    scale_rewards: bool = False,
-    margin_low: float = 0.2,
-    margin_high: float = 0.28,
-):
-    if ref_rewards is None:
-        raise ValueError("advantage estimator 'aapo' needs ref_rewards, got None")
-    return aapo(
-        rewards,
-        ref_rewards,
-        scale_rewards=scale_rewards,
-        margin_low=margin_low,
-        margin_high=margin_high,
-    )
-
-
-ADVANTAGES: dict[str, AdvantageFn] = {
-    "grpo": _grpo_entry,
-    "dr_grpo": _dr_grpo_entry,
-    "rloo": _rloo_entry,
-    "reinforce": _reinforce_entry,
-    "aapo": _aapo_entry,
-}
-
-# Estimators whose registry entry uses ref_rewards (the reference rollout is skipped otherwise).
-_NEEDS_REFERENCE = frozenset({"aapo"})
-
-
-def get_advantage_fn(name: str) -> AdvantageFn:
-    """The registry entry ``fn(rewards, ref_rewards, **hparams) -> f32[B, G]`` for a name."""
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGES)}"
-        ) from None
-
-
-def needs_reference(name: str) -> bool:
-    """Whether the named estimator needs reference-policy rewards (True only for aapo)."""
-    get_advantage_fn(name)
-    return name in _NEEDS_REFERENCE
+    return _margin_stats(diff_BxG, margin_BxG, margin_low, margin_high)

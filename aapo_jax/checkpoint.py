@@ -9,7 +9,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from aapo_jax.rl import TrainState
+from aapo_jax.types import TrainState
+
+
+def _key_data(rng):
+    """A typed PRNG key's raw uint32 data, also for an abstract (ShapeDtypeStruct) key."""
+    if isinstance(rng, jax.ShapeDtypeStruct):
+        data = jax.eval_shape(jax.random.key_data, rng)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=rng.sharding)
+    return jax.random.key_data(rng)
 
 
 def _to_saveable(state: TrainState) -> dict:
@@ -18,7 +26,7 @@ def _to_saveable(state: TrainState) -> dict:
         "step": state.step,
         "params": state.params,
         "opt_state": state.opt_state,
-        "rng": jax.random.key_data(state.rng),
+        "rng": _key_data(state.rng),
         "skipped_updates": state.skipped_updates,
     }
     if state.ref_params is not None:
@@ -83,8 +91,10 @@ class Checkpointer:
     def restore(
         self, target: TrainState, step: int | None = None
     ) -> tuple[TrainState, dict, dict[str, Any]]:
-        """Restore into the structure and shardings of `target` (a live or abstract state).
+        """Restore into the structure and shardings of `target`.
 
+        `target` is a live state or one of `jax.ShapeDtypeStruct` leaves that carry
+        shardings; then nothing but the checkpoint is read, straight onto them.
         The reference params are taken from `target` when they were not saved.
         Returns (state, data, meta).
         """
@@ -122,6 +132,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

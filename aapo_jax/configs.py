@@ -8,7 +8,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from aapo_jax import advantages, losses
+from aapo_jax import algorithms
 from aapo_jax.data.sources import DataConfig
 
 
@@ -53,43 +53,47 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Which advantage estimator, loss and reference policy; their hyper-parameters.
+    """Which algorithm (`algorithms.ALGORITHMS`), its hyper-parameters, and the reference policy.
 
+    hparams: settings of the algorithm's own hyper-parameters (`Algorithm.hparams`);
+    missing ones take the algorithm's defaults, and a name the algorithm does not use
+    is an error. After validation it holds every hyper-parameter, resolved.
+    kl_estimator: how KL(π_θ ‖ π_ref) is estimated wherever it is computed (a loss's
+    KL penalty, and the `kl` metric).
+    kl_metric: when a reference policy exists but the loss does not need its
+    log-probs (AAPO), still compute them for the `kl` metric (one more forward).
     reference: "frozen" (the initial weights: the paper's default), "sync"
     (copy the policy every `reference_sync_every` steps) or "ema" (after each
     step ref ← (1 − α)·ref + α·policy with α = `reference_ema_rate`).
     """
 
-    advantage: str = "aapo"
-    loss: str = "aapo"
+    algorithm: str = "aapo"
+    hparams: tuple[tuple[str, Any], ...] = ()
     group_size: int = 8
-    scale_rewards: bool = False
-    margin_low: float = 0.2
-    margin_high: float = 0.28
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    kl_beta: float = 0.0
-    kl_estimator: Literal["k1", "k3"] = "k3"
-    seq_mean: bool = False
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_metric: bool = True
     reference: Literal["frozen", "sync", "ema"] = "frozen"
     reference_sync_every: int = 0
     reference_ema_rate: float = 0.0
     logprob_chunk_size: int = 128
 
     def __post_init__(self):
+        spec = algorithms.get_algorithm(self.algorithm)
+        resolved = spec.resolve(dict(self.hparams), name=self.algorithm, field="rl.hparams")
+        object.__setattr__(self, "hparams", tuple(sorted(resolved.items())))
         _check(
-            self.advantage in advantages.ADVANTAGES,
-            "rl.advantage",
-            self.advantage,
-            f"one of {sorted(advantages.ADVANTAGES)}",
+            self.group_size >= spec.min_group_size,
+            "rl.group_size",
+            self.group_size,
+            f"≥ {spec.min_group_size} for algorithm {self.algorithm!r}",
         )
-        _check(self.loss in losses.LOSSES, "rl.loss", self.loss, f"one of {sorted(losses.LOSSES)}")
-        _check(self.group_size >= 1, "rl.group_size", self.group_size, "≥ 1")
-        if self.advantage in ("grpo", "rloo", "aapo") or self.scale_rewards:
-            _check(self.group_size >= 2, "rl.group_size", self.group_size, "≥ 2 for this advantage")
-        _check(self.margin_low >= 0, "rl.margin_low", self.margin_low, "≥ 0")
-        _check(self.margin_high >= 0, "rl.margin_high", self.margin_high, "≥ 0")
-        _check(self.kl_beta >= 0, "rl.kl_beta", self.kl_beta, "≥ 0")
+        if not self.uses_reference:
+            _unused(
+                self.reference,
+                "frozen",
+                "rl.reference",
+                "an algorithm that uses a reference policy (its rollout or its log-probs)",
+            )
         if self.reference == "sync":
             _check(
                 self.reference_sync_every >= 1,
@@ -97,6 +101,8 @@ class RLConfig:
                 self.reference_sync_every,
                 "≥ 1 when rl.reference='sync'",
             )
+        else:
+            _unused(self.reference_sync_every, 0, "rl.reference_sync_every", "rl.reference='sync'")
         if self.reference == "ema":
             _check(
                 0 < self.reference_ema_rate <= 1,
@@ -104,23 +110,49 @@ class RLConfig:
                 self.reference_ema_rate,
                 "in (0, 1] when rl.reference='ema'",
             )
+        else:
+            _unused(self.reference_ema_rate, 0.0, "rl.reference_ema_rate", "rl.reference='ema'")
+        if not self.computes_reference_logprobs:
+            _unused(
+                self.kl_estimator,
+                "k3",
+                "rl.kl_estimator",
+                "a KL: an algorithm that needs reference log-probs, or a reference with "
+                "rl.kl_metric=True",
+            )
         _check(
             self.logprob_chunk_size >= 1, "rl.logprob_chunk_size", self.logprob_chunk_size, "≥ 1"
         )
 
     @property
+    def spec(self) -> algorithms.Algorithm:
+        """The `Algorithm` named by `algorithm`."""
+        return algorithms.get_algorithm(self.algorithm)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every hyper-parameter of the algorithm, resolved (defaults + settings)."""
+        return dict(self.hparams)
+
+    @property
     def samples_reference(self) -> bool:
         """Whether each step samples the reference policy (AAPO's margin needs r̃)."""
-        return advantages.needs_reference(self.advantage)
+        return self.spec.needs_reference_rollout
 
     @property
     def needs_reference_logprobs(self) -> bool:
-        """Whether the loss scores policy completions under the reference (KL term)."""
-        return self.loss == "ppo_clip" and self.kl_beta > 0
+        """Whether the loss scores policy completions under the reference (a KL term)."""
+        return self.spec.reference_logprobs(self.hyperparameters)
 
     @property
     def uses_reference(self) -> bool:
+        """Whether the state keeps reference weights at all."""
         return self.samples_reference or self.needs_reference_logprobs
+
+    @property
+    def computes_reference_logprobs(self) -> bool:
+        """Whether the update runs the reference forward (for the loss or the `kl` metric)."""
+        return self.needs_reference_logprobs or (self.kl_metric and self.uses_reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +187,15 @@ class MeshConfig:
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"config field {field}={value!r} is invalid: expected {expected}.")
+
+
+def _unused(value: Any, default: Any, field: str, needed: str) -> None:
+    """A setting that only matters with another one must stay at its default without it."""
+    if value != default:
+        raise ValueError(
+            f"config field {field}={value!r} has no effect: it is only used with {needed}; "
+            f"leave it at {default!r}."
+        )
 
 
 def _coerce(value: Any, annotation: Any, field: str) -> Any:
@@ -268,6 +309,16 @@ class PromptConfig:
         )
 
 
+def _check_host_reward(field: str, name: str) -> None:
+    """A host reward name must resolve (`rewards.get_host_reward`) when the config is made."""
+    from aapo_jax import rewards
+
+    try:
+        rewards.get_host_reward(name)
+    except ValueError as e:
+        raise ValueError(f"config field {field}={name!r} is invalid: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """Host rewards on decoded text (`names` from rewards.HOST_REWARDS or 'gym:<task>', summed
@@ -306,6 +357,10 @@ class RewardConfig:
                 self.names,
                 f"one of {sorted(tokens.TOKEN_REWARDS)} for kind='token'",
             )
+        else:
+            for i, name in enumerate(self.names):
+                _check_host_reward(f"reward.names[{i}]", name)
+        _check_host_reward("reward.eval_name", self.eval_name)
         _check(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "> 0")
         _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "≥ 0")
 

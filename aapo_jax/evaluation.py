@@ -1,4 +1,9 @@
-"""Evaluation: greedy accuracy, pass@1, unbiased pass@k and maj@k with the training verifiers."""
+"""Evaluation: greedy accuracy, pass@1, unbiased pass@k and maj@k with the training verifiers.
+
+Completions are scored by a `rewards.RewardScorer` (time-bounded per sample, in worker
+processes), the same scorer type the training loop's rewards go through; the
+trainer's periodic evaluation is `evaluate` with greedy decoding.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,19 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from aapo_jax import sampling
+from aapo_jax import rewards, sampling, sharding
 from aapo_jax.data.sources import Example
-from aapo_jax.data.tokenize import DEFAULT_BUCKETS, format_prompt, tokenize_prompts
+from aapo_jax.data.tokenize import (
+    DEFAULT_BUCKETS,
+    decode_completions,
+    format_prompt,
+    tokenize_prompts,
+)
 
-# score_fn(completions, examples) -> f32[N], 1.0 = correct; examples[i] is the problem of
-# completions[i]. prompt_fn(example) -> prompt text. extract_fn(completion) -> the answer that
-# majority voting compares (None: no answer).
-ScoreFn = Callable[[Sequence[str], Sequence[Example]], np.ndarray]
+# prompt_fn(example) -> prompt text. extract_fn(completion) -> the answer that majority voting
+# compares (None: no answer).
 PromptFn = Callable[[Example], str]
 ExtractFn = Callable[[str], Hashable | None]
 
@@ -60,21 +69,18 @@ def template_prompt_fn(template: str | None = None) -> PromptFn:
     return prompt_fn
 
 
-def math_score_fn(*, gold_boxed: bool = True, extract_expressions: bool = False) -> ScoreFn:
-    """math-verify accuracy (the training reward): `\\boxed{}` first, then LaTeX.
+def make_scorer(
+    verifier: str, *, timeout_s: float = 5.0, num_workers: int = 2
+) -> rewards.RewardScorer:
+    """A time-bounded scorer for the host reward `verifier` (`rewards.get_host_reward`).
 
-    gold_boxed=True wraps bare gold answers (`-4`, `\\frac{1}{2}`) as `$\\boxed{gold}$`;
-    False parses the gold as LaTeX (open-rs style golds).
+    E.g. "accuracy_boxed_gold" (math-verify, bare golds boxed), "accuracy" (golds parsed
+    as LaTeX) or "gym:chain_sum" (a reasoning-gym task's own scorer). A score ≥ 1.0 is a
+    correct completion. Close it (or use it as a context manager) to stop its workers.
     """
-    from aapo_jax.rewards import accuracy, accuracy_boxed_gold
-
-    reward = accuracy_boxed_gold if gold_boxed else accuracy
-
-    def score_fn(completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
-        answers = [e.answer for e in examples]
-        return reward(list(completions), answers=answers, extract_expressions=extract_expressions)
-
-    return score_fn
+    return rewards.RewardScorer(
+        rewards.get_host_reward(verifier), timeout_s=timeout_s, num_workers=num_workers
+    )
 
 
 def math_extract_fn(completion: str) -> str | None:
@@ -86,22 +92,6 @@ def math_extract_fn(completion: str) -> str | None:
     except Exception:  # an unparsable answer is no answer
         return None
     return str(parsed[-1]) if parsed else None
-
-
-def gym_score_fn(dataset_name: str) -> ScoreFn:
-    """A reasoning-gym task's own `score_answer` on the extracted answer (1.0 correct)."""
-    from aapo_jax.rewards import make_gym_reward
-
-    reward = make_gym_reward(dataset_name)
-
-    def score_fn(completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
-        return reward(
-            list(completions),
-            answers=[e.answer for e in examples],
-            entries=[e.entry for e in examples],
-        )
-
-    return score_fn
 
 
 # ---------------------------------------------------------------------------
@@ -147,14 +137,6 @@ def majority_vote(answers: Sequence[Hashable | None]) -> tuple[Hashable | None, 
 # Generation
 
 
-def _decode(tokenizer, out: sampling.SamplerOutput) -> list[str]:
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    return [
-        tokenizer.decode(row[:length].tolist(), skip_special_tokens=True)
-        for row, length in zip(tokens, lengths, strict=True)
-    ]
-
-
 def _generate_texts(
     model,
     tokenizer,
@@ -167,6 +149,7 @@ def _generate_texts(
     batch_size: int,
     rng: jax.Array,
     buckets: Sequence[int] | None,
+    mesh: Mesh | None,
     bar,
 ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """[B][n] completion texts, their lengths int[B, n] and truncation flags bool[B, n]."""
@@ -190,10 +173,13 @@ def _generate_texts(
             pad_token_id=tokenizer.pad_token_id,
             num_samples=num_samples,
             buckets=buckets,
+            mesh=mesh,
         )
-        decoded = _decode(tokenizer, out)
-        n_len = np.asarray(out.lengths).reshape(batch_size, num_samples)
-        last = np.asarray(out.tokens)[:, -1].reshape(batch_size, num_samples)
+        # Every process reads every row (an all-gather across processes); no log-probs.
+        out = sharding.to_host(out.replace(logprobs=None))
+        decoded = decode_completions(tokenizer, out.tokens, out.lengths)
+        n_len = out.lengths.reshape(batch_size, num_samples)
+        last = out.tokens[:, -1].reshape(batch_size, num_samples)
         # A row that used the whole budget and did not end on EOS was cut off.
         cut = (n_len == max_new_tokens) & ~np.isin(last, sampling.eos_ids(eos))
         for b in range(real):
@@ -205,13 +191,21 @@ def _generate_texts(
     return texts, np.concatenate(lengths), np.concatenate(truncated)
 
 
-def _score(score_fn: ScoreFn, texts: list[list[str]], examples: Sequence[Example]) -> np.ndarray:
-    """f32[B, n] scores of every completion."""
+def _score(
+    scorer: rewards.RewardScorer,
+    texts: list[list[str]],
+    examples: Sequence[Example],
+    counts: collections.Counter,
+) -> np.ndarray:
+    """f32[B, n] scores of every completion; the scorer's timeouts and errors are counted."""
     n = len(texts[0]) if texts else 0
     flat = [t for row in texts for t in row]
     repeated = [e for e in examples for _ in range(n)]
-    scores = np.asarray(score_fn(flat, repeated), np.float32).reshape(len(texts), n)
-    return scores
+    result = scorer.score(
+        flat, [e.answer for e in repeated], entries=[dict(e.entry) for e in repeated]
+    )
+    counts.update({k: int(result.stats[k]) for k in (rewards.TIMEOUTS, rewards.ERRORS)})
+    return np.asarray(result.rewards, np.float32).reshape(len(texts), n)
 
 
 def evaluate(
@@ -219,7 +213,7 @@ def evaluate(
     tokenizer,
     examples: Sequence[Example],
     *,
-    score_fn: ScoreFn,
+    scorer: rewards.RewardScorer,
     prompt_fn: PromptFn,
     n_samples: int = 1,
     k: int = 1,
@@ -233,10 +227,11 @@ def evaluate(
     details: bool = False,
     progress: bool = True,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Greedy accuracy and sampled pass@1 / pass@k / maj@k of a model on problems.
 
-    A completion is correct when `score_fn` gives it ≥ 1.0 (partial credit is averaged into
+    A completion is correct when `scorer` gives it ≥ 1.0 (partial credit is averaged into
     `*_score` means but never counts as correct). With c correct out of n samples:
 
         pass@1 = mean_problems c / n
@@ -251,7 +246,8 @@ def evaluate(
       model: an NNX `Transformer`.
       tokenizer: its transformers tokenizer (EOS stops generation; pad fills the prompt).
       examples: the problems.
-      score_fn: `(completions, examples) -> f32[N]`, 1.0 = correct.
+      scorer: the verifier, time-bounded per sample (`make_scorer`); each completion is
+        scored with its example's gold `answer` and dataset `entry`.
       prompt_fn: example → prompt text.
       n_samples: sampled completions per problem (0: greedy only).
       k: for pass@k and maj@k, 1 ≤ k ≤ n_samples.
@@ -264,11 +260,14 @@ def evaluate(
       details: include per-problem records under `problems`.
       progress: show tqdm bars.
       buckets: prompt length buckets (None: pad to the longest prompt).
+      mesh: split each batch's rows over this mesh's data × fsdp devices (the model
+        should be placed on it, e.g. by `load_hf_checkpoint(..., mesh=)`).
 
     Returns:
       A dict with `num_problems`, the settings, and as computed: `greedy_accuracy`,
       `greedy_score`, `pass@1`, `pass@k`, `maj@k`, `sample_score`, mean completion lengths
-      and truncated fractions; `problems` with `details`.
+      and truncated fractions, `scorer_timeouts` and `scorer_errors` (samples that scored
+      0 because the verifier ran out of time or raised); `problems` with `details`.
     """
     if not examples:
         raise ValueError("evaluate needs at least one example.")
@@ -289,7 +288,9 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         batch_size=min(batch_size, len(prompts)),
         buckets=buckets,
+        mesh=mesh,
     )
+    scorer_counts: collections.Counter = collections.Counter()
     report: dict[str, Any] = dict(
         num_problems=len(examples),
         n_samples=n_samples,
@@ -316,7 +317,7 @@ def evaluate(
                 bar=bar,
                 **common,
             )
-        scores = _score(score_fn, texts, examples)[:, 0]
+        scores = _score(scorer, texts, examples, scorer_counts)[:, 0]
         report.update(
             greedy_accuracy=float(np.mean(scores >= 1.0)),
             greedy_score=float(np.mean(scores)),
@@ -341,7 +342,7 @@ def evaluate(
                 bar=bar,
                 **common,
             )
-        scores = _score(score_fn, texts, examples)
+        scores = _score(scorer, texts, examples, scorer_counts)
         correct = scores >= 1.0
         counts = correct.sum(axis=1)
         pass_k = [pass_at_k(n_samples, int(c), k) for c in counts]
@@ -364,6 +365,9 @@ def evaluate(
                 "sample_truncated_frac": float(np.mean(cut)),
             }
         )
+    report.update(
+        scorer_timeouts=scorer_counts[rewards.TIMEOUTS], scorer_errors=scorer_counts[rewards.ERRORS]
+    )
     if details:
         report["problems"] = records
     return report

@@ -1,159 +1,20 @@
-"""Per-token log-probs in fp32, policy-gradient losses (AAPO, PG, PPO-clip) and KL estimators."""
+"""Policy-gradient losses (AAPO, PG, PPO-clip) as (sum, denominator) terms, and KL estimators.
+
+`aapo_jax.algorithms` pairs each loss with an advantage estimator.
+"""
 
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jaxtyping import Array, Float, Int, Shaped
+from jaxtyping import Array, Float, Shaped
 
 Mask = Shaped[Array, "N T"]  # bool, int or float; nonzero marks a completion token.
 
 
 # ---------------------------------------------------------------------------------------------
-# Log-probabilities.
-
-
-def _log_softmax_at(
-    logits_xV: Float[Array, "... V"], targets_x: Int[Array, "..."]
-) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
-    """fp32 log-softmax gathered at targets, and the entropy of the distribution."""
-    logits_xV = logits_xV.astype(jnp.float32)
-    lse_x = jax.nn.logsumexp(logits_xV, axis=-1)
-    target_logit_x = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
-    probs_xV = jnp.exp(logits_xV - lse_x[..., None])
-    entropy_x = lse_x - jnp.sum(probs_xV * logits_xV, axis=-1)
-    return target_logit_x - lse_x, entropy_x
-
-
-def token_logprobs(
-    logits_NxTxV: Float[Array, "N T V"],
-    targets_NxT: Int[Array, "N T"],
-    *,
-    temperature: float = 1.0,
-) -> Float[Array, "N T"]:
-    """Log-probability of each target token, computed in fp32.
-
-        logp[n, t] = logits[n, t, y] / τ − logsumexp_v(logits[n, t, v] / τ),  y = targets[n, t]
-
-    Args:
-      logits_NxTxV: logits (any float dtype) aligned with targets: position t predicts
-        targets[:, t].
-      targets_NxT: int token ids.
-      temperature: τ, the sampling temperature the logits are divided by.
-
-    Returns:
-      f32[N, T] log-probabilities.
-    """
-    logits_NxTxV = logits_NxTxV.astype(jnp.float32) / temperature
-    lse_NxT = jax.nn.logsumexp(logits_NxTxV, axis=-1)
-    target_NxT = jnp.take_along_axis(logits_NxTxV, targets_NxT[..., None], axis=-1)[..., 0]
-    return target_NxT - lse_NxT
-
-
-def token_entropy(
-    logits_NxTxV: Float[Array, "N T V"], *, temperature: float = 1.0
-) -> Float[Array, "N T"]:
-    """Entropy of each next-token distribution, computed in fp32.
-
-        H[n, t] = −Σ_v p_v log p_v,   p = softmax(logits[n, t] / τ)
-
-    Args:
-      logits_NxTxV: logits, any float dtype.
-      temperature: τ.
-
-    Returns:
-      f32[N, T] entropies in nats.
-    """
-    logp_NxTxV = jax.nn.log_softmax(logits_NxTxV.astype(jnp.float32) / temperature, axis=-1)
-    return -jnp.sum(jnp.exp(logp_NxTxV) * logp_NxTxV, axis=-1)
-
-
-def chunked_token_logprobs(
-    hidden_NxTxD: Float[Array, "N T D"],
-    lm_head_DxV: Float[Array, "D V"],
-    targets_NxT: Int[Array, "N T"],
-    *,
-    chunk_size: int = 128,
-    temperature: float = 1.0,
-) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
-    """Log-probs and entropies of the LM head output, one chunk of time steps at a time.
-
-        logits = hidden @ lm_head / τ   (fp32 accumulation)
-        logp[n, t] = logits[n, t, y] − logsumexp_v logits[n, t, v],   H[n, t] = entropy
-
-    Only f32[N, chunk_size, V] logits exist at any time, forward and backward: the chunk
-    body is rematerialised in the backward pass (when T spans several chunks) instead of
-    saving its logits. T is padded up to a multiple of chunk_size and the result sliced back.
-    bf16 inputs are multiplied with fp32 accumulation; a bf16 × bf16 product is exact in
-    fp32, so this equals casting the inputs to fp32 first up to summation order.
-
-    Args:
-      hidden_NxTxD: final hidden states (after the final norm), aligned with targets.
-      lm_head_DxV: output projection (the transposed embedding for tied weights).
-      targets_NxT: int token ids.
-      chunk_size: time steps per chunk (clamped to T).
-      temperature: τ.
-
-    Returns:
-      (logprobs f32[N, T], entropy f32[N, T]). Gradients flow to hidden and lm_head.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    num_rows, seq_len, width = hidden_NxTxD.shape
-    chunk = min(chunk_size, seq_len)
-    num_chunks = -(-seq_len // chunk)
-    pad = num_chunks * chunk - seq_len
-    hidden_NxPxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, pad), (0, 0)))
-    targets_NxP = jnp.pad(targets_NxT, ((0, 0), (0, pad)))
-    hidden_KxNxCxD = hidden_NxPxD.reshape(num_rows, num_chunks, chunk, width).swapaxes(0, 1)
-    targets_KxNxC = targets_NxP.reshape(num_rows, num_chunks, chunk).swapaxes(0, 1)
-
-    def one_chunk(lm_head_DxV, hidden_NxCxD, targets_NxC):
-        logits_NxCxV = jnp.einsum(
-            "ncd,dv->ncv", hidden_NxCxD, lm_head_DxV, preferred_element_type=jnp.float32
-        )
-        return _log_softmax_at(logits_NxCxV / temperature, targets_NxC)
-
-    if num_chunks == 1:
-        # One chunk: keeping its logits for the backward pass costs no more memory than
-        # recomputing them would (either way one chunk is live), and saves a matmul.
-        return one_chunk(lm_head_DxV, hidden_NxTxD, targets_NxT)
-    one_chunk = jax.checkpoint(one_chunk)
-
-    # lm_head goes in as an argument (not a closure) so checkpoint sees it as an input.
-    logp_KxNxC, entropy_KxNxC = jax.lax.map(
-        lambda xs: one_chunk(lm_head_DxV, *xs), (hidden_KxNxCxD, targets_KxNxC)
-    )
-
-    def unchunk(x_KxNxC):
-        return x_KxNxC.swapaxes(0, 1).reshape(num_rows, num_chunks * chunk)[:, :seq_len]
-
-    return unchunk(logp_KxNxC), unchunk(entropy_KxNxC)
-
-
-# ---------------------------------------------------------------------------------------------
-# Masked reductions and KL.
-
-
-def masked_mean(
-    x: Float[Array, "..."], mask: Shaped[Array, "..."], axis=None
-) -> Float[Array, "..."]:
-    """Mean of x over entries where mask is nonzero, Σ m·x / max(Σ m, 1); 0 for an empty mask.
-
-    Args:
-      x: values.
-      mask: bool / int / float weights, broadcastable to x.
-      axis: axes to reduce (all by default).
-
-    Returns:
-      f32 masked mean.
-    """
-    mask = mask.astype(jnp.float32)
-    x = x.astype(jnp.float32)
-    total = jnp.sum(x * mask, axis=axis)
-    count = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axis)
-    return total / jnp.maximum(count, 1.0)
+# KL estimators.
 
 
 def _kl_k1(logp, ref_logp):
@@ -228,15 +89,12 @@ class LossTerms:
     metrics: dict[str, Float[Array, ""]]
 
     def mean(self) -> Float[Array, ""]:
-        """total / denominator, 0 when there are no units."""
+        """total / max(denominator, 1): the mean over the units (0 when there are none)."""
         return self.total / jnp.maximum(self.denominator, 1.0)
 
-    def metric_means(self) -> dict[str, Float[Array, ""]]:
-        """Each metric divided by the denominator."""
-        denominator = jnp.maximum(self.denominator, 1.0)
-        return {name: value / denominator for name, value in self.metrics.items()}
 
-
+# fn(logprobs_NxT, advantages_N, mask_NxT, **hparams) -> LossTerms; a loss with a KL
+# penalty also takes kl_NxT=.
 LossFn = Callable[..., LossTerms]
 
 
@@ -272,8 +130,6 @@ def pg_terms(
     advantages_N: Float[Array, " N"],
     mask_NxT: Mask,
     *,
-    old_logprobs_NxT: Float[Array, "N T"] | None = None,
-    ref_logprobs_NxT: Float[Array, "N T"] | None = None,
     seq_mean: bool = False,
 ) -> LossTerms:
     """On-policy policy-gradient (REINFORCE) loss.
@@ -285,14 +141,11 @@ def pg_terms(
       logprobs_NxT: f32 log π_θ of the sampled tokens.
       advantages_N: f32 advantage per completion (no gradient flows into it).
       mask_NxT: completion mask (bool / int / float).
-      old_logprobs_NxT: unused (on-policy).
-      ref_logprobs_NxT: unused (no KL term).
       seq_mean: average each sequence's tokens first (GRPO-style) instead of a token mean.
 
     Returns:
       LossTerms with metrics ``pg_loss``, ``logprob`` and ``advantage`` (sums).
     """
-    del old_logprobs_NxT, ref_logprobs_NxT
     logp_NxT, adv_Nx1, mask_NxT = _prepare(logprobs_NxT, advantages_N, mask_NxT)
     reduce, denominator = _reducer(mask_NxT, seq_mean)
     total = reduce(-logp_NxT * adv_Nx1)
@@ -305,12 +158,7 @@ def pg_terms(
 
 
 def aapo_terms(
-    logprobs_NxT: Float[Array, "N T"],
-    advantages_N: Float[Array, " N"],
-    mask_NxT: Mask,
-    *,
-    old_logprobs_NxT: Float[Array, "N T"] | None = None,
-    ref_logprobs_NxT: Float[Array, "N T"] | None = None,
+    logprobs_NxT: Float[Array, "N T"], advantages_N: Float[Array, " N"], mask_NxT: Mask
 ) -> LossTerms:
     """AAPO loss: the token-mean policy gradient with AAPO advantages (DESIGN §1).
 
@@ -322,20 +170,11 @@ def aapo_terms(
       logprobs_NxT: f32 log π_θ of the sampled tokens.
       advantages_N: f32 AAPO advantage per completion.
       mask_NxT: completion mask.
-      old_logprobs_NxT: unused.
-      ref_logprobs_NxT: unused.
 
     Returns:
       LossTerms (total, denominator = Σ m, metrics as in pg_terms).
     """
-    return pg_terms(
-        logprobs_NxT,
-        advantages_N,
-        mask_NxT,
-        old_logprobs_NxT=old_logprobs_NxT,
-        ref_logprobs_NxT=ref_logprobs_NxT,
-        seq_mean=False,
-    )
+    return pg_terms(logprobs_NxT, advantages_N, mask_NxT, seq_mean=False)
 
 
 def ppo_clip_terms(
@@ -343,12 +182,11 @@ def ppo_clip_terms(
     advantages_N: Float[Array, " N"],
     mask_NxT: Mask,
     *,
+    kl_NxT: Float[Array, "N T"] | None = None,
     old_logprobs_NxT: Float[Array, "N T"] | None = None,
-    ref_logprobs_NxT: Float[Array, "N T"] | None = None,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     kl_beta: float = 0.0,
-    kl_estimator: str = "k3",
     seq_mean: bool = False,
 ) -> LossTerms:
     """PPO-clip surrogate with an optional KL penalty (the GRPO loss).
@@ -362,30 +200,26 @@ def ppo_clip_terms(
       logprobs_NxT: f32 log π_θ of the sampled tokens.
       advantages_N: f32 advantage per completion.
       mask_NxT: completion mask.
+      kl_NxT: per-token KL(π_θ ‖ π_ref) estimate (`kl_divergence` of logprobs_NxT, so the
+        penalty's gradient flows through it); required when kl_beta != 0.
       old_logprobs_NxT: log-probs under the sampling policy; None means on-policy
         (stop_gradient(logprobs), ratio 1 with the policy gradient).
-      ref_logprobs_NxT: log π_ref, required when kl_beta != 0.
       eps_low: ε_low.
       eps_high: ε_high.
       kl_beta: β, weight of the KL penalty.
-      kl_estimator: "k1", "k2" or "k3" (see kl_divergence).
       seq_mean: average each sequence's tokens first.
 
     Returns:
       LossTerms with metrics ``pg_loss``, ``clip_frac`` (tokens where clipping binds),
-      ``ratio``, ``kl`` (when ref_logprobs is given) and ``advantage`` (sums).
+      ``ratio`` and ``advantage`` (sums).
 
     Raises:
-      ValueError: kl_beta != 0 without ref_logprobs, or an unknown kl_estimator.
+      ValueError: kl_beta != 0 without kl_NxT.
     """
     logp_NxT, adv_Nx1, mask_NxT = _prepare(logprobs_NxT, advantages_N, mask_NxT)
     kl_is_off = isinstance(kl_beta, int | float) and kl_beta == 0
-    if ref_logprobs_NxT is None and not kl_is_off:
-        raise ValueError(f"ppo_clip with kl_beta={kl_beta} needs ref_logprobs, got None")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(
-            f"unknown kl_estimator {kl_estimator!r}; valid names: {sorted(KL_ESTIMATORS)}"
-        )
+    if kl_NxT is None and not kl_is_off:
+        raise ValueError(f"ppo_clip with kl_beta={kl_beta} needs kl_NxT, got None")
     if old_logprobs_NxT is None:
         old_logp_NxT = jax.lax.stop_gradient(logp_NxT)
     else:
@@ -405,28 +239,9 @@ def ppo_clip_terms(
         "advantage": reduce(jnp.broadcast_to(adv_Nx1, logp_NxT.shape)),
     }
     loss_NxT = pg_NxT
-    if ref_logprobs_NxT is not None:
-        kl_NxT = kl_divergence(logp_NxT, ref_logprobs_NxT, mask_NxT, kl_estimator)
-        metrics["kl"] = reduce(jax.lax.stop_gradient(kl_NxT))
-        if not kl_is_off:
-            loss_NxT = loss_NxT + kl_beta * kl_NxT
+    if not kl_is_off:
+        loss_NxT = loss_NxT + kl_beta * kl_NxT.astype(jnp.float32)
     return LossTerms(total=reduce(loss_NxT), denominator=denominator, metrics=metrics)
-
-
-LOSSES: dict[str, LossFn] = {
-    "aapo": aapo_terms,
-    "pg": pg_terms,
-    "ppo_clip": ppo_clip_terms,
-}
-
-
-def get_loss_fn(name: str) -> LossFn:
-    """The registry entry ``fn(logprobs, advantages, mask, *, old_logprobs_NxT,
-    ref_logprobs_NxT, **hparams) -> LossTerms`` for a name."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}") from None
 
 
 def aapo_loss(

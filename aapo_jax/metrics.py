@@ -164,3 +164,36 @@ def plot_metrics(
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+SUMMARY_FILE = "summary.json"
+# The panels of `training.png`, the overview plot of a run.
+OVERVIEW_KEYS = ("reward_mean", "eval/accuracy", "zero_std_group_frac", "completion_len_mean")
+
+
+def write_summary(
+    workdir: str | os.PathLike, summary: Mapping[str, Any], *, title: str
+) -> dict[str, Any]:
+    """Complete a run's summary from its metrics.jsonl, draw its plots, write summary.json.
+
+    Adds the first and last logged `reward_mean` and the names of the PNG plots
+    (`reward_mean.png`, `eval_accuracy.png` and the overview `training.png`).
+    Returns the summary as written.
+    """
+    workdir = Path(workdir)
+    summary = dict(summary)
+    rows = read_metrics(workdir)
+    rewards_seen = [r["reward_mean"] for r in rows if r.get("reward_mean") is not None]
+    if rewards_seen:
+        summary["reward_mean_first"] = rewards_seen[0]
+        summary["reward_mean_last"] = rewards_seen[-1]
+    plots = []
+    for key in ("reward_mean", "eval/accuracy"):
+        if any(r.get(key) is not None for r in rows):
+            name = key.replace("/", "_") + ".png"
+            plot_metrics(rows, [key], workdir / name, title=title)
+            plots.append(name)
+    plot_metrics(rows, OVERVIEW_KEYS, workdir / "training.png", title=title)
+    summary["plots"] = [*plots, "training.png"]
+    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

@@ -283,20 +283,6 @@ def _decode(
     )
 
 
-def row_parallel(mesh: Mesh | None, prompts: int) -> bool:
-    """Whether work on these prompts is split by rows over the mesh's devices.
-
-    The sampler (`generate_tokens_many`) and the data-parallel update
-    (`rl.make_update_fn`) do so only on a data-parallel mesh (fsdp = tensor = 1, so
-    every device holds the whole model) with several devices on `data`, for a
-    prompt count they divide.
-    """
-    if mesh is None or mesh.shape.get("fsdp", 1) != 1 or mesh.shape.get("tensor", 1) != 1:
-        return False
-    ways = mesh.shape.get("data", 1)
-    return ways > 1 and prompts % ways == 0
-
-
 def generate_tokens_many(
     models: Sequence[Transformer],
     input_ids_BxP: Int[Array, "B P"],
@@ -318,7 +304,7 @@ def generate_tokens_many(
     may schedule concurrently. Each model's output depends only on its own key:
     it equals `generate_tokens(model, …, rng)`.
 
-    With a data-parallel `mesh` (see `row_parallel`) the prompts are split over its
+    With a data-parallel `mesh` (see `sharding.row_parallel`) the prompts are split over its
     `data` axis and each device prefills and decodes its own rows in its own loop,
     with no collective per step. Every row keeps its own uniforms, so the tokens are
     one device's (up to fp32 rounding of the logits: each device's matmuls see fewer
@@ -329,21 +315,21 @@ def generate_tokens_many(
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
     rows = input_ids_BxP.shape[0] * config.num_samples
     uniforms = tuple(draw_uniforms(rng, rows, config) for rng in rngs)
-    if not row_parallel(mesh, input_ids_BxP.shape[0]):
-        return _decode(models, input_ids_BxP, attention_mask_BxP, uniforms, config)
 
-    def local(models, ids, mask, uniforms):
+    def local(axis, models, ids, mask, uniforms):
+        del axis  # each device's loop needs no collective
         return _decode(models, ids, mask, uniforms, config)
 
-    by_row = PartitionSpec("data")
-    spec_u = tuple(None if u is None else PartitionSpec(None, "data") for u in uniforms)
+    spec_u = tuple(None if u is None else PartitionSpec(None, sharding.DATA_AXIS) for u in uniforms)
     # NNX modules are pytrees: every device gets the whole (replicated) models.
-    return jax.shard_map(
+    decode = sharding.data_parallel(
         local,
-        mesh=mesh,
-        in_specs=(PartitionSpec(), by_row, by_row, spec_u),
-        out_specs=by_row,
-    )(tuple(models), input_ids_BxP, attention_mask_BxP, uniforms)
+        mesh,
+        input_ids_BxP.shape[0],
+        in_specs=(sharding.REPLICATED, sharding.ROWS, sharding.ROWS, spec_u),
+        out_specs=sharding.ROWS,
+    )
+    return decode(tuple(models), input_ids_BxP, attention_mask_BxP, uniforms)
 
 
 def generate_tokens(
@@ -424,10 +410,10 @@ def generate_many(
     input_ids, attention_mask = _bucket_prompts(input_ids, attention_mask, buckets)
     models = tuple(models)
     if mesh is not None:
-        input_ids, attention_mask = sharding.shard_batch((input_ids, attention_mask), mesh)
+        input_ids, attention_mask = sharding.put_rows((input_ids, attention_mask), mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         # Weights already replicated (e.g. by `sharding.shard_model`) stay where they are.
-        if row_parallel(mesh, input_ids.shape[0]) and any(
+        if sharding.row_parallel(mesh, input_ids.shape[0]) and any(
             not x.sharding.is_equivalent_to(replicated, x.ndim) for x in jax.tree.leaves(models)
         ):
             models = jax.device_put(models, replicated)
@@ -465,7 +451,7 @@ def generate(
       buckets: prompts are left-padded to the next bucket length so that a run
         compiles few programs; None keeps P as given.
       mesh: split the prompt rows over this mesh's data × fsdp devices. On a
-        data-parallel mesh (`row_parallel`) every device decodes its own rows in its
+        data-parallel mesh (`sharding.row_parallel`) every device decodes its own rows in its
         own loop (the model is replicated onto each; outputs equal one device's);
         otherwise XLA partitions the program by the model's and rows' shardings.
 

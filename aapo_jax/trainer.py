@@ -1,9 +1,9 @@
-"""The host training loop: data → rollout → reward → update → log → eval → checkpoint."""
+"""The host loop: prompts → sample → score → train step → log → evaluate → checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
 import os
 import signal
@@ -13,97 +13,67 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from aapo_jax import checkpoint as checkpoint_lib
-from aapo_jax import configs, models, rewards, rl, sharding
+from aapo_jax import configs, evaluation, models, rewards, rollout, sampling, sharding
 from aapo_jax import data as data_lib
 from aapo_jax import metrics as metrics_lib
+from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.data import pipeline, sources
+from aapo_jax.optim import make_optimizer
+from aapo_jax.types import PromptBatch
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
-PLOT_KEYS = ("reward_mean", "eval/accuracy", "zero_std_group_frac", "completion_len_mean")
+SUMMARY_FILE = metrics_lib.SUMMARY_FILE
 
 
 def _eos_ids(tokenizer, model_config) -> tuple[int, ...]:
-    ids = set(rl.sampling.eos_ids(model_config.eos_token_id))
+    ids = set(sampling.eos_ids(model_config.eos_token_id))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return tuple(sorted(ids))
 
 
-def host_reward_fn(names, weights):
-    """A `WeightedSum` of host rewards (one component per name)."""
-    return rewards.weighted_sum(
-        {
-            name: (rewards.get_host_reward(name), float(w))
-            for name, w in zip(names, weights, strict=True)
-        }
-    )
-
-
-def decode_completions(tokenizer, out) -> list[str]:
-    """Completion texts: tokens within the mask, special tokens (EOS) dropped."""
-    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-    return tokenizer.batch_decode(
-        [row[m].tolist() for row, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
-    )
-
-
 class Trainer:
     """Builds everything for one `ExperimentConfig` and runs the RL loop in `workdir`.
 
-    Resumes automatically from the newest checkpoint in `workdir/checkpoints`;
-    SIGTERM finishes the current step, saves and returns.
+    Each step is the three stages of `rollout` and `train_step`: with a token reward
+    one jitted program (`train_step.make_rl_step`); with host rewards the jitted
+    sampler, the time-bounded `rollout.HostScorer` on this process's rows, and the
+    jitted train step. Resumes automatically from the newest checkpoint in
+    `workdir/checkpoints`; SIGTERM finishes the current step, saves and returns.
     """
 
     def __init__(self, config: ExperimentConfig, workdir: str | os.PathLike):
-        self.config = config
+        self.config = cfg = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = config
         self.mesh = sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
         self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-        self.model = models.load_hf_checkpoint(
+        model = models.load_hf_checkpoint(
             cfg.model.path,
             dtype=jnp.dtype(cfg.model.dtype),
             param_dtype=jnp.dtype(cfg.model.param_dtype or cfg.model.dtype),
             mesh=self.mesh,
             remat=cfg.model.remat,
         )
-        self.eos = _eos_ids(self.tokenizer, self.model.config)
+        self.eos = _eos_ids(self.tokenizer, model.config)
         self.pad = int(self.tokenizer.pad_token_id)
+        self._load_data()
 
-        train_examples, eval_examples = sources.load_splits(cfg.data)
-        if cfg.train.eval_size:
-            eval_examples = eval_examples[: cfg.train.eval_size]
-        prompt_kw = dict(
-            template=cfg.prompt.template,
-            system_prompt=cfg.prompt.system_prompt or None,
-            use_chat_template=cfg.prompt.use_chat_template,
-            max_prompt_length=cfg.sampling.max_prompt_length,
+        tx = make_optimizer(cfg.optim)
+        self.graphdef, params = nnx.split(model)
+        del model  # its weights now belong to the train state
+        self.state, self.state_shardings = train_step_lib.init_train_state(
+            params, tx, cfg.rl, seed=cfg.train.seed, mesh=self.mesh
         )
-        encoded, self.prompt_stats = pipeline.encode_examples(
-            train_examples, self.tokenizer, **prompt_kw
+        self._build_stages(tx)
+        self.eval_scorer = evaluation.make_scorer(
+            cfg.reward.eval_name, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers
         )
-        self.eval_prompts, self.eval_prompt_stats = pipeline.encode_examples(
-            eval_examples, self.tokenizer, **prompt_kw
-        )
-        self.loader = pipeline.PromptLoader(
-            encoded, batch_size=cfg.train.prompts_per_step, seed=cfg.train.seed, pad_id=self.pad
-        )
-
-        self.tx = rl.make_optimizer(cfg.optim)
-        self.graphdef, state = rl.init_train_state(
-            self.model, self.tx, cfg.rl, jax.random.key(cfg.train.seed)
-        )
-        self.state_shardings = sharding.tree_shardings(state, state.params, self.mesh)
-        self.state = sharding.put(state, self.state_shardings)
-        self._build_steps()
         self.checkpointer = checkpoint_lib.Checkpointer(
             self.workdir / "checkpoints",
             max_to_keep=cfg.train.keep_checkpoints,
@@ -111,178 +81,112 @@ class Trainer:
         )
         self._stop = False
 
-    # -- programs -----------------------------------------------------------
-
-    def _build_steps(self):
+    def _build_stages(self, tx) -> None:
+        """Jit the three stages once: composed into one program for a token reward."""
         cfg = self.config
+        sample = rollout.make_sampler(
+            cfg.rl,
+            cfg.sampling,
+            self.graphdef,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            mesh=self.mesh,
+        )
+        step = train_step_lib.make_train_step(cfg.rl, cfg.optim, self.graphdef, tx, mesh=self.mesh)
+        # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
+        jit_step = functools.partial(
+            jax.jit, out_shardings=(self.state_shardings, None), donate_argnums=0
+        )
         if cfg.reward.kind == "token":
-            reward_fn = rewards.get_token_reward(cfg.reward.names[0])
-            step = rl.make_rl_step(
-                cfg.rl,
-                cfg.optim,
-                cfg.sampling,
-                self.graphdef,
-                self.tx,
-                reward_fn,
-                eos_token_id=self.eos,
-                pad_token_id=self.pad,
-                mesh=self.mesh,
-            )
-            # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
-            self._rl_step = jax.jit(
-                step, out_shardings=(self.state_shardings, None), donate_argnums=0
-            )
+            score = rollout.make_token_scorer(rewards.get_token_reward(cfg.reward.names[0]))
+            self._rl_step = jit_step(train_step_lib.make_rl_step(sample, score, step))
             self.scorer = None
         else:
-            rollout = rl.make_rollout_fn(
-                cfg.rl,
-                cfg.sampling,
-                self.graphdef,
-                eos_token_id=self.eos,
-                pad_token_id=self.pad,
-                mesh=self.mesh,
-            )
-            self._rollout = jax.jit(rollout)
-            update = rl.make_update_fn(cfg.rl, cfg.optim, self.graphdef, self.tx, mesh=self.mesh)
-            self._update = jax.jit(
-                update, out_shardings=(self.state_shardings, None), donate_argnums=0
-            )
-            self.scorer = rewards.RewardScorer(
-                host_reward_fn(cfg.reward.names, cfg.reward.weights),
-                timeout_s=cfg.reward.timeout_s,
-                num_workers=cfg.reward.num_workers,
-            )
-        self.eval_scorer = rewards.RewardScorer(
-            rewards.get_host_reward(cfg.reward.eval_name),
-            timeout_s=cfg.reward.timeout_s,
-            num_workers=cfg.reward.num_workers,
+            self._sample = jax.jit(sample)
+            self._train_step = jit_step(step)
+            self.scorer = rollout.HostScorer(self.tokenizer, cfg.reward)
+
+    def _load_data(self) -> None:
+        cfg = self.config
+        train_examples, eval_examples = sources.load_splits(cfg.data)
+        if cfg.train.eval_size:
+            eval_examples = eval_examples[: cfg.train.eval_size]
+        budget = cfg.sampling.max_prompt_length
+        encoded, self.prompt_stats = pipeline.encode_examples(
+            train_examples, self.tokenizer, **self._prompt_format(), max_prompt_length=budget
+        )
+        eval_prompts, _ = pipeline.encode_examples(
+            eval_examples, self.tokenizer, **self._prompt_format(), max_prompt_length=budget
+        )
+        self.eval_examples = [p.example for p in eval_prompts]
+        self.loader = pipeline.PromptLoader(
+            encoded, batch_size=cfg.train.prompts_per_step, seed=cfg.train.seed, pad_id=self.pad
+        )
+
+    def _prompt_format(self) -> dict[str, Any]:
+        prompt = self.config.prompt
+        return dict(
+            template=prompt.template,
+            system_prompt=prompt.system_prompt or None,
+            use_chat_template=prompt.use_chat_template,
         )
 
     # -- one step -----------------------------------------------------------
 
-    def _score(self, out, batch: pipeline.HostPromptBatch):
-        g = self.config.rl.group_size
-        texts = decode_completions(self.tokenizer, out)
-        result = self.scorer.score(
-            texts,
-            [a for a in batch.answers for _ in range(g)],
-            entries=[e for e in batch.entries for _ in range(g)],
-            completion_lengths=np.asarray(out.lengths).tolist(),
-        )
-        return texts, result
-
-    @staticmethod
-    def _local_rows(outs, rows: int):
-        """Host copies of this process's `rows` rows (process i holds rows [i·rows, (i+1)·rows)).
-
-        Only what scoring reads (tokens, mask, lengths) leaves the device: the log-probs stay.
-        """
-        start = jax.process_index() * rows
-        needed = [None if out is None else out.replace(logprobs=None) for out in outs]
-        return jax.tree.map(lambda x: x[start : start + rows], sharding.to_host(needed))
-
-    def _token_targets(self, batch: pipeline.HostPromptBatch):
-        encoded = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in batch.answers]
-        width = max(len(t) for t in encoded)
-        targets = np.full((len(encoded), width), -1, np.int32)
-        for row, toks in enumerate(encoded):
-            targets[row, : len(toks)] = toks
-        return targets, np.asarray([len(t) for t in encoded], np.int32)
-
     def step(self, batch: pipeline.HostPromptBatch) -> tuple[dict, list[dict]]:
-        """One RL iteration on a prompt batch; returns (metrics, sample completions)."""
-        cfg = self.config
+        """One RL iteration on this process's prompt rows; returns (metrics, sample logs)."""
         ids, mask = sharding.shard_batch((batch.ids, batch.mask), self.mesh)
-        samples: list[dict] = []
         if self.scorer is None:
-            targets, target_len = self._token_targets(batch)
+            targets, target_len = data_lib.encode_targets(self.tokenizer, batch.answers)
             targets, target_len = sharding.shard_batch((targets, target_len), self.mesh)
-            prompts = rl.PromptBatch(ids=ids, mask=mask, targets=targets, target_len=target_len)
+            prompts = PromptBatch(ids=ids, mask=mask, targets=targets, target_len=target_len)
             self.state, metrics = self._rl_step(self.state, prompts)
-            return jax.device_get(metrics), samples
-        out, ref_out = self._rollout(self.state, ids, mask)
+            return jax.device_get(metrics), []
+        sampled = self._sample(self.state, PromptBatch(ids=ids, mask=mask))
         # Host rewards score this process's own rows: its prompts' G completions each.
-        b, g = batch.ids.shape[0], cfg.rl.group_size
-        out_local, ref_local = self._local_rows((out, ref_out), b * g)
-        texts, result = self._score(out_local, batch)
-        extra = {f"reward/{k}": v for k, v in result.stats.items() if not k.startswith("mean/")}
-        ref_rewards = None
-        if ref_out is not None:
-            _, ref_result = self._score(ref_local, batch)
-            ref_rewards = sharding.shard_batch(ref_result.rewards.reshape(b, g), self.mesh)
-            extra.update(
-                {
-                    f"ref_reward/{k}": ref_result.stats[k]
-                    for k in (rewards.TIMEOUTS, rewards.ERRORS)
-                    if k in ref_result.stats
-                }
-            )
-        for name, values in result.components.items():
-            extra[f"reward/{name}"] = float(np.mean(values))
-        rewards_BxG = sharding.shard_batch(result.rewards.reshape(b, g), self.mesh)
-        self.state, metrics = self._update(self.state, ids, mask, out, rewards_BxG, ref_rewards)
-        metrics = {**jax.device_get(metrics), **extra}
-        n_log = cfg.train.num_samples_logged
-        for i in range(min(n_log, len(texts))):
-            samples.append(
-                {
-                    "prompt": batch.questions[i // g],
-                    "answer": batch.answers[i // g],
-                    "completion": texts[i],
-                    "reward": float(result.rewards[i]),
-                }
-            )
-        return metrics, samples
+        rows = batch.ids.shape[0] * self.config.rl.group_size
+        scores = self.scorer(rollout.process_rows(sampled, rows), batch)
+        ref_rewards = scores.ref_rewards
+        scored = sampled.replace(
+            rewards=sharding.shard_batch(scores.rewards, self.mesh),
+            ref_rewards=None
+            if ref_rewards is None
+            else sharding.shard_batch(ref_rewards, self.mesh),
+        )
+        self.state, metrics = self._train_step(self.state, scored)
+        metrics = {**jax.device_get(metrics), **scores.metrics}
+        return metrics, scores.samples(batch, self.config.train.num_samples_logged)
 
     # -- evaluation ---------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy on the eval split (score ≥ 1 under `reward.eval_name`)."""
         cfg = self.config
-        model = nnx.merge(self.graphdef, self.state.params)
-        correct, lengths = [], []
-        size = cfg.train.eval_batch_size
-        for start in range(0, len(self.eval_prompts), size):
-            chunk = self.eval_prompts[start : start + size]
-            ids, mask = data_lib.left_pad([p.ids for p in chunk], self.pad)
-            out = rl.sampling.generate(
-                model,
-                ids,
-                mask,
-                rng=jax.random.key(0),
-                max_new_tokens=cfg.sampling.max_new_tokens,
-                temperature=0.0,
-                eos_token_id=self.eos,
-                pad_token_id=self.pad,
-            )
-            # Every process scores the whole eval split; the log-probs are not needed.
-            out = sharding.to_host(out.replace(logprobs=None))
-            texts = decode_completions(self.tokenizer, out)
-            result = self.eval_scorer.score(
-                texts,
-                [p.example.answer for p in chunk],
-                entries=[dict(p.example.entry) for p in chunk],
-            )
-            correct.extend((result.rewards >= 1.0 - 1e-6).tolist())
-            lengths.extend(np.asarray(out.lengths).tolist())
+        prompt_format = self._prompt_format()
+        report = evaluation.evaluate(
+            nnx.merge(self.graphdef, self.state.params),
+            self.tokenizer,
+            self.eval_examples,
+            scorer=self.eval_scorer,
+            prompt_fn=lambda e: data_lib.format_prompt(self.tokenizer, e.question, **prompt_format),
+            n_samples=0,
+            greedy=True,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            batch_size=cfg.train.eval_batch_size,
+            progress=False,
+            mesh=self.mesh,
+        )
         return {
-            "eval/accuracy": float(np.mean(correct)),
-            "eval/completion_len_mean": float(np.mean(lengths)),
-            "eval/problems": float(len(correct)),
+            "eval/accuracy": report["greedy_accuracy"],
+            "eval/completion_len_mean": report["greedy_completion_len"],
+            "eval/problems": float(report["num_problems"]),
         }
 
     # -- the loop -----------------------------------------------------------
 
-    def _meta(self, initial_eval: dict) -> dict:
-        return {
-            "config": _jsonable(dataclasses.asdict(self.config)),
-            "initial_eval": initial_eval,
-        }
-
     def save(self, step: int, initial_eval: dict) -> None:
-        self.checkpointer.save(
-            step, self.state, data=self.loader.get_state(), meta=self._meta(initial_eval)
-        )
+        meta = {"config": _jsonable(dataclasses.asdict(self.config)), "initial_eval": initial_eval}
+        self.checkpointer.save(step, self.state, data=self.loader.get_state(), meta=meta)
 
     def _restore(self) -> dict | None:
         if self.checkpointer.latest_step() is None:
@@ -355,24 +259,26 @@ class Trainer:
             if self.checkpointer.latest_step() != step:
                 self.save(step, initial_eval)
             if cfg.train.export_hf:
-                params = sharding.to_host(self.state.params)  # collective: all processes
-                if jax.process_index() == 0:
-                    models.save_hf_checkpoint(nnx.merge(self.graphdef, params), self.workdir / "hf")
-                    self.tokenizer.save_pretrained(self.workdir / "hf")
+                self._export_hf()
             writer.flush()
-            summary = self._summary(initial_eval, final_eval, step, time.time() - start_time)
-            return summary
+            return self._summary(initial_eval, final_eval, step, time.time() - start_time)
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             writer.close()
             self.checkpointer.wait()
 
+    def _export_hf(self) -> None:
+        params = sharding.to_host(self.state.params)  # collective: all processes
+        if jax.process_index() == 0:
+            models.save_hf_checkpoint(nnx.merge(self.graphdef, params), self.workdir / "hf")
+            self.tokenizer.save_pretrained(self.workdir / "hf")
+
     def _summary(self, initial_eval, final_eval, steps, wall_seconds) -> dict[str, Any]:
         cfg = self.config
         summary = {
             "name": cfg.name,
-            "algorithm": cfg.rl.advantage,
-            "loss": cfg.rl.loss,
+            "algorithm": cfg.rl.algorithm,
+            "hparams": cfg.rl.hyperparameters,
             "group_size": cfg.rl.group_size,
             "initial_eval_accuracy": initial_eval["eval/accuracy"],
             "final_eval_accuracy": final_eval["eval/accuracy"],
@@ -382,24 +288,12 @@ class Trainer:
             "skipped_updates": int(self.state.skipped_updates),
             "prompts": dataclasses.asdict(self.prompt_stats),
         }
-        if jax.process_index() == 0:
-            rows = metrics_lib.read_metrics(self.workdir)
-            rewards_seen = [r["reward_mean"] for r in rows if r.get("reward_mean") is not None]
-            if rewards_seen:
-                summary["reward_mean_first"] = rewards_seen[0]
-                summary["reward_mean_last"] = rewards_seen[-1]
-            plots = []
-            for key in ("reward_mean", "eval/accuracy"):
-                if any(r.get(key) is not None for r in rows):
-                    name = key.replace("/", "_") + ".png"
-                    metrics_lib.plot_metrics(rows, [key], self.workdir / name, title=cfg.name)
-                    plots.append(name)
-            metrics_lib.plot_metrics(rows, PLOT_KEYS, self.workdir / "training.png", title=cfg.name)
-            summary["plots"] = [*plots, "training.png"]
-            (self.workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        return summary
+        if jax.process_index() != 0:
+            return summary
+        return metrics_lib.write_summary(self.workdir, summary, title=cfg.name)
 
     def close(self) -> None:
+        """Stops the reward workers and waits for the last checkpoint."""
         for scorer in (self.scorer, self.eval_scorer):
             if scorer is not None:
                 scorer.close()
@@ -417,20 +311,39 @@ def _jsonable(value: Any) -> Any:
 
 
 def load_trained_model(
-    workdir: str | os.PathLike, step: int | None = None
+    workdir: str | os.PathLike, step: int | None = None, *, mesh=None
 ) -> tuple[models.Transformer, ExperimentConfig]:
-    """The policy of a training workdir's newest (or given) checkpoint, and the run's config."""
-    checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints")
+    """The policy of a training workdir's newest (or given) checkpoint, and the run's config.
+
+    Shape-first: the model and train state are built abstractly from the run's config
+    and the checkpoint's `config.json` (no weights are read from the source
+    checkpoint), and the checkpoint is restored straight onto `mesh`'s shardings
+    (default: the first device).
+    """
+    directory = Path(workdir) / "checkpoints"
+    with checkpoint_lib.Checkpointer(directory) as meta_reader:
+        config = configs.experiment_config(meta_reader.read_meta(step)["config"])
+    checkpointer = checkpoint_lib.Checkpointer(
+        directory, save_reference=config.rl.reference != "frozen"
+    )
     try:
-        config = configs.experiment_config(checkpointer.read_meta(step)["config"])
-        model = models.load_hf_checkpoint(
-            config.model.path,
+        model_config = models.config_from_hf(
+            models.read_hf_config(config.model.path),
             dtype=jnp.dtype(config.model.dtype),
             param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype),
+            remat=config.model.remat,
         )
-        tx = rl.make_optimizer(config.optim)
-        graphdef, state = rl.init_train_state(model, tx, config.rl, jax.random.key(0))
-        state, _, _ = checkpointer.restore(state, step)
+        abstract_model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(abstract_model)
+        mesh = mesh if mesh is not None else sharding.make_mesh(data=1, fsdp=1, tensor=1)
+        target = train_step_lib.abstract_train_state(
+            params, make_optimizer(config.optim), config.rl
+        )
+        shardings = sharding.tree_shardings(target, params, mesh)
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings
+        )
+        state, _, _ = checkpointer.restore(target, step)
     finally:
         checkpointer.close()
     return nnx.merge(graphdef, state.params), config

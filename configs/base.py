@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from aapo_jax import algorithms
+
 
 def base_config() -> ml_collections.ConfigDict:
     """All fields of `aapo_jax.configs.ExperimentConfig` with their defaults.
@@ -29,17 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.prompt = dict(template="{question}", system_prompt="", use_chat_template=False)
     c.rl = dict(
-        advantage="aapo",
-        loss="aapo",
+        algorithm="aapo",
+        hparams=algorithms.ALGORITHMS["aapo"].defaults(),
         group_size=8,
-        scale_rewards=False,
-        margin_low=0.2,
-        margin_high=0.28,
-        eps_low=0.2,
-        eps_high=0.2,
-        kl_beta=0.0,
         kl_estimator="k3",
-        seq_mean=False,
+        kl_metric=True,
         reference="frozen",
         reference_sync_every=0,
         reference_ema_rate=0.0,
@@ -88,19 +84,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Algorithms as the paper compares them: the advantage estimator and its loss.
-ALGORITHMS = {
-    # AAPO: group advantage + clipped margin against the reference, plain PG loss.
-    "aapo": dict(advantage="aapo", loss="aapo", scale_rewards=False),
-    # GRPO: std-scaled group advantage, PPO-clip loss (one update: ratio 1).
-    "grpo": dict(advantage="grpo", loss="ppo_clip", scale_rewards=True),
-    # Dr. GRPO: mean-only baseline, token-sum PG.
-    "dr_grpo": dict(advantage="dr_grpo", loss="pg", scale_rewards=False),
-    # RLOO: leave-one-out baseline.
-    "rloo": dict(advantage="rloo", loss="pg", scale_rewards=False),
-}
-
-
 def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
     """`'algo=grpo,variant=tiny'` -> {'algo': 'grpo', 'variant': 'tiny'} over the defaults."""
     values = dict(defaults)
@@ -114,11 +97,16 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
     return values
 
 
-def set_algorithm(config: ml_collections.ConfigDict, algo: str) -> None:
-    """Switch the advantage estimator and loss to the named algorithm."""
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGORITHMS)}")
-    config.rl.update(ALGORITHMS[algo])
+def set_algorithm(config: ml_collections.ConfigDict, algo: str, **hparams) -> None:
+    """Switch to the named algorithm (`aapo_jax.algorithms.ALGORITHMS`) with its default
+    hyper-parameters, updated with `hparams` (checked when the config is validated).
+
+    Every hyper-parameter is written into `rl.hparams`, so each can be overridden from
+    the command line (`--config.rl.hparams.margin_low=0.1`).
+    """
+    spec = algorithms.get_algorithm(algo, field="algo")
+    config.rl.algorithm = algo
+    config.rl.hparams = {**spec.defaults(), **hparams}
 
 
 def apply_tiny(config: ml_collections.ConfigDict) -> None:

@@ -5,7 +5,7 @@
         --workdir=/tmp/llama3b-aapo
 
 Arguments (comma-separated): `size=1b|3b` (names the run), `algo=aapo|grpo|
-dr_grpo|rloo`, `variant=full|tiny`. Authors' settings: as the Qwen 7B run
+dr_grpo|rloo|reinforce`, `variant=full|tiny`. Authors' settings: as the Qwen 7B run
 (lr 1e-6 constant, 3% warmup, G=6, 16 prompts/step, temperature 1.0,
 accuracy reward) with prompt ≤ 1024, completion ≤ 3072, the chat template and
 no system prompt.

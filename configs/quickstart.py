@@ -8,8 +8,9 @@ held-out accuracy; AAPO then trains it with reasoning-gym's own scorer as the
 reward and reports greedy accuracy on 500 held-out problems before and after,
 in `summary.json` and plots in the workdir. About 2 minutes on 2 idle CPU cores.
 
-Arguments: `algo=aapo|grpo|dr_grpo|rloo`, `group=G` (samples per prompt),
-`seed=S`, `variant=full|tiny` (tiny: 2 steps on 8 eval problems, for CI).
+Arguments: `algo=NAME` (a name in `aapo_jax.algorithms.ALGORITHMS`: aapo, grpo,
+dr_grpo, rloo, reinforce), `group=G` (samples per prompt), `seed=S`,
+`variant=full|tiny` (tiny: 2 steps on 8 eval problems, for CI).
 """
 
 import json

@@ -4,7 +4,7 @@
         --config.model.path=/ckpt/Qwen2.5-Math-7B --config.data.path=/data/simplerl_l3to5.jsonl \
         --workdir=/tmp/qwen7b-aapo
 
-`get_config("algo=grpo")` swaps the algorithm (aapo | grpo | dr_grpo | rloo);
+`get_config("algo=grpo")` swaps the algorithm (aapo | grpo | dr_grpo | rloo | reinforce);
 `get_config("variant=tiny")` is a 2-step CPU smoke run of the same file.
 Authors' settings: lr 1e-6 constant with 3% warmup, G=6, 16 prompts/step,
 prompt ≤ 1024, completion ≤ 3072, temperature 1.0, top_p 1.0,

@@ -5,7 +5,7 @@
         --config.data.path=/data/open-rs.jsonl \
         --workdir=/tmp/r1-1p5b-aapo
 
-Arguments: `algo=aapo|grpo|dr_grpo|rloo`, `variant=full|tiny`. Authors'
+Arguments: `algo=aapo|grpo|dr_grpo|rloo|reinforce`, `variant=full|tiny`. Authors'
 settings: lr 1e-6 cosine to 10% with 10% warmup, 100 steps, G=6, prompt ≤ 512,
 completion ≤ 3584, temperature 0.7, rewards format (weight 1) + cosine
 length-scaled accuracy (weight 2) with the `<think>…</think><answer>…</answer>`

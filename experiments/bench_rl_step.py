@@ -16,7 +16,7 @@ GRPO, the reference forward.
 
 One JAX CPU device per core (`--devices`, default all): the prompts are split
 over a data-parallel mesh, each device samples and differentiates its own rows
-and only gradients and loss sums cross devices (`rl.make_rl_step(..., mesh=)`).
+and only gradients and loss sums cross devices (`train_step.make_token_rl_step(..., mesh=)`).
 XLA:CPU runs each small op on one core, so one device would leave the other idle;
 the same steps on one device are timed after them in the same run (`1dev ms`).
 """
@@ -33,10 +33,9 @@ import time
 from experiments import bench_common
 
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 8, 4, 16, 32
-ALGORITHMS = {
-    "aapo": dict(advantage="aapo", loss="aapo"),
-    "grpo": dict(advantage="grpo", loss="ppo_clip", scale_rewards=True, kl_beta=0.04),
-}
+# Algorithms of `aapo_jax.algorithms.ALGORITHMS` and the hyper-parameters set for this
+# workload (GRPO with the KL penalty, so its step runs the reference forward).
+ALGORITHMS = {"aapo": {}, "grpo": {"kl_beta": 0.04}}
 
 
 def step_flops(config, rl) -> float:
@@ -68,26 +67,31 @@ def build_steps(size: str, mesh=None):
     import jax.numpy as jnp
     from flax import nnx
 
-    from aapo_jax import configs, models, rl, sharding
+    from aapo_jax import configs, models, sharding, train_step
+    from aapo_jax.optim import make_optimizer
     from aapo_jax.rewards import tokens
+    from aapo_jax.types import PromptBatch
 
     config = bench_common.model_config(size)
     optim = configs.OptimConfig(learning_rate=1e-5, total_steps=1000)
     settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
     ids = jax.random.randint(jax.random.key(1), (PROMPTS, PROMPT_LEN), 3, config.vocab_size)
-    prompts = rl.PromptBatch(
+    prompts = PromptBatch(
         ids=ids,
         mask=jnp.ones_like(ids),
         targets=jax.random.randint(jax.random.key(2), (PROMPTS, 4), 3, config.vocab_size),
         target_len=jnp.full((PROMPTS,), 4, jnp.int32),
     )
     out = {}
-    for name, kw in ALGORITHMS.items():
-        rl_cfg = configs.RLConfig(group_size=GROUP, **kw)
-        tx = rl.make_optimizer(optim)
-        model = models.Transformer(config, rngs=nnx.Rngs(0))
-        graphdef, state = rl.init_train_state(model, tx, rl_cfg, jax.random.key(0))
-        fn = rl.make_rl_step(
+    for name, hparams in ALGORITHMS.items():
+        rl_cfg = configs.RLConfig(
+            algorithm=name, hparams=tuple(hparams.items()), group_size=GROUP, kl_metric=False
+        )
+        tx = make_optimizer(optim)
+        graphdef, params = nnx.split(models.Transformer(config, rngs=nnx.Rngs(0)))
+        # With a mesh the state is placed on it (replicated: a data-parallel mesh).
+        state, shardings = train_step.init_train_state(params, tx, rl_cfg, seed=0, mesh=mesh)
+        fn = train_step.make_token_rl_step(
             rl_cfg,
             optim,
             settings,
@@ -96,15 +100,10 @@ def build_steps(size: str, mesh=None):
             tokens.prefix_match,
             eos_token_id=None,
             pad_token_id=0,
-            kl_metric=False,
             mesh=mesh,
         )
-        if mesh is None:
-            step = jax.jit(fn, donate_argnums=0)
-        else:  # inputs carry their shardings; the state keeps its own
-            shardings = sharding.tree_shardings(state, state.params, mesh)
-            state = sharding.put(state, shardings)
-            step = jax.jit(fn, out_shardings=(shardings, None), donate_argnums=0)
+        # Inputs carry their shardings; the state keeps its own.
+        step = jax.jit(fn, out_shardings=(shardings, None), donate_argnums=0)
         out[name] = dict(step=step, state=state, rl=rl_cfg)
     if mesh is not None:
         prompts = sharding.shard_batch(prompts, mesh)

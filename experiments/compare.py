@@ -20,6 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
+# The default selection; any name in `aapo_jax.algorithms.ALGORITHMS` may be given.
 ALGOS = ("aapo", "grpo", "dr_grpo")
 
 
@@ -57,6 +58,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _algos(results: list[dict]) -> list[str]:
+    """The algorithms in `results`, in the order they were run."""
+    return list(dict.fromkeys(r["algo"] for r in results))
+
+
 def table(results: list[dict]) -> str:
     """A markdown table: one row per (algorithm, G), mean ± std over seeds."""
     lines = [
@@ -65,7 +71,7 @@ def table(results: list[dict]) -> str:
     ]
     groups = sorted({r["group"] for r in results})
     for group in groups:
-        for algo in ALGOS:
+        for algo in _algos(results):
             rs = [r for r in results if r["algo"] == algo and r["group"] == group]
             if not rs:
                 continue
@@ -92,7 +98,7 @@ def plot(results: list[dict], out: Path) -> None:
     groups = sorted({r["group"] for r in results})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
-        for algo in ALGOS:
+        for algo in _algos(results):
             curves = [
                 r["reward_curve"] for r in results if r["algo"] == algo and r["group"] == group
             ]
@@ -114,7 +120,7 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_ylabel("training reward")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("quickstart: AAPO vs GRPO vs Dr. GRPO (mean ± std over seeds)")
+    fig.suptitle(f"quickstart: {' vs '.join(_algos(results))} (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -129,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--algos", default=",".join(ALGOS))
     args = parser.parse_args(argv)
+    from aapo_jax import algorithms
+
+    unknown = sorted(set(args.algos.split(",")) - set(algorithms.ALGORITHMS))
+    if unknown:
+        parser.error(f"--algos: unknown {unknown}; valid: {sorted(algorithms.ALGORITHMS)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = []
     for group in map(int, args.groups.split(",")):

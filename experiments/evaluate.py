@@ -5,16 +5,25 @@
     python -m experiments.evaluate --model=HF_DIR --task=gym:chain_sum \\
         --gym_kwargs='{"min_terms": 2, "max_terms": 3}' --n=8 --k=8
     python -m experiments.evaluate --model=HF_DIR --task=math500.jsonl --n=4 --k=4 \\
-        --max_new_tokens=4096
+        --max_new_tokens=4096 --mesh=-1,1,1
 
-Tasks:
+Tasks, each with the host reward (`aapo_jax.rewards.get_host_reward`) that verifies it:
 - `quickstart`: the eval split of the task in `task.json` (read from --model, else from
-  `aapo_jax/assets/quickstart`), its plain prompt template and the reasoning-gym scorer.
+  `aapo_jax/assets/quickstart`), its plain prompt template; verifier `gym:NAME`.
 - `gym:NAME`: the eval split of `gym_splits(NAME, ...)` (--gym_kwargs, --train_size,
-  --eval_size, --split_seed), prompt --template (default: the question), the task's scorer.
+  --eval_size, --split_seed), prompt --template (default: the question); verifier `gym:NAME`,
+  the task's own scorer.
 - `FILE.jsonl` or `.parquet`: the question and gold columns are auto-detected as in training;
   the paper's protocol: `PAPER_QUERY_TEMPLATE` in the chat template (when the tokenizer has
-  one), math-verify with `\\boxed{}` first, temperature 0.6, top_p 0.95.
+  one), temperature 0.6, top_p 0.95; verifier `accuracy_boxed_gold` (math-verify, `\\boxed{}`
+  first, bare golds boxed).
+
+Every completion is scored by `evaluation.make_scorer(verifier)` in --num_workers worker
+processes (0: in this process, bounded only by math-verify's own alarm): a sample that runs
+past --timeout_s scores 0 and counts in the report's `scorer_timeouts`. --model is a Hugging
+Face checkpoint directory or a training --workdir (its newest checkpoint); the model is placed
+on the --mesh (DATA,FSDP,TENSOR device counts, one of them may be -1 for the remaining
+devices) and each batch's rows are split over its data × fsdp devices.
 """
 
 from __future__ import annotations
@@ -31,12 +40,16 @@ QUICKSTART_DIR = Path(__file__).resolve().parent.parent / "aapo_jax" / "assets" 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What `evaluate` needs besides the model: problems, prompt, scorer and budget."""
+    """What `evaluate` needs besides the model: problems, prompt, verifier and budget.
+
+    `verifier` is a host reward name (`aapo_jax.rewards.get_host_reward`), e.g.
+    "gym:chain_sum" or "accuracy_boxed_gold".
+    """
 
     name: str
     examples: list
     prompt_fn: object
-    score_fn: object
+    verifier: str
     extract_fn: object
     max_new_tokens: int | None = None
 
@@ -54,7 +67,7 @@ def load_task(args: argparse.Namespace, tokenizer) -> Task:
     """The `Task` that --task names."""
     from aapo_jax import evaluation
     from aapo_jax.data.sources import gym_splits
-    from aapo_jax.rewards import extract_gym_answer
+    from aapo_jax.rewards import GYM_PREFIX, extract_gym_answer
 
     if args.task == "quickstart":
         spec = read_task_json(args.model)
@@ -69,12 +82,12 @@ def load_task(args: argparse.Namespace, tokenizer) -> Task:
             name=f"quickstart:{spec['name']}",
             examples=examples,
             prompt_fn=evaluation.template_prompt_fn(spec["prompt_template"]),
-            score_fn=evaluation.gym_score_fn(spec["name"]),
+            verifier=f"{GYM_PREFIX}{spec['name']}",
             extract_fn=extract_gym_answer,
             max_new_tokens=spec["max_new_tokens"],
         )
-    if args.task.startswith("gym:"):
-        name = args.task.removeprefix("gym:")
+    if args.task.startswith(GYM_PREFIX):
+        name = args.task.removeprefix(GYM_PREFIX)
         _, examples = gym_splits(
             name,
             train_size=args.train_size,
@@ -86,7 +99,7 @@ def load_task(args: argparse.Namespace, tokenizer) -> Task:
             name=args.task,
             examples=examples,
             prompt_fn=evaluation.template_prompt_fn(args.template),
-            score_fn=evaluation.gym_score_fn(name),
+            verifier=args.task,
             extract_fn=extract_gym_answer,
         )
     if args.task.endswith((".jsonl", ".parquet")):
@@ -102,10 +115,30 @@ def load_task(args: argparse.Namespace, tokenizer) -> Task:
             name=args.task,
             examples=read_records(args.task),
             prompt_fn=prompt_fn,
-            score_fn=evaluation.math_score_fn(gold_boxed=True),
+            verifier="accuracy_boxed_gold",
             extract_fn=evaluation.math_extract_fn,
         )
     raise ValueError(f"--task={args.task!r}: expected quickstart, gym:NAME or a .jsonl file.")
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """`"DATA,FSDP,TENSOR"` -> (data, fsdp, tensor) device counts; at most one may be -1.
+
+    Raises:
+      ValueError: not three integers ≥ 1 (or -1), or more than one -1; the message names
+        --mesh.
+    """
+    parts = text.split(",")
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(s < 1 and s != -1 for s in shape) or shape.count(-1) > 1:
+        raise ValueError(
+            f"--mesh={text!r}: expected DATA,FSDP,TENSOR, three device counts ≥ 1 of which at "
+            "most one may be -1 (the remaining devices), e.g. 1,-1,1."
+        )
+    return shape
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -134,11 +167,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_size", type=int, default=500)
     p.add_argument("--split_seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--mesh",
+        default="1,-1,1",
+        help="DATA,FSDP,TENSOR device counts (one may be -1: the remaining devices)",
+    )
+    p.add_argument(
+        "--timeout_s", type=float, default=5.0, help="verifier time limit per completion"
+    )
+    p.add_argument(
+        "--num_workers", type=int, default=2, help="verifier processes (0: in this process)"
+    )
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
+    try:
+        args.mesh = parse_mesh(args.mesh)
+    except ValueError as e:
+        p.error(str(e))
+    if not args.timeout_s > 0:
+        p.error(f"--timeout_s must be > 0 seconds, got {args.timeout_s}.")
+    if args.num_workers < 0:
+        p.error(f"--num_workers must be ≥ 0, got {args.num_workers}.")
     if args.k is None:
         args.k = max(args.n, 1)
     return args
+
+
+def make_mesh(shape: tuple[int, int, int]):
+    """The (data, fsdp, tensor) mesh of --mesh on this machine's devices."""
+    from aapo_jax import sharding
+
+    data, fsdp, tensor = shape
+    try:
+        return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    except ValueError as e:
+        raise ValueError(f"--mesh={','.join(map(str, shape))}: {e}") from e
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -150,39 +213,46 @@ def run(args: argparse.Namespace) -> dict:
     from aapo_jax.data.tokenize import load_tokenizer
 
     source = str(args.model)
+    mesh = make_mesh(args.mesh)
     if (Path(args.model) / "checkpoints").is_dir():  # a training workdir
         from aapo_jax import trainer
 
-        model, config = trainer.load_trained_model(args.model)
+        model, config = trainer.load_trained_model(args.model, mesh=mesh)
         args.model = config.model.path  # its tokenizer and task.json
         tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
     else:
         tokenizer = load_tokenizer(args.model)
-        model = models.load_hf_checkpoint(args.model, dtype=jnp.dtype(args.dtype))
+        model = models.load_hf_checkpoint(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
     task = load_task(args, tokenizer)
     examples = task.examples[: args.limit] if args.limit else task.examples
     max_new_tokens = args.max_new_tokens or task.max_new_tokens or 512
     start = time.perf_counter()
-    report = evaluation.evaluate(
-        model,
-        tokenizer,
-        examples,
-        score_fn=task.score_fn,
-        prompt_fn=task.prompt_fn,
-        n_samples=args.n,
-        k=args.k,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=max_new_tokens,
-        batch_size=args.batch_size,
-        greedy=not args.no_greedy,
-        rng=jax.random.key(args.seed),
-        extract_fn=task.extract_fn,
-        details=args.details,
-    )
+    with evaluation.make_scorer(
+        task.verifier, timeout_s=args.timeout_s, num_workers=args.num_workers
+    ) as scorer:
+        report = evaluation.evaluate(
+            model,
+            tokenizer,
+            examples,
+            scorer=scorer,
+            prompt_fn=task.prompt_fn,
+            n_samples=args.n,
+            k=args.k,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=max_new_tokens,
+            batch_size=args.batch_size,
+            greedy=not args.no_greedy,
+            rng=jax.random.key(args.seed),
+            extract_fn=task.extract_fn,
+            details=args.details,
+            mesh=mesh,
+        )
     return dict(
         model=source,
         task=task.name,
+        verifier=task.verifier,
+        mesh=dict(mesh.shape),
         seed=args.seed,
         seconds=round(time.perf_counter() - start, 1),
         **report,

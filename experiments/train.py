@@ -2,8 +2,9 @@
 
     python -m experiments.train --config=configs/quickstart.py --workdir=DIR
 
-Override any field from the command line, e.g. `--config.rl.advantage=grpo
---config.train.steps=50`. Re-running with the same --workdir resumes from its
+Override any field from the command line, e.g. `--config.train.steps=50
+--config.rl.hparams.margin_low=0.1`; switch algorithms with the config's argument
+(`--config=configs/quickstart.py:algo=grpo`). Re-running with the same --workdir resumes from its
 newest checkpoint; SIGTERM saves a checkpoint and exits. On several hosts, run
 the same command with `--distributed` on each (see README).
 """

@@ -170,3 +170,34 @@ def make_model_dir(path: Path, family: str = "qwen2", seed: int = 0) -> Path:
     )
     make_torch_model(family, seed, **ids).save_pretrained(path)
     return path
+
+
+def digit_fraction(completions, *, answers, **kwargs):
+    """A host reward that varies on a random model's output: the share of digit characters.
+
+    Tests train with it so that rewards, advantages, losses and gradients are not all 0
+    (a random model almost never solves the task, and 0 rewards would hide a broken update).
+    """
+    del answers, kwargs
+    return np.asarray(
+        [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions], np.float32
+    )
+
+
+def low_token_share(tokens, mask, targets, target_len):
+    """A token reward that varies on a random model: the share of completion tokens below 16."""
+    import jax.numpy as jnp
+
+    del targets, target_len
+    m = mask.astype(jnp.float32)
+    return jnp.sum((tokens < 16) * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
+def register_test_rewards() -> None:
+    """Register `digit_fraction` (host) and `low_token_share` (token) as rewards by name,
+    since configs validate reward names."""
+    from aapo_jax import rewards
+    from aapo_jax.rewards import tokens
+
+    rewards.HOST_REWARDS["digit_fraction"] = digit_fraction
+    tokens.TOKEN_REWARDS["low_token_share"] = low_token_share

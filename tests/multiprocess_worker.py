@@ -29,18 +29,18 @@ def rl_steps(steps: int = 2) -> dict:
     import numpy as np
     from flax import nnx
 
-    from aapo_jax import configs, models, rl, sharding
+    from aapo_jax import configs, models, sharding, train_step
+    from aapo_jax.optim import make_optimizer
     from aapo_jax.rewards import tokens
-    from tests.test_rl import TINY as config
+    from aapo_jax.types import PromptBatch
+    from tests.test_train_step import TINY as config
 
     rl_cfg = configs.RLConfig(group_size=GROUP)
     optim = configs.OptimConfig(learning_rate=1e-2, total_steps=10, eps=1.0)
-    tx = rl.make_optimizer(optim)
-    model = models.Transformer(config, rngs=nnx.Rngs(0))
-    graphdef, state = rl.init_train_state(model, tx, rl_cfg, jax.random.key(0))
+    tx = make_optimizer(optim)
+    graphdef, params = nnx.split(models.Transformer(config, rngs=nnx.Rngs(0)))
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=1)
-    shardings = sharding.tree_shardings(state, state.params, mesh)
-    state = sharding.put(state, shardings)
+    state, shardings = train_step.init_train_state(params, tx, rl_cfg, seed=0, mesh=mesh)
 
     rng = np.random.default_rng(0)
     ids = rng.integers(3, config.vocab_size, size=(PROMPTS, PROMPT_LEN)).astype(np.int32)
@@ -51,10 +51,10 @@ def rl_steps(steps: int = 2) -> dict:
     per_process = PROMPTS // jax.process_count()
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
     local = (ids[rows], mask[rows], targets[rows], target_len[rows])
-    prompts = rl.PromptBatch(*sharding.shard_batch(local, mesh))
+    prompts = PromptBatch(*sharding.shard_batch(local, mesh))
 
     settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
-    step = rl.make_rl_step(
+    step = train_step.make_token_rl_step(
         rl_cfg, optim, settings, graphdef, tx, tokens.prefix_match, eos_token_id=5, pad_token_id=0
     )
     step = jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
@@ -71,23 +71,12 @@ def rl_steps(steps: int = 2) -> dict:
     )
 
 
-def digit_fraction(completions, *, answers, **kwargs):
-    """A host reward that varies on a random model's output: the share of digit characters."""
-    import numpy as np
-
-    return np.asarray(
-        [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions], np.float32
-    )
-
-
 def trainer_config(model_dir: str):
     """tests/test_trainer.py's two-step tiny run on a data=2 × fsdp=2 mesh, with HF export."""
     from tests.test_trainer import tiny_config
 
     c = tiny_config(model_dir)
     c.name = "two-process"
-    c.reward.names = ("digit_fraction",)
-    c.reward.eval_name = "gym:chain_sum"
     c.optim.eps = 1.0
     c.train.export_hf = True
     c.mesh = dict(data=2, fsdp=2, tensor=1)
@@ -96,9 +85,8 @@ def trainer_config(model_dir: str):
 
 def train(model_dir: str, workdir: str) -> dict:
     """`trainer.train` on `trainer_config` (every process calls it with the same workdir)."""
-    from aapo_jax import configs, rewards, trainer
+    from aapo_jax import configs, trainer
 
-    rewards.HOST_REWARDS["digit_fraction"] = digit_fraction
     return trainer.train(configs.experiment_config(trainer_config(model_dir)), workdir)
 
 

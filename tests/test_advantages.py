@@ -2,10 +2,12 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,17 +53,38 @@ def np_aapo(rewards, ref_rewards, scale_rewards=False, margin_low=0.2, margin_hi
     return out
 
 
-def call(fn, jit, *args, **kwargs):
-    """fn(*args, **kwargs), optionally under jax.jit with kwargs bound as constants."""
-    bound = functools.partial(fn, **kwargs)
-    return (jax.jit(bound) if jit else bound)(*args)
+def np_margin_stats(rewards, ref_rewards, margin_low=0.2, margin_high=0.28):
+    diff = np.asarray(rewards, np.float64) - np.asarray(ref_rewards, np.float64)
+    margin = np.clip(diff, -margin_low, margin_high)
+    return {
+        "margin_mean": margin.mean(),
+        "margin_clip_low_frac": (diff < -margin_low).mean(),
+        "margin_clip_high_frac": (diff > margin_high).mean(),
+        "margin_nonzero_frac": (margin != 0).mean(),
+    }
 
 
 def close(actual, expected, atol=1e-5, rtol=1e-5):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=atol, rtol=rtol)
 
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def jitted_or_not(variant, fn, **kwargs):
+    """variant(fn) with kwargs bound as Python constants (not traced under jit)."""
+    return variant(functools.partial(fn, **kwargs))
+
+
+# Every estimator as fn(rewards, ref_rewards); the reference-free ones ignore ref_rewards.
+PAIRED = {
+    "grpo": lambda r, ref: advantages.grpo(r),
+    "grpo_unscaled": lambda r, ref: advantages.grpo(r, scale_rewards=False),
+    "dr_grpo": lambda r, ref: advantages.dr_grpo(r),
+    "rloo": lambda r, ref: advantages.rloo(r),
+    "reinforce": lambda r, ref: advantages.reinforce(r),
+    "margin": advantages.margin,
+    "aapo": advantages.aapo,
+    "aapo_scaled": lambda r, ref: advantages.aapo(r, ref, scale_rewards=True),
+    "aapo_with_stats": lambda r, ref: advantages.aapo_with_stats(r, ref)[0],
+}
 
 # Rewards on a grid of quarters keep sums and shifts exact in float32.
 quarter = st.integers(-8, 8).map(lambda k: k / 4)
@@ -83,141 +106,210 @@ def reward_groups(draw, min_group=2, max_group=6, paired=False):
 # Hand-computed cases.
 
 
-@JIT
-def test_grpo_hand_case(jit):
-    # mean 0.5, unbiased std sqrt(1/3).
-    out = call(advantages.grpo, jit, jnp.array([[1.0, 0.0, 0.0, 1.0]]))
-    a = 0.5 / (np.sqrt(1 / 3) + 1e-4)
-    close(out, [[a, -a, -a, a]])
+class HandCaseTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_grpo_hand_case(self):
+        # mean 0.5, unbiased std sqrt(1/3).
+        out = self.variant(advantages.grpo)(jnp.array([[1.0, 0.0, 0.0, 1.0]]))
+        a = 0.5 / (np.sqrt(1 / 3) + 1e-4)
+        close(out, [[a, -a, -a, a]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_grpo_group_of_two(self):
+        # mean 0.5, unbiased std sqrt(0.5).
+        out = self.variant(advantages.grpo)(jnp.array([[1.0, 0.0]]))
+        a = 0.5 / (np.sqrt(0.5) + 1e-4)
+        close(out, [[a, -a]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_grpo_zero_std_group_is_zero_not_nan(self):
+        out = self.variant(advantages.grpo)(jnp.array([[0.7, 0.7, 0.7], [1.0, 1.0, 1.0]]))
+        close(out, np.zeros((2, 3)), atol=0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_grpo_ties(self):
+        # Two tied winners, two tied losers: tied rewards get equal advantages.
+        rewards = [[2.0, 2.0, 0.0, 0.0, 1.0]]
+        out = np.asarray(self.variant(advantages.grpo)(jnp.array(rewards)))
+        assert out[0, 0] == out[0, 1] and out[0, 2] == out[0, 3] and out[0, 4] == 0.0
+        close(out, np_grpo(rewards))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dr_grpo_hand_case(self):
+        rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0]])
+        out = self.variant(advantages.dr_grpo)(rewards)
+        close(out, [[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rloo_hand_case(self):
+        rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 2.0, 2.0]])
+        out = self.variant(advantages.rloo)(rewards)
+        close(out, [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [1 - 4 / 3, 0 - 5 / 3, 2 - 1.0, 2 - 1.0]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rloo_group_of_two(self):
+        close(self.variant(advantages.rloo)(jnp.array([[1.0, 0.0]])), [[1.0, -1.0]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_reinforce_is_the_reward(self):
+        rewards = jnp.array([[1.0, 0.0, 0.5]])
+        close(self.variant(advantages.reinforce)(rewards), rewards, atol=0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_aapo_hand_case(self):
+        rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+        ref = jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+        # group part [.5, -.5, -.5, .5]; margins clip([1, 0, -1, 0]) = [.28, 0, -.2, 0].
+        # The all-correct group has no group signal, but the margin still rewards beating ref.
+        expected = [[0.78, -0.5, -0.7, 0.5], [0.28, 0.0, 0.0, 0.0]]
+        close(self.variant(advantages.aapo)(rewards, ref), expected)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_aapo_scaled_hand_case(self):
+        rewards = jnp.array([[1.0, 0.0]])
+        ref = jnp.array([[0.0, 0.1]])
+        a = 0.5 / (np.sqrt(0.5) + 1e-4)
+        out = jitted_or_not(self.variant, advantages.aapo, scale_rewards=True)(rewards, ref)
+        close(out, [[a + 0.28, -a - 0.1]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_aapo_custom_margins(self):
+        fn = jitted_or_not(self.variant, advantages.aapo, margin_low=0.05, margin_high=0.5)
+        out = fn(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]]))
+        close(out, [[0.5 + 0.5, -0.5 - 0.05]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("unscaled", False), ("scaled", True))
+    def test_aapo_with_ref_equal_rewards_is_grpo(self, scale_rewards):
+        rewards = jax.random.uniform(jax.random.PRNGKey(0), (4, 6))
+        fn = jitted_or_not(self.variant, advantages.aapo, scale_rewards=scale_rewards)
+        close(fn(rewards, rewards), advantages.grpo(rewards, scale_rewards=scale_rewards), atol=0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_margin_stats_hand_case(self):
+        rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+        ref = jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.9]])
+        fn = jitted_or_not(self.variant, advantages.margin_stats, margin_low=0.2, margin_high=0.28)
+        stats = fn(rewards, ref)
+        # diffs: [1, 0, -1, 0, 1, 0, 0, 0.1] -> margins [.28, 0, -.2, 0, .28, 0, 0, .1]
+        close(stats["margin_mean"], (0.28 - 0.2 + 0.28 + 0.1) / 8)
+        close(stats["margin_clip_low_frac"], 1 / 8)
+        close(stats["margin_clip_high_frac"], 2 / 8)
+        close(stats["margin_nonzero_frac"], 4 / 8)
 
 
-@JIT
-def test_grpo_group_of_two(jit):
-    # mean 0.5, unbiased std sqrt(0.5).
-    out = call(advantages.grpo, jit, jnp.array([[1.0, 0.0]]))
-    a = 0.5 / (np.sqrt(0.5) + 1e-4)
-    close(out, [[a, -a]])
-
-
-@JIT
-def test_grpo_zero_std_group_is_zero_not_nan(jit):
-    out = call(advantages.grpo, jit, jnp.array([[0.7, 0.7, 0.7], [1.0, 1.0, 1.0]]))
-    close(out, np.zeros((2, 3)), atol=0)
-
-
-@JIT
-def test_grpo_ties(jit):
-    # Two tied winners, two tied losers: tied rewards get equal advantages.
-    out = np.asarray(call(advantages.grpo, jit, jnp.array([[2.0, 2.0, 0.0, 0.0, 1.0]])))
-    assert out[0, 0] == out[0, 1] and out[0, 2] == out[0, 3] and out[0, 4] == 0.0
-    close(out, np_grpo([[2.0, 2.0, 0.0, 0.0, 1.0]]))
-
-
-@JIT
-def test_dr_grpo_hand_case(jit):
-    out = call(advantages.dr_grpo, jit, jnp.array([[1.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0]]))
-    close(out, [[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
-
-
-@JIT
-def test_rloo_hand_case(jit):
-    out = call(advantages.rloo, jit, jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 2.0, 2.0]]))
-    close(out, [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [1 - 4 / 3, 0 - 5 / 3, 2 - 1.0, 2 - 1.0]])
-
-
-@JIT
-def test_rloo_group_of_two(jit):
-    close(call(advantages.rloo, jit, jnp.array([[1.0, 0.0]])), [[1.0, -1.0]])
-
-
-@JIT
-def test_reinforce_is_the_reward(jit):
-    rewards = jnp.array([[1.0, 0.0, 0.5]])
-    close(call(advantages.reinforce, jit, rewards), rewards, atol=0)
-
-
-@JIT
-def test_aapo_hand_case(jit):
-    rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    ref = jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
-    # group part [.5, -.5, -.5, .5]; margins clip([1, 0, -1, 0]) = [.28, 0, -.2, 0].
-    # The all-correct group has no group signal, but the margin still rewards beating ref.
-    expected = [[0.78, -0.5, -0.7, 0.5], [0.28, 0.0, 0.0, 0.0]]
-    close(call(advantages.aapo, jit, rewards, ref), expected)
-
-
-@JIT
-def test_aapo_scaled_hand_case(jit):
-    rewards = jnp.array([[1.0, 0.0]])
-    ref = jnp.array([[0.0, 0.1]])
-    a = 0.5 / (np.sqrt(0.5) + 1e-4)
-    out = call(advantages.aapo, jit, rewards, ref, scale_rewards=True)
-    close(out, [[a + 0.28, -a - 0.1]])
-
-
-@JIT
-def test_aapo_custom_margins(jit):
-    out = call(
-        advantages.aapo,
-        jit,
-        jnp.array([[1.0, 0.0]]),
-        jnp.array([[0.0, 1.0]]),
-        margin_low=0.05,
-        margin_high=0.5,
-    )
-    close(out, [[0.5 + 0.5, -0.5 - 0.05]])
-
-
-@JIT
-@pytest.mark.parametrize("scale_rewards", [False, True])
-def test_aapo_with_ref_equal_rewards_is_grpo(jit, scale_rewards):
-    rewards = jax.random.uniform(jax.random.PRNGKey(0), (4, 6))
-    out = call(advantages.aapo, jit, rewards, rewards, scale_rewards=scale_rewards)
-    close(out, advantages.grpo(rewards, scale_rewards=scale_rewards), atol=0)
-
-
-@JIT
-def test_margin_stats_hand_case(jit):
-    rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    ref = jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.9]])
-    stats = call(advantages.margin_stats, jit, rewards, ref, margin_low=0.2, margin_high=0.28)
-    # diffs: [1, 0, -1, 0, 1, 0, 0, 0.1] -> margins [.28, 0, -.2, 0, .28, 0, 0, .1]
-    close(stats["margin_mean"], (0.28 - 0.2 + 0.28 + 0.1) / 8)
-    close(stats["margin_clip_low_frac"], 1 / 8)
-    close(stats["margin_clip_high_frac"], 2 / 8)
-    close(stats["margin_nonzero_frac"], 4 / 8)
-
-
-def test_outputs_are_float32_for_integer_rewards():
+@pytest.mark.parametrize("name", sorted(PAIRED))
+def test_outputs_are_float32_for_integer_rewards(name):
     rewards = jnp.array([[1, 0, 0, 1]], jnp.int32)
-    for name, fn in advantages.ADVANTAGES.items():
-        assert fn(rewards, rewards).dtype == jnp.float32, name
+    ref = jnp.array([[0, 0, 1, 1]], jnp.int32)
+    assert PAIRED[name](rewards, ref).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# aapo_with_stats: one margin computation, the same numbers as aapo + margin_stats.
+
+
+def _random_pair(seed, shape):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=shape)
+    # Reference rewards near the policy's so that some margins clip and some do not.
+    ref = rewards + 0.3 * rng.normal(size=shape)
+    return jnp.asarray(rewards, jnp.float32), jnp.asarray(ref, jnp.float32)
+
+
+class AapoWithStatsTest(chex.TestCase):
+    def _check_same(self, rewards, ref, **hp):
+        both = jitted_or_not(self.variant, advantages.aapo_with_stats, **hp)(rewards, ref)
+        adv = jitted_or_not(self.variant, advantages.aapo, **hp)(rewards, ref)
+        margins = {k: v for k, v in hp.items() if k != "scale_rewards"}
+        stats = jitted_or_not(self.variant, advantages.margin_stats, **margins)(rewards, ref)
+        assert isinstance(both, tuple) and len(both) == 2
+        close(both[0], adv, atol=0, rtol=0)
+        assert set(both[1]) == set(stats)
+        for key, value in stats.items():
+            close(both[1][key], value, atol=0, rtol=0)
+        return both
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("defaults", 0, (5, 4), {}),
+        ("scaled", 1, (3, 8), {"scale_rewards": True}),
+        ("custom_margins", 2, (4, 4), {"margin_low": 0.05, "margin_high": 0.5}),
+        ("zero_margins", 3, (2, 6), {"margin_low": 0.0, "margin_high": 0.0}),
+        (
+            "everything",
+            4,
+            (6, 3),
+            {"scale_rewards": True, "margin_low": 0.1, "margin_high": 0.15},
+        ),
+    )
+    def test_random_inputs(self, seed, shape, hp):
+        rewards, ref = _random_pair(seed, shape)
+        adv, stats = self._check_same(rewards, ref, **hp)
+        # And both are the paper formulas.
+        close(adv, np_aapo(rewards, ref, **hp), atol=1e-4, rtol=1e-4)
+        margins = {k: v for k, v in hp.items() if k != "scale_rewards"}
+        expected = np_margin_stats(rewards, ref, **margins)
+        assert set(stats) == set(expected)
+        for key, value in expected.items():
+            close(stats[key], value, atol=1e-6)
+        # These random pairs clip at both ends, and not everywhere.
+        assert 0 < float(stats["margin_clip_low_frac"]) < 1
+        assert 0 < float(stats["margin_clip_high_frac"]) < 1
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_hand_case(self):
+        rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+        ref = jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.9]])
+        adv, stats = self._check_same(rewards, ref)
+        # group part [.5, -.5, -.5, .5] and 0; margins [.28, 0, -.2, 0] and [.28, 0, 0, .1].
+        close(adv, [[0.78, -0.5, -0.7, 0.5], [0.28, 0.0, 0.0, 0.1]])
+        close(stats["margin_mean"], (0.28 - 0.2 + 0.28 + 0.1) / 8)
+        close(stats["margin_clip_low_frac"], 1 / 8)
+        close(stats["margin_clip_high_frac"], 2 / 8)
+        close(stats["margin_nonzero_frac"], 4 / 8)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_hand_case_all_tied(self):
+        # Every group tied and every reference equal: no signal at all, nothing clips.
+        rewards = jnp.full((2, 3), 0.5)
+        adv, stats = self._check_same(rewards, rewards, scale_rewards=True)
+        close(adv, np.zeros((2, 3)), atol=0)
+        for key in stats:
+            assert float(stats[key]) == 0.0, key
+
+
+def test_aapo_with_stats_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        advantages.aapo_with_stats(jnp.ones((2, 3)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="margin_high"):
+        advantages.aapo_with_stats(jnp.ones((2, 3)), jnp.ones((2, 3)), margin_high=-0.1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Parity with the NumPy formulas on random rewards.
 
 
-@JIT
-@pytest.mark.parametrize("group", [2, 3, 8])
-def test_parity_with_numpy(jit, group):
-    key_r, key_ref = jax.random.split(jax.random.PRNGKey(group))
-    rewards = jax.random.normal(key_r, (5, group))
-    # Reference rewards near the policy's so that some margins clip and some do not.
-    ref = rewards + 0.3 * jax.random.normal(key_ref, (5, group))
-    r, rr = np.asarray(rewards), np.asarray(ref)
-    close(call(advantages.grpo, jit, rewards), np_grpo(r), atol=1e-4, rtol=1e-4)
-    close(call(advantages.grpo, jit, rewards, scale_rewards=False), np_grpo(r, False))
-    close(call(advantages.dr_grpo, jit, rewards), np_grpo(r, False))
-    close(call(advantages.rloo, jit, rewards), np_rloo(r))
-    close(call(advantages.reinforce, jit, rewards), r)
-    close(call(advantages.aapo, jit, rewards, ref), np_aapo(r, rr))
-    close(
-        call(advantages.aapo, jit, rewards, ref, scale_rewards=True, margin_low=0.1),
-        np_aapo(r, rr, True, 0.1, 0.28),
-        atol=1e-4,
-        rtol=1e-4,
-    )
+class ParityTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("G2", 2), ("G3", 3), ("G8", 8))
+    def test_parity_with_numpy(self, group):
+        rewards, ref = _random_pair(group, (5, group))
+        r, rr = np.asarray(rewards), np.asarray(ref)
+        v = functools.partial(jitted_or_not, self.variant)
+        close(v(advantages.grpo)(rewards), np_grpo(r), atol=1e-4, rtol=1e-4)
+        close(v(advantages.grpo, scale_rewards=False)(rewards), np_grpo(r, False))
+        close(v(advantages.dr_grpo)(rewards), np_grpo(r, False))
+        close(v(advantages.rloo)(rewards), np_rloo(r))
+        close(v(advantages.reinforce)(rewards), r)
+        close(v(advantages.margin)(rewards, ref), np_aapo(r, rr) - np_grpo(r, False))
+        close(v(advantages.aapo)(rewards, ref), np_aapo(r, rr))
+        close(
+            v(advantages.aapo, scale_rewards=True, margin_low=0.1)(rewards, ref),
+            np_aapo(r, rr, True, 0.1, 0.28),
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +331,7 @@ def test_aapo_margin_is_bounded(pair, scale_rewards):
     out = advantages.aapo(rewards, ref, scale_rewards=scale_rewards)
     margin = np.asarray(out - advantages.grpo(rewards, scale_rewards=scale_rewards))
     assert np.all(margin >= -0.2 - 1e-6) and np.all(margin <= 0.28 + 1e-6)
-    # Equals the margin formula itself, and dr_grpo + margin when unscaled.
+    # Equals the margin formula itself.
     close(margin, np.clip(np.asarray(rewards - ref), -0.2, 0.28), atol=1e-5)
 
 
@@ -263,73 +355,38 @@ def test_permutation_equivariance_within_group(pair, rnd):
     rewards, ref = pair
     perm = list(range(rewards.shape[1]))
     rnd.shuffle(perm)
-    for name, fn in advantages.ADVANTAGES.items():
+    for name, fn in PAIRED.items():
         out = np.asarray(fn(jnp.asarray(rewards), jnp.asarray(ref)))
         out_perm = np.asarray(fn(jnp.asarray(rewards[:, perm]), jnp.asarray(ref[:, perm])))
-        close(out_perm, out[:, perm], atol=1e-5, rtol=1e-5)
         assert out.shape == rewards.shape, name
+        close(out_perm, out[:, perm], atol=1e-5, rtol=1e-5)
 
 
 @PROPERTY_SETTINGS
 @given(reward_groups(paired=True))
 def test_groups_are_independent(pair):
     rewards, ref = pair
-    for fn in advantages.ADVANTAGES.values():
+    for fn in PAIRED.values():
         whole = np.asarray(fn(jnp.asarray(rewards), jnp.asarray(ref)))
         for b in range(rewards.shape[0]):
             row = np.asarray(fn(jnp.asarray(rewards[b : b + 1]), jnp.asarray(ref[b : b + 1])))
             close(whole[b : b + 1], row)
 
 
+@PROPERTY_SETTINGS
+@given(reward_groups(paired=True), st.booleans())
+def test_aapo_with_stats_property(pair, scale_rewards):
+    rewards, ref = map(jnp.asarray, pair)
+    adv, stats = advantages.aapo_with_stats(rewards, ref, scale_rewards=scale_rewards)
+    close(adv, advantages.aapo(rewards, ref, scale_rewards=scale_rewards), atol=0, rtol=0)
+    expected = advantages.margin_stats(rewards, ref)
+    assert set(stats) == set(expected)
+    for key, value in expected.items():
+        close(stats[key], value, atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
-# Registry and errors.
-
-
-def test_registry_names_and_entries():
-    assert set(advantages.ADVANTAGES) == {"grpo", "dr_grpo", "rloo", "reinforce", "aapo"}
-    rewards = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
-    ref = jax.random.normal(jax.random.PRNGKey(2), (3, 4))
-    get = advantages.get_advantage_fn
-    close(get("grpo")(rewards, None), advantages.grpo(rewards), atol=0)
-    close(
-        get("grpo")(rewards, ref, scale_rewards=False),
-        advantages.grpo(rewards, scale_rewards=False),
-        atol=0,
-    )
-    close(get("dr_grpo")(rewards, None), advantages.dr_grpo(rewards), atol=0)
-    close(get("rloo")(rewards, None), advantages.rloo(rewards), atol=0)
-    close(get("reinforce")(rewards, None), rewards, atol=0)
-    close(
-        get("aapo")(rewards, ref, scale_rewards=True, margin_high=0.5),
-        advantages.aapo(rewards, ref, scale_rewards=True, margin_high=0.5),
-        atol=0,
-    )
-
-
-@JIT
-def test_registry_entries_jit(jit):
-    rewards = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
-    ref = jax.random.normal(jax.random.PRNGKey(2), (3, 4))
-    for fn in advantages.ADVANTAGES.values():
-        close(call(fn, jit, rewards, ref), fn(rewards, ref), atol=1e-6)
-
-
-def test_needs_reference():
-    assert {n for n in advantages.ADVANTAGES if advantages.needs_reference(n)} == {"aapo"}
-    with pytest.raises(ValueError, match="valid names"):
-        advantages.needs_reference("ppo")
-
-
-def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="'gpgo'") as info:
-        advantages.get_advantage_fn("gpgo")
-    for name in advantages.ADVANTAGES:
-        assert name in str(info.value)
-
-
-def test_aapo_entry_without_reference_raises():
-    with pytest.raises(ValueError, match="ref_rewards"):
-        advantages.get_advantage_fn("aapo")(jnp.ones((2, 3)), None)
+# Errors and edge cases.
 
 
 def test_group_of_one():
@@ -345,6 +402,8 @@ def test_group_of_one():
 def test_bad_shapes_and_margins():
     with pytest.raises(ValueError, match=r"\[B, G\]"):
         advantages.grpo(jnp.ones((6,)))
+    with pytest.raises(ValueError, match=r"ref_rewards must have shape \[B, G\]"):
+        advantages.aapo(jnp.ones((2, 3)), jnp.ones((6,)))
     with pytest.raises(ValueError, match="same shape"):
         advantages.aapo(jnp.ones((2, 3)), jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="margin_low"):
@@ -357,3 +416,9 @@ def test_traced_hyperparameters():
     ref = jnp.array([[0.0, 1.0]])
     fn = jax.jit(lambda lo, hi: advantages.aapo(rewards, ref, margin_low=lo, margin_high=hi))
     close(fn(0.1, 0.3), [[0.8, -0.6]])
+    with_stats = jax.jit(
+        lambda lo, hi: advantages.aapo_with_stats(rewards, ref, margin_low=lo, margin_high=hi)
+    )
+    adv, stats = with_stats(0.1, 0.3)
+    close(adv, [[0.8, -0.6]])
+    close(stats["margin_clip_high_frac"], 0.5)

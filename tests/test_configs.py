@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aapo_jax import configs, trainer
-from configs import base
+from aapo_jax import algorithms, configs, trainer
 from tests import hf_fixtures
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -39,7 +38,7 @@ def test_every_config_is_covered():
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
-@pytest.mark.parametrize("algo", sorted(base.ALGORITHMS))
+@pytest.mark.parametrize("algo", sorted(algorithms.ALGORITHMS))
 def test_config_resolves(name, algo, local_assets):
     c = _module(name).get_config(f"algo={algo}")
     if name in NEEDS_PATHS:
@@ -48,13 +47,36 @@ def test_config_resolves(name, algo, local_assets):
         c.model.path = str(local_assets[0])
         c.data.path = str(local_assets[1])
     config = configs.experiment_config(c)
-    assert config.rl.advantage == base.ALGORITHMS[algo]["advantage"]
+    assert config.rl.algorithm == algo
+    assert config.rl.hyperparameters == algorithms.ALGORITHMS[algo].defaults()
     assert config.optim.total_steps == config.train.steps
 
 
 def test_unknown_argument_is_named():
     with pytest.raises(ValueError, match="unknown config argument 'algorithm'"):
         _module("quickstart").get_config("algorithm=grpo")
+    with pytest.raises(ValueError, match=r"algo='ppo' is invalid: expected one of \['aapo'"):
+        _module("quickstart").get_config("algo=ppo")
+
+
+def test_every_hyperparameter_is_overridable_by_name():
+    """`set_algorithm` writes every hyper-parameter into rl.hparams, so a flag can set each."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = [
+        "train",
+        f"--config={CONFIG_DIR / 'quickstart.py'}:algo=grpo",
+        "--config.rl.hparams.kl_beta=0.05",
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, flag_values=values, lock_config=True, sys_argv=argv
+    )
+    values(argv)
+    assert set(values.config.rl.hparams) == set(algorithms.ALGORITHMS["grpo"].hparams)
+    config = configs.experiment_config(values.config)
+    assert config.rl.hyperparameters["kl_beta"] == 0.05 and config.rl.needs_reference_logprobs
 
 
 @pytest.mark.parametrize("name", RUNNABLE)

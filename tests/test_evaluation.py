@@ -2,13 +2,14 @@
 
 import itertools
 import math
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from aapo_jax import evaluation, models
+from aapo_jax import evaluation, models, rewards, sharding
 from aapo_jax.data.sources import Example
 
 # ---------------------------------------------------------------------------
@@ -63,9 +64,20 @@ def test_paper_protocol_constants():
     assert (evaluation.PAPER_TEMPERATURE, evaluation.PAPER_TOP_P) == (0.6, 0.95)
     assert evaluation.math_extract_fn("so the answer is $\\boxed{42}$.") == "42"
     assert evaluation.math_extract_fn("no answer here") is None
-    score = evaluation.math_score_fn()
-    examples = [Example("q", "42"), Example("q", "42")]
-    np.testing.assert_array_equal(score(["$\\boxed{42}$", "$\\boxed{41}$"], examples), [1.0, 0.0])
+    with evaluation.make_scorer("accuracy_boxed_gold", num_workers=0) as scorer:
+        result = scorer.score(["$\\boxed{42}$", "$\\boxed{41}$", "42"], ["42", "42", "42"])
+    np.testing.assert_array_equal(result.rewards, [1.0, 0.0, 0.0])
+
+
+def test_make_scorer_names_host_rewards():
+    with evaluation.make_scorer("gym:chain_sum", num_workers=0) as scorer:
+        entry = {"question": "1 + 2 =", "answer": "3", "metadata": {}}
+        result = scorer.score(["3", "<answer>4</answer>"], ["3", "3"], entries=[entry, entry])
+    np.testing.assert_array_equal(result.rewards, [1.0, 0.0])
+    with pytest.raises(ValueError, match="unknown host reward"):
+        evaluation.make_scorer("no_such_reward", num_workers=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        evaluation.make_scorer("accuracy", timeout_s=0, num_workers=0)
 
 
 # ---------------------------------------------------------------------------
@@ -130,23 +142,50 @@ TRANSITIONS = {
 }
 
 
-def _score_x(completions, examples):
+# Host rewards (module-level, so that a worker process can import them).
+
+
+def _exact_answer(completions, *, answers, **kwargs):
     """1.0 for a completion that is exactly the gold answer."""
-    pairs = zip(completions, examples, strict=True)
-    return np.asarray([float(c == e.answer) for c, e in pairs], np.float32)
+    del kwargs
+    pairs = zip(completions, answers, strict=True)
+    return np.asarray([float(c == a) for c, a in pairs], np.float32)
 
 
-def _evaluate(examples, **kwargs):
+HANG_S = 60.0
+
+
+def _hangs_on_y(completions, *, answers, **kwargs):
+    """1.0 for everything, but "y" takes `HANG_S` seconds: only a timeout can score it 0."""
+    del answers, kwargs
+    if "y" in completions:
+        time.sleep(HANG_S)
+    return np.ones(len(completions), np.float32)
+
+
+def _raises_on_y(completions, *, answers, **kwargs):
+    """1.0 for everything, but "y" raises."""
+    del answers, kwargs
+    if "y" in completions:
+        raise RuntimeError("cannot score y")
+    return np.ones(len(completions), np.float32)
+
+
+def _evaluate(examples, scorer=None, model=None, **kwargs):
+    """`evaluation.evaluate` on the rigged model; the default verifier is `_exact_answer`."""
+    if scorer is None:
+        with rewards.RewardScorer(_exact_answer, num_workers=0) as scorer:
+            return _evaluate(examples, scorer, model, **kwargs)
     defaults = dict(
-        score_fn=_score_x,
         prompt_fn=evaluation.template_prompt_fn("q {question}"),
         max_new_tokens=4,
         batch_size=4,
         progress=False,
         buckets=None,
     )
+    model = _markov_model(TRANSITIONS) if model is None else model
     return evaluation.evaluate(
-        _markov_model(TRANSITIONS), _tokenizer(), examples, **{**defaults, **kwargs}
+        model, _tokenizer(), examples, scorer=scorer, **{**defaults, **kwargs}
     )
 
 
@@ -165,6 +204,7 @@ def test_evaluate_greedy_and_deterministic_samples():
     assert report["maj@2"] == pytest.approx(3 / 7)
     assert report["greedy_completion_len"] == 2.0  # the answer, then EOS
     assert report["greedy_truncated_frac"] == 0.0
+    assert (report["scorer_timeouts"], report["scorer_errors"]) == (0, 0)
     problems = report["problems"]
     assert [p["greedy_completion"] for p in problems] == ["x", "x", "y", "y", "y", "x", "y"]
     assert problems[0]["completions"] == ["x", "x", "x", "x"]
@@ -210,3 +250,40 @@ def test_evaluate_rejects_bad_settings():
         _evaluate(_examples("a"), n_samples=2, temperature=0.0)
     with pytest.raises(ValueError, match="at least one"):
         _evaluate([])
+
+
+def test_evaluate_scores_through_the_time_bounded_scorer():
+    # "q a" → x scores 1; "q b" → y hangs far past the 1 s bound: the worker is killed and y
+    # scores 0 (its reward would have been 1), counted as a timeout.
+    with rewards.RewardScorer(_hangs_on_y, timeout_s=1, num_workers=1) as scorer:
+        start = time.monotonic()
+        report = _evaluate(_examples("ab"), scorer, n_samples=0, details=True)
+        assert time.monotonic() - start < HANG_S
+    assert [p["greedy_completion"] for p in report["problems"]] == ["x", "y"]
+    assert [p["greedy_score"] for p in report["problems"]] == [1.0, 0.0]
+    assert report["greedy_accuracy"] == 0.5
+    assert (report["scorer_timeouts"], report["scorer_errors"]) == (1, 0)
+
+
+def test_evaluate_counts_verifier_errors():
+    with rewards.RewardScorer(_raises_on_y, num_workers=0) as scorer:
+        report = _evaluate(_examples("abb"), scorer, n_samples=0, details=True)
+    assert [p["greedy_score"] for p in report["problems"]] == [1.0, 0.0, 0.0]
+    assert (report["scorer_timeouts"], report["scorer_errors"]) == (0, 2)
+
+
+def test_evaluate_on_a_data_parallel_mesh_matches_one_device():
+    # 8 problems in batches of 4: each batch's 4 rows are split over the 4 data devices.
+    examples = _examples("aabcbabc")
+    mesh = sharding.make_mesh(data=4, fsdp=1)
+    assert sharding.row_parallel(mesh, 4)
+    model = _markov_model(TRANSITIONS)
+    one = _evaluate(examples, model=model, n_samples=0, details=True)
+    four = _evaluate(
+        examples, model=sharding.shard_model(model, mesh), mesh=mesh, n_samples=0, details=True
+    )
+    completions = [p["greedy_completion"] for p in one["problems"]]
+    assert completions == ["x", "x", "y", "y", "y", "x", "y", "y"]
+    assert [p["greedy_completion"] for p in four["problems"]] == completions
+    for key in ("greedy_accuracy", "greedy_completion_len", "greedy_truncated_frac"):
+        assert four[key] == one[key], key

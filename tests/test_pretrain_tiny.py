@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aapo_jax import evaluation, models
+from aapo_jax import data, evaluation, models
 from aapo_jax.data.sources import Example, gym_splits
 from aapo_jax.data.tokenize import load_tokenizer, tokenize_prompts
 from experiments import pretrain_tiny
@@ -60,11 +60,17 @@ def test_task_json_fields(spec):
     assert spec["eval_size"] >= 500
     assert "{question}" in spec["prompt_template"]
     warm = spec["warmup"]
-    low, high = warm["band_first100"]
-    assert low <= warm["eval_accuracy_first100"] <= high
+    assert "band_first100" not in warm
     assert 0.25 <= warm["eval_accuracy"] <= 0.45
-    for key in ("advantage", "group_size", "prompts_per_step", "learning_rate", "steps"):
-        assert key in spec["rl"], key
+    assert 0.0 <= warm["eval_accuracy_first100"] <= 1.0
+    assert warm["steps"] == warm["history"][-1]["step"]
+    assert warm["eval_accuracy"] == warm["history"][-1]["eval_accuracy"]
+    assert spec["rl"] == pretrain_tiny.SUGGESTED_RL
+    assert spec["rl"]["algorithm"] == "aapo"
+    assert not {"advantage", "loss"} & set(spec["rl"])
+    readme = (ASSETS / "README.md").read_text()
+    assert f"**{warm['eval_accuracy']:.1%}** on the {spec['eval_size']} eval problems" in readme
+    assert "band" not in readme
 
 
 def test_checkpoint_and_tokenizer_load(spec, tokenizer):
@@ -84,30 +90,40 @@ def test_checkpoint_and_tokenizer_load(spec, tokenizer):
 
 
 def test_answer_targets_and_sft_encoding(tokenizer):
-    targets, lengths = pretrain_tiny.encode_answers(tokenizer, ["7", "-42"])
+    targets, lengths = data.encode_targets(tokenizer, ["7", "-42"])
     np.testing.assert_array_equal(lengths, [1, 3])
     assert targets[0, 1:].tolist() == [-1, -1]
     examples = [Example(question="1 + 6 =", answer="7"), Example(question="8 - 50 =", answer="-42")]
-    data = pretrain_tiny.encode_sft(tokenizer, examples)
-    eos = tokenizer.eos_token_id
-    assert data["completion_ids"][0, :2].tolist() == [targets[0, 0], eos]
-    assert data["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-    assert data["completion_ids"][1].tolist() == [*targets[1].tolist(), eos]
-    assert data["prompt_mask"][:, -1].tolist() == [1, 1]  # left-padded
+    assert tokenizer.decode(targets[1].tolist()) == "-42"
+    sft = pretrain_tiny.encode_sft(tokenizer, examples)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert sft["completion_ids"][0].tolist() == [targets[0, 0], eos, pad, pad]
+    assert sft["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert sft["completion_ids"][1].tolist() == [*targets[1].tolist(), eos]
+    assert sft["prompt_mask"][:, -1].tolist() == [1, 1]  # left-padded
 
 
-def test_shipped_model_accuracy_is_in_the_documented_band(spec, tokenizer, eval_split):
+def test_shipped_model_reproduces_the_recorded_accuracy(spec, tokenizer, eval_split):
+    # The whole eval split, greedy, through the evaluation every report uses: the numbers
+    # that task.json and the README record (35.0%, the quickstart's starting accuracy) must
+    # come back within one problem.
+    assert len(eval_split) == spec["eval_size"] == 500
     model = models.load_hf_checkpoint(ASSETS)
-    report = evaluation.evaluate(
-        model,
-        tokenizer,
-        eval_split[:100],
-        score_fn=evaluation.gym_score_fn(spec["name"]),
-        prompt_fn=evaluation.template_prompt_fn(spec["prompt_template"]),
-        n_samples=0,
-        max_new_tokens=spec["max_new_tokens"],
-        batch_size=100,
-        progress=False,
-    )
-    low, high = spec["warmup"]["band_first100"]
-    assert low <= report["greedy_accuracy"] <= high, (report["greedy_accuracy"], (low, high))
+    with evaluation.make_scorer(f"gym:{spec['name']}", num_workers=0) as scorer:
+        report = evaluation.evaluate(
+            model,
+            tokenizer,
+            eval_split,
+            scorer=scorer,
+            prompt_fn=evaluation.template_prompt_fn(spec["prompt_template"]),
+            n_samples=0,
+            max_new_tokens=spec["max_new_tokens"],
+            batch_size=len(eval_split),
+            details=True,
+            progress=False,
+        )
+    warm = spec["warmup"]
+    assert (report["scorer_timeouts"], report["scorer_errors"]) == (0, 0)
+    assert report["greedy_accuracy"] == pytest.approx(warm["eval_accuracy"], abs=0.002)
+    first100 = np.mean([p["greedy_score"] >= 1.0 for p in report["problems"][:100]])
+    assert first100 == pytest.approx(warm["eval_accuracy_first100"], abs=0.01)

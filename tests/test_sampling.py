@@ -335,16 +335,6 @@ def test_draw_uniforms_is_the_per_step_key_stream():
     assert sampling.draw_uniforms(rng, 6, greedy) is None
 
 
-def test_row_parallel_needs_a_data_mesh_that_divides_the_prompts():
-    data4 = sharding.make_mesh(data=4, fsdp=1)
-    assert sampling.row_parallel(data4, 8)
-    assert not sampling.row_parallel(data4, 6)
-    assert not sampling.row_parallel(None, 8)
-    assert not sampling.row_parallel(sharding.make_mesh(data=1, fsdp=4), 8)
-    assert not sampling.row_parallel(sharding.make_mesh(data=2, fsdp=2), 8)
-    assert not sampling.row_parallel(sharding.make_mesh(data=1, fsdp=1), 8)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_row_parallel_generation_equals_one_device(checkpoints, qwen, temperature):
     """Each of 4 devices decodes its own prompts in its own loop: same tokens as one device."""

@@ -21,6 +21,8 @@ from aapo_jax.data.sources import (
 from aapo_jax.data.tokenize import (
     DEFAULT_BUCKETS,
     bucket_length,
+    decode_completions,
+    encode_targets,
     format_prompt,
     left_pad,
     load_tokenizer,
@@ -39,7 +41,9 @@ __all__ = [
     "PromptLoader",
     "PromptStats",
     "bucket_length",
+    "decode_completions",
     "encode_examples",
+    "encode_targets",
     "format_prompt",
     "gym_splits",
     "left_pad",

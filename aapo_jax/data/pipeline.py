@@ -225,11 +225,6 @@ class PromptLoader:
         options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         self._iterator = iter(dataset.to_iter_dataset(options))
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Full global batches per pass over the prompts."""
-        return len(self._encoded) // self.batch_size
-
     def _make_batch(self, indices: Sequence[int]) -> HostPromptBatch:
         global_indices = np.asarray(indices, np.int64)
         # The bucket comes from the global batch, so all hosts pad to one shape.

@@ -102,3 +102,26 @@ def tokenize_prompts(
     # Chat templates already contain their special tokens.
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     return left_pad(encoded, tokenizer.pad_token_id, length=length, buckets=buckets)
+
+
+def decode_completions(tokenizer, tokens_NxT, lengths_N) -> list[str]:
+    """Completion texts: each row's first `lengths_N[n]` tokens, special tokens (EOS) dropped."""
+    tokens, lengths = np.asarray(tokens_NxT), np.asarray(lengths_N)
+    return tokenizer.batch_decode(
+        [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+
+
+def encode_targets(tokenizer, answers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Answer tokens padded with -1 into int32 [B, A], and their lengths int32 [B].
+
+    The targets of the token rewards (`rewards.tokens`): `exact_match` scores a
+    completion 1 iff it is exactly these tokens followed by EOS.
+    """
+    encoded = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    width = max((len(a) for a in encoded), default=0)
+    targets = np.full((len(encoded), max(width, 1)), -1, np.int32)
+    for row, ids in enumerate(encoded):
+        targets[row, : len(ids)] = ids
+    return targets, np.asarray([len(a) for a in encoded], np.int32)

@@ -1,0 +1,132 @@
+"""fp32 log-probs and entropies of completion tokens under a model, memory-bounded over time."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from aapo_jax.models.transformer import Transformer, init_cache, positions_from_mask
+
+
+def _log_softmax_at(
+    logits_xV: Float[Array, "... V"], targets_x: Int[Array, ...]
+) -> tuple[Float[Array, ...], Float[Array, ...]]:
+    """fp32 log-softmax gathered at targets, and the entropy of the distribution."""
+    logits_xV = logits_xV.astype(jnp.float32)
+    lse_x = jax.nn.logsumexp(logits_xV, axis=-1)
+    target_logit_x = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
+    probs_xV = jnp.exp(logits_xV - lse_x[..., None])
+    entropy_x = lse_x - jnp.sum(probs_xV * logits_xV, axis=-1)
+    return target_logit_x - lse_x, entropy_x
+
+
+def chunked_token_logprobs(
+    hidden_NxTxD: Float[Array, "N T D"],
+    lm_head_DxV: Float[Array, "D V"],
+    targets_NxT: Int[Array, "N T"],
+    *,
+    chunk_size: int = 128,
+    temperature: float = 1.0,
+) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
+    """Log-probs and entropies of the LM head output, one chunk of time steps at a time.
+
+        logits = hidden @ lm_head / τ   (fp32 accumulation)
+        logp[n, t] = logits[n, t, y] − logsumexp_v logits[n, t, v],   H[n, t] = entropy
+
+    Only f32[N, chunk_size, V] logits exist at any time, forward and backward: the chunk
+    body is rematerialised in the backward pass (when T spans several chunks) instead of
+    saving its logits. T is padded up to a multiple of chunk_size and the result sliced back.
+    bf16 inputs are multiplied with fp32 accumulation; a bf16 × bf16 product is exact in
+    fp32, so this equals casting the inputs to fp32 first up to summation order.
+
+    Args:
+      hidden_NxTxD: final hidden states (after the final norm), aligned with targets.
+      lm_head_DxV: output projection (the transposed embedding for tied weights).
+      targets_NxT: int token ids.
+      chunk_size: time steps per chunk (clamped to T).
+      temperature: τ.
+
+    Returns:
+      (logprobs f32[N, T], entropy f32[N, T]). Gradients flow to hidden and lm_head.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_rows, seq_len, width = hidden_NxTxD.shape
+    chunk = min(chunk_size, seq_len)
+    num_chunks = -(-seq_len // chunk)
+    pad = num_chunks * chunk - seq_len
+    hidden_NxPxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, pad), (0, 0)))
+    targets_NxP = jnp.pad(targets_NxT, ((0, 0), (0, pad)))
+    hidden_KxNxCxD = hidden_NxPxD.reshape(num_rows, num_chunks, chunk, width).swapaxes(0, 1)
+    targets_KxNxC = targets_NxP.reshape(num_rows, num_chunks, chunk).swapaxes(0, 1)
+
+    def one_chunk(lm_head_DxV, hidden_NxCxD, targets_NxC):
+        logits_NxCxV = jnp.einsum(
+            "ncd,dv->ncv", hidden_NxCxD, lm_head_DxV, preferred_element_type=jnp.float32
+        )
+        return _log_softmax_at(logits_NxCxV / temperature, targets_NxC)
+
+    if num_chunks == 1:
+        # One chunk: keeping its logits for the backward pass costs no more memory than
+        # recomputing them would (either way one chunk is live), and saves a matmul.
+        return one_chunk(lm_head_DxV, hidden_NxTxD, targets_NxT)
+    one_chunk = jax.checkpoint(one_chunk)
+
+    # lm_head goes in as an argument (not a closure) so checkpoint sees it as an input.
+    logp_KxNxC, entropy_KxNxC = jax.lax.map(
+        lambda xs: one_chunk(lm_head_DxV, *xs), (hidden_KxNxCxD, targets_KxNxC)
+    )
+
+    def unchunk(x_KxNxC):
+        return x_KxNxC.swapaxes(0, 1).reshape(num_rows, num_chunks * chunk)[:, :seq_len]
+
+    return unchunk(logp_KxNxC), unchunk(entropy_KxNxC)
+
+
+def completion_logprobs(
+    model: Transformer,
+    prompt_ids: Int[Array, "N P"],
+    prompt_mask: Array,
+    completion_ids: Int[Array, "N T"],
+    completion_mask: Array,
+    *,
+    chunk_size: int = 128,
+    prompt_group_size: int = 1,
+) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
+    """fp32 log π(o_t | q, o_<t) and entropies for every completion token, chunked over T.
+
+    With `prompt_group_size = G > 1` the caller promises that rows come in groups
+    of G consecutive rows with identical prompts (the sampler's b·G + g order).
+    Each prompt is then run through the model ONCE into a KV cache that the G
+    completions continue from, instead of G times; gradients flow through the
+    shared keys and values, so values and gradients equal the plain forward up to
+    summation order. If N is not a multiple of G the plain forward is used.
+    """
+    prompt_len = prompt_ids.shape[1]
+    mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
+    positions = positions_from_mask(mask)
+    g = prompt_group_size
+    if g > 1 and prompt_ids.shape[0] % g == 0:
+        remat = model.config.remat
+        cache = init_cache(model.config, prompt_ids.shape[0] // g, mask.shape[1])
+        prompt_hidden, cache = model.hidden_states(
+            prompt_ids[::g], positions[::g, :prompt_len], mask[::g, :prompt_len], cache, remat=remat
+        )
+        completion_hidden, _ = model.hidden_states(
+            completion_ids,
+            positions[:, prompt_len:],
+            mask[:, prompt_len:],
+            cache.repeat_rows(g),
+            remat=remat,
+        )
+        last_prompt = jnp.repeat(prompt_hidden[:, -1:], g, axis=0)
+        hidden = jnp.concatenate([last_prompt, completion_hidden[:, :-1]], axis=1)
+    else:
+        ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+        hidden, _ = model.hidden_states(ids, positions, mask)
+        # Hidden state at position t predicts token t + 1.
+        hidden = hidden[:, prompt_len - 1 : -1]
+    return chunked_token_logprobs(
+        hidden, model.lm_head_kernel(), completion_ids, chunk_size=chunk_size
+    )

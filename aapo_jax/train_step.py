@@ -1,0 +1,331 @@
+"""Stage 3 of an RL step, `train_step(state, rollout) -> (state, metrics)`, and the train state.
+
+    advantages   A = algorithm.advantage(r, r̃)            once, over the whole batch
+    log-probs    log π_θ (and log π_ref when needed) of the completions, per micro-batch
+    KL           kl_divergence(log π_θ, log π_ref)       once: the loss's penalty and the metric
+    loss         algorithm.loss(log π_θ, A, mask, kl)    (sum, denominator) over micro-batches
+    update       AdamW on the exact global mean's gradient, then the reference policy
+
+`make_rl_step` composes `rollout.make_sampler`, a token scorer and this step into
+the one-program RL step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from jaxtyping import Array, Float, Int
+
+from aapo_jax import losses, rollout, sharding
+from aapo_jax.configs import OptimConfig, RLConfig, SamplerSettings
+from aapo_jax.logprobs import completion_logprobs
+from aapo_jax.optim import make_schedule
+from aapo_jax.types import PromptBatch, Rollout, TrainState
+
+StepFn = Callable[[TrainState, Rollout], tuple[TrainState, dict]]
+
+
+def _init_state(params: nnx.State, tx, rl: RLConfig, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        # The reference starts as a copy of the initial weights.
+        ref_params=jax.tree.map(jnp.copy, params) if rl.uses_reference else None,
+        rng=jax.random.key(seed),
+        skipped_updates=jnp.zeros((), jnp.int32),
+    )
+
+
+def abstract_train_state(
+    params: nnx.State, tx: optax.GradientTransformation, rl: RLConfig, *, seed: int = 0
+) -> TrainState:
+    """The train state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), computing nothing.
+
+    `params` may be abstract too (e.g. `nnx.split(nnx.eval_shape(...))[1]`).
+    """
+    return jax.eval_shape(functools.partial(_init_state, tx=tx, rl=rl, seed=seed), params)
+
+
+def init_train_state(
+    params: nnx.State,
+    tx: optax.GradientTransformation,
+    rl: RLConfig,
+    *,
+    seed: int,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, object]:
+    """The initial train state, built shape-first straight onto its shardings.
+
+    `abstract_train_state` → a sharding per leaf (`sharding.tree_shardings`: AdamW's
+    moments and the reference copy follow their parameter) → ONE jitted init with
+    those output shardings, so no state leaf is ever whole on one device. The
+    params' buffers are donated (they become the state's). Without a mesh, the
+    state lives on the default device.
+
+    Returns:
+      (state, shardings): the state and the pytree of its NamedShardings (None without
+      a mesh), for the caller's `jax.jit(..., out_shardings=...)`.
+    """
+    init = functools.partial(_init_state, tx=tx, rl=rl, seed=seed)
+    if mesh is None:
+        return jax.jit(init, donate_argnums=0)(params), None
+    param_shardings = sharding.tree_shardings(params, params, mesh)
+    params = sharding.put(params, param_shardings)  # a no-op for params already placed
+    shardings = sharding.tree_shardings(abstract_train_state(params, tx, rl), params, mesh)
+    state = jax.jit(init, donate_argnums=0, out_shardings=shardings)(params)
+    return state, shardings
+
+
+def update_reference(rl: RLConfig, step: Array, params: nnx.State, ref: nnx.State | None):
+    """Frozen: unchanged. Sync: copy every k steps. EMA: ref ← (1−α)·ref + α·params."""
+    if ref is None or rl.reference == "frozen":
+        return ref
+    if rl.reference == "sync":
+        return _where_tree(step % rl.reference_sync_every == 0, params, ref)
+    rate = rl.reference_ema_rate
+    return jax.tree.map(lambda r, p: ((1 - rate) * r + rate * p).astype(r.dtype), ref, params)
+
+
+def _where_tree(pred, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+@flax.struct.dataclass
+class _Rows:
+    """N = B·G completions with their prompts repeated per row and their advantages."""
+
+    prompt_ids: Int[Array, "N P"]
+    prompt_mask: Array
+    completion_ids: Int[Array, "N T"]
+    completion_mask: Array
+    advantages: Float[Array, " N"]
+
+
+def rollout_metrics(
+    rewards_BxG: Array,
+    ref_rewards_BxG: Array | None,
+    advantages_BxG: Array,
+    lengths_N: Array,
+    truncated_N: Array,
+) -> dict[str, Array]:
+    """Reward, advantage and completion-length statistics of one scored rollout.
+
+    `truncated_N` marks rows that used the whole budget without emitting EOS.
+    """
+    lengths = lengths_N.astype(jnp.float32)
+    metrics = {
+        "reward_mean": jnp.mean(rewards_BxG),
+        "reward_std": jnp.std(rewards_BxG),
+        "advantage_mean": jnp.mean(advantages_BxG),
+        "advantage_std": jnp.std(advantages_BxG),
+        "zero_std_group_frac": jnp.mean((jnp.std(rewards_BxG, axis=1) == 0).astype(jnp.float32)),
+        "completion_len_mean": jnp.mean(lengths),
+        "completion_len_max": jnp.max(lengths),
+        "truncated_frac": jnp.mean(truncated_N),
+        "completion_tokens": jnp.sum(lengths),
+    }
+    if ref_rewards_BxG is not None:
+        metrics["ref_reward_mean"] = jnp.mean(ref_rewards_BxG)
+    return metrics
+
+
+def make_train_step(
+    rl: RLConfig,
+    optim: OptimConfig,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+) -> StepFn:
+    """`train_step(state, rollout) -> (state, metrics)`: one on-policy update from a scored rollout.
+
+    Advantages come from `rl.spec` (the `Algorithm`) over the whole batch, once; the
+    rows are split into `optim.grad_accum_steps` micro-batches whose loss sums and
+    denominators add up, so the gradient is that of the exact global mean. Each
+    micro-batch runs every prompt through the model once for its G completions
+    (`completion_logprobs`), and the reference's log-probs too when the loss or the
+    `kl` metric needs them; the per-token KL is computed once and serves both. A
+    non-finite loss or gradient skips the update (counted in `skipped_updates`).
+    Jit it yourself (donate the state).
+
+    On a data-parallel `mesh` (`sharding.row_parallel`: parameters replicated) the
+    step runs per device over its own prompts' rows (`sharding.data_parallel`), and
+    only gradients, loss sums and the small per-row statistics cross devices;
+    metrics are those of the whole batch. Otherwise XLA partitions it by the
+    shardings of the state and the rollout.
+    """
+    algorithm, hparams = rl.spec, rl.hyperparameters
+    schedule = make_schedule(optim)
+    k, g = optim.grad_accum_steps, rl.group_size
+
+    def micro_loss(params, ref_params, mb: _Rows, prompt_group: int):
+        def logprobs_under(weights):
+            return completion_logprobs(
+                nnx.merge(graphdef, weights),
+                mb.prompt_ids,
+                mb.prompt_mask,
+                mb.completion_ids,
+                mb.completion_mask,
+                chunk_size=rl.logprob_chunk_size,
+                prompt_group_size=prompt_group,
+            )
+
+        logp, entropy = logprobs_under(params)
+        kl = None
+        if rl.computes_reference_logprobs:
+            ref_logp, _ = logprobs_under(jax.lax.stop_gradient(ref_params))
+            kl = losses.kl_divergence(
+                logp, jax.lax.stop_gradient(ref_logp), mb.completion_mask, rl.kl_estimator
+            )
+        terms = algorithm.loss_terms(logp, mb.advantages, mb.completion_mask, kl, hparams)
+        mask = mb.completion_mask.astype(jnp.float32)
+        sums = dict(terms.metrics)
+        sums["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
+        sums["tokens"] = jnp.sum(mask)
+        if kl is not None:
+            sums["kl"] = jnp.sum(jax.lax.stop_gradient(kl) * mask)
+        return terms.total, (terms.denominator, sums)
+
+    def update(axis, state: TrainState, rows: _Rows) -> tuple[TrainState, dict]:
+        n = rows.completion_ids.shape[0]
+        if n % k:
+            raise ValueError(f"batch rows {n} not divisible by optim.grad_accum_steps={k}.")
+        # Micro-batches are contiguous rows: groups stay whole iff G divides n / k.
+        group = g if (n // k) % g == 0 else 1
+        grad_fn = jax.value_and_grad(
+            functools.partial(micro_loss, prompt_group=group), has_aux=True
+        )
+        micro = jax.tree.map(lambda x: x.reshape(k, n // k, *x.shape[1:]), rows)
+        # On a data-parallel mesh this device's gradients and sums stay its own until the
+        # explicit psum below.
+        params = sharding.varying(state.params, axis)
+
+        def accumulate(carry, mb):
+            grads, total, denom, sums = carry
+            (t, (d, s)), grad = grad_fn(params, state.ref_params, mb)
+            return (
+                jax.tree.map(jnp.add, grads, grad),
+                total + t,
+                denom + d,
+                jax.tree.map(jnp.add, sums, s),
+            ), None
+
+        first = jax.eval_shape(
+            lambda: grad_fn(params, state.ref_params, jax.tree.map(lambda x: x[0], micro))
+        )
+        sum_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0][1][1])
+        init = sharding.varying(
+            (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0, sum_zeros), axis
+        )
+        (grads, total, denom, sums), _ = jax.lax.scan(accumulate, init, micro)
+        grads, total, denom, sums = sharding.psum_flat((grads, total, denom, sums), axis)
+        scale = 1.0 / jnp.maximum(denom, 1.0)
+        grads = jax.tree.map(lambda x: x * scale, grads)
+        loss = total * scale
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_params = _where_tree(finite, new_params, state.params)
+        opt_state = _where_tree(finite, opt_state, state.opt_state)
+        new_step = state.step + finite.astype(jnp.int32)
+        tokens = jnp.maximum(sums.pop("tokens"), 1.0)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "update_skipped": (~finite).astype(jnp.float32),
+            "entropy": sums.pop("entropy") / tokens,
+        }
+        if "kl" in sums:
+            metrics["kl"] = sums.pop("kl") / tokens
+        metrics.update({name: value * scale for name, value in sums.items()})
+        new_state = state.replace(
+            step=new_step,
+            params=new_params,
+            opt_state=opt_state,
+            ref_params=update_reference(rl, new_step, new_params, state.ref_params),
+            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+        )
+        return new_state, metrics
+
+    def step_rows(axis, state: TrainState, rollout: Rollout) -> tuple[TrainState, dict]:
+        if rollout.rewards is None:
+            raise ValueError("train_step needs a scored rollout (rewards is None).")
+        # Rewards are tiny: every device scores the advantages of the whole batch, so
+        # the advantage's own metrics (AAPO's margin statistics) are the batch's.
+        scored = sharding.all_rows((rollout.rewards, rollout.ref_rewards), axis)
+        advantages_BxG, adv_metrics = algorithm.compute_advantages(*scored, hparams)
+        prompts = rollout.prompts
+        rows = _Rows(
+            prompt_ids=jnp.repeat(prompts.ids, g, axis=0),
+            prompt_mask=jnp.repeat(prompts.mask, g, axis=0),
+            completion_ids=rollout.policy.tokens,
+            completion_mask=rollout.policy.mask,
+            advantages=sharding.own_rows(advantages_BxG, axis).reshape(-1),
+        )
+        state, metrics = update(axis, state, rows)
+        out = rollout.policy
+        truncated_N = (out.lengths == out.tokens.shape[1]) & out.mask[:, -1]
+        lengths_N, truncated_N = sharding.all_rows((out.lengths, truncated_N), axis)
+        metrics.update(rollout_metrics(*scored, advantages_BxG, lengths_N, truncated_N))
+        metrics.update(adv_metrics)
+        return state, metrics
+
+    def train_step(state: TrainState, rollout: Rollout) -> tuple[TrainState, dict]:
+        return sharding.data_parallel(
+            step_rows,
+            mesh,
+            rollout.prompts.ids.shape[0],
+            in_specs=(sharding.REPLICATED, sharding.ROWS),
+            out_specs=sharding.REPLICATED,
+        )(state, rollout)
+
+    return train_step
+
+
+def make_rl_step(
+    sample: Callable[[TrainState, PromptBatch], Rollout],
+    score: Callable[[Rollout], Rollout],
+    train_step: StepFn,
+) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
+    """`rl_step(state, prompts) -> (state, metrics)`: the three stages composed.
+
+    With a jittable `score` (`rollout.make_token_scorer`), `jax.jit(rl_step)` is ONE
+    XLA program: policy and reference sampling, reward, advantage, reference
+    log-probs and the update, with no host round trip.
+    """
+
+    def rl_step(state: TrainState, prompts: PromptBatch) -> tuple[TrainState, dict]:
+        return train_step(state, score(sample(state, prompts)))
+
+    return rl_step
+
+
+def make_token_rl_step(
+    rl: RLConfig,
+    optim: OptimConfig,
+    settings: SamplerSettings,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    reward_fn: Callable[..., Array],
+    *,
+    eos_token_id,
+    pad_token_id: int,
+    mesh: Mesh | None = None,
+) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
+    """`make_rl_step` of `rollout.make_sampler`, `rollout.make_token_scorer(reward_fn)` and
+    `make_train_step`: the one-program step for a JAX-native reward. Jit it yourself."""
+    sample = rollout.make_sampler(
+        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh
+    )
+    score = rollout.make_token_scorer(reward_fn)
+    return make_rl_step(sample, score, make_train_step(rl, optim, graphdef, tx, mesh=mesh))

@@ -1,0 +1,61 @@
+"""The records an RL step passes between its stages: prompts, the rollout, the train state."""
+
+from __future__ import annotations
+
+import flax.struct
+import optax
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from aapo_jax.sampling import SamplerOutput
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. `ref_params` is None when no reference is used."""
+
+    step: Int[Array, ""]
+    params: nnx.State
+    opt_state: optax.OptState
+    ref_params: nnx.State | None
+    rng: Array
+    skipped_updates: Int[Array, ""]
+
+
+@flax.struct.dataclass
+class PromptBatch:
+    """B left-padded prompts; tasks with a JAX-native reward add the answers as tokens.
+
+    Attributes:
+      ids, mask: int32[B, P] left-padded prompt tokens and their mask (1 = token).
+      targets: int32[B, A] answer tokens padded with -1 (token rewards only).
+      target_len: int32[B] answer lengths (token rewards only).
+    """
+
+    ids: Int[Array, "B P"]
+    mask: Array
+    targets: Int[Array, "B A"] | None = None
+    target_len: Int[Array, " B"] | None = None
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One step's completions, G per prompt (rows b·G + g), and once scored their rewards.
+
+    The sampling stage fills `prompts`, `policy` and (when the algorithm needs the
+    reference rollout) `reference`, paired with `policy` row by row; the scoring
+    stage fills `rewards` and `ref_rewards`; the train step reads all of it.
+    Every leaf's leading dimension is rows (B or N = B·G), so a data-parallel mesh
+    splits the whole record by prompts.
+    """
+
+    prompts: PromptBatch
+    policy: SamplerOutput
+    reference: SamplerOutput | None = None
+    rewards: Float[Array, "B G"] | None = None
+    ref_rewards: Float[Array, "B G"] | None = None
+
+    @property
+    def group_size(self) -> int:
+        """G: completions per prompt."""
+        return self.policy.tokens.shape[0] // self.prompts.ids.shape[0]
