@@ -166,25 +166,22 @@ def make_train_step(
     schedule = make_schedule(optim)
     k, g = optim.grad_accum_steps, rl.group_size
 
-    def micro_loss(params, ref_params, mb: _Rows, prompt_group: int):
-        def logprobs_under(weights):
-            return completion_logprobs(
-                nnx.merge(graphdef, weights),
-                mb.prompt_ids,
-                mb.prompt_mask,
-                mb.completion_ids,
-                mb.completion_mask,
-                chunk_size=rl.logprob_chunk_size,
-                prompt_group_size=prompt_group,
-            )
+    def logprobs_of(weights, mb: _Rows, prompt_group: int):
+        return completion_logprobs(
+            nnx.merge(graphdef, weights),
+            mb.prompt_ids,
+            mb.prompt_mask,
+            mb.completion_ids,
+            mb.completion_mask,
+            chunk_size=rl.logprob_chunk_size,
+            prompt_group_size=prompt_group,
+        )
 
-        logp, entropy = logprobs_under(params)
+    def micro_loss(params, mb: _Rows, ref_logp: Array | None, prompt_group: int):
+        logp, entropy = logprobs_of(params, mb, prompt_group)
         kl = None
-        if rl.computes_reference_logprobs:
-            ref_logp, _ = logprobs_under(jax.lax.stop_gradient(ref_params))
-            kl = losses.kl_divergence(
-                logp, jax.lax.stop_gradient(ref_logp), mb.completion_mask, rl.kl_estimator
-            )
+        if ref_logp is not None:  # one KL: the loss's penalty (with its gradient) and the metric
+            kl = losses.kl_divergence(logp, ref_logp, mb.completion_mask, rl.kl_estimator)
         terms = algorithm.loss_terms(logp, mb.advantages, mb.completion_mask, kl, hparams)
         mask = mb.completion_mask.astype(jnp.float32)
         sums = dict(terms.metrics)
@@ -208,9 +205,16 @@ def make_train_step(
         # explicit psum below.
         params = sharding.varying(state.params, axis)
 
+        def reference_logprobs(mb: _Rows) -> Array | None:
+            # Outside the differentiated function: nothing of it is kept for the backward pass.
+            if not rl.computes_reference_logprobs:
+                return None
+            ref_logp, _ = logprobs_of(jax.lax.stop_gradient(state.ref_params), mb, group)
+            return jax.lax.stop_gradient(ref_logp)
+
         def accumulate(carry, mb):
             grads, total, denom, sums = carry
-            (t, (d, s)), grad = grad_fn(params, state.ref_params, mb)
+            (t, (d, s)), grad = grad_fn(params, mb, reference_logprobs(mb))
             return (
                 jax.tree.map(jnp.add, grads, grad),
                 total + t,
@@ -218,9 +222,8 @@ def make_train_step(
                 jax.tree.map(jnp.add, sums, s),
             ), None
 
-        first = jax.eval_shape(
-            lambda: grad_fn(params, state.ref_params, jax.tree.map(lambda x: x[0], micro))
-        )
+        first_mb = jax.tree.map(lambda x: x[0], micro)
+        first = jax.eval_shape(lambda: grad_fn(params, first_mb, reference_logprobs(first_mb)))
         sum_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0][1][1])
         init = sharding.varying(
             (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0, sum_zeros), axis
