@@ -161,9 +161,7 @@ def aapo_with_stats(
     Returns:
       (f32[B, G] advantages, the `margin_stats` dict).
     """
-    margin_BxG = margin(rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high)
-    diff_BxG = rewards.astype(jnp.float32) - ref_rewards.astype(jnp.float32)
-    stats = _margin_stats(diff_BxG, margin_BxG, margin_low, margin_high)
+    margin_BxG, stats = _margin_and_stats(rewards, ref_rewards, margin_low, margin_high)
     return grpo(rewards, scale_rewards=scale_rewards) + margin_BxG, stats
 
 
@@ -202,8 +200,13 @@ def aapo(
     return advantages_BxG
 
 
-def _margin_stats(diff_BxG, margin_BxG, margin_low, margin_high) -> dict[str, Float[Array, ""]]:
-    return {
+def _margin_and_stats(
+    rewards, ref_rewards, margin_low, margin_high
+) -> tuple[Float[Array, "B G"], dict[str, Float[Array, ""]]]:
+    """The margin M and `margin_stats` of it, M computed once."""
+    margin_BxG = margin(rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high)
+    diff_BxG = rewards.astype(jnp.float32) - ref_rewards.astype(jnp.float32)
+    return margin_BxG, {
         "margin_mean": jnp.mean(margin_BxG),
         "margin_clip_low_frac": jnp.mean((diff_BxG < -margin_low).astype(jnp.float32)),
         "margin_clip_high_frac": jnp.mean((diff_BxG > margin_high).astype(jnp.float32)),
@@ -231,6 +234,4 @@ def margin_stats(
       with r − r̃ < −δ_low), ``margin_clip_high_frac`` (fraction with r − r̃ > δ_high) and
       ``margin_nonzero_frac`` (fraction with M ≠ 0).
     """
-    margin_BxG = margin(rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high)
-    diff_BxG = rewards.astype(jnp.float32) - ref_rewards.astype(jnp.float32)
-    return _margin_stats(diff_BxG, margin_BxG, margin_low, margin_high)
+    return _margin_and_stats(rewards, ref_rewards, margin_low, margin_high)[1]

@@ -199,9 +199,7 @@ def shard_batch(tree, mesh: Mesh):
                     f"data × fsdp = {rows} devices across {processes} processes."
                 )
             return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
-        if x.ndim and x.shape[0] % rows == 0:
-            return jax.device_put(x, batch_sharding(mesh, x.ndim))
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        return jax.device_put(x, _rows_or_replicated(mesh, x))
 
     return jax.tree.map(one, tree)
 
@@ -241,14 +239,16 @@ def put_rows(tree, mesh: Mesh):
     (e.g. an eval batch): each array's rows are split over data × fsdp when they
     divide evenly, otherwise it is replicated.
     """
+    tree = jax.tree.map(np.asarray, tree)
+    return put(tree, jax.tree.map(functools.partial(_rows_or_replicated, mesh), tree))
+
+
+def _rows_or_replicated(mesh: Mesh, x) -> NamedSharding:
+    """Rows over data × fsdp when they divide evenly (`batch_sharding`), else replicated."""
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
-
-    def sharding_of(x):
-        if np.ndim(x) and np.shape(x)[0] % rows == 0:
-            return batch_sharding(mesh, np.ndim(x))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return put(jax.tree.map(np.asarray, tree), jax.tree.map(sharding_of, tree))
+    if np.ndim(x) and np.shape(x)[0] % rows == 0:
+        return batch_sharding(mesh, np.ndim(x))
+    return NamedSharding(mesh, PartitionSpec())
 
 
 # ---------------------------------------------------------------------------

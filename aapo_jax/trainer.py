@@ -53,13 +53,7 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
         self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-        model = models.load_hf_checkpoint(
-            cfg.model.path,
-            dtype=jnp.dtype(cfg.model.dtype),
-            param_dtype=jnp.dtype(cfg.model.param_dtype or cfg.model.dtype),
-            mesh=self.mesh,
-            remat=cfg.model.remat,
-        )
+        model = models.load_hf_checkpoint(cfg.model.path, mesh=self.mesh, **_model_dtypes(cfg))
         self.eos = _eos_ids(self.tokenizer, model.config)
         self.pad = int(self.tokenizer.pad_token_id)
         self._load_data()
@@ -111,24 +105,21 @@ class Trainer:
         train_examples, eval_examples = sources.load_splits(cfg.data)
         if cfg.train.eval_size:
             eval_examples = eval_examples[: cfg.train.eval_size]
-        budget = cfg.sampling.max_prompt_length
+        prompt_kw = dict(
+            template=cfg.prompt.template,
+            system_prompt=cfg.prompt.system_prompt or None,
+            use_chat_template=cfg.prompt.use_chat_template,
+            max_prompt_length=cfg.sampling.max_prompt_length,
+        )
         encoded, self.prompt_stats = pipeline.encode_examples(
-            train_examples, self.tokenizer, **self._prompt_format(), max_prompt_length=budget
+            train_examples, self.tokenizer, **prompt_kw
         )
-        eval_prompts, _ = pipeline.encode_examples(
-            eval_examples, self.tokenizer, **self._prompt_format(), max_prompt_length=budget
-        )
+        eval_prompts, _ = pipeline.encode_examples(eval_examples, self.tokenizer, **prompt_kw)
         self.eval_examples = [p.example for p in eval_prompts]
+        # Each eval problem's prompt as it was formatted (and checked for length) here.
+        self.eval_prompt_texts = {p.example: p.text for p in eval_prompts}
         self.loader = pipeline.PromptLoader(
             encoded, batch_size=cfg.train.prompts_per_step, seed=cfg.train.seed, pad_id=self.pad
-        )
-
-    def _prompt_format(self) -> dict[str, Any]:
-        prompt = self.config.prompt
-        return dict(
-            template=prompt.template,
-            system_prompt=prompt.system_prompt or None,
-            use_chat_template=prompt.use_chat_template,
         )
 
     # -- one step -----------------------------------------------------------
@@ -162,13 +153,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy on the eval split (score ≥ 1 under `reward.eval_name`)."""
         cfg = self.config
-        prompt_format = self._prompt_format()
         report = evaluation.evaluate(
             nnx.merge(self.graphdef, self.state.params),
             self.tokenizer,
             self.eval_examples,
             scorer=self.eval_scorer,
-            prompt_fn=lambda e: data_lib.format_prompt(self.tokenizer, e.question, **prompt_format),
+            prompt_fn=self.eval_prompt_texts.__getitem__,
             n_samples=0,
             greedy=True,
             max_new_tokens=cfg.sampling.max_new_tokens,
@@ -300,6 +290,16 @@ class Trainer:
         self.checkpointer.close()
 
 
+def _model_dtypes(config: ExperimentConfig) -> dict[str, Any]:
+    """`load_hf_checkpoint` keyword arguments for the run's compute / parameter dtypes."""
+    source = config.model
+    return dict(
+        dtype=jnp.dtype(source.dtype),
+        param_dtype=jnp.dtype(source.param_dtype or source.dtype),
+        remat=source.remat,
+    )
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -327,13 +327,7 @@ def load_trained_model(
         directory, save_reference=config.rl.reference != "frozen"
     )
     try:
-        model_config = models.config_from_hf(
-            models.read_hf_config(config.model.path),
-            dtype=jnp.dtype(config.model.dtype),
-            param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype),
-            remat=config.model.remat,
-        )
-        abstract_model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
+        abstract_model = models.abstract_hf_model(config.model.path, **_model_dtypes(config))
         graphdef, params = nnx.split(abstract_model)
         mesh = mesh if mesh is not None else sharding.make_mesh(data=1, fsdp=1, tensor=1)
         target = train_step_lib.abstract_train_state(

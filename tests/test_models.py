@@ -73,6 +73,19 @@ def test_config_fields(checkpoints):
     assert not llama.qkv_bias
 
 
+def test_abstract_model_has_the_loaded_shapes_and_reads_no_tensor(checkpoints, tmp_path):
+    directory = hf_fixtures.copy_checkpoint(checkpoints["qwen2"][0], tmp_path / "ckpt")
+    loaded = nnx.state(models.load_hf_checkpoint(directory, param_dtype=jnp.bfloat16))
+    for weights in directory.glob("*.safetensors"):
+        weights.unlink()  # only config.json is left to read
+    abstract = models.abstract_hf_model(directory, param_dtype=jnp.bfloat16)
+    leaves = jax.tree.leaves(nnx.state(abstract))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert [(x.shape, x.dtype) for x in leaves] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(loaded)
+    ]
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama3_tied"])
 def test_export_loads_in_transformers_with_identical_logits(checkpoints, tmp_path, family):
     model = models.load_hf_checkpoint(checkpoints[family][0])

@@ -2,6 +2,7 @@
 
 from aapo_jax.models.config import ModelConfig, RopeScaling
 from aapo_jax.models.hf import (
+    abstract_hf_model,
     config_from_hf,
     load_hf_checkpoint,
     read_hf_config,
@@ -20,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "RopeScaling",
     "Transformer",
+    "abstract_hf_model",
     "compute_logits",
     "config_from_hf",
     "init_cache",

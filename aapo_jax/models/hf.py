@@ -276,6 +276,18 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     return json.loads(config_file.read_text())
 
 
+def abstract_hf_model(
+    path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, remat: bool = False
+) -> Transformer:
+    """The `Transformer` of a checkpoint's config.json with abstract (shape-only) weights.
+
+    No tensor is read: `jax.ShapeDtypeStruct` leaves, for building shardings or
+    restoring a checkpoint straight onto them. Arguments as in `load_hf_checkpoint`.
+    """
+    config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
 def load_hf_checkpoint(
     path: str | os.PathLike,
     dtype=jnp.float32,
@@ -296,8 +308,8 @@ def load_hf_checkpoint(
         wrongly shaped tensor (the message names the tensor).
     """
     path = Path(path)
-    config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_hf_model(path, dtype, param_dtype=param_dtype, remat=remat)
+    config = abstract.config
     graphdef, state = nnx.split(abstract)
     shardings = sharding_lib.state_shardings(state, mesh, rules) if mesh is not None else None
 
