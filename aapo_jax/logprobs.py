@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from aapo_jax.models.transformer import Transformer, init_cache, positions_from_mask
+from aapo_jax.models.transformer import Transformer, positions_from_mask
 
 
 def _log_softmax_at(
@@ -98,8 +98,9 @@ def completion_logprobs(
 
     With `prompt_group_size = G > 1` the caller promises that rows come in groups
     of G consecutive rows with identical prompts (the sampler's b·G + g order).
-    Each prompt is then run through the model ONCE into a KV cache that the G
-    completions continue from, instead of G times; gradients flow through the
+    Each prompt is then run through the model ONCE; its keys and values (a
+    `PrefixKV`, not a decode cache) are shared by the G completions, which attend
+    to them without copying them G times; gradients flow through the
     shared keys and values, so values and gradients equal the plain forward up to
     summation order. If N is not a multiple of G the plain forward is used.
     """
@@ -108,23 +109,20 @@ def completion_logprobs(
     positions = positions_from_mask(mask)
     g = prompt_group_size
     if g > 1 and prompt_ids.shape[0] % g == 0:
-        remat = model.config.remat
-        cache = init_cache(model.config, prompt_ids.shape[0] // g, mask.shape[1])
-        prompt_hidden, cache = model.hidden_states(
-            prompt_ids[::g], positions[::g, :prompt_len], mask[::g, :prompt_len], cache, remat=remat
+        prompt_hidden, prefix = model.forward(
+            prompt_ids[::g], positions[::g, :prompt_len], mask[::g, :prompt_len], return_kv=True
         )
-        completion_hidden, _ = model.hidden_states(
+        completion_hidden, _ = model.forward(
             completion_ids,
             positions[:, prompt_len:],
             mask[:, prompt_len:],
-            cache.repeat_rows(g),
-            remat=remat,
+            prefix=prefix.replace(repeats=g),
         )
         last_prompt = jnp.repeat(prompt_hidden[:, -1:], g, axis=0)
         hidden = jnp.concatenate([last_prompt, completion_hidden[:, :-1]], axis=1)
     else:
         ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
-        hidden, _ = model.hidden_states(ids, positions, mask)
+        hidden, _ = model.forward(ids, positions, mask)
         # Hidden state at position t predicts token t + 1.
         hidden = hidden[:, prompt_len - 1 : -1]
     return chunked_token_logprobs(

@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from aapo_jax import sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
-from aapo_jax.models.transformer import Transformer, init_cache, positions_from_mask
+from aapo_jax.models.transformer import Transformer, cache_from_prefix, positions_from_mask
 
 _NEG_INF = -jnp.inf
 
@@ -198,13 +198,31 @@ class _LoopState:
 
 
 def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config: SamplingConfig):
-    """Prefill one model's cache once per prompt, then repeat it `num_samples` times."""
-    b, p = input_ids_BxP.shape
-    cache = init_cache(model.config, b, p + config.max_new_tokens)
-    hidden, cache = model.hidden_states(input_ids_BxP, positions_BxP, mask_BxP, cache)
+    """Prefill one model's cache once per prompt, then repeat it `num_samples` times.
+
+    The prompt runs through the model's memory-bounded forward; its keys and values
+    then become the first P slots of a P + max_new_tokens cache.
+    """
+    p = input_ids_BxP.shape[1]
+    hidden, prefix = model.forward(input_ids_BxP, positions_BxP, mask_BxP, return_kv=True)
     last_logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
     last_logits = jnp.repeat(last_logits, config.num_samples, axis=0)
-    return last_logits, cache.repeat_rows(config.num_samples)
+    prefix = prefix.replace(repeats=config.num_samples)
+    cache = cache_from_prefix(prefix, p + config.max_new_tokens, model.config.compute_dtype)
+    return last_logits, cache
+
+
+def decode_segments(prompt_len: int, max_new_tokens: int, min_tokens: int = 512) -> list[int]:
+    """The decode loop's segment ends: steps [ends[i-1], ends[i]) attend over P + ends[i] slots.
+
+    A decode step reads only the part of the cache that can be filled by then, so over
+    a long completion attention costs about what the filled cache holds rather than
+    the whole P + T buffer every step. Segments are at least `min_tokens` long (each
+    compiles its own loop body); up to 4.
+    """
+    del prompt_len  # the prompt's slots are always read
+    count = max(1, min(4, max_new_tokens // min_tokens))
+    return [round(max_new_tokens * (i + 1) / count) for i in range(count)]
 
 
 def _step_uniforms(uniforms_TxN: Array | None, step: Array) -> Array | None:
@@ -246,13 +264,10 @@ def _decode(
         positions=next_position,
     )
 
-    def cond(state: _LoopState):
-        all_done = functools.reduce(jnp.logical_and, [jnp.all(d) for d in state.done])
-        return (state.step < t) & ~all_done
-
-    def advance(model, uniforms_TxN, tokens, logprobs, done, cache, step, positions):
+    def advance(model, uniforms_TxN, tokens, logprobs, done, cache, step, positions, kv_len):
         prev = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)
-        logits, cache = model(prev, positions[:, None], ~done[:, None], cache)
+        hidden, cache = model.decode(prev, positions[:, None], ~done[:, None], cache, kv_len=kv_len)
+        logits = model.logits_from_hidden(hidden)
         token, logprob = sample_token(logits[:, 0], _step_uniforms(uniforms_TxN, step), config)
         token = jnp.where(done, config.pad_token_id, token)
         logprob = jnp.where(done, 0.0, logprob)
@@ -260,23 +275,34 @@ def _decode(
         logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, logprob, step, axis=1)
         return tokens, logprobs, done | jnp.isin(token, eos), cache
 
-    def body(state: _LoopState) -> _LoopState:
-        per_model_state = (state.tokens, state.logprobs, state.done, state.caches)
-        per_model = [
-            advance(model, uniforms_TxN, *parts, state.step, state.positions)
-            for model, uniforms_TxN, *parts in zip(models, uniforms, *per_model_state, strict=True)
-        ]
-        tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
-        return state.replace(
-            step=state.step + 1,
-            tokens=tokens,
-            logprobs=logprobs,
-            done=done,
-            caches=caches,
-            positions=state.positions + 1,
-        )
+    def segment(end: int):
+        """The loop over steps up to `end`, reading the first P + end cache slots."""
 
-    state = jax.lax.while_loop(cond, body, state)
+        def cond(state: _LoopState):
+            all_done = functools.reduce(jnp.logical_and, [jnp.all(d) for d in state.done])
+            return (state.step < end) & ~all_done
+
+        def body(state: _LoopState) -> _LoopState:
+            per_model_state = (state.tokens, state.logprobs, state.done, state.caches)
+            per_model = [
+                advance(model, u, *parts, state.step, state.positions, p + end)
+                for model, u, *parts in zip(models, uniforms, *per_model_state, strict=True)
+            ]
+            tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
+            return state.replace(
+                step=state.step + 1,
+                tokens=tokens,
+                logprobs=logprobs,
+                done=done,
+                caches=caches,
+                positions=state.positions + 1,
+            )
+
+        return cond, body
+
+    p = input_ids_BxP.shape[1]
+    for end in decode_segments(p, t):
+        state = jax.lax.while_loop(*segment(end), state)
     return tuple(
         completion_output(tokens, logprobs, eos)
         for tokens, logprobs in zip(state.tokens, state.logprobs, strict=True)
@@ -329,7 +355,8 @@ def generate_tokens_many(
         in_specs=(sharding.REPLICATED, sharding.ROWS, sharding.ROWS, spec_u),
         out_specs=sharding.ROWS,
     )
-    return decode(tuple(models), input_ids_BxP, attention_mask_BxP, uniforms)
+    with sharding.activation_mesh(mesh):  # activations stay split by rows (XLA-partitioned)
+        return decode(tuple(models), input_ids_BxP, attention_mask_BxP, uniforms)
 
 
 def generate_tokens(

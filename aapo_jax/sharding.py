@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -24,6 +25,7 @@ REPLICATED = PartitionSpec()
 # not divide is replicated instead (e.g. a single KV head on a 4-way tensor axis).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
@@ -128,6 +130,40 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.Modul
     shardings = state_shardings(state, mesh, rules)
     state = jax.device_put(state, shardings)
     return nnx.merge(graphdef, state)
+
+
+ROW_AXES = ("data", "fsdp")
+
+
+def activation_mesh(mesh: Mesh | None):
+    """Context for tracing a program whose activations `constrain_rows` keeps row-sharded.
+
+    `jax.sharding.use_abstract_mesh` may be entered inside `jit`; without a mesh it is a
+    no-op context.
+    """
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain_rows(x: jax.Array, dim: int = 0) -> jax.Array:
+    """`x` with dimension `dim` (rows) split over data × fsdp, the rest replicated.
+
+    Only under `activation_mesh` and outside `shard_map` (where rows are already a
+    device's own); rows the axes do not divide are left to XLA. Activations pinned to
+    their rows keep the weights' fsdp sharding from spreading into them: the partitioner
+    then all-gathers weights instead of all-reducing activations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:
+        return x
+    axes = tuple(a for a in ROW_AXES if a in mesh.shape and mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if not axes or x.shape[dim] % ways:
+        return x
+    spec = [None] * x.ndim
+    spec[dim] = axes
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -119,9 +119,9 @@ def _markov_model(transitions: dict[str, dict[str, float]]):
         qkv_bias=True,
     )
     model = models.Transformer(config, rngs=nnx.Rngs(0))
-    for layer in model.layers:
-        layer.attn.o_kernel.value = jnp.zeros_like(layer.attn.o_kernel.value)
-        layer.mlp.down_kernel.value = jnp.zeros_like(layer.mlp.down_kernel.value)
+    layers = model.layers  # all layers' weights, stacked
+    layers.attn.o_kernel.value = jnp.zeros_like(layers.attn.o_kernel.value)
+    layers.mlp.down_kernel.value = jnp.zeros_like(layers.mlp.down_kernel.value)
     model.embed.value = jnp.eye(len(VOCAB), d)
     head = np.full((d, len(VOCAB)), -30.0, np.float32)
     for src, successors in transitions.items():

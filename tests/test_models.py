@@ -192,8 +192,9 @@ def test_sharded_forward_matches_one_device(checkpoints):
     expected = np.asarray(models.compute_logits(models.load_hf_checkpoint(path), ids, mask))
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
     model = models.load_hf_checkpoint(path, mesh=mesh)
-    q = model.layers[0].attn.q_kernel.value
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    q = model.layers.attn.q_kernel.value  # every layer's, stacked on a leading axis
+    assert q.shape[0] == model.config.num_layers
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert model.embed.value.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     graphdef, state = nnx.split(model)
 

@@ -8,6 +8,13 @@ from typing import Literal
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# How the backward pass of the layer scan recomputes: "none" keeps every layer's
+# activations, "full" keeps only each layer's input, "dots" also keeps the
+# projections' outputs (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+REMAT_POLICIES = ("none", "full", "dots")
+# `attention.attend` implementations; "auto" is splash on TPU, cuDNN flash on GPU,
+# query-chunked XLA elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +32,11 @@ class ModelConfig:
     """Architecture of one decoder-only checkpoint.
 
     `dtype` is the activation/compute dtype, `param_dtype` the storage dtype of
-    the weights. Log-softmax, RMSNorm statistics, RoPE and attention softmax are
-    always computed in fp32.
+    the weights (cast to `dtype` inside the forward: fp32 masters, bf16 compute).
+    Log-softmax, RMSNorm statistics, RoPE and attention softmax are always computed
+    in fp32. `remat` is one of `REMAT_POLICIES` (True / False mean "full" / "none");
+    `attention` one of `ATTENTION_IMPLEMENTATIONS`, with `attention_block` its query
+    block (chunked) or kernel block (splash) size.
     """
 
     vocab_size: int
@@ -50,9 +60,13 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
+    attention: str = "auto"
+    attention_block: int = 512
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):  # the older boolean spelling
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"ModelConfig.model_type={self.model_type!r} is not supported; "
@@ -81,6 +95,18 @@ class ModelConfig:
                     f"ModelConfig.{name}={getattr(self, name)!r}; expected 'float32', "
                     "'bfloat16' or 'float16'."
                 )
+
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}.")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"ModelConfig.attention={self.attention!r}; expected one of "
+                f"{ATTENTION_IMPLEMENTATIONS}."
+            )
+        if not isinstance(self.attention_block, int) or self.attention_block < 1:
+            raise ValueError(
+                f"ModelConfig.attention_block must be a positive int, got {self.attention_block!r}."
+            )
 
     @property
     def compute_dtype(self) -> jnp.dtype:

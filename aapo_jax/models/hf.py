@@ -8,12 +8,13 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
+# ModelConfig fields that describe how we run a checkpoint, not the checkpoint.
+_RUNTIME_FIELDS = ("remat", "attention", "attention_block")
 # Tensors some exporters keep that carry no weights of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -62,8 +65,15 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     )
 
 
-def config_from_hf(hf: dict, *, dtype="float32", param_dtype=None, remat=False) -> ModelConfig:
-    """ModelConfig from a parsed Hugging Face config.json (4.x or 5.x layout)."""
+def config_from_hf(hf: dict, *, dtype="float32", param_dtype=None, **runtime: Any) -> ModelConfig:
+    """ModelConfig from a parsed Hugging Face config.json (4.x or 5.x layout).
+
+    `param_dtype` defaults to `dtype`; `runtime` sets the other fields that are ours,
+    not the checkpoint's (`remat`, `attention`, `attention_block`).
+    """
+    unknown = sorted(set(runtime) - set(_RUNTIME_FIELDS))
+    if unknown:
+        raise TypeError(f"config_from_hf: unknown field(s) {unknown}; valid: {_RUNTIME_FIELDS}.")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -110,7 +120,7 @@ def config_from_hf(hf: dict, *, dtype="float32", param_dtype=None, remat=False) 
         pad_token_id=hf.get("pad_token_id"),
         dtype=dtype,
         param_dtype=jnp.dtype(param_dtype).name if param_dtype is not None else dtype,
-        remat=remat,
+        **runtime,
     )
 
 
@@ -159,6 +169,7 @@ class _Entry:
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
     hf_shape: tuple[int, ...]
+    layer: int | None = None  # index on the stacked layer axis of `path`
 
 
 def _same(x):
@@ -175,70 +186,54 @@ def weight_table(config: ModelConfig) -> list[_Entry]:
     h, k, dh = config.num_heads, config.num_kv_heads, config.head_dim
     entries = [_Entry("model.embed_tokens.weight", ("embed",), _same, _same, (v, d))]
     for i in range(config.num_layers):
-        pre, ours = f"model.layers.{i}.", ("layers", i)
+        pre = f"model.layers.{i}."
 
-        def proj(hf, path, heads, pre=pre, ours=ours):
-            entries.append(
-                _Entry(
-                    pre + hf + ".weight",
-                    (*ours, "attn", path + "_kernel"),
-                    lambda w, n=heads: w.T.reshape(d, n, dh),
-                    lambda w, n=heads: w.reshape(d, n * dh).T,
-                    (heads * dh, d),
-                )
+        def entry(hf_name, path, to_ours, to_hf, shape, i=i):
+            # Every layer's tensor is slice i of one stacked parameter ("layers" axis).
+            entries.append(_Entry(hf_name, ("layers", *path), to_ours, to_hf, shape, layer=i))
+
+        for hf, name, heads in (("q_proj", "q", h), ("k_proj", "k", k), ("v_proj", "v", k)):
+            entry(
+                f"{pre}self_attn.{hf}.weight",
+                ("attn", f"{name}_kernel"),
+                lambda w, n=heads: w.T.reshape(d, n, dh),
+                lambda w, n=heads: w.reshape(d, n * dh).T,
+                (heads * dh, d),
             )
             if config.qkv_bias:
-                entries.append(
-                    _Entry(
-                        pre + hf + ".bias",
-                        (*ours, "attn", path + "_bias"),
-                        lambda b, n=heads: b.reshape(n, dh),
-                        lambda b, n=heads: b.reshape(n * dh),
-                        (heads * dh,),
-                    )
+                entry(
+                    f"{pre}self_attn.{hf}.bias",
+                    ("attn", f"{name}_bias"),
+                    lambda b, n=heads: b.reshape(n, dh),
+                    lambda b, n=heads: b.reshape(n * dh),
+                    (heads * dh,),
                 )
-
-        proj("self_attn.q_proj", "q", h)
-        proj("self_attn.k_proj", "k", k)
-        proj("self_attn.v_proj", "v", k)
-        entries.append(
-            _Entry(
-                pre + "self_attn.o_proj.weight",
-                (*ours, "attn", "o_kernel"),
-                lambda w: w.T.reshape(h, dh, d),
-                lambda w: w.reshape(h * dh, d).T,
-                (d, h * dh),
-            )
+        entry(
+            pre + "self_attn.o_proj.weight",
+            ("attn", "o_kernel"),
+            lambda w: w.T.reshape(h, dh, d),
+            lambda w: w.reshape(h * dh, d).T,
+            (d, h * dh),
         )
         if config.o_bias:
-            entries.append(
-                _Entry(pre + "self_attn.o_proj.bias", (*ours, "attn", "o_bias"), _same, _same, (d,))
-            )
+            entry(pre + "self_attn.o_proj.bias", ("attn", "o_bias"), _same, _same, (d,))
         for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-            entries.append(
-                _Entry(
-                    pre + f"mlp.{name}_proj.weight",
-                    (*ours, "mlp", f"{name}_kernel"),
-                    _transpose,
-                    _transpose,
-                    shape,
-                )
+            entry(
+                f"{pre}mlp.{name}_proj.weight",
+                ("mlp", f"{name}_kernel"),
+                _transpose,
+                _transpose,
+                shape,
             )
             if config.mlp_bias:
-                entries.append(
-                    _Entry(
-                        pre + f"mlp.{name}_proj.bias",
-                        (*ours, "mlp", f"{name}_bias"),
-                        _same,
-                        _same,
-                        shape[:1],
-                    )
+                entry(
+                    f"{pre}mlp.{name}_proj.bias", ("mlp", f"{name}_bias"), _same, _same, shape[:1]
                 )
         for hf, norm in (
             ("input_layernorm", "input_norm"),
             ("post_attention_layernorm", "post_attn_norm"),
         ):
-            entries.append(_Entry(pre + hf + ".weight", (*ours, norm, "scale"), _same, _same, (d,)))
+            entry(pre + hf + ".weight", (norm, "scale"), _same, _same, (d,))
     entries.append(_Entry("model.norm.weight", ("final_norm", "scale"), _same, _same, (d,)))
     if not config.tie_word_embeddings:
         entries.append(_Entry("lm_head.weight", ("lm_head",), _transpose, _transpose, (v, d)))
@@ -277,15 +272,20 @@ def read_hf_config(path: str | os.PathLike) -> dict:
 
 
 def abstract_hf_model(
-    path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, remat: bool = False
+    path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, **runtime: Any
 ) -> Transformer:
     """The `Transformer` of a checkpoint's config.json with abstract (shape-only) weights.
 
     No tensor is read: `jax.ShapeDtypeStruct` leaves, for building shardings or
     restoring a checkpoint straight onto them. Arguments as in `load_hf_checkpoint`.
     """
-    config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, **runtime)
     return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def _stack(slices: list[jax.Array], sharding) -> jax.Array:
+    """One stacked [Ly, ...] parameter from its per-layer slices, straight onto `sharding`."""
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*slices)
 
 
 def load_hf_checkpoint(
@@ -295,20 +295,23 @@ def load_hf_checkpoint(
     param_dtype=None,
     mesh: Mesh | None = None,
     rules=sharding_lib.LOGICAL_RULES,
-    remat: bool = False,
+    **runtime: Any,
 ) -> Transformer:
     """Load a Qwen2 / Llama-3 Hugging Face checkpoint directory as an NNX `Transformer`.
 
     Tensors are read one at a time (bf16 included), converted to our layout and
     `param_dtype` (default: `dtype`), and placed straight onto their device or,
-    with `mesh`, their sharding — the host never holds two full copies.
+    with `mesh`, their sharding — the host never holds two full copies. A layer's
+    tensor goes onto the devices as its slice of the stacked parameter; the slices
+    are stacked on the devices once every layer's is there. `runtime`: `remat`,
+    `attention`, `attention_block` (see `ModelConfig`).
 
     Raises:
       ValueError: unsupported model_type or rope type, a missing, unexpected or
         wrongly shaped tensor (the message names the tensor).
     """
     path = Path(path)
-    abstract = abstract_hf_model(path, dtype, param_dtype=param_dtype, remat=remat)
+    abstract = abstract_hf_model(path, dtype, param_dtype=param_dtype, **runtime)
     config = abstract.config
     graphdef, state = nnx.split(abstract)
     shardings = sharding_lib.state_shardings(state, mesh, rules) if mesh is not None else None
@@ -328,6 +331,7 @@ def load_hf_checkpoint(
     by_file: dict[Path, list[_Entry]] = {}
     for entry in table.values():
         by_file.setdefault(files[entry.hf_name], []).append(entry)
+    layer_slices: dict[tuple, dict[int, jax.Array]] = {}
     for file, entries in by_file.items():
         with safe_open(file, framework="numpy") as f:
             for entry in entries:
@@ -340,7 +344,18 @@ def load_hf_checkpoint(
                 variable = _at(state, entry.path)
                 value = np.ascontiguousarray(entry.to_ours(tensor.astype(variable.value.dtype)))
                 target = _at(shardings, entry.path).value if shardings is not None else None
-                variable.value = jax.device_put(value, target)
+                if entry.layer is None:
+                    variable.value = jax.device_put(value, target)
+                else:
+                    if target is not None:  # the slice's sharding: the stacked one minus "layers"
+                        target = NamedSharding(target.mesh, PartitionSpec(*target.spec[1:]))
+                    slices = layer_slices.setdefault(entry.path, {})
+                    slices[entry.layer] = jax.device_put(value, target)
+                    if len(slices) == config.num_layers:
+                        target = _at(shardings, entry.path).value if shardings is not None else None
+                        ordered = [slices[i] for i in range(config.num_layers)]
+                        variable.value = _stack(ordered, target)
+                        del layer_slices[entry.path], ordered, slices
                 del tensor, value
     return nnx.merge(graphdef, state)
 
@@ -352,7 +367,10 @@ def load_hf_checkpoint(
 def _iter_hf_tensors(model: Transformer, dtype) -> Iterator[tuple[str, np.ndarray]]:
     state = nnx.state(model, nnx.Param)
     for entry in weight_table(model.config):
-        value = np.asarray(jax.device_get(_at(state, entry.path).value))
+        value = _at(state, entry.path).value
+        if entry.layer is not None:
+            value = value[entry.layer]
+        value = np.asarray(jax.device_get(value))
         yield entry.hf_name, np.ascontiguousarray(entry.to_hf(value).astype(dtype))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -12,6 +14,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from aapo_jax import sharding as sharding_lib
+from aapo_jax.models import attention
 from aapo_jax.models.config import ModelConfig
 
 # A large finite negative instead of -inf keeps masked scores out of NaN territory.
@@ -20,18 +24,20 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 @flax.struct.dataclass
 class KVCache:
-    """Fixed-size key/value buffers for every layer, written left to right.
+    """Fixed-size key/value buffers of every layer, stacked on a leading layer axis.
 
     All rows share one write index because batches are left-padded: slot `s`
     holds the same step for every row. `mask_BxS` marks the slots that hold a
     real token (not padding, not yet written). Both are head-major so attention
     reads them without a relayout every step, and keys are stored transposed
-    ([B, K, Dh, S]): a decode step's q·k then reduces over a non-minor axis and
+    ([Ly, B, K, Dh, S]): a decode step's q·k then reduces over a non-minor axis and
     vectorises along the slots, about 2.7× faster on CPU than reducing over Dh.
+    The layer scan updates one layer's slots in place (a carried buffer), so a
+    decode step never copies the cache.
     """
 
-    k: tuple[Float[Array, "B K Dh S"], ...]
-    v: tuple[Float[Array, "B K S Dh"], ...]
+    k: Float[Array, "Ly B K Dh S"]
+    v: Float[Array, "Ly B K S Dh"]
     mask_BxS: Bool[Array, "B S"]
     index: Int[Array, ""]
 
@@ -43,12 +49,26 @@ class KVCache:
         """Every row repeated `repeats` times (rows b·repeats + r): one prefill, G continuations."""
         if repeats == 1:
             return self
-        repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)
         return self.replace(
-            k=tuple(map(repeat, self.k)),
-            v=tuple(map(repeat, self.v)),
-            mask_BxS=repeat(self.mask_BxS),
+            k=jnp.repeat(self.k, repeats, axis=1),
+            v=jnp.repeat(self.v, repeats, axis=1),
+            mask_BxS=jnp.repeat(self.mask_BxS, repeats, axis=0),
         )
+
+
+@flax.struct.dataclass
+class PrefixKV:
+    """Keys and values of a prompt already run through every layer, for continuations.
+
+    `k`, `v`: [Ly, B', P, K, Dh] as `Transformer.forward(..., return_kv=True)` returns
+    them; `mask_BxP`: [B', P]. Each of the B' rows serves `repeats` consecutive rows of
+    the continuation batch (rows b·repeats + r), repeated layer by layer inside the scan.
+    """
+
+    k: Float[Array, "Ly B P K Dh"]
+    v: Float[Array, "Ly B P K Dh"]
+    mask_BxP: Bool[Array, "B P"]
+    repeats: int = flax.struct.field(pytree_node=False, default=1)
 
 
 def visibility(query_slot_L: Array, key_mask_BxS: Array) -> Bool[Array, "B L S"]:
@@ -66,14 +86,33 @@ def visibility(query_slot_L: Array, key_mask_BxS: Array) -> Bool[Array, "B L S"]
 def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None) -> KVCache:
     """An empty cache of `cache_size` slots per row (keys/values in `dtype`, default compute)."""
     dtype = config.compute_dtype if dtype is None else dtype
-    k_shape = (batch_size, config.num_kv_heads, config.head_dim, cache_size)
-    v_shape = (batch_size, config.num_kv_heads, cache_size, config.head_dim)
+    ly, k, dh = config.num_layers, config.num_kv_heads, config.head_dim
     return KVCache(
-        k=tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers)),
-        v=tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers)),
+        k=jnp.zeros((ly, batch_size, k, dh, cache_size), dtype),
+        v=jnp.zeros((ly, batch_size, k, cache_size, dh), dtype),
         mask_BxS=jnp.zeros((batch_size, cache_size), bool),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def cache_from_prefix(prefix: PrefixKV, cache_size: int, dtype=None) -> KVCache:
+    """A decode cache of `cache_size` slots holding a prefilled prompt (index = P).
+
+    One relayout of the prompt's keys and values (`forward(..., return_kv=True)`) into
+    the cache's head-major, transposed-key layout; the slots after P are empty.
+    """
+    p = prefix.k.shape[2]
+    if cache_size < p:
+        raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {p}.")
+    dtype = prefix.k.dtype if dtype is None else dtype
+    pad = cache_size - p
+    keys = jnp.pad(prefix.k.transpose(0, 1, 3, 4, 2).astype(dtype), [(0, 0)] * 4 + [(0, pad)])
+    values = jnp.pad(
+        prefix.v.transpose(0, 1, 3, 2, 4).astype(dtype), [(0, 0)] * 3 + [(0, pad), (0, 0)]
+    )
+    mask = jnp.pad(prefix.mask_BxP.astype(bool), ((0, 0), (0, pad)))
+    cache = KVCache(k=keys, v=values, mask_BxS=mask, index=jnp.asarray(p, jnp.int32))
+    return cache.repeat_rows(prefix.repeats)
 
 
 def positions_from_mask(mask_BxL: Array) -> Int[Array, "B L"]:
@@ -135,7 +174,10 @@ def dense(x: Array, kernel: Array, n_in: int = 1) -> Array:
     return y.reshape(*lead, *out)
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", stack: int = 0):
+    """A parameter; with `stack` > 0, `stack` of them on a leading "layers" axis."""
+    if stack:
+        shape, axes = (stack, *shape), ("layers", *axes)
     if init == "normal":
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "ones":
@@ -148,9 +190,11 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
 class RMSNorm(nnx.Module):
     """RMSNorm with fp32 statistics, scaled after casting back (transformers order)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int = 0):
         self.eps = config.rms_norm_eps
-        self.scale = _param(rngs, (config.hidden_size,), ("norm",), config.weight_dtype, "ones")
+        self.scale = _param(
+            rngs, (config.hidden_size,), ("norm",), config.weight_dtype, "ones", stack
+        )
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
@@ -158,23 +202,29 @@ class RMSNorm(nnx.Module):
         return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
 
 
-class Attention(nnx.Module):
-    """Grouped-query attention over the (optionally cached) keys and values."""
+# attend(q [B, L, H, Dh], k [B, L, K, Dh], v [B, L, K, Dh]) -> (out [B, L, H, Dh], aux):
+# how one layer's attention reads its keys (fresh, after a prefix, or through a cache).
+AttendFn = Callable[[Array, Array, Array], tuple[Array, Any]]
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+    """Grouped-query attention projections; the attention itself is the caller's `AttendFn`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int = 0):
         d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         dt = config.weight_dtype
         self.config = config
-        self.q_kernel = _param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt)
-        self.k_kernel = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt)
-        self.v_kernel = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt)
-        self.o_kernel = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt)
+        p = functools.partial(_param, rngs, dtype=dt, stack=stack)
+        self.q_kernel = p((d, h, dh), ("embed", "q_heads", "head_dim"))
+        self.k_kernel = p((d, k, dh), ("embed", "kv_heads", "head_dim"))
+        self.v_kernel = p((d, k, dh), ("embed", "kv_heads", "head_dim"))
+        self.o_kernel = p((h, dh, d), ("q_heads", "head_dim", "embed"))
         if config.qkv_bias:
-            self.q_bias = _param(rngs, (h, dh), ("q_heads", "head_dim"), dt, "zeros")
-            self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), dt, "zeros")
-            self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), dt, "zeros")
+            self.q_bias = p((h, dh), ("q_heads", "head_dim"), init="zeros")
+            self.k_bias = p((k, dh), ("kv_heads", "head_dim"), init="zeros")
+            self.v_bias = p((k, dh), ("kv_heads", "head_dim"), init="zeros")
         if config.o_bias:
-            self.o_bias = _param(rngs, (d,), ("embed",), dt, "zeros")
+            self.o_bias = p((d,), ("embed",), init="zeros")
 
     def _project(self, x, kernel, bias_name):
         y = dense(x, kernel.value.astype(x.dtype))
@@ -183,74 +233,68 @@ class Attention(nnx.Module):
         return y
 
     def __call__(
-        self,
-        x_BxLxD: Array,
-        rope: tuple[Array, Array],
-        visible_BxLxS: Array,
-        cache_kv: tuple[Array, Array] | None,
-        cache_index: Array | None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
-        cfg = self.config
+        self, x_BxLxD: Array, rope: tuple[Array, Array], attend: AttendFn
+    ) -> tuple[Array, Any]:
         q = apply_rope(self._project(x_BxLxD, self.q_kernel, "q_bias"), rope)
         k = apply_rope(self._project(x_BxLxD, self.k_kernel, "k_bias"), rope)
         v = self._project(x_BxLxD, self.v_kernel, "v_bias")
-        seq_len = x_BxLxD.shape[1]
-        v = v.swapaxes(1, 2)  # [B, K, L, Dh]
-        if cache_kv is None:
-            keys, values = k.swapaxes(1, 2), v  # keys [B, K, L, Dh]
-        else:
-            k_t = k.transpose(0, 2, 3, 1).astype(cache_kv[0].dtype)  # [B, K, Dh, L]
-            keys = jax.lax.dynamic_update_slice(cache_kv[0], k_t, (0, 0, 0, cache_index))
-            values = jax.lax.dynamic_update_slice(
-                cache_kv[1], v.astype(cache_kv[1].dtype), (0, 0, cache_index, 0)
-            )
-
-        b, group = x_BxLxD.shape[0], cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, seq_len, cfg.num_kv_heads, group, cfg.head_dim)
-        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        if seq_len == 1 and cache_kv is not None:
-            # Decode: one query per row. Broadcast-multiply-reduce over Dh (a non-minor axis
-            # of the transposed keys) fuses into one pass over the cache, where a dot would
-            # run B·K tiny matrix-vector products.
-            q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
-            scores = jnp.sum(q32[..., None] * keys[:, :, None], axis=-2)[:, :, :, None]
-        else:
-            # Queries of one KV head as one [G·L, Dh] block: plain batched GEMMs over (B, K),
-            # forward and backward, with no relayout of the keys.
-            q = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, group * seq_len, -1)
-            spec = "bkqd,bksd->bkqs" if cache_kv is None else "bkqd,bkds->bkqs"
-            scores = jnp.einsum(spec, q, keys, preferred_element_type=jnp.float32)
-            scores = scores.reshape(b, cfg.num_kv_heads, group, seq_len, -1)
-        scores = scores / np.float32(math.sqrt(cfg.head_dim))
-        scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if seq_len == 1 and cache_kv is not None:
-            out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
-            out = out.astype(x_BxLxD.dtype)
-        else:
-            probs = probs.astype(x_BxLxD.dtype).reshape(b, cfg.num_kv_heads, group * seq_len, -1)
-            out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
-            out = out.reshape(b, cfg.num_kv_heads, group, seq_len, -1).transpose(0, 3, 1, 2, 4)
-        out = out.reshape(b, seq_len, cfg.num_heads, cfg.head_dim)
-        y = dense(out, self.o_kernel.value.astype(out.dtype), n_in=2)
-        if cfg.o_bias:
+        out, aux = attend(q, k, v)
+        y = dense(out.astype(x_BxLxD.dtype), self.o_kernel.value.astype(x_BxLxD.dtype), n_in=2)
+        if self.config.o_bias:
             y = y + self.o_bias.value.astype(y.dtype)
-        return y, (None if cache_kv is None else (keys, values))
+        return y, aux
+
+
+def cached_attention(
+    q_BxLxHxDh: Array, keys_BxKxDhxS: Array, values_BxKxSxDh: Array, visible_BxLxS: Array
+) -> Array:
+    """Dense attention of L queries over a cache's (transposed) keys and values.
+
+    Scores are accumulated in fp32 and masked with a large finite negative; the
+    probabilities are cast to the compute dtype for the value matmul.
+    """
+    b, seq_len, h, dh = q_BxLxHxDh.shape
+    kv_heads = keys_BxKxDhxS.shape[1]
+    group = h // kv_heads
+    dtype = q_BxLxHxDh.dtype
+    keys, values = keys_BxKxDhxS.astype(dtype), values_BxKxSxDh.astype(dtype)
+    q = q_BxLxHxDh.reshape(b, seq_len, kv_heads, group, dh)
+    if seq_len == 1:
+        # Decode: one query per row. Broadcast-multiply-reduce over Dh (a non-minor axis
+        # of the transposed keys) fuses into one pass over the cache, where a dot would
+        # run B·K tiny matrix-vector products.
+        q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
+        scores = jnp.sum(q32[..., None] * keys[:, :, None], axis=-2)[:, :, :, None]
+    else:
+        q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * seq_len, dh)
+        scores = jnp.einsum("bkqd,bkds->bkqs", q, keys, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv_heads, group, seq_len, -1)
+    scores = scores / np.float32(math.sqrt(dh))
+    scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if seq_len == 1:
+        out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
+    else:
+        probs = probs.astype(dtype).reshape(b, kv_heads, group * seq_len, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
+        out = out.reshape(b, kv_heads, group, seq_len, dh).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, seq_len, h, dh).astype(dtype)
 
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int = 0):
         d, f, dt = config.hidden_size, config.intermediate_size, config.weight_dtype
         self.config = config
-        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), dt)
-        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), dt)
-        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), dt)
+        p = functools.partial(_param, rngs, dtype=dt, stack=stack)
+        self.gate_kernel = p((d, f), ("embed", "mlp"))
+        self.up_kernel = p((d, f), ("embed", "mlp"))
+        self.down_kernel = p((f, d), ("mlp", "embed"))
         if config.mlp_bias:
-            self.gate_bias = _param(rngs, (f,), ("mlp",), dt, "zeros")
-            self.up_bias = _param(rngs, (f,), ("mlp",), dt, "zeros")
-            self.down_bias = _param(rngs, (d,), ("embed",), dt, "zeros")
+            self.gate_bias = p((f,), ("mlp",), init="zeros")
+            self.up_bias = p((f,), ("mlp",), init="zeros")
+            self.down_bias = p((d,), ("embed",), init="zeros")
 
     def __call__(self, x_BxLxD: Array) -> Array:
         def project(x, name):
@@ -264,27 +308,44 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention block followed by a pre-norm SwiGLU block."""
+    """Pre-norm attention block followed by a pre-norm SwiGLU block.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs)
-        self.post_attn_norm = RMSNorm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+    Built with `stack=Ly` it holds every layer's weights on a leading axis; the
+    `Transformer` scans over that axis, calling one layer's slice at a time.
+    """
 
-    def __call__(self, x, rope, visible, cache_kv, cache_index):
-        attn_out, new_kv = self.attn(self.input_norm(x), rope, visible, cache_kv, cache_index)
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int = 0):
+        self.input_norm = RMSNorm(config, rngs=rngs, stack=stack)
+        self.attn = Attention(config, rngs=rngs, stack=stack)
+        self.post_attn_norm = RMSNorm(config, rngs=rngs, stack=stack)
+        self.mlp = MLP(config, rngs=rngs, stack=stack)
+
+    def __call__(self, x, rope, attend: AttendFn):
+        attn_out, aux = self.attn(self.input_norm(x), rope, attend)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
-        return x, new_kv
+        return x, aux
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` name (None: save nothing)."""
+    if name == "full":
+        return None
+    if name == "dots":
+        # Keep the projections' outputs, recompute norms, RoPE, activations and attention.
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"no remat policy for {name!r}")
 
 
 class Transformer(nnx.Module):
-    """Decoder-only causal LM (Qwen2 / Qwen2.5 / Llama-3.x).
+    """Decoder-only causal LM (Qwen2 / Qwen2.5 / Llama-3.x) over a scanned layer stack.
 
-    Prefill and single-token decode are the same call: pass a `KVCache` and the
-    new tokens are written at `cache.index`, attending to every earlier real
-    slot. Without a cache it is a plain causal forward over `tokens_BxL`.
+    The layers' weights are stacked ([Ly, ...]) and every forward is ONE `lax.scan`
+    over them, so compile time does not grow with depth. Three ways in:
+    `forward` (a causal forward over new tokens, optionally continuing a `PrefixKV`,
+    with memory-bounded attention — the training forward and the prefill),
+    `decode` (new tokens written into a `KVCache` at `cache.index`), and `__call__`
+    (logits; through `decode` when given a cache).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -292,7 +353,7 @@ class Transformer(nnx.Module):
         self.embed = _param(
             rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config.weight_dtype
         )
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = DecoderLayer(config, rngs=rngs, stack=config.num_layers)
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _param(
@@ -308,52 +369,125 @@ class Transformer(nnx.Module):
             return self.embed.value.T
         return self.lm_head.value
 
-    def hidden_states(
+    def _embed(self, tokens_BxL: Array) -> Array:
+        x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(self.config.compute_dtype)
+        return sharding_lib.constrain_rows(x)
+
+    def _scan(self, body, carry, xs, remat: str):
+        """`lax.scan` of `body(layer, carry, xs_i) -> (carry, ys_i)` over the stacked layers."""
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def step(carry, xs):
+            params_i, xs_i = xs
+            return body(nnx.merge(graphdef, params_i), carry, xs_i)
+
+        if remat != "none":
+            step = jax.checkpoint(step, policy=remat_policy(remat), prevent_cse=False)
+        return jax.lax.scan(step, carry, (layer_params, xs))
+
+    def forward(
         self,
         tokens_BxL: Int[Array, "B L"],
         positions_BxL: Int[Array, "B L"],
         mask_BxL: Array,
-        cache: KVCache | None = None,
         *,
-        remat: bool | None = None,
-    ) -> tuple[Array, KVCache | None]:
-        """Final-normed hidden states [B, L, D] (compute dtype) and the updated cache.
+        prefix: PrefixKV | None = None,
+        return_kv: bool = False,
+        remat: str | None = None,
+    ) -> tuple[Array, PrefixKV | None]:
+        """Final-normed hidden states [B, L, D] (compute dtype) of a causal forward.
 
-        `remat` rematerialises each layer in the backward pass; the default is
-        `config.remat` without a cache and off with one (sampling never takes a
-        gradient). A training forward that runs through a cache passes it explicitly.
+        Every query sees the real tokens at or before it (its own slot always), and,
+        with `prefix`, the whole prefilled prompt first: the completions of a group
+        continue one prompt forward (`PrefixKV.repeats`), gradients flowing into it.
+        Attention is `attention.attend` with the config's implementation (no
+        [B, H, L, S] fp32 scores for long sequences). `return_kv` also returns this
+        forward's own keys and values as a `PrefixKV` (a prefill for `cache_from_prefix`
+        or a prefix for a continuation). `remat` (default `config.remat`) picks the
+        layer rematerialisation of the backward pass.
         """
         cfg = self.config
-        if remat is None:
-            remat = cfg.remat and cache is None
-        x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(cfg.compute_dtype)
+        remat = cfg.remat if remat is None else remat
         mask_BxL = mask_BxL.astype(bool)
-        if cache is None:
-            cache_mask = None
-            visible = visibility(jnp.arange(tokens_BxL.shape[1]), mask_BxL)
+        if prefix is None:
+            key_mask, offset = mask_BxL, 0
         else:
-            cache_mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL, (0, cache.index))
-            visible = visibility(cache.index + jnp.arange(tokens_BxL.shape[1]), cache_mask)
+            key_mask = jnp.concatenate([_repeat(prefix.mask_BxP, prefix.repeats), mask_BxL], 1)
+            offset = prefix.mask_BxP.shape[1]
         rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            index = None if cache is None else cache.index
-            call = nnx.remat(DecoderLayer.__call__) if remat else DecoderLayer.__call__
-            x, new_kv = call(layer, x, rope, visible, kv, index)
-            if new_kv is not None:
-                new_k.append(new_kv[0])
-                new_v.append(new_kv[1])
+
+        def body(layer, x, prefix_kv):
+            def attend(q, k, v):
+                keys, values = k, v
+                if prefix_kv is not None:
+                    pk, pv = (_repeat(t.astype(k.dtype), prefix.repeats) for t in prefix_kv)
+                    keys, values = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+                out = attention.attend(
+                    q,
+                    keys,
+                    values,
+                    key_mask,
+                    query_offset=offset,
+                    implementation=cfg.attention,
+                    block_size=cfg.attention_block,
+                )
+                return out, ((k, v) if return_kv else None)
+
+            x, kv = layer(x, rope, attend)
+            return sharding_lib.constrain_rows(x), kv
+
+        prefix_kv = None if prefix is None else (prefix.k, prefix.v)
+        x, kv = self._scan(body, self._embed(tokens_BxL), prefix_kv, remat)
         x = self.final_norm(x)
-        if cache is None:
+        if not return_kv:
             return x, None
-        new_cache = KVCache(
-            k=tuple(new_k),
-            v=tuple(new_v),
-            mask_BxS=cache_mask,
-            index=cache.index + tokens_BxL.shape[1],
-        )
-        return x, new_cache
+        return x, PrefixKV(k=kv[0], v=kv[1], mask_BxP=mask_BxL)
+
+    def decode(
+        self,
+        tokens_BxL: Int[Array, "B L"],
+        positions_BxL: Int[Array, "B L"],
+        mask_BxL: Array,
+        cache: KVCache,
+        *,
+        kv_len: int | None = None,
+    ) -> tuple[Array, KVCache]:
+        """Hidden states [B, L, D] of new tokens written into `cache` at `cache.index`.
+
+        Each layer writes its keys and values into the carried cache in place and
+        attends over the first `kv_len` slots (default: all): a decode loop that
+        knows how far the cache is filled passes a bound, so a step reads only the
+        filled part. Dense attention: meant for decode steps (L = 1) and short writes.
+        """
+        cfg = self.config
+        kv_len = cache.size if kv_len is None else kv_len
+        length = tokens_BxL.shape[1]
+        mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL.astype(bool), (0, cache.index))
+        visible = visibility(cache.index + jnp.arange(length), mask[:, :kv_len])
+        rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
+        index = cache.index
+
+        def body(layer, carry, i):
+            x, keys, values = carry
+
+            def attend(q, k, v):
+                nonlocal keys, values
+                k_t = k.transpose(0, 2, 3, 1)[None].astype(keys.dtype)  # [1, B, K, Dh, L]
+                v_t = v.swapaxes(1, 2)[None].astype(values.dtype)  # [1, B, K, L, Dh]
+                keys = jax.lax.dynamic_update_slice(keys, k_t, (i, 0, 0, 0, index))
+                values = jax.lax.dynamic_update_slice(values, v_t, (i, 0, 0, index, 0))
+                b, kh, dh = k.shape[0], k.shape[2], k.shape[3]
+                keys_i = jax.lax.dynamic_slice(keys, (i, 0, 0, 0, 0), (1, b, kh, dh, kv_len))
+                values_i = jax.lax.dynamic_slice(values, (i, 0, 0, 0, 0), (1, b, kh, kv_len, dh))
+                return cached_attention(q, keys_i[0], values_i[0], visible), None
+
+            x, _ = layer(x, rope, attend)
+            return (sharding_lib.constrain_rows(x), keys, values), None
+
+        carry = (self._embed(tokens_BxL), cache.k, cache.v)
+        (x, keys, values), _ = self._scan(body, carry, jnp.arange(cfg.num_layers), "none")
+        new_cache = KVCache(k=keys, v=values, mask_BxS=mask, index=cache.index + length)
+        return self.final_norm(x), new_cache
 
     def logits_from_hidden(self, hidden_BxLxD: Array) -> Float[Array, "B L V"]:
         """fp32 logits from hidden states (fp32 accumulation in the head matmul)."""
@@ -371,8 +505,17 @@ class Transformer(nnx.Module):
         mask_BxL: Array,
         cache: KVCache | None = None,
     ) -> tuple[Float[Array, "B L V"], KVCache | None]:
-        hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, mask_BxL, cache)
+        """fp32 logits of a causal forward, or of new tokens written into `cache`."""
+        if cache is None:
+            hidden, _ = self.forward(tokens_BxL, positions_BxL, mask_BxL)
+        else:
+            hidden, cache = self.decode(tokens_BxL, positions_BxL, mask_BxL, cache)
         return self.logits_from_hidden(hidden), cache
+
+
+def _repeat(x: Array, repeats: int) -> Array:
+    """Rows repeated `repeats` times each (b·repeats + r)."""
+    return x if repeats == 1 else jnp.repeat(x, repeats, axis=0)
 
 
 def compute_logits(
