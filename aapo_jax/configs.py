@@ -19,6 +19,10 @@ class OptimConfig:
     schedule: "constant" (linear warmup, then constant) or "cosine" (linear
     warmup, then cosine decay to `final_lr_fraction · learning_rate` at
     `total_steps`). `warmup_ratio` is a fraction of `total_steps`.
+    The update splits a step's rows into micro-batches whose loss sums add up to the
+    exact global token mean: `micro_batch_tokens` > 0 bounds the (prompt + completion)
+    tokens each device holds per micro-batch (`train_step.micro_batch_count`), else
+    there are `grad_accum_steps` of them. Set one or the other.
     """
 
     learning_rate: float = 1e-6
@@ -32,6 +36,7 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
+    micro_batch_tokens: int = 0
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "> 0")
@@ -45,6 +50,18 @@ class OptimConfig:
         )
         _check(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, "≥ 0 (0 = off)")
         _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", self.grad_accum_steps, "≥ 1")
+        _check(
+            self.micro_batch_tokens >= 0,
+            "optim.micro_batch_tokens",
+            self.micro_batch_tokens,
+            "≥ 0 (0 = use grad_accum_steps)",
+        )
+        _check(
+            self.micro_batch_tokens == 0 or self.grad_accum_steps == 1,
+            "optim.grad_accum_steps",
+            self.grad_accum_steps,
+            "1 when optim.micro_batch_tokens is set (the budget picks the micro-batch count)",
+        )
 
     @property
     def warmup_steps(self) -> int:
@@ -283,16 +300,43 @@ def from_mapping(cls: type, values: Mapping[str, Any] | Any, *, prefix: str = ""
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
-    """A local Hugging Face checkpoint directory and how to hold it in memory."""
+    """A local Hugging Face checkpoint directory and how to hold it in memory.
+
+    Precision policy: the trained weights and AdamW's moments are `param_dtype`
+    masters (fp32 by default: a 1e-6 step on a bf16 weight of 0.02 rounds away), the
+    forward computes in `dtype` (weights cast inside it), and the frozen or synced
+    reference is stored in `reference_dtype` (default: the compute dtype; an EMA
+    reference, which accumulates small steps, defaults to `param_dtype`).
+    """
 
     path: str = ""
     tokenizer_path: str = ""  # default: `path`
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    param_dtype: Literal["", "float32", "bfloat16"] = ""  # default: `dtype`
-    remat: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute (activations, matmul inputs)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights + AdamW moments
+    reference_dtype: Literal["", "float32", "bfloat16"] = ""  # "": compute (EMA: param_dtype)
+    remat: Literal["none", "full", "dots"] = "none"
+    attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
+    attention_block: int = 512
 
     def __post_init__(self):
         _check(bool(self.path), "model.path", self.path, "a local Hugging Face checkpoint dir")
+        _check(self.attention_block >= 1, "model.attention_block", self.attention_block, "≥ 1")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """`models.load_hf_checkpoint` / `abstract_hf_model` keyword arguments."""
+        return dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            remat=self.remat,
+            attention=self.attention,
+            attention_block=self.attention_block,
+        )
+
+    def reference_storage(self, reference: str) -> str:
+        """The reference weights' dtype for an `rl.reference` mode ("frozen", "sync", "ema")."""
+        if self.reference_dtype:
+            return self.reference_dtype
+        return self.param_dtype if reference == "ema" else self.dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,26 +32,35 @@ from aapo_jax.types import PromptBatch, Rollout, TrainState
 StepFn = Callable[[TrainState, Rollout], tuple[TrainState, dict]]
 
 
-def _init_state(params: nnx.State, tx, rl: RLConfig, seed: int) -> TrainState:
+def _init_state(params: nnx.State, tx, rl: RLConfig, seed: int, reference_dtype) -> TrainState:
+    def reference_copy(p):  # the reference starts as a copy of the initial weights
+        return jnp.array(p, dtype=reference_dtype or p.dtype, copy=True)
+
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        # The reference starts as a copy of the initial weights.
-        ref_params=jax.tree.map(jnp.copy, params) if rl.uses_reference else None,
+        ref_params=jax.tree.map(reference_copy, params) if rl.uses_reference else None,
         rng=jax.random.key(seed),
         skipped_updates=jnp.zeros((), jnp.int32),
     )
 
 
 def abstract_train_state(
-    params: nnx.State, tx: optax.GradientTransformation, rl: RLConfig, *, seed: int = 0
+    params: nnx.State,
+    tx: optax.GradientTransformation,
+    rl: RLConfig,
+    *,
+    seed: int = 0,
+    reference_dtype=None,
 ) -> TrainState:
     """The train state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), computing nothing.
 
     `params` may be abstract too (e.g. `nnx.split(nnx.eval_shape(...))[1]`).
+    `reference_dtype`: as in `init_train_state`.
     """
-    return jax.eval_shape(functools.partial(_init_state, tx=tx, rl=rl, seed=seed), params)
+    init = functools.partial(_init_state, tx=tx, rl=rl, seed=seed, reference_dtype=reference_dtype)
+    return jax.eval_shape(init, params)
 
 
 def init_train_state(
@@ -61,8 +70,13 @@ def init_train_state(
     *,
     seed: int,
     mesh: Mesh | None = None,
+    reference_dtype=None,
 ) -> tuple[TrainState, object]:
     """The initial train state, built shape-first straight onto its shardings.
+
+    The params are the trained masters (their dtype is the optimizer's too);
+    `reference_dtype` (default: theirs) stores the reference copy, e.g. bf16 for a
+    frozen reference that only ever runs bf16 forwards (`ModelSource.reference_storage`).
 
     `abstract_train_state` → a sharding per leaf (`sharding.tree_shardings`: AdamW's
     moments and the reference copy follow their parameter) → ONE jitted init with
@@ -74,12 +88,13 @@ def init_train_state(
       (state, shardings): the state and the pytree of its NamedShardings (None without
       a mesh), for the caller's `jax.jit(..., out_shardings=...)`.
     """
-    init = functools.partial(_init_state, tx=tx, rl=rl, seed=seed)
+    init = functools.partial(_init_state, tx=tx, rl=rl, seed=seed, reference_dtype=reference_dtype)
     if mesh is None:
         return jax.jit(init, donate_argnums=0)(params), None
     param_shardings = sharding.tree_shardings(params, params, mesh)
     params = sharding.put(params, param_shardings)  # a no-op for params already placed
-    shardings = sharding.tree_shardings(abstract_train_state(params, tx, rl), params, mesh)
+    abstract = jax.eval_shape(init, params)
+    shardings = sharding.tree_shardings(abstract, params, mesh)
     state = jax.jit(init, donate_argnums=0, out_shardings=shardings)(params)
     return state, shardings
 
@@ -95,7 +110,31 @@ def update_reference(rl: RLConfig, step: Array, params: nnx.State, ref: nnx.Stat
 
 
 def _where_tree(pred, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+    """`where(pred, new, old)` leaf by leaf, in `old`'s dtypes (the state's are fixed)."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b).astype(b.dtype), new, old)
+
+
+def micro_batch_count(
+    rows: int, row_tokens: int, *, budget: int, ways: int = 1, group: int = 1, fallback: int = 1
+) -> int:
+    """How many micro-batches the update splits `rows` rows of `row_tokens` tokens into.
+
+    With a token `budget` > 0: the fewest k such that each device holds at most `budget`
+    tokens per micro-batch, i.e. (rows / k / ways) · row_tokens ≤ budget, where `ways`
+    devices split every micro-batch's rows; k divides rows / ways, and a k that keeps
+    prompt groups whole (rows / k / ways a multiple of `group`) is preferred when one
+    fits. A budget below one row per device gives one row per device per micro-batch.
+    Without a budget: `fallback` (`optim.grad_accum_steps`).
+    """
+    if budget <= 0:
+        return fallback
+    if rows % ways:
+        raise ValueError(f"{rows} rows do not split over {ways} devices.")
+    local = rows // ways
+    counts = [k for k in range(1, local + 1) if local % k == 0]
+    fitting = [k for k in counts if (local // k) * row_tokens <= budget] or [local]
+    whole = [k for k in fitting if (local // k) % group == 0]
+    return min(whole or fitting)
 
 
 @flax.struct.dataclass
@@ -164,7 +203,7 @@ def make_train_step(
     """
     algorithm, hparams = rl.spec, rl.hyperparameters
     schedule = make_schedule(optim)
-    k, g = optim.grad_accum_steps, rl.group_size
+    g = rl.group_size
 
     def logprobs_of(weights, mb: _Rows, prompt_group: int):
         return completion_logprobs(
@@ -193,14 +232,36 @@ def make_train_step(
 
     def update(axis, state: TrainState, rows: _Rows) -> tuple[TrainState, dict]:
         n = rows.completion_ids.shape[0]
-        if n % k:
-            raise ValueError(f"batch rows {n} not divisible by optim.grad_accum_steps={k}.")
-        # Micro-batches are contiguous rows: groups stay whole iff G divides n / k.
-        group = g if (n // k) % g == 0 else 1
+        # Devices that split each micro-batch's rows: none inside `data_parallel` (its rows
+        # are this device's), else data × fsdp when they divide the rows.
+        ways = 1 if axis is not None else _row_ways(mesh, n)
+        row_tokens = rows.prompt_ids.shape[1] + rows.completion_ids.shape[1]
+        k = micro_batch_count(
+            n,
+            row_tokens,
+            budget=optim.micro_batch_tokens,
+            ways=ways,
+            group=g,
+            fallback=optim.grad_accum_steps,
+        )
+        if n % (k * ways):
+            raise ValueError(
+                f"batch rows {n} not divisible by optim.grad_accum_steps={k} × {ways} devices."
+            )
+        # Each device's rows are cut into k contiguous blocks and micro-batch j is every
+        # device's block j: no row moves between devices, and groups stay whole iff G
+        # divides a block.
+        block = n // (k * ways)
+        group = g if block % g == 0 else 1
         grad_fn = jax.value_and_grad(
             functools.partial(micro_loss, prompt_group=group), has_aux=True
         )
-        micro = jax.tree.map(lambda x: x.reshape(k, n // k, *x.shape[1:]), rows)
+
+        def split(x):
+            x = x.reshape(ways, k, block, *x.shape[1:]).swapaxes(0, 1)
+            return sharding.constrain_rows(x.reshape(k, ways * block, *x.shape[3:]), dim=1)
+
+        micro = jax.tree.map(split, rows)
         # On a data-parallel mesh this device's gradients and sums stay its own until the
         # explicit psum below.
         params = sharding.varying(state.params, axis)
@@ -237,6 +298,8 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        # In the old state's dtypes: a leaf the update promotes (a bf16 moment meeting fp32
+        # gradients) would otherwise change the state's type and recompile step 2.
         new_params = _where_tree(finite, new_params, state.params)
         opt_state = _where_tree(finite, opt_state, state.opt_state)
         new_step = state.step + finite.astype(jnp.int32)
@@ -284,15 +347,24 @@ def make_train_step(
         return state, metrics
 
     def train_step(state: TrainState, rollout: Rollout) -> tuple[TrainState, dict]:
-        return sharding.data_parallel(
-            step_rows,
-            mesh,
-            rollout.prompts.ids.shape[0],
-            in_specs=(sharding.REPLICATED, sharding.ROWS),
-            out_specs=sharding.REPLICATED,
-        )(state, rollout)
+        with sharding.activation_mesh(mesh):
+            return sharding.data_parallel(
+                step_rows,
+                mesh,
+                rollout.prompts.ids.shape[0],
+                in_specs=(sharding.REPLICATED, sharding.ROWS),
+                out_specs=sharding.REPLICATED,
+            )(state, rollout)
 
     return train_step
+
+
+def _row_ways(mesh: Mesh | None, rows: int) -> int:
+    """data × fsdp of `mesh` when it divides `rows` (how XLA splits them), else 1."""
+    if mesh is None:
+        return 1
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    return ways if rows % ways == 0 else 1
 
 
 def make_rl_step(

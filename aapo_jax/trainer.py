@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from aapo_jax import checkpoint as checkpoint_lib
@@ -53,7 +52,9 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
         self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-        model = models.load_hf_checkpoint(cfg.model.path, mesh=self.mesh, **_model_dtypes(cfg))
+        model = models.load_hf_checkpoint(
+            cfg.model.path, mesh=self.mesh, **cfg.model.model_kwargs()
+        )
         self.eos = _eos_ids(self.tokenizer, model.config)
         self.pad = int(self.tokenizer.pad_token_id)
         self._load_data()
@@ -62,7 +63,12 @@ class Trainer:
         self.graphdef, params = nnx.split(model)
         del model  # its weights now belong to the train state
         self.state, self.state_shardings = train_step_lib.init_train_state(
-            params, tx, cfg.rl, seed=cfg.train.seed, mesh=self.mesh
+            params,
+            tx,
+            cfg.rl,
+            seed=cfg.train.seed,
+            mesh=self.mesh,
+            reference_dtype=cfg.model.reference_storage(cfg.rl.reference),
         )
         self._build_stages(tx)
         self.eval_scorer = evaluation.make_scorer(
@@ -290,16 +296,6 @@ class Trainer:
         self.checkpointer.close()
 
 
-def _model_dtypes(config: ExperimentConfig) -> dict[str, Any]:
-    """`load_hf_checkpoint` keyword arguments for the run's compute / parameter dtypes."""
-    source = config.model
-    return dict(
-        dtype=jnp.dtype(source.dtype),
-        param_dtype=jnp.dtype(source.param_dtype or source.dtype),
-        remat=source.remat,
-    )
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -327,11 +323,14 @@ def load_trained_model(
         directory, save_reference=config.rl.reference != "frozen"
     )
     try:
-        abstract_model = models.abstract_hf_model(config.model.path, **_model_dtypes(config))
+        abstract_model = models.abstract_hf_model(config.model.path, **config.model.model_kwargs())
         graphdef, params = nnx.split(abstract_model)
         mesh = mesh if mesh is not None else sharding.make_mesh(data=1, fsdp=1, tensor=1)
         target = train_step_lib.abstract_train_state(
-            params, make_optimizer(config.optim), config.rl
+            params,
+            make_optimizer(config.optim),
+            config.rl,
+            reference_dtype=config.model.reference_storage(config.rl.reference),
         )
         shardings = sharding.tree_shardings(target, params, mesh)
         target = jax.tree.map(

@@ -14,7 +14,16 @@ def base_config() -> ml_collections.ConfigDict:
     steps = ml_collections.FieldReference(100)
     c = ml_collections.ConfigDict()
     c.name = "run"
-    c.model = dict(path="", tokenizer_path="", dtype="float32", param_dtype="", remat=False)
+    c.model = dict(
+        path="",
+        tokenizer_path="",
+        dtype="float32",
+        param_dtype="float32",
+        reference_dtype="",
+        remat="none",
+        attention="auto",
+        attention_block=512,
+    )
     c.data = dict(
         source="reasoning_gym",
         name="",
@@ -53,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
             eps=1e-8,
             max_grad_norm=1.0,
             grad_accum_steps=1,
+            micro_batch_tokens=0,
         )
     )
     c.optim.total_steps = steps
@@ -138,7 +148,8 @@ def paper_config(
     customize,
 ):
     """What the paper's runs share (a local jsonl file, G=6, 16 prompts/step, 100 steps,
-    lr 1e-6, bf16 with remat), then `customize(config)`, then the algorithm and variant.
+    lr 1e-6, fp32 masters with bf16 compute and remat), then `customize(config)`, then
+    the algorithm and variant.
     """
     args = parse_arg(arg, algo="aapo", variant="full")
     if args["variant"] not in ("full", "tiny"):
@@ -158,8 +169,10 @@ def paper_config(
     c.train.eval_batch_size = 16
     c.train.checkpoint_every = 10
     c.optim.learning_rate = 1e-6
+    # fp32 master weights and AdamW moments, bf16 forwards, a bf16 frozen reference.
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.param_dtype = "float32"
+    c.model.remat = "full"
     customize(c)
     set_algorithm(c, args["algo"])
     if args["variant"] == "tiny":
