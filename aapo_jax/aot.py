@@ -1,0 +1,661 @@
+"""Ahead-of-time planning: compile an RL step's device programs without weights and size them."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from aapo_jax import configs, models, rollout, sharding
+from aapo_jax import train_step as train_step_lib
+from aapo_jax.configs import ExperimentConfig
+from aapo_jax.hlo import collective_bytes
+from aapo_jax.optim import make_optimizer
+from aapo_jax.types import PromptBatch, Rollout, TrainState
+
+GiB = 2**30
+# Usable HBM per device as XLA:TPU reports it in RESOURCE_EXHAUSTED messages ("available HBM
+# (Y G)", G = GiB), checked on libtpu's compile-only devices: v5e:2x4, v5p:2x2x2, v4:2x2x1
+# (one device per TensorCore there, so 8 devices of ~16 GiB) and v6e:2x4.
+TPU_MEMORY_BYTES = {
+    "TPU v4": int(15.25 * GiB),
+    "TPU v5 lite": int(15.75 * GiB),
+    "TPU v5": int(95.74 * GiB),
+    "TPU v6 lite": int(31.25 * GiB),
+}
+# The placeholder data file/task a plan config gets when it names none (no data is read).
+PLACEHOLDER_DATA = "unused-by-plan"
+_OOM = (
+    re.compile(
+        r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"
+    ),
+    re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+# ---------------------------------------------------------------------------
+# Config, target devices and device memory.
+
+
+def plan_config(
+    config: ml_collections.ConfigDict, *, model_path: str | None = None
+) -> ExperimentConfig:
+    """Validate an experiment ConfigDict for planning; data fields it leaves empty get dummies.
+
+    Planning reads no data, yet `DataConfig` insists on a file (jsonl/parquet), a task name
+    (reasoning-gym) or both (TFDS): an empty `data.path` / `data.name` becomes
+    `PLACEHOLDER_DATA` (with the source's file suffix). Fields that are set are kept.
+
+    Args:
+      config: the ml_collections config (as `experiments/train.py` parses it).
+      model_path: overrides `model.path` (a directory with a Hugging Face config.json).
+
+    Returns:
+      The validated `ExperimentConfig`.
+    """
+    c = config.copy_and_resolve_references()
+    if model_path is not None:
+        c.model.path = str(model_path)
+    source = c.data.source
+    if source in ("jsonl", "parquet") and not c.data.path:
+        c.data.path = f"{PLACEHOLDER_DATA}.{source}"
+    if source in ("reasoning_gym", "tfds") and not c.data.name:
+        c.data.name = PLACEHOLDER_DATA
+    if source == "tfds" and not c.data.path:
+        c.data.path = PLACEHOLDER_DATA
+    return configs.experiment_config(c)
+
+
+def special_token_ids(hf_config: dict) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) from a parsed config.json; pad falls back to 0."""
+    eos = hf_config.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    pad = hf_config.get("pad_token_id")
+    return eos_ids, 0 if pad is None else int(pad)
+
+
+def target_devices(topology: str | None = None) -> list[jax.Device]:
+    """libtpu's compile-only devices of a TPU topology (e.g. "v5e:2x4"), else the local ones.
+
+    Raises:
+      RuntimeError: a topology is asked for and libtpu is not installed, or another
+        process holds libtpu's lockfile.
+    """
+    if topology is None:
+        return list(jax.devices())
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError(
+            f"--topology={topology} compiles for TPU devices through libtpu, which is not "
+            "installed: pip install -r requirements-tpu.txt"
+        )
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:
+        if "lockfile" not in str(e):
+            raise
+        # libtpu lets one process at a time hold the chips; compile-only devices need none.
+        raise RuntimeError(
+            f"{e}\nAnother process holds libtpu. On a machine without TPU chips, "
+            "ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets several processes load it."
+        ) from e
+    return list(topo.devices)
+
+
+def device_memory_bytes(device: jax.Device, override_gb: float | None = None) -> tuple[int, str]:
+    """Usable memory of one device and where the number comes from.
+
+    `override_gb` (GiB) wins; TPU: `TPU_MEMORY_BYTES` by device kind (compile-only devices
+    have no memory_stats); GPU: `memory_stats()['bytes_limit']`; CPU: host RAM / local
+    CPU devices.
+
+    Returns:
+      (bytes, source) with source one of "flag", "table", "memory_stats", "host_ram".
+    """
+    if override_gb is not None:
+        return int(override_gb * GiB), "flag"
+    if device.platform == "tpu":
+        if device.device_kind not in TPU_MEMORY_BYTES:
+            raise ValueError(
+                f"device kind {device.device_kind!r} has no entry in aot.TPU_MEMORY_BYTES "
+                f"({sorted(TPU_MEMORY_BYTES)}): pass --device_memory_gb."
+            )
+        return TPU_MEMORY_BYTES[device.device_kind], "table"
+    if device.platform == "gpu":
+        return int(device.memory_stats()["bytes_limit"]), "memory_stats"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // max(len(jax.devices("cpu")), 1), "host_ram"
+
+
+# ---------------------------------------------------------------------------
+# Abstract inputs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the two programs are built and lowered from, with no weight in memory.
+
+    `state` and `prompts` hold `jax.ShapeDtypeStruct` leaves carrying their shardings.
+    """
+
+    config: ExperimentConfig
+    mesh: Mesh
+    model_config: models.ModelConfig
+    graphdef: nnx.GraphDef
+    tx: Any
+    state: TrainState
+    state_shardings: Any
+    prompts: PromptBatch
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+def _rows_or_replicated(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if len(shape) and shape[0] % rows == 0:
+        return sharding.batch_sharding(mesh, len(shape))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _with_sharding(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def abstract_inputs(
+    config: ExperimentConfig, devices: Sequence[jax.Device], *, attention: str | None = None
+) -> Plan:
+    """The abstract model, train state and prompt batch of a config on a mesh of `devices`.
+
+    Shape-first as `trainer.load_trained_model`: the model from config.json alone
+    (`models.abstract_hf_model`, the trainer's dtypes), `nnx.split`, the abstract train
+    state and its shardings (`sharding.tree_shardings`). Prompts are int32/bool [B, P]
+    (B = train.prompts_per_step, P = sampling.max_prompt_length), rows over data × fsdp
+    when they divide.
+
+    Args:
+      config: the validated experiment config.
+      devices: the target devices (`target_devices`); the mesh is `config.mesh` over them.
+      attention: a model attention implementation to force (e.g. the one "auto" picks on
+        the target platform, which differs from the host's when compiling for a topology).
+
+    Returns:
+      A `Plan`.
+    """
+    mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh), devices=devices)
+    kwargs = config.model.model_kwargs()
+    if attention is not None:
+        kwargs["attention"] = attention
+    hf = models.read_hf_config(config.model.path)
+    abstract_model = models.abstract_hf_model(config.model.path, **kwargs)
+    graphdef, params = nnx.split(abstract_model)
+    tx = make_optimizer(config.optim)
+    state = train_step_lib.abstract_train_state(
+        params,
+        tx,
+        config.rl,
+        seed=config.train.seed,
+        reference_dtype=config.model.reference_storage(config.rl.reference),
+    )
+    shardings = sharding.tree_shardings(state, params, mesh)
+    b, p = config.train.prompts_per_step, config.sampling.max_prompt_length
+    prompt_sharding = _rows_or_replicated(mesh, (b, p))
+    prompts = PromptBatch(
+        ids=jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=prompt_sharding),
+        mask=jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=prompt_sharding),
+    )
+    eos, pad = special_token_ids(hf)
+    return Plan(
+        config=config,
+        mesh=mesh,
+        model_config=abstract_model.config,
+        graphdef=graphdef,
+        tx=tx,
+        state=_with_sharding(state, shardings),
+        state_shardings=shardings,
+        prompts=prompts,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+    )
+
+
+def target_attention(config: ExperimentConfig, platform: str) -> str | None:
+    """The attention implementation "auto" picks on `platform`, or None when one is set.
+
+    The model resolves "auto" from `jax.default_backend()` at trace time, which is the host
+    (CPU) when compiling for a TPU topology; the plan should compile what the TPU runs.
+    """
+    from aapo_jax.models import attention
+
+    if config.model.attention != "auto":
+        return None
+    model_config = models.config_from_hf(
+        models.read_hf_config(config.model.path), **config.model.model_kwargs()
+    )
+    return attention.choose_implementation(
+        model_config.compute_dtype,
+        model_config.head_dim,
+        model_config.attention_block,
+        backend=platform,
+    )
+
+
+def tree_bytes_per_device(tree) -> int:
+    """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * _itemsize(leaf.dtype)
+    return total
+
+
+def _itemsize(dtype) -> int:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return 8  # threefry key data: 2 × uint32
+    return jnp.dtype(dtype).itemsize
+
+
+def kv_cache_bytes(plan: Plan) -> int:
+    """Per-device KV cache of the rollout (a temporary of that program), from the model config.
+
+        layers × 2 × rows per device × (P + T) × kv heads per device × head_dim × itemsize
+        × models sampled (2 when the reference is sampled too)
+
+    Rows (N = B·G) split over data × fsdp and kv heads over tensor when they divide.
+    """
+    cfg, mc, mesh = plan.config, plan.model_config, plan.mesh
+    n = cfg.train.prompts_per_step * cfg.rl.group_size
+    row_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = n // row_ways if n % row_ways == 0 else n
+    heads = mc.num_kv_heads
+    heads = heads // mesh.shape["tensor"] if heads % mesh.shape["tensor"] == 0 else heads
+    length = cfg.sampling.max_prompt_length + cfg.sampling.max_new_tokens
+    n_models = 2 if cfg.rl.samples_reference else 1
+    itemsize = jnp.dtype(mc.compute_dtype).itemsize
+    return mc.num_layers * 2 * rows * length * heads * mc.head_dim * itemsize * n_models
+
+
+# ---------------------------------------------------------------------------
+# Compilation.
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    """One compiled (or refused) program: per-device bytes, FLOPs, collectives, compile time.
+
+    `total_bytes` is XLA's peak (`memory_analysis().peak_memory_in_bytes`) on TPU and GPU,
+    where it is what the compiler budgets with (temporaries share time with donated
+    arguments, so the peak can be below the sum); on CPU, and where no peak is reported,
+    it is `sum_bytes` = arguments + temporaries + outputs − aliased.
+    `fits` is None for a compiled program (`memory_report` weighs it against the device)
+    and False for one XLA refused (`error` set): then `total_bytes` is what the error
+    says it needs (XLA:TPU's "HLO temporaries" figure counts the arguments too) and
+    `temp_bytes` that minus the arguments; outputs, FLOPs and collectives are unknown.
+    A program that failed to compile for another reason has `error` set and `fits` None.
+    """
+
+    name: str
+    compile_s: float
+    argument_bytes: int
+    temp_bytes: int
+    output_bytes: int | None = None
+    alias_bytes: int | None = None
+    total_bytes: int = 0
+    sum_bytes: int | None = None
+    peak_bytes: int | None = None
+    fits: bool | None = None
+    flops: float | None = None
+    collectives: dict[str, Any] | None = None
+    error: str | None = None
+    available_bytes: int | None = None  # the device memory XLA's error states
+
+
+def parse_resource_exhausted(message: str) -> tuple[int, int] | None:
+    """(needed, available) bytes from an XLA RESOURCE_EXHAUSTED compile error, or None."""
+    for pattern in _OOM:
+        found = pattern.search(message)
+        if found:
+            need, need_unit, have, have_unit = found.groups()
+            return int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit])
+    return None
+
+
+def _compile(name: str, jitted, args, log: Callable[[str], None], *, use_peak: bool):
+    log(f"compiling {name}…")
+    start = time.perf_counter()
+    argument_bytes = tree_bytes_per_device(args)
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as e:  # XLA raises JaxRuntimeError; tracing / lowering anything
+        seconds = time.perf_counter() - start
+        parsed = parse_resource_exhausted(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
+        if parsed is None:  # not a memory verdict: report it, plan the other program
+            log(f"{name}: failed to compile ({seconds:.1f} s):\n{traceback.format_exc()}")
+            message = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:500]}"
+            return None, ProgramReport(name, seconds, argument_bytes, 0, error=message)
+        log(f"{name}: does not fit ({seconds:.1f} s)")
+        need, have = parsed
+        report = ProgramReport(
+            name=name,
+            compile_s=seconds,
+            argument_bytes=argument_bytes,
+            temp_bytes=max(need - argument_bytes, 0),
+            total_bytes=need,
+            fits=False,
+            error=str(e).strip().splitlines()[0][:500],
+            available_bytes=have,
+        )
+        return None, report
+    seconds = time.perf_counter() - start
+    log(f"compiled {name} in {seconds:.1f} s")
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = None if not cost or cost.get("flops") is None else float(cost["flops"])
+    report = ProgramReport(
+        name=name, compile_s=seconds, argument_bytes=argument_bytes, temp_bytes=0, flops=flops
+    )
+    if memory is not None:
+        report.argument_bytes = int(memory.argument_size_in_bytes)
+        report.temp_bytes = int(memory.temp_size_in_bytes)
+        report.output_bytes = int(memory.output_size_in_bytes)
+        report.alias_bytes = int(memory.alias_size_in_bytes)
+        peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)  # newer jaxlibs only
+        report.peak_bytes = peak or None
+    report.sum_bytes = (
+        report.argument_bytes
+        + report.temp_bytes
+        + (report.output_bytes or 0)
+        - (report.alias_bytes or 0)
+    )
+    report.total_bytes = (use_peak and report.peak_bytes) or report.sum_bytes
+    report.collectives = collective_bytes(compiled.as_text())
+    return compiled, report
+
+
+def compile_programs(
+    plan: Plan, *, log: Callable[[str], None] = lambda _: None
+) -> dict[str, ProgramReport]:
+    """Lower and compile the rollout and the update for the plan's mesh, as the trainer jits them.
+
+    rollout: `jax.jit(rollout.make_sampler(...))` on (state, prompts); update:
+    `jax.jit(make_train_step(...), out_shardings=(state shardings, None), donate_argnums=0)`
+    on (state, the scored rollout). The rollout's structure comes from `jax.eval_shape` of
+    the sampler; its shardings from the compiled sampler's outputs (rows over data × fsdp
+    if the sampler did not compile), rewards f32[B, G] by rows. A token-reward config
+    compiles the same two programs (the scorer is negligible).
+
+    Args:
+      plan: from `abstract_inputs`.
+      log: progress messages (e.g. to stderr).
+
+    Returns:
+      {"rollout": ProgramReport, "update": ProgramReport}.
+    """
+    cfg, mesh = plan.config, plan.mesh
+    sample = rollout.make_sampler(
+        cfg.rl,
+        cfg.sampling,
+        plan.graphdef,
+        eos_token_id=plan.eos_token_ids,
+        pad_token_id=plan.pad_token_id,
+        mesh=mesh,
+    )
+    step = train_step_lib.make_train_step(cfg.rl, cfg.optim, plan.graphdef, plan.tx, mesh=mesh)
+    # keep_unused: the whole state stays in memory while sampling (the optimizer moments
+    # too), so it counts among the rollout's arguments.
+    jit_sample = jax.jit(sample, keep_unused=True)
+    # XLA:CPU's peak under-states (about the arguments alone): there the sum is the bound.
+    use_peak = mesh.devices.flat[0].platform != "cpu"
+    compiled, rollout_report = _compile(
+        "rollout", jit_sample, (plan.state, plan.prompts), log, use_peak=use_peak
+    )
+    shape = jax.eval_shape(sample, plan.state, plan.prompts)
+    if compiled is not None:
+        shardings = compiled.output_shardings
+    else:
+        shardings = jax.tree.map(lambda x: _rows_or_replicated(mesh, x.shape), shape)
+    sampled = _with_sharding(shape, shardings)
+    b, g = cfg.train.prompts_per_step, cfg.rl.group_size
+    reward = jax.ShapeDtypeStruct((b, g), jnp.float32, sharding=_rows_or_replicated(mesh, (b,)))
+    scored: Rollout = sampled.replace(
+        prompts=plan.prompts,
+        rewards=reward,
+        ref_rewards=reward if cfg.rl.samples_reference else None,
+    )
+    jit_step = jax.jit(
+        step, out_shardings=(plan.state_shardings, None), donate_argnums=0, keep_unused=True
+    )
+    _, update_report = _compile("update", jit_step, (plan.state, scored), log, use_peak=use_peak)
+    return {"rollout": rollout_report, "update": update_report}
+
+
+# ---------------------------------------------------------------------------
+# The report.
+
+
+def state_bytes(plan: Plan) -> dict[str, int]:
+    """Per-device bytes of the train state's parts: params, optimizer, reference, other."""
+    s = plan.state
+    return {
+        "params": tree_bytes_per_device(s.params),
+        "optimizer": tree_bytes_per_device(s.opt_state),
+        "reference": tree_bytes_per_device(s.ref_params) if s.ref_params is not None else 0,
+        "other_state": tree_bytes_per_device((s.step, s.rng, s.skipped_updates)),
+    }
+
+
+def micro_batch_knob() -> str:
+    """The config field that bounds the update's micro-batch: a token budget if it exists."""
+    fields = {f.name for f in dataclasses.fields(configs.OptimConfig)}
+    return (
+        "optim.micro_batch_tokens" if "micro_batch_tokens" in fields else "optim.grad_accum_steps"
+    )
+
+
+def model_flops(plan: Plan) -> dict[str, float]:
+    """Analytic FLOPs of one step over all devices, from the model config (2 per multiply-add).
+
+    XLA's cost analysis counts a `while` body once (the layer scan, the decode loop), so
+    this is the number to budget with. A forward over `n` tokens that attend to `c` keys
+    each costs 2·n·(layer weights) + 4·n·c·layers·H·Dh, plus 2·n·V·D for the tokens
+    whose logits are taken. Rollout, per model sampled: prefill B·P prompt tokens
+    (c ≈ P/2), decode N·T tokens (c ≈ P + T/2, every row running the whole budget: an
+    upper bound). Update: the same forward over prompts once per group and completions,
+    ×3 for the backward, +1 forward with remat "full", +1 for the reference log-probs.
+    """
+    mc, cfg = plan.model_config, plan.config
+    d, layers = mc.hidden_size, mc.num_layers
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    layer_weights = layers * (2 * d * q + 2 * d * kv + 3 * d * mc.intermediate_size)
+    b, g = cfg.train.prompts_per_step, cfg.rl.group_size
+    p, t, n = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens, b * g
+
+    def forward(tokens: int, keys: float, logits: int) -> float:
+        return (
+            2 * tokens * layer_weights
+            + 4 * tokens * keys * layers * q
+            + 2 * logits * mc.vocab_size * d
+        )
+
+    one_pass = forward(b * p, p / 2, 0) + forward(n * t, p + t / 2, n * t)
+    sampled = 2 if cfg.rl.samples_reference else 1
+    passes = 3 + (1 if cfg.model.remat == "full" else 0)
+    passes += 1 if cfg.rl.computes_reference_logprobs else 0
+    out = {"rollout": sampled * one_pass, "update": passes * one_pass}
+    out["total"] = out["rollout"] + out["update"]
+    return out
+
+
+def memory_report(
+    plan: Plan,
+    programs: dict[str, ProgramReport],
+    device_memory: int,
+    *,
+    memory_source: str = "",
+    topology: str | None = None,
+) -> dict[str, Any]:
+    """The plan as one JSON-able dict: per-device bytes, fit, FLOPs, collectives, advice.
+
+    total = max over programs of the program's `total_bytes` (XLA's peak, else arguments
+    + temporaries + outputs − aliased); a program XLA refused counts what its error says
+    it needs. `temporaries` is the binding
+    (largest) program's; the KV cache (`kv_cache_bytes`) is part of the rollout's
+    temporaries. `flops` is XLA's cost analysis (per device) summed over programs (None
+    when a program has none): it counts each `while` body once, so `model_flops`
+    (analytic, all devices) is given too.
+
+    Args:
+      plan: from `abstract_inputs`.
+      programs: from `compile_programs`.
+      device_memory: usable bytes per device (`device_memory_bytes`); the HBM a
+        RESOURCE_EXHAUSTED error states replaces it.
+      memory_source: where `device_memory` comes from, for the report.
+      topology: the TPU topology name, if any.
+
+    Returns:
+      The report dict (its keys are listed in experiments/plan.py).
+    """
+    for p in programs.values():
+        if p.available_bytes:
+            device_memory, memory_source = p.available_bytes, "xla"
+    fits = {
+        name: p.fits if p.fits is not None else p.error is None and p.total_bytes <= device_memory
+        for name, p in programs.items()
+    }
+    binding = max(programs.values(), key=lambda p: p.total_bytes)
+    cfg, device = plan.config, plan.mesh.devices.flat[0]
+    per_device = {
+        "total": binding.total_bytes,
+        **state_bytes(plan),
+        "kv_cache": kv_cache_bytes(plan),
+        "temporaries": binding.temp_bytes,
+    }
+    flops = [p.flops for p in programs.values()]
+    report = {
+        "config": cfg.name,
+        "model": cfg.model.path,
+        "topology": topology,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": int(plan.mesh.devices.size),
+        "mesh": dict(plan.mesh.shape),
+        "attention": plan.model_config.attention,
+        "device_memory_bytes": int(device_memory),
+        "device_memory_source": memory_source,
+        "fits": all(fits.values()),
+        "compile_errors": {
+            name: p.error for name, p in programs.items() if p.error and p.fits is None
+        },
+        "binding_program": binding.name,
+        "per_device_bytes": per_device,
+        "programs": {
+            name: {**dataclasses.asdict(p), "fits": fits[name]} for name, p in programs.items()
+        },
+        "compile_s": {name: round(p.compile_s, 2) for name, p in programs.items()},
+        "flops": None if None in flops else float(sum(flops)),
+        "flops_by_program": {name: p.flops for name, p in programs.items()},
+        "model_flops": model_flops(plan),
+        "collective_bytes": {
+            name: None if p.collectives is None else p.collectives["bytes"]
+            for name, p in programs.items()
+        },
+        "unknown_trip_count_loops": {
+            name: [] if p.collectives is None else p.collectives["unknown_trip_count_loops"]
+            for name, p in programs.items()
+        },
+    }
+    report["advice"] = advice(report, plan)
+    return report
+
+
+def _micro_batch_hint(plan: Plan, update: dict[str, Any], have: int) -> str:
+    """The micro-batch knob, with a value that would scale the update's temporaries to fit."""
+    cfg, mesh = plan.config, plan.mesh
+    knob = micro_batch_knob()
+    hint = f"--config.{knob}"
+    room = have - update["argument_bytes"]
+    if room <= 0 or not update["temp_bytes"]:
+        return hint
+    shrink = room / update["temp_bytes"]  # temporaries scale about with the micro-batch
+    n = cfg.train.prompts_per_step * cfg.rl.group_size
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    local = n // ways if n % ways == 0 else n
+    row_tokens = cfg.sampling.max_prompt_length + cfg.sampling.max_new_tokens
+    if knob == "optim.micro_batch_tokens":
+        current = cfg.optim.micro_batch_tokens or local // cfg.optim.grad_accum_steps * row_tokens
+        budget = max(int(current * shrink) // row_tokens, 1) * row_tokens
+        return f"{hint}={budget} or less ({budget // row_tokens} rows of {row_tokens} tokens)"
+    k = math.ceil(cfg.optim.grad_accum_steps / shrink)
+    k = min([d for d in range(k, n + 1) if n % d == 0] or [n])
+    return f"{hint}={k} or more"
+
+
+def advice(report: dict[str, Any], plan: Plan) -> str:
+    """What to change when a program does not fit, by which part dominates (empty if it fits).
+
+    The state (params + optimizer + reference) or a rollout's KV cache → the mesh / a
+    bigger topology; the update's temporaries → smaller micro-batches and remat.
+    """
+    if report["fits"]:
+        return ""
+    b, progs, cfg = report["per_device_bytes"], report["programs"], plan.config
+    state = b["params"] + b["optimizer"] + b["reference"]
+    have = report["device_memory_bytes"]
+    mesh_hint = (
+        "shard it over more devices (--config.mesh.fsdp / --config.mesh.tensor) or a "
+        "bigger --topology"
+    )
+    lines = []
+    if state > have:
+        lines.append(
+            f"the train state ({state / GiB:.2f} GiB per device) exceeds the device "
+            f"({have / GiB:.2f} GiB): {mesh_hint}."
+        )
+    update = progs["update"]
+    over = {
+        name: not p["fits"] and name not in report["compile_errors"] for name, p in progs.items()
+    }
+    if over["update"] and state <= have:
+        if update["temp_bytes"] >= state:
+            hint = f"smaller micro-batches: {_micro_batch_hint(plan, update, have)}"
+            if cfg.model.remat != "full":
+                hint += ", and/or --config.model.remat=full"
+            lines.append(
+                f"update: its temporaries ({update['temp_bytes'] / GiB:.2f} GiB) dominate: {hint}."
+            )
+        else:
+            lines.append(f"update: the state ({state / GiB:.2f} GiB) dominates: {mesh_hint}.")
+    if over["rollout"] and state <= have:
+        if b["kv_cache"] >= state:
+            lines.append(
+                f"rollout: the KV cache ({b['kv_cache'] / GiB:.2f} GiB) dominates: split its "
+                "rows over more devices (--config.mesh.data / --config.mesh.fsdp, a bigger "
+                "--topology) or sample fewer --config.train.prompts_per_step."
+            )
+        else:
+            lines.append(f"rollout: the state ({state / GiB:.2f} GiB) dominates: {mesh_hint}.")
+    return " ".join(lines)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """The report as one line of JSON."""
+    return json.dumps(report, default=lambda x: x.item() if isinstance(x, np.generic) else str(x))

@@ -1,0 +1,199 @@
+"""Collective traffic of a compiled XLA module, read from its HLO text (`compiled.as_text()`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+# Computation headers start at column 0 ("ENTRY %main.3 (p: f32[8]) -> f32[8] {");
+# instructions are indented.
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*)?\{\s*$")
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([\d,]*)\]")
+_CALLEE = re.compile(
+    r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_CALLEE_LIST = re.compile(r"\b(branch_computations|called_computations|calls)=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)')
+_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inst:
+    shape: str
+    opcode: str
+    rest: str  # operands and attributes
+
+
+@dataclasses.dataclass
+class _Computation:
+    insts: dict[str, _Inst] = dataclasses.field(default_factory=dict)
+    root: str | None = None
+
+
+def shape_bytes(shape_text: str) -> int:
+    """Bytes of an HLO shape (an array or a tuple of arrays), e.g. `(f32[8,128]{1,0}, s32[])`."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        bits = _dtype_bits(dtype)
+        if bits is None:
+            continue
+        count = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += count * bits // 8
+    return total
+
+
+def _dtype_bits(name: str) -> int | None:
+    """Bits per element of an HLO element type (pred, s32, bf16, f8e4m3fn, c64...)."""
+    if name == "pred":
+        return 8
+    found = re.fullmatch(r"[a-z]+?(\d+)[a-z0-9]*", name)
+    return None if found is None else int(found.group(1))
+
+
+def _parse_hlo(hlo_text: str) -> tuple[dict[str, _Computation], str | None]:
+    computations: dict[str, _Computation] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and not line.startswith("HloModule"):
+            current = computations.setdefault(header.group(2), _Computation())
+            entry = header.group(2) if header.group(1) else entry
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        inst = _INSTRUCTION.match(line)
+        if inst and current is not None:
+            root, name, shape, opcode, rest = inst.groups()
+            current.insts[name] = _Inst(shape, opcode, rest)
+            current.root = name if root else current.root
+    if entry is None and computations:
+        entry = list(computations)[-1]
+    return computations, entry
+
+
+def _operands(rest: str) -> list[str]:
+    return _OPERAND.findall(rest.split(")", 1)[0])
+
+
+def _trip_count(inst: _Inst, caller: _Computation, computations) -> int | None:
+    """A while loop's trip count: `known_trip_count` (XLA:CPU/GPU state it), else read off a
+    counter condition `i < N` (XLA:TPU drops the annotation) with i's start from the init
+    tuple (0 when it is not a constant). None for any other condition (e.g. stop at EOS).
+    """
+    found = _TRIP_COUNT.search(inst.rest.replace("\\", ""))
+    if found:
+        return int(found.group(1))
+    name = re.search(r"condition=%?([\w.\-]+)", inst.rest)
+    cond = computations.get(name.group(1)) if name else None
+    if cond is None or cond.root is None:
+        return None
+    root = cond.insts[cond.root]
+    direction = re.search(r"direction=(\w+)", root.rest)
+    operands = _operands(root.rest)
+    if root.opcode != "compare" or direction is None or len(operands) != 2:
+        return None
+    direction = direction.group(1)
+    if direction in ("GT", "GE"):
+        operands.reverse()
+        direction = "LT" if direction == "GT" else "LE"
+    if direction not in ("LT", "LE"):
+        return None
+    counter, limit = (cond.insts.get(o) for o in operands)
+    if counter is None or limit is None or counter.opcode != "get-tuple-element":
+        return None
+    if limit.opcode != "constant":
+        return None
+    index = re.search(r"index=(\d+)", counter.rest)
+    start = 0
+    init = caller.insts.get(next(iter(_operands(inst.rest)), ""))
+    if index and init is not None and init.opcode == "tuple":
+        elements = _operands(init.rest)
+        first = caller.insts.get(elements[int(index.group(1))]) if elements else None
+        if first is not None and first.opcode == "constant":
+            start = int(first.rest.split(")", 1)[0])
+    stop = int(limit.rest.split(")", 1)[0]) + (direction == "LE")
+    return max(stop - start, 0)
+
+
+def collective_bytes(hlo_text: str) -> dict[str, Any]:
+    """Bytes moved per step by each kind of collective in a compiled module's HLO text.
+
+    Every all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute counts
+    its result shape's bytes (per device: HLO shapes are per-device after SPMD
+    partitioning). An async pair counts once, at its `-done` instruction (its result is the
+    collective's). Instructions inside a `while` body count times the loop's trip count
+    (`known_trip_count`, or a counter condition `i < N`; nested loops multiply); a loop
+    whose trip count the HLO does not give (e.g. a decode loop that stops at EOS) counts
+    once, and is listed with its collectives per iteration.
+
+    Args:
+      hlo_text: `compiled.as_text()`.
+
+    Returns:
+      {"bytes": {kind: bytes}, "count": {kind: instructions}, "unknown_trip_count_loops":
+      [{"loop": name, "bytes_per_iteration": {kind: bytes}}]}.
+    """
+    computations, entry = _parse_hlo(hlo_text)
+    # computation -> [(callee, multiplier, the while's name when its trip count is unknown)]
+    calls: dict[str, list[tuple[str, int, str | None]]] = {name: [] for name in computations}
+    for name, comp in computations.items():
+        for inst_name, inst in comp.insts.items():
+            trip, unknown = 1, None
+            if inst.opcode == "while":
+                trip = _trip_count(inst, comp, computations)
+                trip, unknown = (1, inst_name) if trip is None else (trip, None)
+            callees = [c for _, c in _CALLEE.findall(inst.rest)]
+            for _, group in _CALLEE_LIST.findall(inst.rest):
+                callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+            calls[name] += [(c, trip, unknown) for c in callees if c in computations]
+
+    def local(name: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for inst in computations[name].insts.values():
+            kind = _collective_kind(inst.opcode)
+            if kind is not None:
+                out[kind] = out.get(kind, 0) + shape_bytes(inst.shape)
+        return out
+
+    @functools.cache
+    def subtree(name: str) -> tuple[tuple[str, int], ...]:
+        total = local(name)
+        for callee, trip, _ in calls[name]:
+            for kind, value in subtree(callee):
+                total[kind] = total.get(kind, 0) + trip * value
+        return tuple(sorted(total.items()))
+
+    counts: dict[str, int] = {}
+    per_loop: dict[str, dict[str, int]] = {}  # body + condition of each unknown loop
+    for name, comp in computations.items():
+        for inst in comp.insts.values():
+            kind = _collective_kind(inst.opcode)
+            if kind is not None:
+                counts[kind] = counts.get(kind, 0) + 1
+        for callee, _, loop in calls[name]:
+            if loop is not None:
+                into = per_loop.setdefault(loop, {})
+                for kind, value in subtree(callee):
+                    into[kind] = into.get(kind, 0) + value
+    result = dict(subtree(entry)) if entry is not None else {}
+    return {
+        "bytes": {kind: result.get(kind, 0) for kind in COLLECTIVES},
+        "count": {kind: counts.get(kind, 0) for kind in COLLECTIVES},
+        "unknown_trip_count_loops": [
+            {"loop": loop, "bytes_per_iteration": per_iter} for loop, per_iter in per_loop.items()
+        ],
+    }
+
+
+def _collective_kind(opcode: str) -> str | None:
+    if opcode.endswith("-start"):
+        return None  # counted at its -done
+    base = opcode.removesuffix("-done")
+    return base if base in COLLECTIVES else None

@@ -1,0 +1,159 @@
+"""Compile a config's RL step ahead of time, without weights, and report whether it fits.
+
+    python -m experiments.plan --config=configs/qwen25_math_7b_simplerl.py \
+        --model=qwen2.5-math-7b --topology=v5p:2x2x2
+    python -m experiments.plan --config=configs/r1_distill_1p5b_openrs.py \
+        --model=deepseek-r1-distill-qwen-1.5b --topology=v5e:2x4 --json
+    python -m experiments.plan --config=configs/quickstart.py --cpu_devices=8 --config.mesh.fsdp=-1
+
+The two device programs of a step, `rollout` (the sampler: policy and, for AAPO, the
+reference in one decode loop) and `update` (the train step, state donated), are lowered on
+abstract inputs and compiled for the target: a TPU topology through libtpu's compile-only
+devices (`pip install -r requirements-tpu.txt`), else the local devices (GPU, or
+--cpu_devices fake CPU devices). Only the model's config.json is read: `--model=NAME` picks
+one shipped under configs/model_shapes/, or pass `--config.model.path=DIR`. Data fields the
+config leaves empty get placeholders (`aot.PLACEHOLDER_DATA`): no data is read.
+
+Prints a table (GiB per device) or, with --json, one JSON object: fits, devices,
+device_kind, device_memory_bytes, per_device_bytes {total, params, optimizer, reference,
+kv_cache, temporaries, other_state}, compile_s {rollout, update}, flops (XLA's, per device,
+each loop body once), model_flops (analytic, all devices), collective_bytes {program: {kind:
+bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
+advice. Exits with status 1 when a program does not fit, naming the knob to turn, and 2
+when one fails to compile for another reason (its traceback on stderr; the other program
+is still planned). XLA:CPU's temporaries over-state (no buffer reuse across the program):
+decide TPU fits with --topology.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+MODEL_SHAPES = Path(__file__).resolve().parent.parent / "configs" / "model_shapes"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
+_MODEL = flags.DEFINE_string(
+    "model", None, "A shipped architecture (configs/model_shapes/NAME): sets model.path."
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU topology to compile for, e.g. v5e:2x4, v5p:2x2x2, v4:2x2x1."
+)
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Expose this many fake CPU devices (without --topology)."
+)
+_DEVICE_MEMORY_GB = flags.DEFINE_float(
+    "device_memory_gb", None, "Usable memory per device in GiB (default: from the device)."
+)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+flags.mark_flags_as_required(["config"])
+
+
+def shipped_models() -> list[str]:
+    """Names of the architectures under configs/model_shapes/."""
+    return sorted(p.parent.name for p in MODEL_SHAPES.glob("*/config.json"))
+
+
+def _gib(n) -> str:
+    return "—" if n is None else f"{n / 2**30:.2f}"
+
+
+def print_table(report: dict) -> None:
+    b = report["per_device_bytes"]
+    where = report["topology"] or report["platform"]
+    print(
+        f"{report['config']} on {report['devices']} × {report['device_kind']} ({where}), "
+        f"mesh {report['mesh']}, {_gib(report['device_memory_bytes'])} GiB per device "
+        f"({report['device_memory_source']}); attention: {report['attention']}"
+    )
+    print(f"{'per device':<22}{'GiB':>10}")
+    for key in ("params", "optimizer", "reference", "other_state", "kv_cache", "temporaries"):
+        print(f"  {key:<20}{_gib(b[key]):>10}")
+    print(f"  {'total':<20}{_gib(b['total']):>10}   (binding: {report['binding_program']})")
+    print()
+    head = f"{'program':<10}{'fits':>6}{'args':>9}{'temps':>9}{'outs':>9}{'alias':>9}{'total':>9}"
+    print(head + f"{'compile s':>11}{'TFLOP':>10}{'coll. GiB':>11}")
+    for name, p in report["programs"].items():
+        coll = report["collective_bytes"][name]
+        flops = "—" if p["flops"] is None else f"{p['flops'] / 1e12:.2f}"
+        print(
+            f"{name:<10}{'yes' if p['fits'] else 'NO':>6}{_gib(p['argument_bytes']):>9}"
+            f"{_gib(p['temp_bytes']):>9}{_gib(p['output_bytes']):>9}{_gib(p['alias_bytes']):>9}"
+            f"{_gib(p['total_bytes']):>9}{p['compile_s']:>11.1f}{flops:>10}"
+            f"{'—' if coll is None else _gib(sum(coll.values())):>11}"
+        )
+    peaks = [n for n, p in report["programs"].items() if p["peak_bytes"]]
+    if peaks:
+        print(f"  total = XLA's peak memory for {', '.join(peaks)} (not the column sum)")
+    for name, coll in report["collective_bytes"].items():
+        if coll:
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in coll.items() if v)
+            print(f"  {name} collectives (GiB per device): {parts or 'none'}")
+    for name, loops in report["unknown_trip_count_loops"].items():
+        for loop in loops:
+            per = sum(loop["bytes_per_iteration"].values())
+            print(
+                f"  {name}: loop {loop['loop']} has no known trip count: counted once "
+                f"({_gib(per)} GiB of collectives per iteration)"
+            )
+    if report["flops"] is None:
+        print("  XLA FLOPs: unavailable (a program did not compile or has no cost analysis)")
+    model = report["model_flops"]
+    print(
+        f"  model FLOPs per step, all devices: rollout {model['rollout'] / 1e12:.1f} T (upper "
+        f"bound), update {model['update'] / 1e12:.1f} T; XLA's TFLOP column counts each loop "
+        "body once"
+    )
+
+
+def main(argv):
+    del argv
+    if _CPU_DEVICES.value and not _TOPOLOGY.value:  # before anything touches a JAX backend
+        from aapo_jax import sharding
+
+        sharding.use_cpu_devices(_CPU_DEVICES.value)
+    from aapo_jax import aot
+
+    model_path = None
+    choose = (
+        f"pass --model=NAME, one of {shipped_models()} (configs/model_shapes/), or "
+        "--config.model.path=DIR (a directory with a Hugging Face config.json)"
+    )
+    if _MODEL.value is not None:
+        if _MODEL.value not in shipped_models():
+            sys.exit(f"error: --model={_MODEL.value!r} is not shipped: {choose}.")
+        model_path = MODEL_SHAPES / _MODEL.value
+    elif not _CONFIG.value.model.path:
+        sys.exit(f"error: the config has no model.path: {choose}.")
+    config = aot.plan_config(_CONFIG.value, model_path=model_path)
+    try:
+        devices = aot.target_devices(_TOPOLOGY.value)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    memory, source = aot.device_memory_bytes(devices[0], _DEVICE_MEMORY_GB.value)
+    attention = aot.target_attention(config, devices[0].platform) if _TOPOLOGY.value else None
+    plan = aot.abstract_inputs(config, devices, attention=attention)
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    log(f"planning {config.name} on {len(devices)} × {devices[0].device_kind}")
+    programs = aot.compile_programs(plan, log=log)
+    report = aot.memory_report(
+        plan, programs, memory, memory_source=source, topology=_TOPOLOGY.value
+    )
+    if _JSON.value:
+        print(aot.to_json(report))
+    else:
+        print_table(report)
+    if report["compile_errors"]:
+        for name, error in report["compile_errors"].items():
+            print(f"{name} failed to compile (traceback above): {error}", file=sys.stderr)
+        sys.exit(2)
+    if not report["fits"]:
+        print(f"does not fit: {report['advice']}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

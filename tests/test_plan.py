@@ -1,0 +1,319 @@
+"""The ahead-of-time planner: a tiny config compiled on 8 fake CPU devices, the entry point's
+JSON and exit status, collectives read from HLO text, and a TPU topology where libtpu exists."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from aapo_jax import aot, hlo, models
+from configs.base import base_config
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_SHAPES = REPO / "configs" / "model_shapes"
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+TINY_QWEN2 = dict(
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_act="silu",
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def write_model(directory: Path) -> Path:
+    """A directory with only a config.json: all the planner reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(TINY_QWEN2))
+    return directory
+
+
+def tiny_config(model_dir):
+    """AAPO (policy + reference rollout) on the tiny model: B=8 prompts × G=2, P=8, T=4."""
+    c = base_config()
+    c.name = "tiny-plan"
+    c.model.path = str(model_dir)
+    c.data.name = "chain_sum"
+    c.rl.group_size = 2
+    c.train.prompts_per_step = 8
+    c.sampling.max_prompt_length = 8
+    c.sampling.max_new_tokens = 4
+    return c
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def planned(model_dir):
+    """Both programs of the tiny config compiled once on the 8 fake CPU devices (fsdp=8)."""
+    config = aot.plan_config(tiny_config(model_dir))
+    plan = aot.abstract_inputs(config, jax.devices())
+    return plan, aot.compile_programs(plan)
+
+
+def _nbytes(x) -> int:
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+
+
+def test_report_numbers_are_consistent(planned):
+    plan, programs = planned
+    report = aot.memory_report(plan, programs, 2**34)
+    assert report["fits"] and report["advice"] == ""
+    assert report["devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    b = report["per_device_bytes"]
+
+    # Parameters: each fsdp-sharded leaf holds 1/8 on a device, a replicated one (norms) all.
+    leaves = jax.tree.leaves(plan.state.params)
+    sharded = [x for x in leaves if not x.sharding.is_fully_replicated]
+    replicated = [x for x in leaves if x.sharding.is_fully_replicated]
+    assert sharded and all(len(x.sharding.device_set) == 8 for x in sharded)
+    expected = sum(_nbytes(x) for x in sharded) // 8 + sum(_nbytes(x) for x in replicated)
+    assert b["params"] == expected < sum(_nbytes(x) for x in leaves)
+    # fp32 masters: AdamW's two moments follow the parameters (plus a few step counters);
+    # the frozen reference is stored in the compute dtype (fp32 here).
+    assert 2 * b["params"] <= b["optimizer"] <= 2 * b["params"] + 64
+    assert b["reference"] == b["params"]
+
+    # KV cache: layers × 2 × rows per device × (P + T) × kv heads × head_dim × 4 B × 2 models.
+    rows = 8 * 2 // 8
+    assert b["kv_cache"] == 2 * 2 * rows * (8 + 4) * 2 * 16 * 4 * 2
+    assert programs["rollout"].temp_bytes >= b["kv_cache"]
+
+    assert set(report["compile_s"]) == {"rollout", "update"}
+    assert all(s > 0 for s in report["compile_s"].values())
+    for name, p in report["programs"].items():
+        assert p["sum_bytes"] == (
+            p["argument_bytes"] + p["temp_bytes"] + p["output_bytes"] - p["alias_bytes"]
+        ), name
+        assert p["total_bytes"] == p["sum_bytes"] > 0 and p["fits"]  # CPU: no peak
+    # The whole state is an argument of both (the rollout keeps the moments in memory too).
+    state = b["params"] + b["optimizer"] + b["reference"] + b["other_state"]
+    assert programs["rollout"].argument_bytes >= state
+    assert programs["update"].alias_bytes >= state - b["other_state"]  # the donated state
+    assert b["total"] == max(p.total_bytes for p in programs.values()) > 0
+    assert b["temporaries"] == programs[report["binding_program"]].temp_bytes
+
+    # fsdp: the update gathers the sharded weights; the decode loop stops at EOS, so its
+    # trip count is unknown (and listed).
+    assert report["collective_bytes"]["update"]["all-gather"] > 0
+    assert report["unknown_trip_count_loops"]["rollout"]
+    assert report["flops"] > 0 and report["model_flops"]["total"] > report["flops"]
+    json.loads(aot.to_json(report))
+
+
+def test_too_little_memory_names_the_knob(planned):
+    plan, programs = planned
+    update = programs["update"]
+    # Room for the state and rollout, not for the update's temporaries.
+    assert programs["rollout"].total_bytes < update.total_bytes
+    memory = (programs["rollout"].total_bytes + update.total_bytes) // 2
+    report = aot.memory_report(plan, programs, memory)
+    assert not report["fits"] and not report["programs"]["update"]["fits"]
+    assert report["programs"]["rollout"]["fits"]
+    assert f"--config.{aot.micro_batch_knob()}" in report["advice"]
+    assert "--config.model.remat=full" in report["advice"]
+    # Less than the state: shard it.
+    report = aot.memory_report(plan, programs, 1024)
+    assert not report["fits"] and "--config.mesh.fsdp" in report["advice"]
+
+
+@pytest.mark.slow
+def test_entry_point_json_and_exit_status(model_dir, tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from tests.test_plan import tiny_config\n\n\n"
+        f"def get_config():\n    return tiny_config({str(model_dir)!r})\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.plan",
+            f"--config={config_file}",
+            "--config.rl.group_size=4",  # overrides as in experiments/train.py
+            "--cpu_devices=8",
+            "--device_memory_gb=0.0001",
+            "--json",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (line,) = proc.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert report["fits"] is False and report["devices"] == 8
+    assert report["device_memory_bytes"] == int(0.0001 * 2**30)
+    assert report["config"] == "tiny-plan" and report["topology"] is None
+    assert set(report["compile_s"]) == {"rollout", "update"}
+    assert set(report["per_device_bytes"]) >= {
+        "total",
+        "params",
+        "optimizer",
+        "reference",
+        "kv_cache",
+        "temporaries",
+    }
+    # G = 4: twice the rows of the in-process plan, 4 rows per device.
+    assert report["per_device_bytes"]["kv_cache"] == 2 * 2 * 4 * 12 * 2 * 16 * 4 * 2
+    assert report["collective_bytes"]["update"]["all-gather"] > 0
+    assert "compiling update" in proc.stderr
+    assert "does not fit" in proc.stderr and "--config.mesh." in proc.stderr
+
+
+HLO = """\
+HloModule test, entry_computation_layout={(f32[4,8]{1,0})->f32[16,8]{1,0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %ar = f32[4,8]{1,0} all-reduce(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%next, %ar)
+}
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%until_eos (p: (s32[], f32[4,8])) -> pred[] {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %zero = f32[] constant(0)
+  %m = f32[] reduce(%x, %zero), dimensions={0,1}, to_apply=%add
+  ROOT %go = pred[] compare(%m, %zero), direction=GT
+}
+
+ENTRY %main.1 (a: f32[4,8]) -> f32[16,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %two = s32[] constant(2)
+  %init = (s32[], f32[4,8]{1,0}) tuple(%zero, %a)
+  %init2 = (s32[], f32[4,8]{1,0}) tuple(%two, %a)
+  %known = (s32[], f32[4,8]) while(%init), condition=%until_eos, body=%body, KNOWN_TRIP_COUNT
+  %counted = (s32[], f32[4,8]{1,0}) while(%init2), condition=%cond, body=%body
+  %decode = (s32[], f32[4,8]{1,0}) while(%init), condition=%until_eos, body=%body
+  %x = f32[4,8]{1,0} get-tuple-element(%known), index=1
+  %ags = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(%x), dimensions={0}
+  %agd = f32[16,8]{1,0} all-gather-done(%ags)
+  %rs = bf16[2,8]{1,0:T(8,128)(2,1)} reduce-scatter(%x), dimensions={0}, to_apply=%add
+  %cps = (f32[4,8], f32[4,8], u32[], u32[]) collective-permute-start(%x), source_target_pairs={}
+  %cpd = f32[4,8]{1,0} collective-permute-done(%cps)
+  ROOT %out = f32[16,8]{1,0} copy(%agd)
+}
+""".replace("KNOWN_TRIP_COUNT", 'backend_config={"known_trip_count":{"n":"5"}}')
+
+
+def test_collective_bytes_of_hand_written_hlo():
+    out = hlo.collective_bytes(HLO)
+    per_iteration = 4 * 8 * 4
+    # Stated trip count 5 (its condition alone would not tell); counter condition i < 5
+    # from 2: 3 trips; the decode loop: once.
+    assert out["bytes"]["all-reduce"] == per_iteration * (5 + 3 + 1)
+    assert out["bytes"]["all-gather"] == 16 * 8 * 4  # the async pair counts once
+    assert out["bytes"]["reduce-scatter"] == 2 * 8 * 2
+    assert out["bytes"]["collective-permute"] == 4 * 8 * 4
+    assert out["bytes"]["all-to-all"] == 0
+    assert out["count"]["all-reduce"] == 1 and out["count"]["all-gather"] == 1
+    assert out["unknown_trip_count_loops"] == [
+        {"loop": "decode", "bytes_per_iteration": {"all-reduce": per_iteration}}
+    ]
+
+
+def test_shape_bytes_and_resource_exhausted_messages():
+    assert hlo.shape_bytes("(f32[8,128]{1,0}, s32[])") == 8 * 128 * 4 + 4
+    assert hlo.shape_bytes("bf16[2,3]{1,0:T(8,128)(2,1)}") == 12
+    assert hlo.shape_bytes("pred[7]{0}") == 7
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (37.06G) exceeds available HBM (15.75G)."
+    )
+    need, have = aot.parse_resource_exhausted(message)
+    assert need == int(37.06 * 2**30) and have == int(15.75 * 2**30)
+    assert aot.parse_resource_exhausted("INTERNAL: something else") is None
+
+
+def test_plan_config_fills_only_unused_data_fields(model_dir):
+    from configs import r1_distill_1p5b_openrs
+
+    config = aot.plan_config(r1_distill_1p5b_openrs.get_config(), model_path=model_dir)
+    assert config.data.path.endswith(".jsonl") and config.model.path == str(model_dir)
+    c = tiny_config(model_dir)
+    c.data.name = ""
+    assert aot.plan_config(c).data.name == aot.PLACEHOLDER_DATA
+    c.data.name = "chain_sum"
+    assert aot.plan_config(c).data.name == "chain_sum"
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("qwen2.5-math-7b", 7_615_616_512),
+        ("deepseek-r1-distill-qwen-1.5b", 1_777_088_000),
+        ("llama-3.2-1b-instruct", 1_235_814_400),
+        ("llama-3.2-3b-instruct", 3_212_749_824),
+    ],
+)
+def test_shipped_model_shapes(name, params):
+    hf = models.read_hf_config(MODEL_SHAPES / name)
+    assert models.config_from_hf(hf).num_params == params
+    eos, pad = aot.special_token_ids(hf)
+    assert eos and pad == 0
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed")
+def test_topology_without_libtpu_says_what_to_install():
+    with pytest.raises(RuntimeError, match=r"pip install -r requirements-tpu\.txt"):
+        aot.target_devices("v5e:2x4")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -r requirements-tpu.txt")
+def test_compiles_for_a_tpu_topology(model_dir):
+    devices = aot.target_devices("v5e:2x4")
+    assert len(devices) == 8 and devices[0].device_kind == "TPU v5 lite"
+    config = aot.plan_config(tiny_config(model_dir))
+    plan = aot.abstract_inputs(config, devices, attention=aot.target_attention(config, "tpu"))
+    memory, source = aot.device_memory_bytes(devices[0])
+    report = aot.memory_report(
+        plan, aot.compile_programs(plan), memory, memory_source=source, topology="v5e:2x4"
+    )
+    assert report["fits"] and report["device_memory_bytes"] == int(15.75 * 2**30)
+    assert report["collective_bytes"]["update"]["all-gather"] > 0
+    # XLA:TPU drops known_trip_count: the layer and micro-batch loops are read off their
+    # counter conditions, so only the decode loop stays unknown.
+    assert report["unknown_trip_count_loops"]["update"] == []
+    assert report["unknown_trip_count_loops"]["rollout"]
