@@ -1,13 +1,13 @@
 """One process of the two-process test (tests/test_multiprocess.py), and the shared workload.
 
     python -m tests.multiprocess_worker rl_steps PROCESS_ID PORT OUT_JSON
-    python -m tests.multiprocess_worker train PROCESS_ID PORT OUT_JSON MODEL_DIR WORKDIR
 
 Each process runs `jax.distributed.initialize()` with CPU collectives (gloo),
 builds the same tiny model and train state from seed 0, places the state on a
 global (data=2, fsdp=2) mesh spanning both processes' devices, feeds ITS OWN
-half of the prompt rows, and runs RL steps (`rl_steps`) or the whole trainer
-(`train`); process 0 writes the result.
+half of the prompt rows, and runs RL steps; process 0 writes the result. The
+whole trainer on two processes runs through `experiments.train --distributed`
+on `trainer_config`, against `train` in one process.
 """
 
 from __future__ import annotations
@@ -91,14 +91,16 @@ def train(model_dir: str, workdir: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    """argv: MODE PROCESS_ID PORT OUT_JSON [MODEL_DIR WORKDIR]; MODE is rl_steps or train."""
+    """argv: MODE PROCESS_ID PORT OUT_JSON; MODE is rl_steps."""
     mode, process_id, port, out = argv[0], int(argv[1]), int(argv[2]), argv[3]
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_default_matmul_precision", "highest")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    result = rl_steps() if mode == "rl_steps" else train(argv[4], argv[5])
+    if mode != "rl_steps":
+        raise SystemExit(f"unknown mode {mode!r}: expected rl_steps")
+    result = rl_steps()
     if process_id == 0:
         with open(out, "w") as f:
             json.dump(result, f)

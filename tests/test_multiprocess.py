@@ -29,6 +29,7 @@ def _two_processes(command) -> list[str]:
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        JAX_DEFAULT_MATMUL_PRECISION="highest",
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     procs = [
@@ -73,11 +74,30 @@ def test_two_processes_match_one_process(tmp_path):
     assert got["param_abs_sum"] == pytest.approx(expected["param_abs_sum"], rel=1e-6)
 
 
-def test_trainer_on_two_processes_matches_one_process(tmp_path):
-    """The host-reward trainer: per-process prompt shards, evals, checkpoints, HF export."""
+def test_train_command_on_two_processes_matches_one_process(tmp_path):
+    """`experiments.train --distributed` on two processes, with the host-reward trainer's
+    per-process prompt shards, evals, checkpoints and HF export: same steps as one process."""
     model_dir = str(hf_fixtures.make_model_dir(tmp_path / "model"))
     expected = multiprocess_worker.train(model_dir, str(tmp_path / "one"))
-    got = _run_two_processes(tmp_path, "train", model_dir, str(tmp_path / "two"))
+    config_file = tmp_path / "two_process_config.py"
+    config_file.write_text(
+        "from tests.multiprocess_worker import trainer_config\n\n\n"
+        f"def get_config():\n    return trainer_config({model_dir!r})\n"
+    )
+    port, workdir = _free_port(), tmp_path / "two"
+    flags = [
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        "--progress=false",
+        "--distributed",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    logs = _two_processes(
+        lambda i: [sys.executable, "-m", "experiments.train", *flags, f"--process_id={i}"]
+    )
+    assert '"steps": 2' in logs[1]  # every process returns the summary
+    got = json.loads((workdir / "summary.json").read_text())  # written by process 0
     assert got["steps"] == expected["steps"] == 2
     assert got["final_eval_accuracy"] == expected["final_eval_accuracy"]
     rows = {
@@ -94,24 +114,3 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path):
         np.asarray(exported.embed.value), np.asarray(reference.embed.value), atol=1e-6
     )
     assert checkpoint.Checkpointer(tmp_path / "two" / "checkpoints").latest_step() == 2
-
-
-def test_train_command_with_distributed_flags(tmp_path):
-    """`experiments.train --distributed` on two processes: both finish, process 0 writes."""
-    port, workdir = _free_port(), tmp_path / "run"
-    flags = [
-        "--config=configs/quickstart.py:variant=tiny",
-        "--config.mesh.data=4",
-        "--config.train.prompts_per_step=4",
-        f"--workdir={workdir}",
-        "--progress=false",
-        "--distributed",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-    ]
-    logs = _two_processes(
-        lambda i: [sys.executable, "-m", "experiments.train", *flags, f"--process_id={i}"]
-    )
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == 2
-    assert '"steps": 2' in logs[1]  # every process returns the summary
