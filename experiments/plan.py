@@ -57,6 +57,24 @@ def shipped_models() -> list[str]:
     return sorted(p.parent.name for p in MODEL_SHAPES.glob("*/config.json"))
 
 
+def model_path(config, model: str | None) -> Path | None:
+    """configs/model_shapes/MODEL for --model, None to keep the config's model.path.
+
+    Exits with a message naming the choices when MODEL is not shipped or neither is set.
+    """
+    choose = (
+        f"pass --model=NAME, one of {shipped_models()} (configs/model_shapes/), or "
+        "--config.model.path=DIR (a directory with a Hugging Face config.json)"
+    )
+    if model is not None:
+        if model not in shipped_models():
+            sys.exit(f"error: --model={model!r} is not shipped: {choose}.")
+        return MODEL_SHAPES / model
+    if not config.model.path:
+        sys.exit(f"error: the config has no model.path: {choose}.")
+    return None
+
+
 def _gib(n) -> str:
     return "—" if n is None else f"{n / 2**30:.2f}"
 
@@ -117,18 +135,7 @@ def main(argv):
         sharding.use_cpu_devices(_CPU_DEVICES.value)
     from aapo_jax import aot
 
-    model_path = None
-    choose = (
-        f"pass --model=NAME, one of {shipped_models()} (configs/model_shapes/), or "
-        "--config.model.path=DIR (a directory with a Hugging Face config.json)"
-    )
-    if _MODEL.value is not None:
-        if _MODEL.value not in shipped_models():
-            sys.exit(f"error: --model={_MODEL.value!r} is not shipped: {choose}.")
-        model_path = MODEL_SHAPES / _MODEL.value
-    elif not _CONFIG.value.model.path:
-        sys.exit(f"error: the config has no model.path: {choose}.")
-    config = aot.plan_config(_CONFIG.value, model_path=model_path)
+    config = aot.plan_config(_CONFIG.value, model_path=model_path(_CONFIG.value, _MODEL.value))
     try:
         devices = aot.target_devices(_TOPOLOGY.value)
     except RuntimeError as e:
