@@ -317,3 +317,30 @@ def test_compiles_for_a_tpu_topology(model_dir):
     # counter conditions, so only the decode loop stays unknown.
     assert report["unknown_trip_count_loops"]["update"] == []
     assert report["unknown_trip_count_loops"]["rollout"]
+
+
+def test_bench_compile_reports_both_depths_and_their_ratio(model_dir, tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from tests.test_plan import tiny_config\n\n\n"
+        f"def get_config():\n    return tiny_config({str(model_dir)!r})\n"
+    )
+    command = [sys.executable, "-m", "experiments.bench_compile", f"--config={config_file}"]
+    run = lambda *flags: subprocess.run(
+        [*command, *flags],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    proc = run("--depths=1,3", "--repeats=1", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["compile_s"]) == {"1", "3"} and report["repeats"] == 1
+    for name in ("rollout", "update"):
+        want = report["compile_s"]["3"][name] / report["compile_s"]["1"][name]
+        assert report["ratio"][name] == pytest.approx(want)
+    assert "1 layers" in proc.stderr and "3 layers" in proc.stderr
+    bad = run("--depths=4")
+    assert bad.returncode != 0 and "--depths needs two or more" in bad.stderr
