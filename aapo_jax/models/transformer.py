@@ -454,8 +454,9 @@ class Transformer(nnx.Module):
     ) -> tuple[Array, KVCache]:
         """Hidden states [B, L, D] of new tokens written into `cache` at `cache.index`.
 
-        Each layer writes its keys and values into the carried cache in place and
-        attends over the first `kv_len` slots (default: all): a decode loop that
+        Each layer attends over the first `kv_len` slots of its cache (default: all)
+        plus its new keys and values, which are written into the cache after the
+        layer scan, in place for a donated or loop-carried cache: a decode loop that
         knows how far the cache is filled passes a bound, so a step reads only the
         filled part. Dense attention: meant for decode steps (L = 1) and short writes.
         """
@@ -467,25 +468,28 @@ class Transformer(nnx.Module):
         rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
         index = cache.index
 
-        def body(layer, carry, i):
-            x, keys, values = carry
+        def body(layer, x, xs):
+            # This layer's cache (read-only, its first kv_len slots) comes in as a scan
+            # input and only the new entries go out: carrying the stacked cache through
+            # the scan made XLA:CPU copy all of it at every layer.
+            keys_i, values_i = xs
+            new = {}
 
             def attend(q, k, v):
-                nonlocal keys, values
-                k_t = k.transpose(0, 2, 3, 1)[None].astype(keys.dtype)  # [1, B, K, Dh, L]
-                v_t = v.swapaxes(1, 2)[None].astype(values.dtype)  # [1, B, K, L, Dh]
-                keys = jax.lax.dynamic_update_slice(keys, k_t, (i, 0, 0, 0, index))
-                values = jax.lax.dynamic_update_slice(values, v_t, (i, 0, 0, index, 0))
-                b, kh, dh = k.shape[0], k.shape[2], k.shape[3]
-                keys_i = jax.lax.dynamic_slice(keys, (i, 0, 0, 0, 0), (1, b, kh, dh, kv_len))
-                values_i = jax.lax.dynamic_slice(values, (i, 0, 0, 0, 0), (1, b, kh, kv_len, dh))
-                return cached_attention(q, keys_i[0], values_i[0], visible), None
+                k_t = k.transpose(0, 2, 3, 1).astype(keys_i.dtype)  # [B, K, Dh, L]
+                v_t = v.swapaxes(1, 2).astype(values_i.dtype)  # [B, K, L, Dh]
+                new["k"], new["v"] = k_t, v_t
+                keys = jax.lax.dynamic_update_slice(keys_i, k_t, (0, 0, 0, index))
+                values = jax.lax.dynamic_update_slice(values_i, v_t, (0, 0, index, 0))
+                return cached_attention(q, keys, values, visible), None
 
             x, _ = layer(x, rope, attend)
-            return (sharding_lib.constrain_rows(x), keys, values), None
+            return sharding_lib.constrain_rows(x), (new["k"], new["v"])
 
-        carry = (self._embed(tokens_BxL), cache.k, cache.v)
-        (x, keys, values), _ = self._scan(body, carry, jnp.arange(cfg.num_layers), "none")
+        xs = (cache.k[..., :kv_len], cache.v[:, :, :, :kv_len])
+        x, (new_k, new_v) = self._scan(body, self._embed(tokens_BxL), xs, "none")
+        keys = jax.lax.dynamic_update_slice(cache.k, new_k, (0, 0, 0, 0, index))
+        values = jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, 0, index, 0))
         new_cache = KVCache(k=keys, v=values, mask_BxS=mask, index=cache.index + length)
         return self.final_norm(x), new_cache
 
