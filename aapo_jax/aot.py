@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aapo_jax import configs, models, rollout, sharding
+from aapo_jax import configs, models, sharding
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.hlo import collective_bytes
@@ -396,7 +396,7 @@ def compile_programs(
 ) -> dict[str, ProgramReport]:
     """Lower and compile the rollout and the update for the plan's mesh, as the trainer jits them.
 
-    rollout: `jax.jit(rollout.make_sampler(...))` on (state, prompts); update:
+    rollout: `jax.jit` of `train_step.make_stages`' sampler on (state, prompts); update:
     `jax.jit(make_train_step(...), out_shardings=(state shardings, None), donate_argnums=0)`
     on (state, the scored rollout). The rollout's structure comes from `jax.eval_shape` of
     the sampler; its shardings from the compiled sampler's outputs (rows over data × fsdp
@@ -411,15 +411,16 @@ def compile_programs(
       {"rollout": ProgramReport, "update": ProgramReport}.
     """
     cfg, mesh = plan.config, plan.mesh
-    sample = rollout.make_sampler(
+    sample, step = train_step_lib.make_stages(
         cfg.rl,
+        cfg.optim,
         cfg.sampling,
         plan.graphdef,
+        plan.tx,
         eos_token_id=plan.eos_token_ids,
         pad_token_id=plan.pad_token_id,
         mesh=mesh,
     )
-    step = train_step_lib.make_train_step(cfg.rl, cfg.optim, plan.graphdef, plan.tx, mesh=mesh)
     # keep_unused: the whole state stays in memory while sampling (the optimizer moments
     # too), so it counts among the rollout's arguments.
     jit_sample = jax.jit(sample, keep_unused=True)

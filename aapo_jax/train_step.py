@@ -385,6 +385,25 @@ def make_rl_step(
     return rl_step
 
 
+def make_stages(
+    rl: RLConfig,
+    optim: OptimConfig,
+    settings: SamplerSettings,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    eos_token_id,
+    pad_token_id: int,
+    mesh: Mesh | None = None,
+) -> tuple[Callable, Callable]:
+    """(stage 1, stage 3) of one configuration: `rollout.make_sampler` and `make_train_step`,
+    un-jitted, for the trainer, the planner and `make_token_rl_step` alike."""
+    sample = rollout.make_sampler(
+        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh
+    )
+    return sample, make_train_step(rl, optim, graphdef, tx, mesh=mesh)
+
+
 def make_token_rl_step(
     rl: RLConfig,
     optim: OptimConfig,
@@ -399,8 +418,14 @@ def make_token_rl_step(
 ) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
     """`make_rl_step` of `rollout.make_sampler`, `rollout.make_token_scorer(reward_fn)` and
     `make_train_step`: the one-program step for a JAX-native reward. Jit it yourself."""
-    sample = rollout.make_sampler(
-        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh
+    sample, train_step = make_stages(
+        rl,
+        optim,
+        settings,
+        graphdef,
+        tx,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        mesh=mesh,
     )
-    score = rollout.make_token_scorer(reward_fn)
-    return make_rl_step(sample, score, make_train_step(rl, optim, graphdef, tx, mesh=mesh))
+    return make_rl_step(sample, rollout.make_token_scorer(reward_fn), train_step)

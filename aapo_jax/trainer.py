@@ -84,15 +84,16 @@ class Trainer:
     def _build_stages(self, tx) -> None:
         """Jit the three stages once: composed into one program for a token reward."""
         cfg = self.config
-        sample = rollout.make_sampler(
+        sample, step = train_step_lib.make_stages(
             cfg.rl,
+            cfg.optim,
             cfg.sampling,
             self.graphdef,
+            tx,
             eos_token_id=self.eos,
             pad_token_id=self.pad,
             mesh=self.mesh,
         )
-        step = train_step_lib.make_train_step(cfg.rl, cfg.optim, self.graphdef, tx, mesh=self.mesh)
         # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
         jit_step = functools.partial(
             jax.jit, out_shardings=(self.state_shardings, None), donate_argnums=0
