@@ -24,20 +24,21 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 @flax.struct.dataclass
 class KVCache:
-    """Fixed-size key/value buffers of every layer, stacked on a leading layer axis.
+    """Fixed-size key/value buffers, one per layer.
 
     All rows share one write index because batches are left-padded: slot `s`
     holds the same step for every row. `mask_BxS` marks the slots that hold a
     real token (not padding, not yet written). Both are head-major so attention
     reads them without a relayout every step, and keys are stored transposed
-    ([Ly, B, K, Dh, S]): a decode step's q·k then reduces over a non-minor axis and
+    ([B, K, Dh, S]): a decode step's q·k then reduces over a non-minor axis and
     vectorises along the slots, about 2.7× faster on CPU than reducing over Dh.
-    The layer scan updates one layer's slots in place (a carried buffer), so a
-    decode step never copies the cache.
+    The buffers are separate (not stacked on a layer axis) so that the layer scan
+    reads its layer's buffer where it lies: slicing layer i out of a stacked
+    buffer makes XLA:CPU copy that layer's whole cache on every decode step.
     """
 
-    k: Float[Array, "Ly B K Dh S"]
-    v: Float[Array, "Ly B K S Dh"]
+    k: tuple[Float[Array, "B K Dh S"], ...]
+    v: tuple[Float[Array, "B K S Dh"], ...]
     mask_BxS: Bool[Array, "B S"]
     index: Int[Array, ""]
 
@@ -49,10 +50,11 @@ class KVCache:
         """Every row repeated `repeats` times (rows b·repeats + r): one prefill, G continuations."""
         if repeats == 1:
             return self
+        repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)
         return self.replace(
-            k=jnp.repeat(self.k, repeats, axis=1),
-            v=jnp.repeat(self.v, repeats, axis=1),
-            mask_BxS=jnp.repeat(self.mask_BxS, repeats, axis=0),
+            k=tuple(map(repeat, self.k)),
+            v=tuple(map(repeat, self.v)),
+            mask_BxS=repeat(self.mask_BxS),
         )
 
 
@@ -88,8 +90,8 @@ def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None
     dtype = config.compute_dtype if dtype is None else dtype
     ly, k, dh = config.num_layers, config.num_kv_heads, config.head_dim
     return KVCache(
-        k=jnp.zeros((ly, batch_size, k, dh, cache_size), dtype),
-        v=jnp.zeros((ly, batch_size, k, cache_size, dh), dtype),
+        k=tuple(jnp.zeros((batch_size, k, dh, cache_size), dtype) for _ in range(ly)),
+        v=tuple(jnp.zeros((batch_size, k, cache_size, dh), dtype) for _ in range(ly)),
         mask_BxS=jnp.zeros((batch_size, cache_size), bool),
         index=jnp.zeros((), jnp.int32),
     )
@@ -99,16 +101,19 @@ def cache_from_prefix(prefix: PrefixKV, cache_size: int, dtype=None) -> KVCache:
     """A decode cache of `cache_size` slots holding a prefilled prompt (index = P).
 
     One relayout of the prompt's keys and values (`forward(..., return_kv=True)`) into
-    the cache's head-major, transposed-key layout; the slots after P are empty.
+    the cache's per-layer, head-major, transposed-key layout; the slots after P are empty.
     """
     p = prefix.k.shape[2]
     if cache_size < p:
         raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {p}.")
     dtype = prefix.k.dtype if dtype is None else dtype
     pad = cache_size - p
-    keys = jnp.pad(prefix.k.transpose(0, 1, 3, 4, 2).astype(dtype), [(0, 0)] * 4 + [(0, pad)])
-    values = jnp.pad(
-        prefix.v.transpose(0, 1, 3, 2, 4).astype(dtype), [(0, 0)] * 3 + [(0, pad), (0, 0)]
+    keys = tuple(
+        jnp.pad(k.transpose(0, 2, 3, 1).astype(dtype), [(0, 0)] * 3 + [(0, pad)]) for k in prefix.k
+    )
+    values = tuple(
+        jnp.pad(v.transpose(0, 2, 1, 3).astype(dtype), [(0, 0)] * 2 + [(0, pad), (0, 0)])
+        for v in prefix.v
     )
     mask = jnp.pad(prefix.mask_BxP.astype(bool), ((0, 0), (0, pad)))
     cache = KVCache(k=keys, v=values, mask_BxS=mask, index=jnp.asarray(p, jnp.int32))
@@ -246,39 +251,55 @@ class Attention(nnx.Module):
 
 
 def cached_attention(
-    q_BxLxHxDh: Array, keys_BxKxDhxS: Array, values_BxKxSxDh: Array, visible_BxLxS: Array
+    q_BxLxHxDh: Array,
+    keys_BxKxDhxS: Array,
+    values_BxKxSxDh: Array,
+    old_visible_BxS: Array,
+    new_k_BxLxKxDh: Array,
+    new_v_BxLxKxDh: Array,
+    new_visible_BxLxL: Array,
 ) -> Array:
-    """Dense attention of L queries over a cache's (transposed) keys and values.
+    """Dense attention of L new queries over a cache's earlier slots and the L new entries.
 
-    Scores are accumulated in fp32 and masked with a large finite negative; the
-    probabilities are cast to the compute dtype for the value matmul.
+    The cache part (transposed keys, `old_visible_BxS` marking its real slots, all
+    before the queries) and the new keys and values are scored separately and share
+    one softmax, so the layer's cache is only read: writing the new entries into it
+    first would copy it. Scores are accumulated in fp32 and masked with a large finite
+    negative; the probabilities are cast to the compute dtype for the value matmuls.
     """
     b, seq_len, h, dh = q_BxLxHxDh.shape
     kv_heads = keys_BxKxDhxS.shape[1]
     group = h // kv_heads
     dtype = q_BxLxHxDh.dtype
     keys, values = keys_BxKxDhxS.astype(dtype), values_BxKxSxDh.astype(dtype)
+    new_k, new_v = new_k_BxLxKxDh.astype(dtype), new_v_BxLxKxDh.astype(dtype)
     q = q_BxLxHxDh.reshape(b, seq_len, kv_heads, group, dh)
     if seq_len == 1:
         # Decode: one query per row. Broadcast-multiply-reduce over Dh (a non-minor axis
         # of the transposed keys) fuses into one pass over the cache, where a dot would
         # run B·K tiny matrix-vector products.
         q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
-        scores = jnp.sum(q32[..., None] * keys[:, :, None], axis=-2)[:, :, :, None]
+        old = jnp.sum(q32[..., None] * keys[:, :, None], axis=-2)[:, :, :, None]
     else:
-        q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * seq_len, dh)
-        scores = jnp.einsum("bkqd,bkds->bkqs", q, keys, preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, kv_heads, group, seq_len, -1)
-    scores = scores / np.float32(math.sqrt(dh))
-    scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
+        qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * seq_len, dh)
+        old = jnp.einsum("bkqd,bkds->bkqs", qt, keys, preferred_element_type=jnp.float32)
+        old = old.reshape(b, kv_heads, group, seq_len, -1)
+    new = jnp.einsum("blkgd,bmkd->bkglm", q, new_k, preferred_element_type=jnp.float32)
+    scale = np.float32(1 / math.sqrt(dh))
+    old = jnp.where(old_visible_BxS[:, None, None, None], old * scale, _MASK_VALUE)
+    new = jnp.where(new_visible_BxLxL[:, None, None], new * scale, _MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
+    p_old, p_new = probs[..., : old.shape[-1]], probs[..., old.shape[-1] :]
     if seq_len == 1:
-        out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
+        out = jnp.sum(p_old[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, :, :, None]
     else:
-        probs = probs.astype(dtype).reshape(b, kv_heads, group * seq_len, -1)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
-        out = out.reshape(b, kv_heads, group, seq_len, dh).transpose(0, 3, 1, 2, 4)
-    return out.reshape(b, seq_len, h, dh).astype(dtype)
+        p_old = p_old.astype(dtype).reshape(b, kv_heads, group * seq_len, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", p_old, values, preferred_element_type=jnp.float32)
+        out = out.reshape(b, kv_heads, group, seq_len, dh)
+    out = out + jnp.einsum(
+        "bkglm,bmkd->bkgld", p_new.astype(dtype), new_v, preferred_element_type=jnp.float32
+    )
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, seq_len, h, dh).astype(dtype)
 
 
 class MLP(nnx.Module):
@@ -463,34 +484,45 @@ class Transformer(nnx.Module):
         cfg = self.config
         kv_len = cache.size if kv_len is None else kv_len
         length = tokens_BxL.shape[1]
-        mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL.astype(bool), (0, cache.index))
-        visible = visibility(cache.index + jnp.arange(length), mask[:, :kv_len])
-        rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
         index = cache.index
+        # Every slot before the write index that holds a real token; the new tokens
+        # see each other causally (and always themselves).
+        old_visible = cache.mask_BxS[:, :kv_len] & (jnp.arange(kv_len) < index)[None]
+        new_visible = visibility(jnp.arange(length), mask_BxL.astype(bool))
+        rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
 
-        def body(layer, x, xs):
-            # This layer's cache (read-only, its first kv_len slots) comes in as a scan
-            # input and only the new entries go out: carrying the stacked cache through
-            # the scan made XLA:CPU copy all of it at every layer.
-            keys_i, values_i = xs
+        def attend_layer(i, q, k, v):
+            # Layer i's buffers, read where they lie: `switch` passes them by reference,
+            # where a scan input or a dynamic index into stacked buffers is a copy.
+            def over(j):
+                keys, values = cache.k[j][..., :kv_len], cache.v[j][:, :, :kv_len]
+                return lambda *qkv: cached_attention(
+                    qkv[0], keys, values, old_visible, qkv[1], qkv[2], new_visible
+                )
+
+            return jax.lax.switch(i, [over(j) for j in range(cfg.num_layers)], q, k, v)
+
+        def body(layer, x, i):
+            # The new entries go out of the scan and are written after it (in place for a
+            # donated or loop-carried cache): writing them before attending would copy the
+            # layer's cache.
             new = {}
 
             def attend(q, k, v):
-                k_t = k.transpose(0, 2, 3, 1).astype(keys_i.dtype)  # [B, K, Dh, L]
-                v_t = v.swapaxes(1, 2).astype(values_i.dtype)  # [B, K, L, Dh]
-                new["k"], new["v"] = k_t, v_t
-                keys = jax.lax.dynamic_update_slice(keys_i, k_t, (0, 0, 0, index))
-                values = jax.lax.dynamic_update_slice(values_i, v_t, (0, 0, index, 0))
-                return cached_attention(q, keys, values, visible), None
+                new["k"] = k.transpose(0, 2, 3, 1).astype(cache.k[0].dtype)  # [B, K, Dh, L]
+                new["v"] = v.swapaxes(1, 2).astype(cache.v[0].dtype)  # [B, K, L, Dh]
+                return attend_layer(i, q, k, v), None
 
             x, _ = layer(x, rope, attend)
             return sharding_lib.constrain_rows(x), (new["k"], new["v"])
 
-        xs = (cache.k[..., :kv_len], cache.v[:, :, :, :kv_len])
-        x, (new_k, new_v) = self._scan(body, self._embed(tokens_BxL), xs, "none")
-        keys = jax.lax.dynamic_update_slice(cache.k, new_k, (0, 0, 0, 0, index))
-        values = jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, 0, index, 0))
-        new_cache = KVCache(k=keys, v=values, mask_BxS=mask, index=cache.index + length)
+        layer_ids = jnp.arange(cfg.num_layers)
+        x, (new_k, new_v) = self._scan(body, self._embed(tokens_BxL), layer_ids, "none")
+        write = jax.lax.dynamic_update_slice
+        keys = tuple(write(c, n, (0, 0, 0, index)) for c, n in zip(cache.k, new_k, strict=True))
+        values = tuple(write(c, n, (0, 0, index, 0)) for c, n in zip(cache.v, new_v, strict=True))
+        mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL.astype(bool), (0, index))
+        new_cache = KVCache(k=keys, v=values, mask_BxS=mask, index=index + length)
         return self.final_norm(x), new_cache
 
     def logits_from_hidden(self, hidden_BxLxD: Array) -> Float[Array, "B L V"]:
