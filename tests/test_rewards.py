@@ -177,6 +177,27 @@ def test_cosine_length_units_and_clipping():
         make_cosine_reward(max_length=10)
 
 
+@pytest.mark.parametrize(
+    "chars, right, wrong", [(0, 1.0, 0.0), (500, 0.75, -0.25), (1000, 0.5, -0.5), (2000, 1.0, 0.0)]
+)
+def test_cosine_open_rs_is_the_authors_reward(chars, right, wrong):
+    # open-rs get_cosine_scaled_reward with their YAML: characters, max_len 1000, wrong answers
+    # from 0 down to -0.5, progress NOT clipped (2000 characters score like 0). Token lengths
+    # passed by the trainer are ignored.
+    reward = get_host_reward("cosine_open_rs")
+    for box, expected in ((r"\boxed{2}", right), (r"\boxed{3}", wrong)):
+        completion = (box + " " * chars)[: max(chars, len(box))]
+        got = _one(reward, completion, "$2$", completion_lengths=[7])
+        np.testing.assert_allclose(got, expected, atol=2e-2 if chars == 0 else 1e-6)
+
+
+def test_cosine_length_unit_is_checked():
+    with pytest.raises(ValueError, match="length_unit='words'"):
+        make_cosine_reward(length_unit="words")
+    with pytest.raises(ValueError, match="length_unit='words'"):
+        cosine(["x"], answers=["$1$"], length_unit="words")
+
+
 def test_cosine_unparsable_gold():
     stats = {}
     assert _one(cosine, r"\boxed{2}", "2", stats=stats) == 0.0

@@ -34,9 +34,12 @@ HOST_REWARDS: dict[str, HostReward] = {
     "format_think_close": format_think_close,
     "tag_count": tag_count,
     "cosine": cosine,
-    # The AAPO authors' open-rs run: wrong answers score 0 (short) to -0.5 (long), lengths
-    # scaled to the 3584-token completion budget.
-    "cosine_open_rs": make_cosine_reward(min_value_wrong=0.0, max_len=3584),
+    # The AAPO authors' open-rs run (open-rs `get_cosine_scaled_reward` with their YAML): wrong
+    # answers score 0 (short) to -0.5 (long); length in characters over the default max_len of
+    # 1000, the progress not clipped.
+    "cosine_open_rs": make_cosine_reward(
+        min_value_wrong=0.0, max_len=1000, length_unit="chars", clip=False
+    ),
 }
 
 # `get_host_reward("gym:<dataset>")` builds a reasoning-gym scorer for that dataset.

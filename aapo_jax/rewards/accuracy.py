@@ -34,6 +34,10 @@ COSINE_DEFAULTS = dict(
 )
 
 
+# What `cosine` measures a completion's length in.
+LENGTH_UNITS = ("tokens", "chars")
+
+
 class _Configs(NamedTuple):
     gold_latex: list[Any]
     gold_boxed: list[Any]
@@ -255,20 +259,25 @@ def cosine_value(
     min_value_correct: float = 0.5,
     max_value_correct: float = 1.0,
     max_len: float = 1000,
+    clip: bool = True,
 ) -> float:
     """The open-r1 cosine schedule for one completion.
 
-        progress = clip(length / max_len, 0, 1);   c = cos(π · progress)
+        progress = length / max_len (clipped to [0, 1] if `clip`);   c = cos(π · progress)
         correct: min_value_correct + ½ (max_value_correct − min_value_correct)(1 + c)
         wrong:   max_value_wrong   + ½ (min_value_wrong   − max_value_wrong  )(1 + c)
 
     Short correct answers get max_value_correct, long ones min_value_correct; short wrong answers
-    get min_value_wrong (the largest penalty), long ones max_value_wrong. Unlike open-r1 the
-    progress is clipped at 1: past max_len its cosine rises again, rewarding very long answers.
+    get min_value_wrong (the largest penalty), long ones max_value_wrong. open-r1 / open-rs do
+    not clip (`clip=False`): past max_len the cosine rises again, so a correct answer of
+    2·max_len scores max_value_correct as if it were empty. `clip=True` holds the value at
+    max_len from there on.
     """
     if max_len <= 0:
         raise ValueError(f"max_len must be positive, got {max_len}")
-    progress = min(max(length / max_len, 0.0), 1.0)
+    progress = length / max_len
+    if clip:
+        progress = min(max(progress, 0.0), 1.0)
     cosine = math.cos(progress * math.pi)
     if correct:
         low, high = min_value_correct, max_value_correct
@@ -287,6 +296,8 @@ def cosine(
     min_value_correct: float = COSINE_DEFAULTS["min_value_correct"],
     max_value_correct: float = COSINE_DEFAULTS["max_value_correct"],
     max_len: float = COSINE_DEFAULTS["max_len"],
+    length_unit: str = "tokens",
+    clip: bool = True,
     gold_boxed: bool = False,
     extract_expressions: bool = False,
     math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
@@ -296,9 +307,10 @@ def cosine(
     """Cosine length-scaled accuracy (open-r1 / open-rs `get_cosine_scaled_reward`).
 
     Correctness as in `accuracy` (`gold_boxed=True`: as in `accuracy_boxed_gold`), then
-    `cosine_value`. The length is `completion_lengths[i]` (tokens, what the trainer passes) when
-    given, else `len(completions[i])` in characters (what open-r1 measures; max_len is then in
-    characters too). An unparsable gold gives 0.0 and is counted (open-r1 gives 1.0).
+    `cosine_value`. `length_unit="tokens"`: the length is `completion_lengths[i]` (what the
+    trainer passes) when given, else `len(completions[i])`; `"chars"`: always the completion's
+    length in characters, what open-r1 / open-rs measure (max_len is then in characters too).
+    `clip`: see `cosine_value`. An unparsable gold gives 0.0 and is counted (open-r1 gives 1.0).
     Use `make_cosine_reward(...)` for other parameters.
 
     Returns:
@@ -306,6 +318,10 @@ def cosine(
     """
     del kwargs
     n = check_batch(completions, answers)
+    if length_unit not in LENGTH_UNITS:
+        raise ValueError(f"length_unit={length_unit!r}; valid: {LENGTH_UNITS}")
+    if length_unit == "chars":
+        completion_lengths = None
     if completion_lengths is not None and len(completion_lengths) != n:
         raise ValueError(f"completion_lengths has {len(completion_lengths)} entries, expected {n}")
     values = []
@@ -331,6 +347,7 @@ def cosine(
                 min_value_correct=min_value_correct,
                 max_value_correct=max_value_correct,
                 max_len=max_len,
+                clip=clip,
             )
         )
     return as_rewards(values)
@@ -338,10 +355,19 @@ def cosine(
 
 def make_cosine_reward(**params: Any) -> functools.partial:
     """`cosine` with other parameters (names as in `cosine`); picklable for worker processes."""
-    allowed = {*COSINE_DEFAULTS, "gold_boxed", "extract_expressions", "math_verify_timeout_s"}
+    allowed = {
+        *COSINE_DEFAULTS,
+        "length_unit",
+        "clip",
+        "gold_boxed",
+        "extract_expressions",
+        "math_verify_timeout_s",
+    }
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValueError(f"unknown cosine reward parameters {unknown}; valid: {sorted(allowed)}")
+    if params.get("length_unit", "tokens") not in LENGTH_UNITS:
+        raise ValueError(f"length_unit={params['length_unit']!r}; valid: {LENGTH_UNITS}")
     if "max_len" in params and params["max_len"] <= 0:
         raise ValueError(f"max_len must be positive, got {params['max_len']}")
     return functools.partial(cosine, **params)
