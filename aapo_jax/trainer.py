@@ -117,6 +117,7 @@ class Trainer:
             system_prompt=cfg.prompt.system_prompt or None,
             use_chat_template=cfg.prompt.use_chat_template,
             max_prompt_length=cfg.sampling.max_prompt_length,
+            overlong=cfg.prompt.overlong,
         )
         encoded, self.prompt_stats = pipeline.encode_examples(
             train_examples, self.tokenizer, **prompt_kw

@@ -248,6 +248,22 @@ def test_encode_examples_counts_drops(tokenizer, caplog):
     assert chat[0].ids[0] == tokenizer.convert_tokens_to_ids("<|system|>")
 
 
+def test_encode_examples_truncates_overlong_prompts_on_the_left(tokenizer):
+    # TRL (the AAPO authors' trainer) keeps an over-long prompt's LAST max_prompt_length tokens.
+    long_q = "Calculate 5 - 3 - 6. " * 20
+    examples = [data.Example("What is 1 + 1?", "2"), data.Example(long_q, "-4")]
+    encoded, stats = data.encode_examples(
+        examples, tokenizer, max_prompt_length=24, overlong="truncate_left"
+    )
+    assert stats == data.PromptStats(kept=2, dropped_too_long=0, dropped_empty=0, truncated=1)
+    full = tokenizer(long_q, add_special_tokens=False)["input_ids"]
+    assert len(full) > 24 and list(encoded[1].ids) == full[-24:]
+    short = tokenizer("What is 1 + 1?", add_special_tokens=False)["input_ids"]
+    assert list(encoded[0].ids) == short
+    with pytest.raises(ValueError, match="overlong='cut'"):
+        data.encode_examples(examples, tokenizer, max_prompt_length=24, overlong="cut")
+
+
 def test_encode_examples_nothing_left(tokenizer):
     examples = [data.Example("", "1"), data.Example("What is 12 + 7? " * 10, "19")]
     with pytest.raises(

@@ -15,13 +15,19 @@ from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length, format_prompt
 logger = logging.getLogger(__name__)
 
 
+# What `encode_examples` does with a prompt longer than max_prompt_length.
+OVERLONG = ("drop", "truncate_left")
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptStats:
-    """How many examples `encode_examples` kept and why it dropped the others."""
+    """How many examples `encode_examples` kept, why it dropped the others, and how many
+    over-long prompts it cut to their last `max_prompt_length` tokens."""
 
     kept: int
     dropped_too_long: int
     dropped_empty: int
+    truncated: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,19 +47,23 @@ def encode_examples(
     system_prompt: str | None = None,
     use_chat_template: bool = False,
     max_prompt_length: int,
+    overlong: str = "drop",
 ) -> tuple[list[EncodedPrompt], PromptStats]:
     """Format and tokenize problems, dropping (and counting) unusable ones.
 
     Prompts are formatted with `format_prompt` and tokenized without added
     special tokens (chat templates carry their own). Examples whose question is
-    empty or whitespace are dropped, and so are prompts longer than
-    `max_prompt_length` tokens; both are counted and logged, never fatal.
+    empty or whitespace are dropped. Prompts longer than `max_prompt_length` tokens
+    are dropped (`overlong="drop"`) or keep their last `max_prompt_length` tokens
+    (`"truncate_left"`, TRL's `prompt_ids[:, -max_prompt_length:]`); all are counted
+    and logged, never fatal. A truncated prompt's `text` is still the full text.
 
     Args:
       examples: the problems, e.g. from `load_splits`.
       tokenizer: a transformers tokenizer.
       template, system_prompt, use_chat_template: as in `format_prompt`.
       max_prompt_length: the longest prompt kept, in tokens.
+      overlong: "drop" or "truncate_left" (see above).
 
     Returns:
       The kept prompts in input order, and the counts.
@@ -64,6 +74,8 @@ def encode_examples(
     """
     if max_prompt_length < 1:
         raise ValueError(f"max_prompt_length={max_prompt_length} must be ≥ 1.")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r}; valid: {OVERLONG}")
     candidates = [e for e in examples if e.question.strip()]
     dropped_empty = len(examples) - len(candidates)
     texts = [
@@ -77,15 +89,26 @@ def encode_examples(
         for e in candidates
     ]
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    encoded, dropped_too_long = [], 0
+    encoded, dropped_too_long, truncated = [], 0, 0
     for example, text, ids in zip(candidates, texts, token_ids, strict=True):
         if len(ids) > max_prompt_length:
-            dropped_too_long += 1
-            continue
+            if overlong == "drop":
+                dropped_too_long += 1
+                continue
+            ids, truncated = ids[-max_prompt_length:], truncated + 1
         encoded.append(EncodedPrompt(ids=tuple(int(i) for i in ids), example=example, text=text))
     stats = PromptStats(
-        kept=len(encoded), dropped_too_long=dropped_too_long, dropped_empty=dropped_empty
+        kept=len(encoded),
+        dropped_too_long=dropped_too_long,
+        dropped_empty=dropped_empty,
+        truncated=truncated,
     )
+    if truncated:
+        logger.warning(
+            "prompts: kept the last %d tokens of %d prompts longer than that.",
+            max_prompt_length,
+            truncated,
+        )
     if dropped_too_long or dropped_empty:
         logger.warning(
             "prompts: kept %d of %d; dropped %d longer than max_prompt_length=%d tokens "
