@@ -190,9 +190,15 @@ class Algorithm:
         mask_NxT: Array,
         kl_NxT: Array | None,
         hparams: Mapping[str, Value],
+        row_weights: tuple[Array, Array] | None = None,
     ) -> losses.LossTerms:
-        """The loss's `LossTerms`; `kl_NxT` is passed on when the loss needs the reference."""
+        """The loss's `LossTerms`; `kl_NxT` is passed on when the loss needs the reference.
+
+        `row_weights` (`losses.aggregation_weights`) picks another loss normalisation.
+        """
         kwargs = {k: hparams[k] for k in self.loss_hparams}
+        if row_weights is not None:
+            kwargs["row_weights"] = row_weights
         if self.reference_logprobs(hparams):
             if kl_NxT is None:
                 raise ValueError("this algorithm's loss needs the KL to the reference, got None.")

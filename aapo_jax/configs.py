@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -18,7 +19,10 @@ class OptimConfig:
 
     schedule: "constant" (linear warmup, then constant) or "cosine" (linear
     warmup, then cosine decay to `final_lr_fraction · learning_rate` at
-    `total_steps`). `warmup_ratio` is a fraction of `total_steps`.
+    `total_steps`). `warmup_ratio` is a fraction of `total_steps`; `warmup_style`
+    "above_zero" ramps over round(ratio · steps) steps starting at peak/(w+1), so the
+    first step already moves, and "transformers" over ceil(ratio · steps) steps from
+    lr 0 at step 0 (transformers' `get_*_schedule_with_warmup`, what TRL runs inherit).
     The update splits a step's rows into micro-batches whose loss sums add up to the
     exact global token mean: `micro_batch_tokens` > 0 bounds the (prompt + completion)
     tokens each device holds per micro-batch (`train_step.micro_batch_count`), else
@@ -28,6 +32,7 @@ class OptimConfig:
     learning_rate: float = 1e-6
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_ratio: float = 0.0
+    warmup_style: Literal["above_zero", "transformers"] = "above_zero"
     total_steps: int = 1000
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.0
@@ -65,7 +70,8 @@ class OptimConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return round(self.warmup_ratio * self.total_steps)
+        steps = self.warmup_ratio * self.total_steps
+        return math.ceil(steps) if self.warmup_style == "transformers" else round(steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +88,14 @@ class RLConfig:
     reference: "frozen" (the initial weights: the paper's default), "sync"
     (copy the policy every `reference_sync_every` steps) or "ema" (after each
     step ref ← (1 − α)·ref + α·policy with α = `reference_ema_rate`).
+    loss_aggregation: how the loss over a step's tokens is normalised
+    (`losses.aggregation_weights`): "token_mean" (the algorithm's own: one token mean,
+    or a sequence mean with its `seq_mean`), "seq_mean", "per_prompt_token_mean" (TRL
+    0.16 as the AAPO authors ran it: a token mean per prompt's G rows, averaged over
+    prompts; the paper configs) or "seq_mean_token_sum" (Dr. GRPO).
+    logprob_temperature: the update's log-probs (policy and reference) are those of
+    logits / τ. 1.0 is the model's own distribution; TRL ≥ 0.16 uses the sampling
+    temperature, as the paper configs do.
     """
 
     algorithm: str = "aapo"
@@ -93,11 +107,28 @@ class RLConfig:
     reference_sync_every: int = 0
     reference_ema_rate: float = 0.0
     logprob_chunk_size: int = 128
+    logprob_temperature: float = 1.0
+    loss_aggregation: Literal[
+        "token_mean", "seq_mean", "per_prompt_token_mean", "seq_mean_token_sum"
+    ] = "token_mean"
 
     def __post_init__(self):
+        _check(
+            self.logprob_temperature > 0,
+            "rl.logprob_temperature",
+            self.logprob_temperature,
+            "> 0",
+        )
         spec = algorithms.get_algorithm(self.algorithm)
         resolved = spec.resolve(dict(self.hparams), name=self.algorithm, field="rl.hparams")
         object.__setattr__(self, "hparams", tuple(sorted(resolved.items())))
+        if resolved.get("seq_mean"):
+            _check(
+                self.loss_aggregation == "token_mean",
+                "rl.loss_aggregation",
+                self.loss_aggregation,
+                "'token_mean' with rl.hparams.seq_mean=True (set one of the two)",
+            )
         _check(
             self.group_size >= spec.min_group_size,
             "rl.group_size",
@@ -341,11 +372,17 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-    """How a question becomes a prompt: a plain `{question}` template and/or the chat template."""
+    """How a question becomes a prompt: a plain `{question}` template and/or the chat template.
+
+    overlong: a prompt longer than `sampling.max_prompt_length` tokens is dropped
+    ("drop", counted) or keeps its last max_prompt_length tokens ("truncate_left", as
+    TRL does; the paper configs).
+    """
 
     template: str = "{question}"
     system_prompt: str = ""
     use_chat_template: bool = False
+    overlong: Literal["drop", "truncate_left"] = "drop"
 
     def __post_init__(self):
         _check(

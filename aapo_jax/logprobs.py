@@ -93,8 +93,11 @@ def completion_logprobs(
     *,
     chunk_size: int = 128,
     prompt_group_size: int = 1,
+    temperature: float = 1.0,
 ) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
     """fp32 log π(o_t | q, o_<t) and entropies for every completion token, chunked over T.
+
+    `temperature` τ: of the distribution softmax(logits / τ), as in `chunked_token_logprobs`.
 
     With `prompt_group_size = G > 1` the caller promises that rows come in groups
     of G consecutive rows with identical prompts (the sampler's b·G + g order).
@@ -125,6 +128,7 @@ def completion_logprobs(
         hidden, _ = model.forward(ids, positions, mask)
         # Hidden state at position t predicts token t + 1.
         hidden = hidden[:, prompt_len - 1 : -1]
+    head = model.lm_head_kernel()
     return chunked_token_logprobs(
-        hidden, model.lm_head_kernel(), completion_ids, chunk_size=chunk_size
+        hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature
     )

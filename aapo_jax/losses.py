@@ -114,8 +114,60 @@ def _prepare(logprobs_NxT, advantages_N, mask_NxT):
     return logprobs_NxT.astype(jnp.float32), advantages_Nx1, mask_NxT.astype(jnp.float32)
 
 
-def _reducer(mask_NxT: Float[Array, "N T"], seq_mean: bool):
-    """Returns (reduce, denominator): reduce(x_NxT) sums x over the loss units."""
+# How a loss over a step's tokens is normalised (`aggregation_weights`).
+AGGREGATIONS = ("token_mean", "seq_mean", "per_prompt_token_mean", "seq_mean_token_sum")
+
+
+def aggregation_weights(
+    mask_NxT: Mask, aggregation: str, group_size: int = 1
+) -> tuple[Float[Array, " N"], Float[Array, " N"]]:
+    """Per-row token weights and loss units of a batch for a loss aggregation.
+
+    The loss is Σ_{i,t} w_i · m_it · ℓ_it / Σ_i u_i. Rows come in groups of
+    `group_size` consecutive rows sharing a prompt (rows b·G + g).
+
+        token_mean             w = 1,                 u_i = T_i: one mean over all tokens
+        seq_mean               w = 1 / T_i,           u_i = [T_i > 0]: completions weigh equally
+        per_prompt_token_mean  w = 1 / Σ_group T,     u_i = [group has tokens] / G: a token mean
+                               per prompt, averaged over prompts (TRL 0.16 with one prompt's
+                               G rows per device micro-batch, as the AAPO authors ran it)
+        seq_mean_token_sum     w = 1 / T_max,         u_i = 1: each completion's token sum over
+                               the generation budget T_max (the mask's width), mean over
+                               completions (Dr. GRPO)
+
+    Computed once over whole groups before a step is split into micro-batches, whose
+    (Σ w·m·ℓ, Σ u) then add up to the exact batch loss.
+
+    Raises:
+      ValueError: an unknown aggregation, or rows that do not split into groups.
+    """
+    mask = mask_NxT.astype(jnp.float32)
+    n, t_max = mask.shape
+    tokens_N = jnp.sum(mask, axis=-1)
+    if aggregation == "token_mean":
+        return jnp.ones((n,), jnp.float32), tokens_N
+    if aggregation == "seq_mean":
+        return 1.0 / jnp.maximum(tokens_N, 1.0), (tokens_N > 0).astype(jnp.float32)
+    if aggregation == "seq_mean_token_sum":
+        return jnp.full((n,), 1.0 / t_max, jnp.float32), jnp.ones((n,), jnp.float32)
+    if aggregation == "per_prompt_token_mean":
+        if n % group_size:
+            raise ValueError(f"{n} rows do not split into groups of {group_size}.")
+        group_tokens = jnp.repeat(jnp.sum(tokens_N.reshape(-1, group_size), 1), group_size)
+        units = (group_tokens > 0).astype(jnp.float32) / group_size
+        return 1.0 / jnp.maximum(group_tokens, 1.0), units
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {AGGREGATIONS}")
+
+
+def _reducer(mask_NxT: Float[Array, "N T"], seq_mean: bool, row_weights=None):
+    """Returns (reduce, denominator): reduce(x_NxT) sums x over the loss units.
+
+    `row_weights` = (w_N, u_N) from `aggregation_weights` replaces the seq_mean choice.
+    """
+    if row_weights is not None:
+        weights_N, units_N = row_weights
+        weights_NxT = mask_NxT * weights_N.astype(jnp.float32)[:, None]
+        return (lambda x_NxT: jnp.sum(x_NxT * weights_NxT)), jnp.sum(units_N)
     if not seq_mean:
         return (lambda x_NxT: jnp.sum(x_NxT * mask_NxT)), jnp.sum(mask_NxT)
     tokens_N = jnp.sum(mask_NxT, axis=-1)
@@ -131,6 +183,7 @@ def pg_terms(
     mask_NxT: Mask,
     *,
     seq_mean: bool = False,
+    row_weights: tuple[Array, Array] | None = None,
 ) -> LossTerms:
     """On-policy policy-gradient (REINFORCE) loss.
 
@@ -142,12 +195,14 @@ def pg_terms(
       advantages_N: f32 advantage per completion (no gradient flows into it).
       mask_NxT: completion mask (bool / int / float).
       seq_mean: average each sequence's tokens first (GRPO-style) instead of a token mean.
+      row_weights: (w_N, u_N) of `aggregation_weights`, another normalisation (then
+        seq_mean must be False).
 
     Returns:
       LossTerms with metrics ``pg_loss``, ``logprob`` and ``advantage`` (sums).
     """
     logp_NxT, adv_Nx1, mask_NxT = _prepare(logprobs_NxT, advantages_N, mask_NxT)
-    reduce, denominator = _reducer(mask_NxT, seq_mean)
+    reduce, denominator = _reducer(mask_NxT, seq_mean, row_weights)
     total = reduce(-logp_NxT * adv_Nx1)
     metrics = {
         "pg_loss": total,
@@ -158,7 +213,11 @@ def pg_terms(
 
 
 def aapo_terms(
-    logprobs_NxT: Float[Array, "N T"], advantages_N: Float[Array, " N"], mask_NxT: Mask
+    logprobs_NxT: Float[Array, "N T"],
+    advantages_N: Float[Array, " N"],
+    mask_NxT: Mask,
+    *,
+    row_weights: tuple[Array, Array] | None = None,
 ) -> LossTerms:
     """AAPO loss: the token-mean policy gradient with AAPO advantages (DESIGN §1).
 
@@ -170,11 +229,13 @@ def aapo_terms(
       logprobs_NxT: f32 log π_θ of the sampled tokens.
       advantages_N: f32 AAPO advantage per completion.
       mask_NxT: completion mask.
+      row_weights: another normalisation (`aggregation_weights`), e.g. the authors'
+        per-prompt token mean.
 
     Returns:
       LossTerms (total, denominator = Σ m, metrics as in pg_terms).
     """
-    return pg_terms(logprobs_NxT, advantages_N, mask_NxT, seq_mean=False)
+    return pg_terms(logprobs_NxT, advantages_N, mask_NxT, row_weights=row_weights)
 
 
 def ppo_clip_terms(
@@ -188,6 +249,7 @@ def ppo_clip_terms(
     eps_high: float = 0.2,
     kl_beta: float = 0.0,
     seq_mean: bool = False,
+    row_weights: tuple[Array, Array] | None = None,
 ) -> LossTerms:
     """PPO-clip surrogate with an optional KL penalty (the GRPO loss).
 
@@ -208,6 +270,7 @@ def ppo_clip_terms(
       eps_high: ε_high.
       kl_beta: β, weight of the KL penalty.
       seq_mean: average each sequence's tokens first.
+      row_weights: (w_N, u_N) of `aggregation_weights`, another normalisation.
 
     Returns:
       LossTerms with metrics ``pg_loss``, ``clip_frac`` (tokens where clipping binds),
@@ -224,7 +287,7 @@ def ppo_clip_terms(
         old_logp_NxT = jax.lax.stop_gradient(logp_NxT)
     else:
         old_logp_NxT = jax.lax.stop_gradient(old_logprobs_NxT.astype(jnp.float32))
-    reduce, denominator = _reducer(mask_NxT, seq_mean)
+    reduce, denominator = _reducer(mask_NxT, seq_mean, row_weights)
 
     ratio_NxT = jnp.exp(logp_NxT - old_logp_NxT)
     clipped_ratio_NxT = jnp.clip(ratio_NxT, 1.0 - eps_low, 1.0 + eps_high)

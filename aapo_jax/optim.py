@@ -19,8 +19,9 @@ def make_schedule(config: OptimConfig) -> optax.Schedule:
         )
     if warmup == 0:
         return after
-    # Warmup starts above 0 so the first step already moves.
-    ramp = optax.linear_schedule(peak / (warmup + 1), peak, warmup)
+    # "above_zero": the first step already moves; "transformers": step s < w gets peak · s/w.
+    start = 0.0 if config.warmup_style == "transformers" else peak / (warmup + 1)
+    ramp = optax.linear_schedule(start, peak, warmup)
     return optax.join_schedules([ramp, after], [warmup])
 
 

@@ -146,6 +146,8 @@ class _Rows:
     completion_ids: Int[Array, "N T"]
     completion_mask: Array
     advantages: Float[Array, " N"]
+    # (w_N, u_N) of `losses.aggregation_weights`, over whole groups; None: the loss's own.
+    row_weights: tuple[Array, Array] | None = None
 
 
 def rollout_metrics(
@@ -214,6 +216,7 @@ def make_train_step(
             mb.completion_mask,
             chunk_size=rl.logprob_chunk_size,
             prompt_group_size=prompt_group,
+            temperature=rl.logprob_temperature,
         )
 
     def micro_loss(params, mb: _Rows, ref_logp: Array | None, prompt_group: int):
@@ -221,7 +224,9 @@ def make_train_step(
         kl = None
         if ref_logp is not None:  # one KL: the loss's penalty (with its gradient) and the metric
             kl = losses.kl_divergence(logp, ref_logp, mb.completion_mask, rl.kl_estimator)
-        terms = algorithm.loss_terms(logp, mb.advantages, mb.completion_mask, kl, hparams)
+        terms = algorithm.loss_terms(
+            logp, mb.advantages, mb.completion_mask, kl, hparams, mb.row_weights
+        )
         mask = mb.completion_mask.astype(jnp.float32)
         sums = dict(terms.metrics)
         sums["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
@@ -338,6 +343,9 @@ def make_train_step(
             completion_mask=rollout.policy.mask,
             advantages=sharding.own_rows(advantages_BxG, axis).reshape(-1),
         )
+        if rl.loss_aggregation != "token_mean":  # rows hold whole groups here
+            weights = losses.aggregation_weights(rows.completion_mask, rl.loss_aggregation, g)
+            rows = rows.replace(row_weights=weights)
         state, metrics = update(axis, state, rows)
         out = rollout.policy
         truncated_N = (out.lengths == out.tokens.shape[1]) & out.mask[:, -1]

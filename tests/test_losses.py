@@ -521,3 +521,27 @@ def test_errors():
         losses.aapo_loss(logp, adv[:-1], mask)
     with pytest.raises(ValueError, match=r"logprobs must have shape \[N, T\]"):
         losses.pg_terms(logp[0], adv, mask[0])
+
+
+def test_aggregation_weights_match_the_losses_own_normalisations_and_the_formulas():
+    rng = np.random.default_rng(0)
+    n, t, g = 6, 5, 3
+    logp = jnp.asarray(rng.normal(size=(n, t)), jnp.float32)
+    adv = jnp.asarray(rng.normal(size=n), jnp.float32)
+    mask = jnp.asarray(np.arange(t)[None] < np.array([5, 2, 0, 4, 1, 3])[:, None])
+    m, x = np.asarray(mask, np.float64), -np.asarray(logp, np.float64) * np.asarray(adv)[:, None]
+
+    def loss(name):
+        weights = losses.aggregation_weights(mask, name, g)
+        return float(losses.pg_terms(logp, adv, mask, row_weights=weights).mean())
+
+    np.testing.assert_allclose(loss("token_mean"), float(losses.pg_terms(logp, adv, mask).mean()))
+    seq = float(losses.pg_terms(logp, adv, mask, seq_mean=True).mean())
+    np.testing.assert_allclose(loss("seq_mean"), seq, rtol=1e-6)
+    groups = [(x * m)[i : i + g].sum() / m[i : i + g].sum() for i in range(0, n, g)]
+    np.testing.assert_allclose(loss("per_prompt_token_mean"), np.mean(groups), rtol=1e-6)
+    np.testing.assert_allclose(loss("seq_mean_token_sum"), (x * m).sum() / (n * t), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'mean'"):
+        losses.aggregation_weights(mask, "mean")
+    with pytest.raises(ValueError, match="6 rows do not split into groups of 4"):
+        losses.aggregation_weights(mask, "per_prompt_token_mean", 4)

@@ -1,6 +1,7 @@
 """The train step and the one-program RL step: golden metrics, accumulation, references, meshes."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,34 @@ def test_constant_and_cosine_schedules():
     assert float(cosine(100)) == pytest.approx(0.1)
 
 
+def test_transformers_warmup_starts_at_zero_over_ceil_steps():
+    # transformers: num_warmup_steps = ceil(ratio · max_steps); lr(s) = peak · s / w for s < w.
+    cfg = configs.OptimConfig(
+        learning_rate=2.0, warmup_ratio=0.03, total_steps=100, warmup_style="transformers"
+    )
+    assert cfg.warmup_steps == 3
+    sched = make_schedule(cfg)
+    np.testing.assert_allclose(
+        [float(sched(s)) for s in range(5)], [0, 2 / 3, 4 / 3, 2, 2], rtol=1e-6
+    )
+    ceil_cfg = configs.OptimConfig(warmup_ratio=0.025, total_steps=100)
+    assert ceil_cfg.warmup_steps == 2  # round half to even
+    assert dataclasses.replace(ceil_cfg, warmup_style="transformers").warmup_steps == 3
+    cosine = make_schedule(
+        configs.OptimConfig(
+            learning_rate=1.0,
+            schedule="cosine",
+            warmup_ratio=0.1,
+            total_steps=100,
+            final_lr_fraction=0.1,
+            warmup_style="transformers",
+        )
+    )
+    # transformers' cosine_with_min_lr (min_lr_rate 0.1) at step 0, 5, 10 and 55.
+    expected = [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))]
+    np.testing.assert_allclose([float(cosine(s)) for s in (0, 5, 10, 55)], expected, atol=1e-6)
+
+
 def test_init_train_state_is_built_on_its_shardings():
     rl_cfg = configs.RLConfig(group_size=G)
     tx = make_optimizer(LINEAR_ADAM)
@@ -164,6 +193,24 @@ def test_completion_logprobs_equal_sampler_logprobs():
         np.asarray(logp) * np.asarray(out.mask), np.asarray(out.logprobs), atol=2e-5
     )
     assert (np.asarray(entropy) > 0).all()
+
+
+def test_completion_logprobs_at_a_temperature_are_those_of_scaled_logits():
+    # TRL >= 0.16 (the AAPO authors' trainer) divides the training logits by the sampling
+    # temperature; reference: log_softmax(full-sequence logits / τ) at the completion tokens.
+    model, prompts, tau = _model(), _prompts(), 0.7
+    out = sampling.generate(
+        model, prompts.ids, prompts.mask, rng=jax.random.key(4), max_new_tokens=T, buckets=None
+    )
+    logp, _ = logprobs.completion_logprobs(
+        model, prompts.ids, prompts.mask, out.tokens, out.mask, chunk_size=2, temperature=tau
+    )
+    ids = jnp.concatenate([prompts.ids, out.tokens], axis=1)
+    mask = jnp.concatenate([prompts.mask, out.mask], axis=1)
+    logits = models.compute_logits(model, ids, mask)[:, prompts.ids.shape[1] - 1 : -1]
+    want = jnp.take_along_axis(jax.nn.log_softmax(logits / tau), out.tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(logp) * out.mask, np.asarray(want) * out.mask, atol=2e-5)
+    assert not np.allclose(np.asarray(want) * out.mask, np.asarray(out.logprobs), atol=1e-3)
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -544,3 +591,49 @@ def test_fp32_masters_take_a_1e_6_step_that_bf16_weights_round_away():
         assert step._cache_size() == 1
     assert moved["float32"] > 0.5  # Adam's first step is ≈ lr·sign(g): nearly every weight
     assert moved["bfloat16"] == 0.0  # 1e-6 next to |w| ≥ 0.01 is below bf16's spacing
+
+
+@pytest.mark.parametrize("aggregation", ["per_prompt_token_mean", "seq_mean_token_sum"])
+def test_loss_aggregation_is_the_formula_and_survives_micro_batches(aggregation):
+    """The step's loss is the aggregation's formula over the whole batch (an explicit loop over
+    prompts here), and k = 8 micro-batches of 2 rows (splitting every group of G = 4) give
+    the same loss and update as one batch."""
+    batch = _scored(seed=3, eos=5)
+    rl_cfg = dataclasses.replace(REINFORCE, loss_aggregation=aggregation)
+    results = []
+    for k in (1, 8):
+        optim = dataclasses.replace(LINEAR_ADAM, grad_accum_steps=k)
+        _, optim, tx, graphdef, state, _ = _setup(rl_cfg, optim)
+        step = jax.jit(train_step.make_train_step(rl_cfg, optim, graphdef, tx))
+        results.append(step(state, batch))
+    logp, _ = logprobs.completion_logprobs(
+        _model(),
+        jnp.repeat(batch.prompts.ids, G, axis=0),
+        jnp.repeat(batch.prompts.mask, G, axis=0),
+        batch.policy.tokens,
+        batch.policy.mask,
+    )
+    logp, mask = np.asarray(logp, np.float64), np.asarray(batch.policy.mask, np.float64)
+    adv = np.asarray(batch.rewards, np.float64).reshape(-1)  # REINFORCE: A = r
+    per_token = -logp * adv[:, None] * mask
+    if aggregation == "per_prompt_token_mean":
+        groups = [
+            per_token[b * G : (b + 1) * G].sum() / mask[b * G : (b + 1) * G].sum() for b in range(B)
+        ]
+        want = np.mean(groups)
+    else:
+        want = np.mean(per_token.sum(axis=1) / T)
+    (s1, m1), (s8, m8) = results
+    np.testing.assert_allclose(float(m1["loss"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m8["loss"]), want, rtol=1e-5)
+    for a, b in zip(_leaves(s8.params), _leaves(s1.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    token_mean = per_token.sum() / mask.sum()
+    assert abs(want - token_mean) > 1e-4  # the aggregations differ on this batch
+
+
+def test_seq_mean_and_another_aggregation_is_an_error():
+    with pytest.raises(ValueError, match=r"rl\.loss_aggregation='seq_mean'"):
+        configs.RLConfig(
+            algorithm="reinforce", hparams=(("seq_mean", True),), loss_aggregation="seq_mean"
+        )
