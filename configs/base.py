@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
         question_key=ml_collections.FieldReference(None, field_type=str),
         answer_key=ml_collections.FieldReference(None, field_type=str),
     )
-    c.prompt = dict(template="{question}", system_prompt="", use_chat_template=False)
+    c.prompt = dict(
+        template="{question}", system_prompt="", use_chat_template=False, overlong="drop"
+    )
     c.rl = dict(
         algorithm="aapo",
         hparams=algorithms.ALGORITHMS["aapo"].defaults(),
@@ -49,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
         reference_sync_every=0,
         reference_ema_rate=0.0,
         logprob_chunk_size=128,
+        logprob_temperature=1.0,
+        loss_aggregation="token_mean",
     )
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -146,10 +150,15 @@ def paper_config(
     max_completion: int,
     temperature: float,
     customize,
+    hparams: dict | None = None,
 ):
-    """What the paper's runs share (a local jsonl file, G=6, 16 prompts/step, 100 steps,
-    lr 1e-6, fp32 masters with bf16 compute and remat), then `customize(config)`, then
-    the algorithm and variant.
+    """What the paper's runs share, then `customize(config)`, then the algorithm (with
+    those of `hparams` it has) and the variant.
+
+    Shared, as the authors' TRL 0.16 runs: G=6, 16 prompts/step, 100 steps, lr 1e-6 with
+    transformers' warmup (from lr 0 over ceil(ratio · steps) steps), seed 42, top_k 50,
+    training log-probs at the sampling temperature, over-long prompts cut on the left;
+    plus fp32 masters with bf16 compute and remat.
     """
     args = parse_arg(arg, algo="aapo", variant="full")
     if args["variant"] not in ("full", "tiny"):
@@ -163,18 +172,27 @@ def paper_config(
     c.sampling.max_new_tokens = max_completion
     c.sampling.temperature = temperature
     c.sampling.top_p = 1.0
+    c.sampling.top_k = 50  # TRL's GRPO sampler (vLLM / generate) default
     c.rl.group_size = 6
+    c.rl.logprob_temperature = temperature  # TRL >= 0.16 divides training logits by it
+    # TRL 0.16 with one prompt's G rows per device: a token mean per prompt, then the mean.
+    c.rl.loss_aggregation = "per_prompt_token_mean"
+    c.prompt.overlong = "truncate_left"  # TRL: prompt_ids[:, -max_prompt_length:]
     c.train.prompts_per_step = 16
     c.train.steps = 100
+    c.train.seed = 42
     c.train.eval_batch_size = 16
-    c.train.checkpoint_every = 10
+    c.train.checkpoint_every = 50
     c.optim.learning_rate = 1e-6
+    c.optim.warmup_style = "transformers"
     # fp32 master weights and AdamW moments, bf16 forwards, a bf16 frozen reference.
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "full"
     customize(c)
-    set_algorithm(c, args["algo"])
+    spec = algorithms.get_algorithm(args["algo"], field="algo")
+    own = {k: v for k, v in (hparams or {}).items() if k in spec.hparams}
+    set_algorithm(c, args["algo"], **own)
     if args["variant"] == "tiny":
         apply_tiny(c)
     return c
@@ -186,6 +204,14 @@ def _simplerl(c: ml_collections.ConfigDict) -> None:
     # SimpleRL-Zoo golds are bare answers (e.g. 1/2 in LaTeX): they are parsed wrapped in a box.
     c.reward.names = ("accuracy_boxed_gold",)
     c.reward.weights = (1.0,)
+    # The authors' parquet as is: `instruction` holds a one-turn chat whose content is the
+    # ready-made prompt string (chat markup included), used without a template or system
+    # prompt; the gold is `target`.
+    c.data.source = "parquet"
+    c.data.question_key = "instruction"
+    c.data.answer_key = "target"
+    c.prompt.use_chat_template = False
+    c.prompt.system_prompt = ""
 
 
 def simplerl_config(arg: str | None, *, name: str, max_prompt: int, max_completion: int):

@@ -1,14 +1,15 @@
 """Llama-3.2-1B/3B-Instruct on SimpleRL-Zoo abel level 3-5.
 
     python -m experiments.train --config=configs/llama32_simplerl.py:size=3b \
-        --config.model.path=/ckpt/Llama-3.2-3B-Instruct --config.data.path=/data/abel_l3to5.jsonl \
+        --config.model.path=/ckpt/Llama-3.2-3B-Instruct \
+        --config.data.path=/data/abel_l3to5.parquet \
         --workdir=/tmp/llama3b-aapo
 
 Arguments (comma-separated): `size=1b|3b` (names the run), `algo=aapo|grpo|
 dr_grpo|rloo|reinforce`, `variant=full|tiny`. Authors' settings: as the Qwen 7B run
-(lr 1e-6 constant, 3% warmup, G=6, 16 prompts/step, temperature 1.0,
-accuracy reward) with prompt ≤ 1024, completion ≤ 3072, the chat template and
-no system prompt.
+(lr 1e-6 constant, 3% warmup from 0, G=6, 16 prompts/step, temperature 1.0, top_k 50,
+seed 42, accuracy reward, the parquet's ready-made prompt strings as is) with prompt
+≤ 1024 and completion ≤ 3072.
 """
 
 from configs.base import parse_arg, simplerl_config
@@ -19,6 +20,6 @@ def get_config(arg: str | None = None):
     if args["size"] not in ("1b", "3b"):
         raise ValueError(f"size={args['size']!r}; valid: 1b, 3b")
     rest = ",".join(f"{k}={v}" for k, v in args.items() if k != "size")
-    c = simplerl_config(rest, name=f"llama32-{args['size']}", max_prompt=1024, max_completion=3072)
-    c.prompt.use_chat_template = True
-    return c
+    return simplerl_config(
+        rest, name=f"llama32-{args['size']}", max_prompt=1024, max_completion=3072
+    )

@@ -6,11 +6,14 @@
         --workdir=/tmp/r1-1p5b-aapo
 
 Arguments: `algo=aapo|grpo|dr_grpo|rloo|reinforce`, `variant=full|tiny`. Authors'
-settings: lr 1e-6 cosine to 10% with 10% warmup, 100 steps, G=6, prompt ≤ 512,
-completion ≤ 3584, temperature 0.7, rewards format (weight 1) + cosine
-length-scaled accuracy (weight 2) with the `<think>…</think><answer>…</answer>`
-system prompt. The cosine reward is `cosine_open_rs`: wrong answers score 0
-(short) to -0.5 (long) over a 3584-token scale, as in the authors' script.
+settings (their code, TRL 0.16.1 defaults where their YAML is silent): lr 1e-6 cosine
+to 10% with 10% warmup from 0, 100 steps, G=6, 4 prompts/step, prompt ≤ 512 (longer
+ones cut on the left), completion ≤ 3584, temperature 0.7 (top_k 50; training
+log-probs at the same temperature), seed 42, checkpoints every 25 steps, std-scaled
+group rewards (`scale_rewards`), the `<think>…</think><answer>…</answer>` system
+prompt, question `problem` and gold `solution`. Rewards: `format_think_close`
+(weight 1: "\n</think>\n" exactly once) + `cosine_open_rs` (weight 2: wrong answers
+0 when short to -0.5 when long, correct 1 to 0.5, over 1000 characters, unclipped).
 """
 
 from configs.base import paper_config
@@ -28,12 +31,16 @@ SYSTEM_PROMPT = (
 def _open_rs(c) -> None:
     c.prompt.use_chat_template = True
     c.prompt.system_prompt = SYSTEM_PROMPT
+    c.data.question_key = "problem"
+    c.data.answer_key = "solution"  # the worked solution; the reward parses it as LaTeX
     c.optim.schedule = "cosine"
     c.optim.warmup_ratio = 0.1
     c.optim.final_lr_fraction = 0.1
-    c.reward.names = ("format", "cosine_open_rs")
+    c.reward.names = ("format_think_close", "cosine_open_rs")
     c.reward.weights = (1.0, 2.0)
     c.reward.eval_name = "accuracy"
+    c.train.prompts_per_step = 4  # 4 processes × 6 completions each ÷ G=6
+    c.train.checkpoint_every = 25
 
 
 def get_config(arg: str | None = None):
@@ -44,4 +51,5 @@ def get_config(arg: str | None = None):
         max_completion=3584,
         temperature=0.7,
         customize=_open_rs,
+        hparams={"scale_rewards": True},  # TRL's default, not overridden by the authors
     )

@@ -2,8 +2,11 @@
 
 import importlib
 import json
+import math
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from aapo_jax import algorithms, configs, trainer
@@ -13,6 +16,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 RUNNABLE = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
 # The paper configs need a local checkpoint and data file; the quickstart ships its own.
 NEEDS_PATHS = {"qwen25_math_7b_simplerl", "llama32_simplerl", "r1_distill_1p5b_openrs"}
+SIMPLERL_PROMPT = (
+    "<|im_start|>system\nPlease reason step by step, and put your final answer within "
+    "\\boxed{{}}.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+)
 
 
 def _module(name):
@@ -30,7 +37,23 @@ def local_assets(tmp_path_factory):
     ]
     data = root / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    return model, data
+    # The SimpleRL-Zoo parquet layout: a one-turn chat holding the ready-made prompt, `target`.
+    chat = [
+        {
+            "instruction": [{"role": "user", "content": SIMPLERL_PROMPT.format(q=r["problem"])}],
+            "target": r["answer"],
+        }
+        for r in rows
+    ]
+    parquet = root / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(chat), parquet)
+    return model, {"jsonl": data, "parquet": parquet}
+
+
+def _with_paths(c, local_assets):
+    c.model.path = str(local_assets[0])
+    c.data.path = str(local_assets[1][c.data.source])
+    return c
 
 
 def test_every_config_is_covered():
@@ -44,11 +67,13 @@ def test_config_resolves(name, algo, local_assets):
     if name in NEEDS_PATHS:
         with pytest.raises(ValueError, match=r"(model|data)\.path="):
             configs.experiment_config(c)
-        c.model.path = str(local_assets[0])
-        c.data.path = str(local_assets[1])
+        _with_paths(c, local_assets)
     config = configs.experiment_config(c)
     assert config.rl.algorithm == algo
-    assert config.rl.hyperparameters == algorithms.ALGORITHMS[algo].defaults()
+    expected = algorithms.ALGORITHMS[algo].defaults()
+    if name == "r1_distill_1p5b_openrs" and "scale_rewards" in expected:
+        expected["scale_rewards"] = True  # TRL's default, which the authors' open-rs run keeps
+    assert config.rl.hyperparameters == expected
     assert config.optim.total_steps == config.train.steps
 
 
@@ -83,9 +108,113 @@ def test_every_hyperparameter_is_overridable_by_name():
 def test_tiny_variant_runs_two_steps(name, local_assets, tmp_path):
     c = _module(name).get_config("variant=tiny")
     if name in NEEDS_PATHS:
-        c.model.path = str(local_assets[0])
-        c.data.path = str(local_assets[1])
+        _with_paths(c, local_assets)
     config = configs.experiment_config(c)
     summary = trainer.train(config, tmp_path, progress=False)
     assert summary["steps"] == 2
     assert (tmp_path / "summary.json").exists()
+
+
+# What each paper config must resolve to: the authors' code (JianxXiong/AAPO) and, where their
+# YAML is silent, the TRL 0.16.1 defaults it inherits.
+_SHARED = {
+    "rl.group_size": 6,
+    "rl.algorithm": "aapo",
+    "rl.hparams.margin_low": 0.2,
+    "rl.hparams.margin_high": 0.28,
+    "train.seed": 42,
+    "train.steps": 100,
+    "optim.learning_rate": 1e-6,
+    "optim.warmup_style": "transformers",
+    "sampling.top_k": 50,
+    "sampling.top_p": 1.0,
+    "prompt.overlong": "truncate_left",
+    "rl.loss_aggregation": "per_prompt_token_mean",
+}
+_SIMPLERL = {
+    **_SHARED,
+    "train.prompts_per_step": 16,
+    "train.checkpoint_every": 50,
+    "optim.schedule": "constant",
+    "optim.warmup_ratio": 0.03,
+    "sampling.max_prompt_length": 1024,
+    "sampling.max_new_tokens": 3072,
+    "sampling.temperature": 1.0,
+    "rl.logprob_temperature": 1.0,
+    "rl.hparams.scale_rewards": False,
+    "reward.names": ("accuracy_boxed_gold",),
+    "data.source": "parquet",
+    "data.question_key": "instruction",
+    "data.answer_key": "target",
+    "prompt.use_chat_template": False,
+    "prompt.system_prompt": "",
+}
+AUTHORS = {
+    "r1_distill_1p5b_openrs": {
+        **_SHARED,
+        "train.prompts_per_step": 4,
+        "train.checkpoint_every": 25,
+        "optim.schedule": "cosine",
+        "optim.warmup_ratio": 0.1,
+        "optim.final_lr_fraction": 0.1,
+        "sampling.max_prompt_length": 512,
+        "sampling.max_new_tokens": 3584,
+        "sampling.temperature": 0.7,
+        "rl.logprob_temperature": 0.7,
+        "rl.hparams.scale_rewards": True,
+        "reward.names": ("format_think_close", "cosine_open_rs"),
+        "reward.weights": (1.0, 2.0),
+        "data.source": "jsonl",
+        "data.question_key": "problem",
+        "data.answer_key": "solution",
+        "prompt.use_chat_template": True,
+    },
+    "qwen25_math_7b_simplerl": _SIMPLERL,
+    "llama32_simplerl": _SIMPLERL,
+}
+
+
+def _resolved(config, path: str):
+    """A field of a validated ExperimentConfig by dotted path (`rl.hparams.X`: resolved)."""
+    section, *rest = path.split(".")
+    value = getattr(config, section)
+    if rest[:1] == ["hparams"]:
+        return value.hyperparameters[rest[1]]
+    for part in rest:
+        value = getattr(value, part)
+    return value
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_paper_configs_resolve_to_the_authors_values(name, local_assets):
+    config = configs.experiment_config(_with_paths(_module(name).get_config(), local_assets))
+    for path, want in AUTHORS[name].items():
+        got = _resolved(config, path)
+        assert got == want, f"{name}: {path} = {got!r}; the authors use {want!r}"
+    # transformers: ceil(warmup_ratio · max_steps) warmup steps, from lr 0.
+    optim = config.optim
+    assert optim.warmup_steps == math.ceil(optim.warmup_ratio * optim.total_steps)
+
+
+def test_simplerl_parquet_row_gives_the_authors_prompt_string(local_assets):
+    from aapo_jax.data import pipeline, sources, tokenize
+
+    c = _with_paths(_module("qwen25_math_7b_simplerl").get_config(), local_assets)
+    c.data.eval_size = 8  # of the 48 test rows
+    config = configs.experiment_config(c)
+    train, evaluation = sources.load_splits(config.data)
+    encoded, _ = pipeline.encode_examples(
+        [*train, *evaluation],
+        tokenize.load_tokenizer(local_assets[0]),
+        template=config.prompt.template,
+        system_prompt=config.prompt.system_prompt or None,
+        use_chat_template=config.prompt.use_chat_template,
+        max_prompt_length=config.sampling.max_prompt_length,
+        overlong=config.prompt.overlong,
+    )
+    rows = pq.read_table(local_assets[1]["parquet"]).to_pylist()
+    gold = {r["instruction"][0]["content"]: r["target"] for r in rows}
+    assert len(encoded) == len(rows)
+    for prompt in encoded:
+        assert prompt.text in gold  # the instruction's content, byte for byte
+        assert prompt.example.answer == gold[prompt.text]
