@@ -59,7 +59,8 @@ def plan_config(
 
     Planning reads no data, yet `DataConfig` insists on a file (jsonl/parquet), a task name
     (reasoning-gym) or both (TFDS): an empty `data.path` / `data.name` becomes
-    `PLACEHOLDER_DATA` (with the source's file suffix). Fields that are set are kept.
+    `PLACEHOLDER_DATA` (with the source's file suffix). Fields that are set are kept, and
+    a one-epoch run (train.steps=-1) is planned as 100 steps.
 
     Args:
       config: the ml_collections config (as `experiments/train.py` parses it).
@@ -78,7 +79,10 @@ def plan_config(
         c.data.name = PLACEHOLDER_DATA
     if source == "tfds" and not c.data.path:
         c.data.path = PLACEHOLDER_DATA
-    return configs.experiment_config(c)
+    config = configs.experiment_config(c)
+    # One epoch (train.steps=-1) needs the data's size; the schedule's length changes no
+    # shape, so a nominal 100 steps stands in.
+    return configs.resolve_epoch_steps(config, 100 * config.train.prompts_per_step)
 
 
 def special_token_ids(hf_config: dict) -> tuple[tuple[int, ...], int]:

@@ -12,6 +12,9 @@ from typing import Any, Literal
 from aapo_jax import algorithms
 from aapo_jax.data.sources import DataConfig
 
+# `train.steps` / `optim.total_steps` meaning one epoch over the training prompts.
+ONE_EPOCH = -1
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -46,7 +49,12 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "> 0")
         _check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "in [0, 1)")
-        _check(self.total_steps >= 1, "optim.total_steps", self.total_steps, "≥ 1")
+        _check(
+            self.total_steps >= 1 or self.total_steps == ONE_EPOCH,
+            "optim.total_steps",
+            self.total_steps,
+            f"≥ 1 (or {ONE_EPOCH}: one epoch, resolved when the data is loaded)",
+        )
         _check(
             0 <= self.final_lr_fraction <= 1,
             "optim.final_lr_fraction",
@@ -70,6 +78,11 @@ class OptimConfig:
 
     @property
     def warmup_steps(self) -> int:
+        if self.total_steps == ONE_EPOCH:
+            raise ValueError(
+                "optim.total_steps=-1 (one epoch) is resolved from the data first "
+                "(`configs.resolve_epoch_steps`)."
+            )
         steps = self.warmup_ratio * self.total_steps
         return math.ceil(steps) if self.warmup_style == "transformers" else round(steps)
 
@@ -448,7 +461,12 @@ class RewardConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainLoopConfig:
-    """The host loop: steps, batch, logging, evaluation and checkpoint cadence."""
+    """The host loop: steps, batch, logging, evaluation and checkpoint cadence.
+
+    steps: how many updates; -1 (`ONE_EPOCH`, TRL's max_steps=-1) is one pass over the
+    training prompts, ⌊prompts / prompts_per_step⌋ steps, resolved once the data is
+    loaded (`resolve_epoch_steps`).
+    """
 
     steps: int = 100
     prompts_per_step: int = 16
@@ -466,8 +484,13 @@ class TrainLoopConfig:
     wandb_project: str = ""
 
     def __post_init__(self):
+        _check(
+            self.steps >= 1 or self.steps == ONE_EPOCH,
+            "train.steps",
+            self.steps,
+            f"≥ 1 (or {ONE_EPOCH}: one epoch over the training prompts)",
+        )
         for name in (
-            "steps",
             "prompts_per_step",
             "log_every",
             "eval_batch_size",
@@ -500,6 +523,31 @@ class ExperimentConfig:
             self.optim.total_steps,
             f"equal to train.steps={self.train.steps} (the schedule's length)",
         )
+
+
+def resolve_epoch_steps(config: ExperimentConfig, num_prompts: int) -> ExperimentConfig:
+    """`config` with train.steps = -1 (one epoch) made concrete for `num_prompts` prompts.
+
+    ⌊num_prompts / prompts_per_step⌋ steps (the last incomplete batch is dropped, as the
+    loader does), and the schedule's `optim.total_steps` with them; other configs are
+    returned unchanged.
+
+    Raises:
+      ValueError: fewer prompts than one step's batch.
+    """
+    if config.train.steps != ONE_EPOCH:
+        return config
+    steps = num_prompts // config.train.prompts_per_step
+    if steps < 1:
+        raise ValueError(
+            f"train.steps=-1 (one epoch): {num_prompts} training prompts make no batch of "
+            f"train.prompts_per_step={config.train.prompts_per_step}."
+        )
+    return dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, steps=steps),
+        optim=dataclasses.replace(config.optim, total_steps=steps),
+    )
 
 
 def experiment_config(config: Any) -> ExperimentConfig:

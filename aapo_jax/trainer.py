@@ -58,6 +58,8 @@ class Trainer:
         self.eos = _eos_ids(self.tokenizer, model.config)
         self.pad = int(self.tokenizer.pad_token_id)
         self._load_data()
+        # train.steps=-1 (one epoch) becomes a step count once the prompts are known.
+        self.config = cfg = configs.resolve_epoch_steps(cfg, self.num_train_prompts)
 
         tx = make_optimizer(cfg.optim)
         self.graphdef, params = nnx.split(model)
@@ -122,6 +124,7 @@ class Trainer:
         encoded, self.prompt_stats = pipeline.encode_examples(
             train_examples, self.tokenizer, **prompt_kw
         )
+        self.num_train_prompts = len(encoded)
         eval_prompts, _ = pipeline.encode_examples(eval_examples, self.tokenizer, **prompt_kw)
         self.eval_examples = [p.example for p in eval_prompts]
         # Each eval problem's prompt as it was formatted (and checked for length) here.

@@ -123,7 +123,6 @@ _SHARED = {
     "rl.hparams.margin_low": 0.2,
     "rl.hparams.margin_high": 0.28,
     "train.seed": 42,
-    "train.steps": 100,
     "optim.learning_rate": 1e-6,
     "optim.warmup_style": "transformers",
     "sampling.top_k": 50,
@@ -133,6 +132,7 @@ _SHARED = {
 }
 _SIMPLERL = {
     **_SHARED,
+    "train.steps": -1,  # one epoch (TRL max_steps=-1), resolved from the data
     "train.prompts_per_step": 16,
     "train.checkpoint_every": 50,
     "optim.schedule": "constant",
@@ -152,6 +152,7 @@ _SIMPLERL = {
 AUTHORS = {
     "r1_distill_1p5b_openrs": {
         **_SHARED,
+        "train.steps": 100,
         "train.prompts_per_step": 4,
         "train.checkpoint_every": 25,
         "optim.schedule": "cosine",
@@ -192,8 +193,26 @@ def test_paper_configs_resolve_to_the_authors_values(name, local_assets):
         got = _resolved(config, path)
         assert got == want, f"{name}: {path} = {got!r}; the authors use {want!r}"
     # transformers: ceil(warmup_ratio · max_steps) warmup steps, from lr 0.
-    optim = config.optim
+    optim = configs.resolve_epoch_steps(config, 8500).optim
     assert optim.warmup_steps == math.ceil(optim.warmup_ratio * optim.total_steps)
+
+
+def test_one_epoch_resolves_from_the_prompt_count(local_assets):
+    c = _with_paths(_module("qwen25_math_7b_simplerl").get_config(), local_assets)
+    config = configs.experiment_config(c)
+    assert config.train.steps == config.optim.total_steps == -1
+    with pytest.raises(ValueError, match="resolved from the data first"):
+        _ = config.optim.warmup_steps
+    resolved = configs.resolve_epoch_steps(config, 8523)
+    assert resolved.train.steps == resolved.optim.total_steps == 8523 // 16
+    assert resolved.optim.warmup_steps == math.ceil(0.03 * (8523 // 16))
+    with pytest.raises(ValueError, match="10 training prompts make no batch"):
+        configs.resolve_epoch_steps(config, 10)
+    fixed = configs.experiment_config(_module("quickstart").get_config())
+    assert configs.resolve_epoch_steps(fixed, 10) is fixed
+    with pytest.raises(ValueError, match=r"(train\.steps|optim\.total_steps)=-2"):
+        c.train.steps = -2
+        configs.experiment_config(c)
 
 
 def test_simplerl_parquet_row_gives_the_authors_prompt_string(local_assets):
@@ -218,3 +237,13 @@ def test_simplerl_parquet_row_gives_the_authors_prompt_string(local_assets):
     for prompt in encoded:
         assert prompt.text in gold  # the instruction's content, byte for byte
         assert prompt.example.answer == gold[prompt.text]
+
+
+def test_one_epoch_run_trains_for_the_prompts_it_has(local_assets, tmp_path):
+    c = _with_paths(_module("qwen25_math_7b_simplerl").get_config("variant=tiny"), local_assets)
+    c.train.steps = -1  # the tiny variant's 2 steps back to the authors' one epoch
+    c.train.prompts_per_step = 16
+    config = configs.experiment_config(c)
+    summary = trainer.train(config, tmp_path, progress=False)
+    # 48 rows, 4 held out for eval: ⌊44 / 16⌋ = 2 steps.
+    assert summary["steps"] == 2
