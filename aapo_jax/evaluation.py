@@ -44,6 +44,17 @@ PAPER_QUERY_TEMPLATE = (
 PAPER_TEMPERATURE = 0.6
 PAPER_TOP_P = 0.95
 PAPER_MAX_NEW_TOKENS = 32768
+PAPER_SAMPLES = 1
+# Per benchmark, the gold column and the verifier that parses it as the authors' lighteval
+# tasks do: expressions for AIME24 / AMC23, LaTeX on the worked `solution` for MATH-500 /
+# Minerva, LaTeX on `answer` for OlympiadBench.
+PAPER_BENCHMARKS = {
+    "aime24": ("answer", "lighteval_expr_gold"),
+    "amc23": ("answer", "lighteval_expr_gold"),
+    "math500": ("solution", "lighteval_latex_gold"),
+    "minerva": ("solution", "lighteval_latex_gold"),
+    "olympiadbench": ("answer", "lighteval_latex_gold"),
+}
 
 
 def paper_prompt_fn(tokenizer, *, use_chat_template: bool = True) -> PromptFn:

@@ -17,6 +17,11 @@ Tasks, each with the host reward (`aapo_jax.rewards.get_host_reward`) that verif
   the paper's protocol: `PAPER_QUERY_TEMPLATE` in the chat template (when the tokenizer has
   one), temperature 0.6, top_p 0.95; verifier `accuracy_boxed_gold` (math-verify, `\\boxed{}`
   first, bare golds boxed).
+- `--paper=BENCH` (aime24 | amc23 | math500 | minerva | olympiadbench) with a file task: the
+  authors' whole protocol in one flag: one sample per problem at temperature 0.6, top_p 0.95,
+  up to 32768 new tokens, no greedy pass, the query template in the chat template, and
+  lighteval's extraction with the benchmark's gold column and format
+  (`evaluation.PAPER_BENCHMARKS`; verifiers `lighteval_expr_gold` / `lighteval_latex_gold`).
 
 Every completion is scored by `evaluation.make_scorer(verifier)` in --num_workers worker
 processes (0: in this process, bounded only by math-verify's own alarm): a sample that runs
@@ -111,11 +116,14 @@ def load_task(args: argparse.Namespace, tokenizer) -> Task:
             if args.template is not None
             else evaluation.paper_prompt_fn(tokenizer, use_chat_template=chat)
         )
+        answer_key, verifier = None, "accuracy_boxed_gold"
+        if args.paper:
+            answer_key, verifier = evaluation.PAPER_BENCHMARKS[args.paper]
         return Task(
-            name=args.task,
-            examples=read_records(args.task),
+            name=args.task if not args.paper else f"{args.paper}:{args.task}",
+            examples=read_records(args.task, answer_key=answer_key),
             prompt_fn=prompt_fn,
-            verifier="accuracy_boxed_gold",
+            verifier=verifier,
             extract_fn=evaluation.math_extract_fn,
         )
     raise ValueError(f"--task={args.task!r}: expected quickstart, gym:NAME or a .jsonl file.")
@@ -179,7 +187,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--num_workers", type=int, default=2, help="verifier processes (0: in this process)"
     )
     p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument(
+        "--paper",
+        default=None,
+        choices=sorted(evaluation.PAPER_BENCHMARKS),
+        help="the authors' evaluation protocol for this benchmark (a .jsonl/.parquet --task)",
+    )
     args = p.parse_args(argv)
+    if args.paper:
+        if not args.task.endswith((".jsonl", ".parquet")):
+            p.error(f"--paper={args.paper} needs a .jsonl or .parquet --task, got {args.task!r}.")
+        if args.template is not None or args.no_chat_template:
+            p.error("--paper uses the paper's query in the chat template: drop --template.")
+        args.n = args.k = evaluation.PAPER_SAMPLES
+        args.no_greedy = True
+        args.temperature, args.top_p = evaluation.PAPER_TEMPERATURE, evaluation.PAPER_TOP_P
+        args.max_new_tokens = args.max_new_tokens or evaluation.PAPER_MAX_NEW_TOKENS
     try:
         args.mesh = parse_mesh(args.mesh)
     except ValueError as e:

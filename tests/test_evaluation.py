@@ -287,3 +287,34 @@ def test_evaluate_on_a_data_parallel_mesh_matches_one_device():
     assert [p["greedy_completion"] for p in four["problems"]] == completions
     for key in ("greedy_accuracy", "greedy_completion_len", "greedy_truncated_frac"):
         assert four[key] == one[key], key
+
+
+# -- the paper's protocol (experiments/evaluate.py --paper) ------------------------------------
+
+
+def test_paper_flag_sets_the_authors_protocol_and_gold(tmp_path):
+    import json
+
+    from experiments import evaluate
+
+    task = tmp_path / "math500.jsonl"
+    row = {"problem": "Half of one?", "answer": "0.5", "solution": r"It is $\boxed{\frac12}$."}
+    task.write_text(json.dumps(row) + "\n")
+    args = evaluate.parse_args(["--model=M", f"--task={task}", "--paper=math500"])
+    assert (args.n, args.k, args.no_greedy) == (evaluation.PAPER_SAMPLES, 1, True)
+    assert (args.temperature, args.top_p) == (0.6, 0.95)
+    assert args.max_new_tokens == evaluation.PAPER_MAX_NEW_TOKENS == 32768
+    loaded = evaluate.load_task(args, _tokenizer())
+    assert loaded.verifier == "lighteval_latex_gold"
+    assert loaded.examples[0].answer == row["solution"]  # MATH-500: LaTeX on the solution
+    aime = evaluate.load_task(
+        evaluate.parse_args(["--model=M", f"--task={task}", "--paper=aime24"]), _tokenizer()
+    )
+    assert aime.verifier == "lighteval_expr_gold" and aime.examples[0].answer == "0.5"
+    flags = ["--model=M", f"--task={task}", "--paper=amc23", "--max_new_tokens=9"]
+    kept = evaluate.parse_args(flags)
+    assert kept.max_new_tokens == 9
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model=M", "--task=gym:chain_sum", "--paper=aime24"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model=M", f"--task={task}", "--paper=gsm8k"])

@@ -427,3 +427,24 @@ def test_token_rewards(use_jit):
     assert set(rewards.TOKEN_REWARDS) == {"exact_match", "prefix_match"}
     with pytest.raises(ValueError, match="exact_match"):
         rewards.get_token_reward("exact")
+
+
+# -- lighteval (the paper's evaluation) ----------------------------------------------------------
+
+
+def test_lighteval_extraction_as_the_authors_tasks():
+    latex, expr = get_host_reward("lighteval_latex_gold"), get_host_reward("lighteval_expr_gold")
+    # The prediction is parsed as an expression too: an unboxed final number counts.
+    assert _one(expr, "so the answer is 204", "204") == 1.0
+    assert _one(rewards.accuracy, "so the answer is 204", "$204$") == 0.0
+    # LaTeX golds (a worked solution with a box), boxed predictions first.
+    assert _one(latex, r"Therefore $\boxed{0.5}$", r"We get $\boxed{\frac{1}{2}}$.") == 1.0
+    assert _one(latex, r"Therefore $\boxed{0.6}$", r"We get $\boxed{\frac{1}{2}}$.") == 0.0
+    # Floats compared to 5 decimals (lighteval precision=5).
+    assert _one(expr, r"$\boxed{3.14159}$", "3.1415926") == 1.0
+    assert _one(expr, r"$\boxed{3.1416}$", "3.1415926") == 0.0
+    stats = {}
+    assert _one(latex, r"$\boxed{1}$", "no math at all", stats=stats) == 0.0
+    assert stats.get("gold_unparsable") == 1
+    with pytest.raises(ValueError, match="gold_as='words'"):
+        rewards.lighteval_correct("1", "1", gold_as="words")

@@ -3,6 +3,7 @@
 # Host reward: `fn(completions, *, answers, **kwargs) -> f32[N]` (see `HostReward`).
 # Token reward: `fn(tokens_NxT, mask_NxT, targets_NxA, target_len_N) -> f32[N]` (see `tokens`).
 
+import functools
 from typing import Any
 
 from aapo_jax.rewards.accuracy import (
@@ -13,6 +14,8 @@ from aapo_jax.rewards.accuracy import (
     cosine,
     cosine_value,
     is_correct,
+    lighteval_accuracy,
+    lighteval_correct,
     make_cosine_reward,
 )
 from aapo_jax.rewards.base import (
@@ -34,6 +37,9 @@ HOST_REWARDS: dict[str, HostReward] = {
     "format_think_close": format_think_close,
     "tag_count": tag_count,
     "cosine": cosine,
+    # The paper's evaluation (lighteval as open-r1 / open-rs configure it), by gold format.
+    "lighteval_latex_gold": functools.partial(lighteval_accuracy, gold_as="latex"),
+    "lighteval_expr_gold": functools.partial(lighteval_accuracy, gold_as="expr"),
     # The AAPO authors' open-rs run (open-rs `get_cosine_scaled_reward` with their YAML): wrong
     # answers score 0 (short) to -0.5 (long); length in characters over the default max_len of
     # 1000, the progress not clipped.
@@ -103,6 +109,8 @@ __all__ = [
     "format_think_close",
     "get_host_reward",
     "is_correct",
+    "lighteval_accuracy",
+    "lighteval_correct",
     "make_cosine_reward",
     "make_gym_reward",
     "record",

@@ -250,6 +250,84 @@ def accuracy_boxed_gold(
     )
 
 
+# lighteval's math metrics as open-r1 / open-rs define them (`latex_gold_metric`,
+# `expr_gold_metric`): floats compared to 5 decimals.
+LIGHTEVAL_PRECISION = 5
+LIGHTEVAL_GOLDS = ("latex", "expr")
+
+
+@functools.cache
+def _lighteval_configs() -> tuple[dict[str, list[Any]], list[Any]]:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    golds = {"latex": [LatexExtractionConfig()], "expr": [ExprExtractionConfig()]}
+    return golds, [ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)]
+
+
+def lighteval_correct(
+    completion: str,
+    gold: str,
+    *,
+    gold_as: str,
+    math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
+    stats: Stats | None = None,
+) -> bool | None:
+    """lighteval's extractive match: the prediction parsed as an expression AND as LaTeX
+    (`\\boxed{}` first, any match, the first match as fallback), the gold as LaTeX
+    (`gold_as="latex"`: MATH-500, Minerva, OlympiadBench) or as an expression ("expr":
+    AIME24, AMC23), then `verify` with floats rounded to 5 decimals. None: unparsable gold
+    (counted in `stats`).
+    """
+    from math_verify import parse, verify
+
+    if gold_as not in LIGHTEVAL_GOLDS:
+        raise ValueError(f"gold_as={gold_as!r}; valid: {LIGHTEVAL_GOLDS}")
+    golds, pred_config = _lighteval_configs()
+    timeout_s = _alarm_timeout(math_verify_timeout_s)
+    gold_parsed, timed_out = _parse(gold, golds[gold_as], timeout_s)
+    if not gold_parsed:
+        record(stats, TIMEOUTS if timed_out else GOLD_UNPARSABLE)
+        return None
+    try:
+        pred = parse(
+            completion,
+            extraction_config=pred_config,
+            extraction_mode="any_match",
+            fallback_mode="first_match",
+            parsing_timeout=timeout_s,
+        )
+        return bool(
+            verify(gold_parsed, pred, float_rounding=LIGHTEVAL_PRECISION, timeout_seconds=timeout_s)
+        )
+    except Exception:  # as in lighteval: a prediction that fails to parse or compare is wrong
+        return False
+
+
+def lighteval_accuracy(
+    completions: Sequence[str],
+    *,
+    answers: Sequence[str],
+    gold_as: str = "latex",
+    math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
+    stats: Stats | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """1.0 per completion that `lighteval_correct` accepts, else 0.0 (the paper's evaluation).
+
+    Returns:
+      f32[N] in {0, 1}.
+    """
+    del kwargs
+    check_batch(completions, answers)
+    values = [
+        lighteval_correct(
+            c, g, gold_as=gold_as, math_verify_timeout_s=math_verify_timeout_s, stats=stats
+        )
+        for c, g in zip(completions, answers, strict=True)
+    ]
+    return as_rewards([1.0 if v else 0.0 for v in values])
+
+
 def cosine_value(
     length: float,
     correct: bool,
