@@ -5,7 +5,7 @@ import itertools
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -88,8 +88,13 @@ def _alarm_timeout(timeout_s: int | None) -> int | None:
     return max(1, int(timeout_s))
 
 
-def _parse(text: str, config: list[Any], timeout_s: int | None) -> tuple[list[Any], bool]:
-    """math_verify.parse in first_match mode; returns (parsed, timed_out). Errors parse to []."""
+def _parse(
+    text: str, config: list[Any], timeout_s: int | None, mode: str = "first_match"
+) -> tuple[list[Any], bool]:
+    """math_verify.parse in `mode` (first_match / any_match); returns (parsed, timed_out).
+
+    Errors parse to [].
+    """
     from math_verify import parse
     from math_verify.errors import TimeoutException
 
@@ -97,7 +102,7 @@ def _parse(text: str, config: list[Any], timeout_s: int | None) -> tuple[list[An
         parsed = parse(
             text,
             extraction_config=config,
-            extraction_mode="first_match",
+            extraction_mode=mode,
             parsing_timeout=timeout_s,
             raise_on_error=True,
         )
@@ -108,8 +113,10 @@ def _parse(text: str, config: list[Any], timeout_s: int | None) -> tuple[list[An
     return parsed, False
 
 
-def _verify(gold: list[Any], pred: list[Any], timeout_s: int | None) -> tuple[bool, bool]:
-    """math_verify.verify(gold, pred); returns (verified, timed_out).
+def _verify(
+    gold: list[Any], pred: list[Any], timeout_s: int | None, float_rounding: int = 6
+) -> tuple[bool, bool]:
+    """math_verify.verify(gold, pred, float_rounding=); returns (verified, timed_out).
 
     Same semantics as `verify(gold, pred)` (any pair of extractions matches; a pair that errors
     or times out counts as no match), but one pair at a time so that a timeout can be counted.
@@ -120,7 +127,9 @@ def _verify(gold: list[Any], pred: list[Any], timeout_s: int | None) -> tuple[bo
     timed_out = False
     for g, p in itertools.product(gold, pred):
         try:
-            if verify(g, p, timeout_seconds=timeout_s, raise_on_error=True):
+            if verify(
+                g, p, float_rounding=float_rounding, timeout_seconds=timeout_s, raise_on_error=True
+            ):
                 return True, timed_out
         except TimeoutException:
             timed_out = True
@@ -152,46 +161,51 @@ def is_correct(
     make the answer wrong and are counted in `stats["timeouts"]`.
     """
     configs = _configs()
-    timeout_s = _alarm_timeout(math_verify_timeout_s)
-    if gold_boxed:
-        gold_parsed, gold_timed_out = _parse(f"$\\boxed{{{gold}}}$", configs.gold_boxed, timeout_s)
-    else:
-        gold_parsed, gold_timed_out = _parse(gold, configs.gold_latex, timeout_s)
+    return _match(
+        completion,
+        f"$\\boxed{{{gold}}}$" if gold_boxed else gold,
+        configs.gold_boxed if gold_boxed else configs.gold_latex,
+        configs.completion_with_expr if extract_expressions else configs.completion,
+        timeout_s=_alarm_timeout(math_verify_timeout_s),
+        stats=stats,
+    )
+
+
+def _match(
+    completion: str,
+    gold: str,
+    gold_config: list[Any],
+    pred_config: list[Any],
+    *,
+    pred_mode: str = "first_match",
+    float_rounding: int = 6,
+    timeout_s: int | None,
+    stats: Stats | None,
+) -> bool | None:
+    """Parse the gold (first match) and the completion (`pred_mode`), then verify.
+
+    None for an unparsable gold (counted); timeouts make the answer wrong and are counted.
+    """
+    gold_parsed, gold_timed_out = _parse(gold, gold_config, timeout_s)
     if not gold_parsed:
         record(stats, TIMEOUTS if gold_timed_out else GOLD_UNPARSABLE)
         return None
-    config = configs.completion_with_expr if extract_expressions else configs.completion
-    pred_parsed, timed_out = _parse(completion, config, timeout_s)
+    pred_parsed, timed_out = _parse(completion, pred_config, timeout_s, pred_mode)
     verified = False
     if pred_parsed:
-        verified, timed_out = _verify(gold_parsed, pred_parsed, timeout_s)
+        verified, timed_out = _verify(gold_parsed, pred_parsed, timeout_s, float_rounding)
     if timed_out:
         record(stats, TIMEOUTS)
     return verified
 
 
 def _accuracy(
-    completions: Sequence[str],
-    answers: Sequence[str],
-    *,
-    gold_boxed: bool,
-    extract_expressions: bool,
-    math_verify_timeout_s: int | None,
-    stats: Stats | None,
+    completions: Sequence[str], answers: Sequence[str], correct: Callable[[str, str], Any]
 ) -> np.ndarray:
+    """1.0 where `correct(completion, gold)` is true, else 0.0."""
     check_batch(completions, answers)
-    values = []
-    for completion, gold in zip(completions, answers, strict=True):
-        correct = is_correct(
-            completion,
-            gold,
-            gold_boxed=gold_boxed,
-            extract_expressions=extract_expressions,
-            math_verify_timeout_s=math_verify_timeout_s,
-            stats=stats,
-        )
-        values.append(1.0 if correct else 0.0)
-    return as_rewards(values)
+    pairs = zip(completions, answers, strict=True)
+    return as_rewards([1.0 if correct(c, g) else 0.0 for c, g in pairs])
 
 
 def accuracy(
@@ -212,14 +226,14 @@ def accuracy(
       f32[N] in {0, 1}.
     """
     del kwargs
-    return _accuracy(
-        completions,
-        answers,
+    correct = functools.partial(
+        is_correct,
         gold_boxed=False,
         extract_expressions=extract_expressions,
         math_verify_timeout_s=math_verify_timeout_s,
         stats=stats,
     )
+    return _accuracy(completions, answers, correct)
 
 
 def accuracy_boxed_gold(
@@ -240,14 +254,14 @@ def accuracy_boxed_gold(
       f32[N] in {0, 1}.
     """
     del kwargs
-    return _accuracy(
-        completions,
-        answers,
+    correct = functools.partial(
+        is_correct,
         gold_boxed=True,
         extract_expressions=extract_expressions,
         math_verify_timeout_s=math_verify_timeout_s,
         stats=stats,
     )
+    return _accuracy(completions, answers, correct)
 
 
 # lighteval's math metrics as open-r1 / open-rs define them (`latex_gold_metric`,
@@ -275,32 +289,22 @@ def lighteval_correct(
     """lighteval's extractive match: the prediction parsed as an expression AND as LaTeX
     (`\\boxed{}` first, any match, the first match as fallback), the gold as LaTeX
     (`gold_as="latex"`: MATH-500, Minerva, OlympiadBench) or as an expression ("expr":
-    AIME24, AMC23), then `verify` with floats rounded to 5 decimals. None: unparsable gold
-    (counted in `stats`).
+    AIME24, AMC23), then `verify` with floats rounded to 5 decimals. None: unparsable gold;
+    it and timeouts are counted in `stats` as for `is_correct`.
     """
-    from math_verify import parse, verify
-
     if gold_as not in LIGHTEVAL_GOLDS:
         raise ValueError(f"gold_as={gold_as!r}; valid: {LIGHTEVAL_GOLDS}")
     golds, pred_config = _lighteval_configs()
-    timeout_s = _alarm_timeout(math_verify_timeout_s)
-    gold_parsed, timed_out = _parse(gold, golds[gold_as], timeout_s)
-    if not gold_parsed:
-        record(stats, TIMEOUTS if timed_out else GOLD_UNPARSABLE)
-        return None
-    try:
-        pred = parse(
-            completion,
-            extraction_config=pred_config,
-            extraction_mode="any_match",
-            fallback_mode="first_match",
-            parsing_timeout=timeout_s,
-        )
-        return bool(
-            verify(gold_parsed, pred, float_rounding=LIGHTEVAL_PRECISION, timeout_seconds=timeout_s)
-        )
-    except Exception:  # as in lighteval: a prediction that fails to parse or compare is wrong
-        return False
+    return _match(
+        completion,
+        gold,
+        golds[gold_as],
+        pred_config,
+        pred_mode="any_match",
+        float_rounding=LIGHTEVAL_PRECISION,
+        timeout_s=_alarm_timeout(math_verify_timeout_s),
+        stats=stats,
+    )
 
 
 def lighteval_accuracy(
@@ -318,14 +322,10 @@ def lighteval_accuracy(
       f32[N] in {0, 1}.
     """
     del kwargs
-    check_batch(completions, answers)
-    values = [
-        lighteval_correct(
-            c, g, gold_as=gold_as, math_verify_timeout_s=math_verify_timeout_s, stats=stats
-        )
-        for c, g in zip(completions, answers, strict=True)
-    ]
-    return as_rewards([1.0 if v else 0.0 for v in values])
+    correct = functools.partial(
+        lighteval_correct, gold_as=gold_as, math_verify_timeout_s=math_verify_timeout_s, stats=stats
+    )
+    return _accuracy(completions, answers, correct)
 
 
 def cosine_value(
