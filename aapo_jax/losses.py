@@ -162,19 +162,15 @@ def aggregation_weights(
 def _reducer(mask_NxT: Float[Array, "N T"], seq_mean: bool, row_weights=None):
     """Returns (reduce, denominator): reduce(x_NxT) sums x over the loss units.
 
-    `row_weights` = (w_N, u_N) from `aggregation_weights` replaces the seq_mean choice.
+    `row_weights` = (w_N, u_N) from `aggregation_weights`; without it, the token mean or
+    (`seq_mean`) the sequence mean of these rows. Sequences without tokens contribute 0
+    and are not counted.
     """
-    if row_weights is not None:
-        weights_N, units_N = row_weights
-        weights_NxT = mask_NxT * weights_N.astype(jnp.float32)[:, None]
-        return (lambda x_NxT: jnp.sum(x_NxT * weights_NxT)), jnp.sum(units_N)
-    if not seq_mean:
-        return (lambda x_NxT: jnp.sum(x_NxT * mask_NxT)), jnp.sum(mask_NxT)
-    tokens_N = jnp.sum(mask_NxT, axis=-1)
-    # Sequences without tokens contribute 0 and are not counted.
-    weights_NxT = mask_NxT / jnp.maximum(tokens_N, 1.0)[:, None]
-    denominator = jnp.sum((tokens_N > 0).astype(jnp.float32))
-    return (lambda x_NxT: jnp.sum(x_NxT * weights_NxT)), denominator
+    if row_weights is None:
+        row_weights = aggregation_weights(mask_NxT, "seq_mean" if seq_mean else "token_mean")
+    weights_N, units_N = row_weights
+    weights_NxT = mask_NxT * weights_N.astype(jnp.float32)[:, None]
+    return (lambda x_NxT: jnp.sum(x_NxT * weights_NxT)), jnp.sum(units_N)
 
 
 def pg_terms(
