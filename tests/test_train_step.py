@@ -106,19 +106,25 @@ def _rl_step(rl_cfg, optim, graphdef, tx, reward=low_token_share, max_new_tokens
     return jax.jit(fn, donate_argnums=0)
 
 
-def test_constant_and_cosine_schedules():
-    const = make_schedule(configs.OptimConfig(learning_rate=1.0, warmup_ratio=0.1, total_steps=100))
-    assert float(const(0)) == pytest.approx(1 / 11)
-    assert float(const(10)) == pytest.approx(1.0) and float(const(99)) == pytest.approx(1.0)
-    cosine = make_schedule(
+def _cosine_schedule(**overrides):
+    """lr 1 cosine to 10% over 100 steps after a 10% warmup."""
+    return make_schedule(
         configs.OptimConfig(
             learning_rate=1.0,
             schedule="cosine",
             warmup_ratio=0.1,
             total_steps=100,
             final_lr_fraction=0.1,
+            **overrides,
         )
     )
+
+
+def test_constant_and_cosine_schedules():
+    const = make_schedule(configs.OptimConfig(learning_rate=1.0, warmup_ratio=0.1, total_steps=100))
+    assert float(const(0)) == pytest.approx(1 / 11)
+    assert float(const(10)) == pytest.approx(1.0) and float(const(99)) == pytest.approx(1.0)
+    cosine = _cosine_schedule()
     assert float(cosine(10)) == pytest.approx(1.0)
     assert float(cosine(55)) == pytest.approx(0.55, abs=1e-6)  # half-way: (1 + 0.1) / 2
     assert float(cosine(100)) == pytest.approx(0.1)
@@ -137,16 +143,7 @@ def test_transformers_warmup_starts_at_zero_over_ceil_steps():
     ceil_cfg = configs.OptimConfig(warmup_ratio=0.025, total_steps=100)
     assert ceil_cfg.warmup_steps == 2  # round half to even
     assert dataclasses.replace(ceil_cfg, warmup_style="transformers").warmup_steps == 3
-    cosine = make_schedule(
-        configs.OptimConfig(
-            learning_rate=1.0,
-            schedule="cosine",
-            warmup_ratio=0.1,
-            total_steps=100,
-            final_lr_fraction=0.1,
-            warmup_style="transformers",
-        )
-    )
+    cosine = _cosine_schedule(warmup_style="transformers")
     # transformers' cosine_with_min_lr (min_lr_rate 0.1) at step 0, 5, 10 and 55.
     expected = [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))]
     np.testing.assert_allclose([float(cosine(s)) for s in (0, 5, 10, 55)], expected, atol=1e-6)
