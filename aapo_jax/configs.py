@@ -361,10 +361,17 @@ class ModelSource:
     remat: Literal["none", "full", "dots"] = "none"
     attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
     attention_block: int = 512
+    scan_unroll: int = 1  # layers per layer-scan iteration; -1: all (tiny models on CPU)
 
     def __post_init__(self):
         _check(bool(self.path), "model.path", self.path, "a local Hugging Face checkpoint dir")
         _check(self.attention_block >= 1, "model.attention_block", self.attention_block, "≥ 1")
+        _check(
+            self.scan_unroll == -1 or self.scan_unroll >= 1,
+            "model.scan_unroll",
+            self.scan_unroll,
+            "-1 (every layer) or ≥ 1",
+        )
 
     def model_kwargs(self) -> dict[str, Any]:
         """`models.load_hf_checkpoint` / `abstract_hf_model` keyword arguments."""
@@ -374,6 +381,7 @@ class ModelSource:
             remat=self.remat,
             attention=self.attention,
             attention_block=self.attention_block,
+            scan_unroll=self.scan_unroll,
         )
 
     def reference_storage(self, reference: str) -> str:

@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",
         attention="auto",
         attention_block=512,
+        scan_unroll=1,
     )
     c.data = dict(
         source="reasoning_gym",

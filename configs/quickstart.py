@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.name = f"quickstart-{args['algo']}-G{args['group']}-s{args['seed']}"
     c.model.path = quickstart_dir()
+    c.model.scan_unroll = -1  # 2 layers on CPU: unrolled is faster, and compiles as fast
     c.data.source = "reasoning_gym"
     c.data.name = task["name"]
     c.data.gym_kwargs = task["kwargs"]

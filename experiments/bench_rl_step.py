@@ -19,6 +19,10 @@ over a data-parallel mesh, each device samples and differentiates its own rows
 and only gradients and loss sums cross devices (`train_step.make_token_rl_step(..., mesh=)`).
 XLA:CPU runs each small op on one core, so one device would leave the other idle;
 the same steps on one device are timed after them in the same run (`1dev ms`).
+
+`--scan_unroll` is the model's `scan_unroll`: -1 (default) unrolls the layer scan,
+what the quickstart's tiny model runs with on CPU; 1 times the rolled scan of the
+paper configs, whose per-layer weight slices XLA:CPU copies before each matmul.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def step_flops(config, rl) -> float:
     return float(samplers * (prefill + decode) + update + reference_forward)
 
 
-def build_steps(size: str, mesh=None):
+def build_steps(size: str, mesh=None, scan_unroll: int = -1):
     """Jitted AAPO and GRPO steps, their states and the prompt batch for one model size.
 
     With a `mesh`, states are replicated on it and the prompt rows split over it.
@@ -72,7 +76,7 @@ def build_steps(size: str, mesh=None):
     from aapo_jax.rewards import tokens
     from aapo_jax.types import PromptBatch
 
-    config = bench_common.model_config(size)
+    config = bench_common.model_config(size, scan_unroll=scan_unroll)
     optim = configs.OptimConfig(learning_rate=1e-5, total_steps=1000)
     settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
     ids = jax.random.randint(jax.random.key(1), (PROMPTS, PROMPT_LEN), 3, config.vocab_size)
@@ -128,17 +132,17 @@ def _alternate(steps: dict, prompts, reps: int) -> None:
             entry["times"].append(time.perf_counter() - start)
 
 
-def time_size(size: str, reps: int, mesh=None) -> dict:
+def time_size(size: str, reps: int, mesh=None, scan_unroll: int = -1) -> dict:
     """Warm up both steps, then alternate them `reps` times; median seconds per step.
 
     With a `mesh`, the same two steps on one device are timed next, the same way
     (`one_device_step_s`): after the mesh's, not interleaved with them, because
     switching between the two sets of buffers and programs slows both.
     """
-    config, steps, prompts = build_steps(size, mesh)
+    config, steps, prompts = build_steps(size, mesh, scan_unroll)
     _alternate(steps, prompts, reps)
     if mesh is not None:
-        _, alone, alone_prompts = build_steps(size, None)
+        _, alone, alone_prompts = build_steps(size, None, scan_unroll)
         _alternate(alone, alone_prompts, reps)
     result = {"size": size, "params": config.num_params}
     for name, entry in steps.items():
@@ -166,15 +170,21 @@ def main(argv: list[str] | None = None) -> None:
         default=os.cpu_count(),
         help="JAX CPU devices to split the rows over (default: one per core; 1 = one device)",
     )
+    parser.add_argument(
+        "--scan_unroll",
+        type=int,
+        default=-1,
+        help="layers per layer-scan iteration (-1: all, the tiny-CPU setting; 1: rolled)",
+    )
     args = parser.parse_args(argv)
 
     mesh = bench_common.data_mesh(args.devices)  # before any JAX work
     import jax
 
     calibration = bench_common.matmul_calibration([(PROMPTS * GROUP, 128), (PROMPTS * GROUP, 512)])
-    sizes = [time_size("tiny", args.reps, mesh)]
+    sizes = [time_size("tiny", args.reps, mesh, args.scan_unroll)]
     if not args.skip_medium:
-        sizes.append(time_size("medium", max(3, args.reps // 5), mesh))
+        sizes.append(time_size("medium", max(3, args.reps // 5), mesh, args.scan_unroll))
     square = calibration["square_1024"]
     result = {
         "aapo_step_s": sizes[0]["aapo"]["step_s"],
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "devices": 1 if mesh is None else int(mesh.devices.size),
         "backend": jax.default_backend(),
+        "scan_unroll": args.scan_unroll,
     }
     if not args.skip_medium:
         result["medium_aapo_fraction_of_calibration"] = sizes[1]["aapo"]["gflops"] / square

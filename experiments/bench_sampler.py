@@ -13,6 +13,8 @@ exposing one JAX CPU device per core (`--devices`, default all) and splitting th
 prompt rows over them (`sampling.generate(..., mesh=)`: each device decodes its
 own rows). XLA:CPU runs each small op of a decode step on one core, so on one
 device the other core idles; `ours_1dev` is timed in the same run for reference.
+`--scan_unroll` is our model's `scan_unroll` (-1, default: the layer scan unrolled,
+the tiny-CPU setting; 1: rolled, as the paper configs run).
 """
 
 from __future__ import annotations
@@ -270,6 +272,12 @@ def main(argv: list[str] | None = None) -> None:
         default=os.cpu_count(),
         help="JAX CPU devices to split our rows over (default: one per core; 1 = one device)",
     )
+    parser.add_argument(
+        "--scan_unroll",
+        type=int,
+        default=-1,
+        help="layers per layer-scan iteration (-1: all, the tiny-CPU setting; 1: rolled)",
+    )
     args = parser.parse_args(argv)
 
     mesh = bench_common.data_mesh(args.devices)  # before any JAX work
@@ -301,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in SIZES:
             path = build_checkpoint(Path(tmp) / size, size)
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            models[size] = (load_hf_checkpoint(path, dtype=jnp.float32), hf.eval())
+            ours = load_hf_checkpoint(path, dtype=jnp.float32, scan_unroll=args.scan_unroll)
+            models[size] = (ours, hf.eval())
         for case in tqdm(cases, desc="cases", unit="case", file=sys.stderr):
             ours, hf = models[case.size]
             prompts = make_prompts(case.batch, SIZES[case.size]["vocab_size"])
@@ -328,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         loadavg=(load_start, os.getloadavg()[0]),
         devices=1 if mesh is None else int(mesh.devices.size),
         parallel_equal=all(r.get("parallel_tokens_equal_1dev", True) for r in rows),
+        scan_unroll=args.scan_unroll,
         jax_backend=jax.default_backend(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),

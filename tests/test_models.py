@@ -184,6 +184,39 @@ def test_remat_gives_same_logits_and_grads(checkpoints):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+@pytest.mark.parametrize("scan_unroll", [-1, 2])
+def test_unrolled_layers_match_the_rolled_scan(checkpoints, scan_unroll):
+    """`scan_unroll` of every layer (-1, or the layer count: a Python loop over static
+    slices, no switch in decode) changes how the program is laid out, not what it
+    computes: logits, gradients, prefill and decode agree with the rolled scan."""
+    path = checkpoints["llama3"][0]  # 2 layers
+    ids, mask = _batch(7)
+    rolled = models.load_hf_checkpoint(path)
+    unrolled = models.load_hf_checkpoint(path, scan_unroll=scan_unroll)
+    assert unrolled.config.layers_per_scan_step == 2 and rolled.config.layers_per_scan_step == 1
+
+    def loss(model):
+        return jnp.mean(models.compute_logits(model, ids, mask) ** 2)
+
+    for a, b in zip(
+        jax.tree.leaves(nnx.grad(loss)(rolled)),
+        jax.tree.leaves(nnx.grad(loss)(unrolled)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    positions = models.positions_from_mask(mask)
+    outs = []
+    for model in (rolled, unrolled):
+        cache = models.init_cache(model.config, ids.shape[0], cache_size=WIDTH + 1)
+        logits, cache = model(ids, positions, mask, cache)
+        step, cache = model(ids[:, -1:], positions[:, -1:] + 1, mask[:, -1:], cache)
+        outs.append((np.asarray(logits), np.asarray(step), np.asarray(cache.k[1])))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        models.load_hf_checkpoint(path, scan_unroll=0)
+
+
 def test_sharded_forward_matches_one_device(checkpoints):
     assert jax.device_count() == 8
     path = checkpoints["qwen2"][1]

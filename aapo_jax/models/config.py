@@ -36,7 +36,11 @@ class ModelConfig:
     Log-softmax, RMSNorm statistics, RoPE and attention softmax are always computed
     in fp32. `remat` is one of `REMAT_POLICIES` (True / False mean "full" / "none");
     `attention` one of `ATTENTION_IMPLEMENTATIONS`, with `attention_block` its query
-    block (chunked) or kernel block (splash) size.
+    block (chunked) or kernel block (splash) size. `scan_unroll` is how many layers
+    one iteration of the layer scan holds: 1 (rolled) keeps compile time independent
+    of depth; -1 (or ≥ `num_layers`) unrolls every layer, which costs compile time
+    linear in depth but spares XLA:CPU a copy of each layer's stacked weights — the
+    faster choice for tiny models on CPU.
     """
 
     vocab_size: int
@@ -63,6 +67,7 @@ class ModelConfig:
     remat: str = "none"
     attention: str = "auto"
     attention_block: int = 512
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # the older boolean spelling
@@ -107,6 +112,20 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.attention_block must be a positive int, got {self.attention_block!r}."
             )
+        if not isinstance(self.scan_unroll, int) or not (
+            self.scan_unroll == -1 or self.scan_unroll >= 1
+        ):
+            raise ValueError(
+                f"ModelConfig.scan_unroll must be -1 (every layer) or a positive int, got "
+                f"{self.scan_unroll!r}."
+            )
+
+    @property
+    def layers_per_scan_step(self) -> int:
+        """The `unroll` of the layer scan: `scan_unroll` clipped to the layer count."""
+        if self.scan_unroll == -1:
+            return self.num_layers
+        return min(self.scan_unroll, self.num_layers)
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 # ModelConfig fields that describe how we run a checkpoint, not the checkpoint.
-_RUNTIME_FIELDS = ("remat", "attention", "attention_block")
+_RUNTIME_FIELDS = ("remat", "attention", "attention_block", "scan_unroll")
 # Tensors some exporters keep that carry no weights of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -69,7 +69,7 @@ def config_from_hf(hf: dict, *, dtype="float32", param_dtype=None, **runtime: An
     """ModelConfig from a parsed Hugging Face config.json (4.x or 5.x layout).
 
     `param_dtype` defaults to `dtype`; `runtime` sets the other fields that are ours,
-    not the checkpoint's (`remat`, `attention`, `attention_block`).
+    not the checkpoint's (`remat`, `attention`, `attention_block`, `scan_unroll`).
     """
     unknown = sorted(set(runtime) - set(_RUNTIME_FIELDS))
     if unknown:
@@ -304,7 +304,7 @@ def load_hf_checkpoint(
     with `mesh`, their sharding — the host never holds two full copies. A layer's
     tensor goes onto the devices as its slice of the stacked parameter; the slices
     are stacked on the devices once every layer's is there. `runtime`: `remat`,
-    `attention`, `attention_block` (see `ModelConfig`).
+    `attention`, `attention_block`, `scan_unroll` (see `ModelConfig`).
 
     Raises:
       ValueError: unsupported model_type or rope type, a missing, unexpected or

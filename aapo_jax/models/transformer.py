@@ -404,7 +404,16 @@ class Transformer(nnx.Module):
 
         if remat != "none":
             step = jax.checkpoint(step, policy=remat_policy(remat), prevent_cse=False)
-        return jax.lax.scan(step, carry, (layer_params, xs))
+        unroll = self.config.layers_per_scan_step
+        if unroll < self.config.num_layers:
+            return jax.lax.scan(step, carry, (layer_params, xs), unroll=unroll)
+        # Every layer unrolled: a Python loop over static slices, so a layer's index (an
+        # element of a NumPy `xs`) stays a constant its body can branch on.
+        ys = []
+        for i in range(self.config.num_layers):
+            carry, y = step(carry, jax.tree.map(lambda t, i=i: t[i], (layer_params, xs)))
+            ys.append(y)
+        return carry, jax.tree.map(lambda *t: jnp.stack(t), *ys)
 
     def forward(
         self,
@@ -500,6 +509,8 @@ class Transformer(nnx.Module):
                     qkv[0], keys, values, old_visible, qkv[1], qkv[2], new_visible
                 )
 
+            if isinstance(i, np.integer):  # an unrolled layer: its own buffers, no switch
+                return over(int(i))(q, k, v)
             return jax.lax.switch(i, [over(j) for j in range(cfg.num_layers)], q, k, v)
 
         def body(layer, x, i):
@@ -516,7 +527,7 @@ class Transformer(nnx.Module):
             x, _ = layer(x, rope, attend)
             return sharding_lib.constrain_rows(x), (new["k"], new["v"])
 
-        layer_ids = jnp.arange(cfg.num_layers)
+        layer_ids = np.arange(cfg.num_layers)
         x, (new_k, new_v) = self._scan(body, self._embed(tokens_BxL), layer_ids, "none")
         write = jax.lax.dynamic_update_slice
         keys = tuple(write(c, n, (0, 0, 0, index)) for c, n in zip(cache.k, new_k, strict=True))
