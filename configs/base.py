@@ -214,6 +214,7 @@ def _simplerl(c: ml_collections.ConfigDict) -> None:
     c.prompt.use_chat_template = False
     c.prompt.system_prompt = ""
     c.train.steps = -1  # one epoch over the training file (TRL max_steps=-1)
+    c.train.checkpoint_every = 25  # their save_steps
 
 
 def simplerl_config(arg: str | None, *, name: str, max_prompt: int, max_completion: int):

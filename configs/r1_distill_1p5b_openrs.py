@@ -9,7 +9,7 @@ Arguments: `algo=aapo|grpo|dr_grpo|rloo|reinforce`, `variant=full|tiny`. Authors
 settings (their code, TRL 0.16.1 defaults where their YAML is silent): lr 1e-6 cosine
 to 10% with 10% warmup from 0, 100 steps, G=6, 4 prompts/step, prompt ≤ 512 (longer
 ones cut on the left), completion ≤ 3584, temperature 0.7 (top_k 50; training
-log-probs at the same temperature), seed 42, checkpoints every 25 steps, std-scaled
+log-probs at the same temperature), seed 42, checkpoints every 50 steps, std-scaled
 group rewards (`scale_rewards`), the `<think>…</think><answer>…</answer>` system
 prompt, question `problem` and gold `solution`. Rewards: `format_think_close`
 (weight 1: "\n</think>\n" exactly once) + `cosine_open_rs` (weight 2: wrong answers
@@ -40,7 +40,7 @@ def _open_rs(c) -> None:
     c.reward.weights = (1.0, 2.0)
     c.reward.eval_name = "accuracy"
     c.train.prompts_per_step = 4  # 4 processes × 6 completions each ÷ G=6
-    c.train.checkpoint_every = 25
+    c.train.checkpoint_every = 50  # their save_steps
 
 
 def get_config(arg: str | None = None):

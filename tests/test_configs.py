@@ -133,8 +133,8 @@ _SHARED = {
 _SIMPLERL = {
     **_SHARED,
     "train.steps": -1,  # one epoch (TRL max_steps=-1), resolved from the data
-    "train.prompts_per_step": 16,
-    "train.checkpoint_every": 50,
+    "train.prompts_per_step": 16,  # 4 processes × 6 rows ÷ G=6 × 4 accumulation steps
+    "train.checkpoint_every": 25,  # open-r1/configs/AAPO.yaml save_steps
     "optim.schedule": "constant",
     "optim.warmup_ratio": 0.03,
     "sampling.max_prompt_length": 1024,
@@ -154,7 +154,7 @@ AUTHORS = {
         **_SHARED,
         "train.steps": 100,
         "train.prompts_per_step": 4,
-        "train.checkpoint_every": 25,
+        "train.checkpoint_every": 50,  # open-rs/configs/AAPO.yaml save_steps
         "optim.schedule": "cosine",
         "optim.warmup_ratio": 0.1,
         "optim.final_lr_fraction": 0.1,
