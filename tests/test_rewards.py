@@ -2,6 +2,7 @@
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -394,6 +395,21 @@ def test_pool_survives_a_crashing_worker():
         assert (stats[ERRORS], stats[CRASHED], stats[TIMEOUTS]) == (1, 1, 0)
         out, stats = scorer(["d"], ["1"])
         np.testing.assert_array_equal(out, [1.0])
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_pool_replaces_a_worker_killed_from_outside(victim):
+    """A worker SIGKILLed by something else (the OOM killer, a user) between calls, started
+    or still starting, is noticed and replaced: every sample is still scored."""
+    with RewardScorer(_crashing_reward, num_workers=2, chunk_size=2) as scorer:
+        scorer(["a", "b"], ["1", "1"])
+        pid = scorer.worker_pids[victim]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)  # let it die
+        out, stats = scorer(["c", "d", "e", "f"], ["1"] * 4)
+        np.testing.assert_array_equal(out, [1.0] * 4)
+        assert stats[ERRORS] == 0 and stats[TIMEOUTS] == 0 and stats[CRASHED] == 1
+        assert pid not in scorer.worker_pids and len(scorer.worker_pids) == 2
 
 
 # -- token rewards -----------------------------------------------------------------------------

@@ -479,6 +479,10 @@ class RewardScorer:
         except (EOFError, OSError):
             if not worker.ready:
                 worker.process.join(timeout=1.0)
+                if (worker.process.exitcode or 0) < 0:  # killed by a signal from outside
+                    batch.counts[CRASHED] += 1
+                    self._replace(worker)
+                    return
                 raise RuntimeError(
                     f"reward worker died while starting (exit code {worker.process.exitcode}); "
                     "see its traceback above. Are the reward functions importable in a fresh "
