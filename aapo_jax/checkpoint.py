@@ -42,6 +42,45 @@ def _abstract(tree):
     return jax.tree.map(one, tree)
 
 
+def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): (
+            tuple(leaf.shape),
+            str(jax.numpy.dtype(leaf.dtype)),
+        )
+        for path, leaf in leaves
+    }
+
+
+def describe_mismatch(checkpointer: Checkpointer, target: TrainState, step: int) -> str:
+    """How a checkpoint's train state differs from `target`'s, in a line ('' if it does not).
+
+    Names up to three leaves missing on either side or with another shape or dtype,
+    e.g. `params/layers/mlp/up: (2, 128, 256) float32 saved, (4, 128, 256) float32 here`.
+    """
+    try:
+        saved = checkpointer.saved_shapes(step)
+    except Exception:  # no readable metadata: nothing to compare
+        return ""
+    wanted = _shapes(_to_saveable(target))
+    if not checkpointer.save_reference:
+        wanted = {k: v for k, v in wanted.items() if not k.startswith("ref_params")}
+    notes = {k: f"{k}: missing from the checkpoint" for k in set(wanted) - set(saved)}
+    notes |= {k: f"{k}: in the checkpoint, not in this run" for k in set(saved) - set(wanted)}
+    notes |= {
+        k: f"{k}: {saved[k][0]} {saved[k][1]} saved, {wanted[k][0]} {wanted[k][1]} here"
+        for k in set(saved) & set(wanted)
+        if saved[k] != wanted[k]
+    }
+    if not notes:
+        return ""
+    # The weights first (they say which model), then the optimizer state.
+    notes = [notes[k] for k in sorted(notes, key=lambda k: (not k.startswith("params/"), k))]
+    more = f" (and {len(notes) - 3} more)" if len(notes) > 3 else ""
+    return "; ".join(notes[:3]) + more
+
+
 class Checkpointer:
     """Saves and restores `TrainState` + JSON side data under `directory`.
 
@@ -129,6 +168,13 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}.")
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored.meta)
+
+    def saved_shapes(self, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{leaf path: (shape, dtype)} of a checkpoint's train state, from its metadata."""
+        step = self.latest_step() if step is None else step
+        tree = self._manager.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        return _shapes(tree)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

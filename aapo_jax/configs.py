@@ -490,6 +490,12 @@ class TrainLoopConfig:
     export_hf: bool = False
     tensorboard: bool = True
     wandb_project: str = ""
+    # Resume a workdir whose checkpoint was written under a config that differs in a
+    # field outside `RESUMABLE_CHANGES` (the differences are still logged).
+    allow_config_change: bool = False
+    # Abort (keeping the last checkpoint) after this many updates in a row were skipped
+    # for a non-finite loss or gradient; 0 = never.
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
         _check(
@@ -505,7 +511,13 @@ class TrainLoopConfig:
             "keep_checkpoints",
         ):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "≥ 1")
-        for name in ("eval_every", "eval_size", "checkpoint_every", "samples_every"):
+        for name in (
+            "eval_every",
+            "eval_size",
+            "checkpoint_every",
+            "samples_every",
+            "max_consecutive_skips",
+        ):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "≥ 0 (0 = off)")
 
 
@@ -556,6 +568,59 @@ def resolve_epoch_steps(config: ExperimentConfig, num_prompts: int) -> Experimen
         train=dataclasses.replace(config.train, steps=steps),
         optim=dataclasses.replace(config.optim, total_steps=steps),
     )
+
+
+# Fields a resumed run may change: how long it runs (the schedule's length follows) and
+# how it logs, evaluates, checkpoints and scores; not what is trained or how.
+RESUMABLE_CHANGES = (
+    "name",
+    "train.steps",
+    "optim.total_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.samples_every",
+    "train.num_samples_logged",
+    "train.export_hf",
+    "train.tensorboard",
+    "train.wandb_project",
+    "train.allow_config_change",
+    "train.max_consecutive_skips",
+    "reward.timeout_s",
+    "reward.num_workers",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(tree, list | tuple):
+        return {prefix: [_flatten(v) if isinstance(v, Mapping) else v for v in tree]}
+    return {prefix: tree}
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple]:
+    """{dotted field: (saved value, current value)} for every field that differs.
+
+    Both configs are nested mappings (`dataclasses.asdict` of an `ExperimentConfig`,
+    as JSON); tuples and lists compare equal element by element.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    return {
+        field: (old.get(field), new.get(field))
+        for field in sorted(set(old) | set(new))
+        if old.get(field) != new.get(field)
+    }
+
+
+def refused_resume_changes(changes: Mapping[str, tuple]) -> dict[str, tuple]:
+    """The `config_changes` that refuse a resume: those outside `RESUMABLE_CHANGES`."""
+    return {f: v for f, v in changes.items() if f not in RESUMABLE_CHANGES}
 
 
 def experiment_config(config: Any) -> ExperimentConfig:

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,56 @@ def tensorboard_tag(name: str) -> str:
     return re.sub(r"[^-/\w.]", "_", name)
 
 
+def _eval_only(row: Mapping[str, Any]) -> bool:
+    return all(k == "step" or k.startswith("eval/") for k in row)
+
+
+def keep_through(step: int) -> Callable[[Mapping[str, Any]], bool]:
+    """Which logged rows a run resumed from a checkpoint at `step` keeps.
+
+    Everything logged up to the checkpoint was logged once: the rows of earlier steps
+    and the training row of `step` itself (written before it was saved). An eval-only
+    row at `step` (a final eval) is dropped, since the resumed run evaluates again; the
+    initial eval at step 0 is kept, since it does not. With `step` < 0 (no checkpoint:
+    the run starts over) nothing is kept.
+    """
+
+    def keep(row: Mapping[str, Any]) -> bool:
+        at = row.get("step", 0)
+        if step < 0:
+            return False
+        if at == 0 and _eval_only(row):
+            return True
+        return at < step or (at == step and not _eval_only(row))
+
+    return keep
+
+
+def rewrite_rows(path: str | os.PathLike, keep: Callable[[Mapping[str, Any]], bool]) -> int:
+    """Keep only the JSONL rows for which `keep(row)` holds, replacing the file atomically.
+
+    Returns the number of rows dropped (0 when the file does not exist). A torn last
+    line (a process killed mid-write) is dropped too.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+        if row is not None and keep(row):
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl`, TensorBoard event files and W&B.
 
@@ -39,6 +89,11 @@ class MetricWriter:
     TensorFlow needed). W&B is used only when `wandb_project` is set and the
     package is installed (set WANDB_MODE=offline to log without a network).
     Pass `enabled=False` on every process but the first.
+
+    `resume_step`: the step a resumed run continues from (-1: it starts over). The
+    JSONL files then keep only what `keep_through(resume_step)` keeps, and TensorBoard
+    hides the events of later steps (tensorboardX's `purge_step`), so each step is
+    logged once however often the run was interrupted. None: append to whatever is there.
     """
 
     def __init__(
@@ -50,6 +105,7 @@ class MetricWriter:
         wandb_project: str | None = None,
         run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
     ):
         self.workdir = Path(workdir)
         self.enabled = enabled
@@ -58,12 +114,20 @@ class MetricWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        purge_step = None
+        if resume_step is not None:
+            for name in (METRICS_FILE, SAMPLES_FILE):
+                dropped = rewrite_rows(self.workdir / name, keep_through(resume_step))
+                if dropped:
+                    logger.info("%s: dropped %d rows after step %d", name, dropped, resume_step)
+            if (self.workdir / "tensorboard").exists():
+                purge_step = resume_step + 1  # 0 when starting over: hide every event
         self._jsonl = open(self.workdir / METRICS_FILE, "a")
         self._samples = open(self.workdir / SAMPLES_FILE, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge_step)
         if wandb_project:
             try:
                 import wandb

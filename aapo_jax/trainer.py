@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
@@ -27,6 +28,41 @@ from aapo_jax.types import PromptBatch
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = metrics_lib.SUMMARY_FILE
+# Wall seconds of every process that ran in a workdir, so a resumed run's total counts all.
+WALL_FILE = "wall_seconds.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class ResumeError(ValueError):
+    """A workdir's checkpoint cannot continue under this run's config or train state."""
+
+
+def check_before_loading(config: ExperimentConfig) -> None:
+    """What can fail without loading a model, checked in seconds, naming the field.
+
+    The model directory (`model.path`, holding `config.json`), the tokenizer directory
+    (`model.tokenizer_path`, default `model.path`), and the data (`data.sources.check_source`:
+    the reasoning-gym task, the files). Reward and verifier names are checked when the
+    config is made.
+
+    Raises:
+      FileNotFoundError / ValueError naming the config field.
+    """
+    path = config.model.path
+    if not (Path(path) / "config.json").is_file():
+        what = "no such directory" if not Path(path).is_dir() else "no config.json in it"
+        raise FileNotFoundError(
+            f"config field model.path={path!r}: {what}; expected a local Hugging Face "
+            "checkpoint directory."
+        )
+    field = "model.tokenizer_path" if config.model.tokenizer_path else "model.path"
+    tokenizer_dir = Path(config.model.tokenizer_path or path)
+    if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"config field {field}={str(tokenizer_dir)!r}: no tokenizer there (none of "
+            f"{list(_TOKENIZER_FILES)})."
+        )
+    sources.check_source(config.data)
 
 
 def _eos_ids(tokenizer, model_config) -> tuple[int, ...]:
@@ -49,7 +85,19 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, workdir: str | os.PathLike):
         self.config = cfg = config
         self.workdir = Path(workdir)
+        check_before_loading(cfg)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = checkpoint_lib.Checkpointer(
+            self.workdir / "checkpoints",
+            max_to_keep=cfg.train.keep_checkpoints,
+            save_reference=cfg.rl.reference != "frozen",
+        )
+        try:
+            self.config_changes = self._check_resume()
+        except Exception:
+            self.checkpointer.close()
+            raise
+        self._saving = None
         self.mesh = sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
         self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         model = models.load_hf_checkpoint(
@@ -76,12 +124,41 @@ class Trainer:
         self.eval_scorer = evaluation.make_scorer(
             cfg.reward.eval_name, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers
         )
-        self.checkpointer = checkpoint_lib.Checkpointer(
-            self.workdir / "checkpoints",
-            max_to_keep=cfg.train.keep_checkpoints,
-            save_reference=cfg.rl.reference != "frozen",
-        )
         self._stop = False
+
+    def _check_resume(self) -> list[dict]:
+        """The config changes of every resume so far (checkpoint meta + this one's).
+
+        A change outside `configs.RESUMABLE_CHANGES` raises `ResumeError` listing the
+        fields, unless `train.allow_config_change`; the allowed ones are logged.
+        """
+        if self.checkpointer.latest_step() is None:
+            return []
+        meta = self.checkpointer.read_meta()
+        step = self.checkpointer.latest_step()
+        current = _jsonable(dataclasses.asdict(self.config))
+        changes = configs.config_changes(meta["config"], current)
+        # A one-epoch run saved its resolved step count; -1 again is the same run.
+        if changes.get("train.steps", (None, None))[1] == configs.ONE_EPOCH:
+            changes.pop("train.steps")
+            changes.pop("optim.total_steps", None)
+        refused = configs.refused_resume_changes(changes)
+        listing = "\n".join(f"  {f}: {old!r} -> {new!r}" for f, (old, new) in changes.items())
+        if refused and not self.config.train.allow_config_change:
+            raise ResumeError(
+                f"{self.workdir} holds a checkpoint (step {step}) written under another config; "
+                f"these fields differ:\n{listing}\n{sorted(refused)} change the train state or "
+                "what the run means, so it is not resumed. Use a new --workdir, set the fields "
+                "back, or resume anyway with --config.train.allow_config_change=True."
+            )
+        if changes:
+            logger.warning(
+                "resuming %s (step %d) with config changes:\n%s", self.workdir, step, listing
+            )
+        history = list(meta.get("config_changes", []))
+        if changes:
+            history.append({"step": step, "changes": {f: list(v) for f, v in changes.items()}})
+        return history
 
     def _build_stages(self, tx) -> None:
         """Jit the three stages once: composed into one program for a token reward."""
@@ -186,13 +263,47 @@ class Trainer:
     # -- the loop -----------------------------------------------------------
 
     def save(self, step: int, initial_eval: dict) -> None:
-        meta = {"config": _jsonable(dataclasses.asdict(self.config)), "initial_eval": initial_eval}
-        self.checkpointer.save(step, self.state, data=self.loader.get_state(), meta=meta)
+        meta = {
+            "config": _jsonable(dataclasses.asdict(self.config)),
+            "initial_eval": initial_eval,
+            "config_changes": self.config_changes,
+        }
+        try:
+            self.checkpointer.save(step, self.state, data=self.loader.get_state(), meta=meta)
+        except OSError as e:  # ENOSPC and friends, from this save or the last async one
+            raise self._save_error(step, e) from e
+        self._saving = step
+
+    def _wait_for_save(self) -> None:
+        """Block until the last (async) save is on disk; its OSError explained."""
+        try:
+            self.checkpointer.wait()
+        except OSError as e:
+            raise self._save_error(self._saving, e) from e
+
+    def _save_error(self, step, error: OSError) -> OSError:
+        kept = self.checkpointer.latest_step()
+        return OSError(
+            error.errno,
+            f"saving the step-{step} checkpoint in {self.checkpointer.directory} failed "
+            f"({error.strerror or error}); the newest complete checkpoint (step {kept}) is "
+            "intact and a restart resumes from it. Free disk space or move --workdir.",
+        )
 
     def _restore(self) -> dict | None:
         if self.checkpointer.latest_step() is None:
             return None
-        state, data_state, meta = self.checkpointer.restore(self.state)
+        step = self.checkpointer.latest_step()
+        try:
+            state, data_state, meta = self.checkpointer.restore(self.state)
+        except (ValueError, KeyError, TypeError) as e:
+            mismatch = checkpoint_lib.describe_mismatch(self.checkpointer, self.state, step)
+            raise ResumeError(
+                f"the checkpoint in {self.checkpointer.directory} (step {step}) does not fit "
+                f"this run's train state: {mismatch or e}. It was written for another model "
+                "or optimizer: use a new --workdir, or point model.path and optim at what "
+                "the checkpoint was trained with."
+            ) from e
         self.state = jax.device_put(state, self.state_shardings)
         self.loader.set_state(data_state)
         logger.info("resumed from step %d in %s", int(state.step), self.workdir)
@@ -208,19 +319,22 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        start_time = time.time()
-        writer = metrics_lib.MetricWriter(
-            self.workdir,
-            enabled=jax.process_index() == 0,
-            tensorboard=cfg.train.tensorboard,
-            wandb_project=cfg.train.wandb_project or None,
-            run_name=cfg.name,
-            config=_jsonable(dataclasses.asdict(cfg)),
-        )
+        clock = WallClock(self.workdir / WALL_FILE, enabled=jax.process_index() == 0)
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        writer = None
         try:
             initial_eval = self._restore()
             step = int(self.state.step)
+            writer = metrics_lib.MetricWriter(
+                self.workdir,
+                enabled=jax.process_index() == 0,
+                tensorboard=cfg.train.tensorboard,
+                wandb_project=cfg.train.wandb_project or None,
+                run_name=cfg.name,
+                config=_jsonable(dataclasses.asdict(cfg)),
+                resume_step=step if initial_eval is not None else -1,
+            )
+            skipped_in_a_row = 0
             if initial_eval is None:
                 initial_eval = self.evaluate()
                 writer.write_scalars(0, initial_eval)
@@ -233,6 +347,17 @@ class Trainer:
                 step += 1
                 metrics["step_seconds"] = seconds
                 metrics["tokens_per_s"] = float(metrics["completion_tokens"]) / seconds
+                skipped_in_a_row = skipped_in_a_row + 1 if metrics["update_skipped"] else 0
+                limit = cfg.train.max_consecutive_skips
+                if limit and skipped_in_a_row >= limit:
+                    writer.write_scalars(step, metrics)
+                    raise FloatingPointError(
+                        f"{skipped_in_a_row} updates in a row (steps {step - skipped_in_a_row + 1}"
+                        f"–{step}) had a non-finite loss or gradient and were skipped "
+                        f"(train.max_consecutive_skips={limit}); stopping. The last checkpoint "
+                        f"(step {self.checkpointer.latest_step()}) is kept: lower "
+                        "optim.learning_rate or check the rewards and data before resuming."
+                    )
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
@@ -242,6 +367,7 @@ class Trainer:
                     writer.write_samples(step, samples)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save(step, initial_eval)
+                clock.tick()
                 bar.update(1)
                 bar.set_postfix(
                     reward=f"{float(metrics['reward_mean']):.3f}",
@@ -252,7 +378,7 @@ class Trainer:
             if self._stop:
                 if self.checkpointer.latest_step() != step:
                     self.save(step, initial_eval)
-                self.checkpointer.wait()
+                self._wait_for_save()
                 return {"interrupted": True, "steps": step}
             final_eval = self.evaluate() if step > 0 and last_eval is initial_eval else last_eval
             if final_eval is not last_eval or not cfg.train.eval_every:
@@ -262,10 +388,14 @@ class Trainer:
             if cfg.train.export_hf:
                 self._export_hf()
             writer.flush()
-            return self._summary(initial_eval, final_eval, step, time.time() - start_time)
+            self._wait_for_save()
+            clock.tick(force=True)
+            return self._summary(initial_eval, final_eval, step, clock)
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
-            writer.close()
+            clock.tick(force=True)
+            if writer is not None:
+                writer.close()
             self.checkpointer.wait()
 
     def _export_hf(self) -> None:
@@ -274,7 +404,7 @@ class Trainer:
             models.save_hf_checkpoint(nnx.merge(self.graphdef, params), self.workdir / "hf")
             self.tokenizer.save_pretrained(self.workdir / "hf")
 
-    def _summary(self, initial_eval, final_eval, steps, wall_seconds) -> dict[str, Any]:
+    def _summary(self, initial_eval, final_eval, steps, clock: WallClock) -> dict[str, Any]:
         cfg = self.config
         summary = {
             "name": cfg.name,
@@ -285,7 +415,9 @@ class Trainer:
             "final_eval_accuracy": final_eval["eval/accuracy"],
             "eval_problems": int(final_eval["eval/problems"]),
             "steps": int(steps),
-            "wall_seconds": round(wall_seconds, 2),
+            "wall_seconds": round(clock.total(), 2),  # every process that ran in the workdir
+            "processes": clock.processes(),
+            "config_changes_on_resume": self.config_changes,
             "skipped_updates": int(self.state.skipped_updates),
             "prompts": dataclasses.asdict(self.prompt_stats),
         }
@@ -299,6 +431,41 @@ class Trainer:
             if scorer is not None:
                 scorer.close()
         self.checkpointer.close()
+
+
+class WallClock:
+    """This process's wall seconds, kept beside those of earlier processes in a JSON file.
+
+    A run killed and resumed N times is N + 1 processes; `total()` sums them all (up to
+    each one's last `tick`, at most `every_s` before it died). Only the enabled (first)
+    process writes.
+    """
+
+    def __init__(self, path: Path, *, enabled: bool = True, every_s: float = 5.0):
+        self.path, self.enabled, self.every_s = path, enabled, every_s
+        self.start = time.time()
+        self._written = 0.0
+        previous = json.loads(path.read_text()) if path.exists() else []
+        self._earlier = [float(s) for s in previous]
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def tick(self, force: bool = False) -> None:
+        """Record the elapsed time (at most every `every_s` seconds unless `force`)."""
+        now = self.elapsed()
+        if not self.enabled or (not force and now - self._written < self.every_s):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps([*self._earlier, round(now, 3)]))
+        os.replace(tmp, self.path)
+        self._written = now
+
+    def total(self) -> float:
+        return sum(self._earlier) + self.elapsed()
+
+    def processes(self) -> int:
+        return len(self._earlier) + 1
 
 
 def _jsonable(value: Any) -> Any:

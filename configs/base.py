@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
             export_hf=False,
             tensorboard=True,
             wandb_project="",
+            allow_config_change=False,
+            max_consecutive_skips=10,
         )
     )
     c.train.steps = steps

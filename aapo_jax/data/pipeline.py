@@ -21,13 +21,15 @@ OVERLONG = ("drop", "truncate_left")
 
 @dataclasses.dataclass(frozen=True)
 class PromptStats:
-    """How many examples `encode_examples` kept, why it dropped the others, and how many
-    over-long prompts it cut to their last `max_prompt_length` tokens."""
+    """How many examples `encode_examples` kept, why it dropped the others, how many
+    over-long prompts it cut to their last `max_prompt_length` tokens, and how many kept
+    ones have an empty (or null) gold answer, which no completion can match."""
 
     kept: int
     dropped_too_long: int
     dropped_empty: int
     truncated: int = 0
+    empty_answer: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,10 @@ def encode_examples(
         dropped_too_long=dropped_too_long,
         dropped_empty=dropped_empty,
         truncated=truncated,
+        empty_answer=sum(not p.example.answer.strip() for p in encoded),
     )
+    if stats.empty_answer:
+        logger.warning("prompts: %d kept prompts have an empty gold answer.", stats.empty_answer)
     if truncated:
         logger.warning(
             "prompts: kept the last %d tokens of %d prompts longer than that.",

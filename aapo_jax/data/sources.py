@@ -28,6 +28,16 @@ class Example:
     entry: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
+def _check_gym_task(name: str, prefix: str) -> None:
+    import reasoning_gym  # deferred: slow import (sympy, matplotlib)
+
+    if name not in reasoning_gym.factory.DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, reasoning_gym.factory.DATASETS, n=3)
+        raise ValueError(f"{prefix}unknown reasoning-gym task {name!r}; did you mean {close}?")
+
+
 def gym_splits(
     name: str,
     *,
@@ -50,11 +60,7 @@ def gym_splits(
     """
     import reasoning_gym  # deferred: slow import (sympy, matplotlib)
 
-    if name not in reasoning_gym.factory.DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, reasoning_gym.factory.DATASETS, n=3)
-        raise ValueError(f"unknown reasoning-gym task {name!r}; did you mean {close}?")
+    _check_gym_task(name, "")
 
     def draw(size: int, split_seed: int) -> list[Example]:
         dataset = reasoning_gym.create_dataset(name, size=size, seed=split_seed, **dataset_kwargs)
@@ -139,19 +145,31 @@ def _to_examples(
     columns = set(rows[0])
     q_key = _pick_key(where, columns, question_key, QUESTION_KEYS, "question_key")
     a_key = _pick_key(where, columns, answer_key, ANSWER_KEYS, "answer_key")
-    examples = []
+    examples, null_answers = [], []
     for number, row in enumerate(rows):
+        name = row_names[number] if row_names is not None else f"record {number}"
         for key, role in ((q_key, "question_key"), (a_key, "answer_key")):
             if key not in row:
-                name = row_names[number] if row_names is not None else f"record {number}"
                 raise _missing_key_error(f"{where} {name}", key, role, row)
         answer = row[a_key]
+        if answer is None:
+            null_answers.append(name)
         examples.append(
             Example(
                 question=_question_text(row[q_key]),
                 answer="" if answer is None else str(answer),
                 entry=dict(row),
             )
+        )
+    if null_answers:
+        logger.warning(
+            "%s: %d of %d records have a null %r (first: %s); their gold is empty, so "
+            "every completion of theirs scores 0.",
+            where,
+            len(null_answers),
+            len(rows),
+            a_key,
+            null_answers[0],
         )
     return examples
 
@@ -161,8 +179,15 @@ def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     import json
 
     rows, names = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path} line {number}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} "
+                    f"at column {e.start + 1}); re-encode the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -403,6 +428,28 @@ def _hold_out(
     held_set = set(held.tolist())
     train = [e for i, e in enumerate(examples) if i not in held_set]
     return train, [examples[i] for i in held]
+
+
+def check_source(config: DataConfig) -> None:
+    """What `load_splits` needs, checked without reading it: the reasoning-gym task is
+    registered, the data files or TFDS directory exist.
+
+    Raises:
+      ValueError / FileNotFoundError naming the `data.` field.
+    """
+    if config.source == "reasoning_gym":
+        _check_gym_task(config.name, "config field data.name: ")
+        return
+    if config.source == "tfds":
+        if not os.path.isdir(config.path):
+            raise FileNotFoundError(
+                f"config field data.path={config.path!r}: no such TFDS data directory."
+            )
+        return
+    for key in ("path", "eval_path"):
+        value = getattr(config, key)
+        if value and not os.path.isfile(value):
+            raise FileNotFoundError(f"config field data.{key}={value!r}: no such file.")
 
 
 def load_splits(config: DataConfig) -> tuple[list[Example], list[Example]]:
