@@ -24,12 +24,29 @@ from pathlib import Path
 ALGOS = ("aapo", "grpo", "dr_grpo")
 
 
-def run_one(workdir: Path, algo: str, group: int, seed: int, steps: int, prompts: int) -> dict:
-    """Train one quickstart run (or reuse a finished one) and summarise its curve."""
+def run_one(
+    workdir: Path,
+    algo: str,
+    group: int,
+    seed: int,
+    steps: int,
+    prompts: int,
+    *,
+    name: str | None = None,
+    hparams: dict | None = None,
+    overrides: dict | None = None,
+) -> dict:
+    """Train one quickstart run (or reuse a finished one) and summarise its curve.
+
+    `name` (default `algo`) names the run directory and the result's `variant`;
+    `hparams` update the algorithm's `rl.hparams`; `overrides` set other config
+    fields by dotted name (e.g. `{"train.eval_size": 8}`).
+    """
     from aapo_jax import configs, metrics, trainer
     from configs import quickstart
 
-    run_dir = workdir / f"{algo}-G{group}-s{seed}"
+    name = name or algo
+    run_dir = workdir / f"{name}-G{group}-s{seed}"
     summary_file = run_dir / trainer.SUMMARY_FILE
     if not summary_file.exists():
         c = quickstart.get_config(f"algo={algo},group={group},seed={seed}")
@@ -38,17 +55,24 @@ def run_one(workdir: Path, algo: str, group: int, seed: int, steps: int, prompts
         c.train.eval_every = 0
         c.train.checkpoint_every = 0
         c.train.samples_every = 0
+        c.rl.hparams.update(hparams or {})
+        for field, value in (overrides or {}).items():
+            section, key = field.split(".")
+            c[section][key] = value
         trainer.train(configs.experiment_config(c), run_dir, progress=True)
     summary = json.loads(summary_file.read_text())
     rows = [r for r in metrics.read_metrics(run_dir) if r.get("reward_mean") is not None]
+    margins = [r["margin_mean"] for r in rows if r.get("margin_mean") is not None]
     return {
         "algo": algo,
+        "variant": name,
         "group": group,
         "seed": seed,
         "initial_accuracy": summary["initial_eval_accuracy"],
         "final_accuracy": summary["final_eval_accuracy"],
         "reward_auc": statistics.fmean(r["reward_mean"] for r in rows),
         "zero_std_frac": statistics.fmean(r["zero_std_group_frac"] for r in rows),
+        "margin_mean": statistics.fmean(margins) if margins else None,
         "wall_seconds": summary["wall_seconds"],
         "reward_curve": [r["reward_mean"] for r in rows],
     }
