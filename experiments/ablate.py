@@ -160,15 +160,10 @@ def table(results: list[dict]) -> str:
             rs = [r for r in results if r["variant"] == name and r["group"] == group]
             if not rs:
                 continue
-            acc = mean_ci([100 * r["final_accuracy"] for r in rs])
-            gain = mean_ci([100 * (r["final_accuracy"] - r["initial_accuracy"]) for r in rs])
-            auc = mean_ci([r["reward_auc"] for r in rs])
             shift = [r["constant"] if "constant" in r else r["margin_mean"] for r in rs]
             shift = "–" if None in shift else f"{statistics.fmean(shift):+.3f}"
-            lines.append(
-                f"| {name} | {group} | {len(rs)} | {acc[0]:.1f} ± {acc[1]:.1f} | "
-                f"{gain[0]:+.1f} ± {gain[1]:.1f} | {auc[0]:.3f} ± {auc[1]:.3f} | {shift} |"
-            )
+            cells = [name, group, len(rs), *compare.outcome_cells(rs, mean_ci), shift]
+            lines.append(f"| {' | '.join(map(str, cells))} |")
     return "\n".join(lines)
 
 

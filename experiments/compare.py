@@ -99,16 +99,29 @@ def table(results: list[dict]) -> str:
             rs = [r for r in results if r["algo"] == algo and r["group"] == group]
             if not rs:
                 continue
-            acc = _mean_std([100 * r["final_accuracy"] for r in rs])
-            gain = _mean_std([100 * (r["final_accuracy"] - r["initial_accuracy"]) for r in rs])
-            auc = _mean_std([r["reward_auc"] for r in rs])
             zero = _mean_std([r["zero_std_frac"] for r in rs])
-            lines.append(
-                f"| {algo} | {group} | {len(rs)} | {acc[0]:.1f} ± {acc[1]:.1f} | "
-                f"{gain[0]:+.1f} ± {gain[1]:.1f} | {auc[0]:.3f} ± {auc[1]:.3f} | "
-                f"{zero[0]:.2f} ± {zero[1]:.2f} |"
-            )
+            cells = [
+                algo,
+                group,
+                len(rs),
+                *outcome_cells(rs, _mean_std),
+                f"{zero[0]:.2f} ± {zero[1]:.2f}",
+            ]
+            lines.append(f"| {' | '.join(map(str, cells))} |")
     return "\n".join(lines)
+
+
+def outcome_cells(rs: list[dict], stat) -> list[str]:
+    """Final accuracy (%), its gain (points) and reward AUC of runs `rs`, each as
+    'centre ± spread' from `stat(values) -> (centre, spread)`."""
+    acc = stat([100 * r["final_accuracy"] for r in rs])
+    gain = stat([100 * (r["final_accuracy"] - r["initial_accuracy"]) for r in rs])
+    auc = stat([r["reward_auc"] for r in rs])
+    return [
+        f"{acc[0]:.1f} ± {acc[1]:.1f}",
+        f"{gain[0]:+.1f} ± {gain[1]:.1f}",
+        f"{auc[0]:.3f} ± {auc[1]:.3f}",
+    ]
 
 
 def plot(results: list[dict], out: Path) -> None:

@@ -2,9 +2,7 @@
 
 import errno
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,30 +13,12 @@ from flax import nnx
 
 from aapo_jax import checkpoint, configs, data, metrics, models, trainer
 from tests import hf_fixtures
-from tests.test_trainer import REPO, tiny_config
+from tests.test_trainer import tiny_config, train_process
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return hf_fixtures.make_model_dir(tmp_path_factory.mktemp("model"))
-
-
-def _train_process(config_file: Path, workdir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            f"--config={config_file}",
-            f"--workdir={workdir}",
-            "--noprogress",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout_s: float = 240) -> None:
@@ -82,15 +62,15 @@ def test_kill9_twice_resumes_bit_identically_and_logs_each_step_once(model_dir, 
         "checkpoint_every=3, samples_every=2)\n"
     )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    proc = _train_process(config_file, straight)
+    proc = train_process(config_file, straight)
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
     # Mid-step, past the step-3 checkpoint; then just after the step-9 checkpoint is
     # committed (orbax renames its temporary directory to the step number).
     _kill_when(
-        _train_process(config_file, resumed), lambda: max(_trained_rows(resumed), default=0) >= 4
+        train_process(config_file, resumed), lambda: max(_trained_rows(resumed), default=0) >= 4
     )
-    _kill_when(_train_process(config_file, resumed), (resumed / "checkpoints" / "9").is_dir)
-    proc = _train_process(config_file, resumed)
+    _kill_when(train_process(config_file, resumed), (resumed / "checkpoints" / "9").is_dir)
+    proc = train_process(config_file, resumed)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
 
@@ -243,21 +223,21 @@ def test_sigterm_during_startup_or_the_initial_eval(model_dir, tmp_path):
     )
     workdir = tmp_path / "wd"
     # During start-up (imports, model load): the default action, at once; nothing saved.
-    proc = _train_process(config_file, workdir)
+    proc = train_process(config_file, workdir)
     time.sleep(1.0)
     proc.terminate()
     assert proc.wait(timeout=30) != 0
     assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() is None
     # During the initial eval (the metric writer opens just before it): the eval
     # finishes, step 0 is saved with it, and the exit is clean.
-    proc = _train_process(config_file, workdir)
+    proc = train_process(config_file, workdir)
     _wait_for(proc, (workdir / "tensorboard").is_dir)
     proc.terminate()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and '"interrupted": true' in output, output
     assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == 0
     # The resumed run does not evaluate again at step 0.
-    proc = _train_process(config_file, workdir)
+    proc = train_process(config_file, workdir)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     rows = metrics.read_metrics(workdir)

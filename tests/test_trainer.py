@@ -186,15 +186,9 @@ def test_token_reward_path(model_dir, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
-def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
-    config_file = tmp_path / "cfg.py"
-    config_file.write_text(
-        "from tests.test_trainer import tiny_config\n\n\n"
-        f"def get_config():\n    return tiny_config({str(model_dir)!r}, steps=500)\n"
-    )
-    workdir = tmp_path / "wd"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
+def train_process(config_file: Path, workdir: Path) -> subprocess.Popen:
+    """`python -m experiments.train` on a config file, as a user starts it (no progress bar)."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -204,11 +198,21 @@ def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
             "--noprogress",
         ],
         cwd=REPO,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from tests.test_trainer import tiny_config\n\n\n"
+        f"def get_config():\n    return tiny_config({str(model_dir)!r}, steps=500)\n"
+    )
+    workdir = tmp_path / "wd"
+    proc = train_process(config_file, workdir)
     deadline = time.time() + 240
     rows = []
     while time.time() < deadline and len([r for r in rows if "loss" in r]) < 3:
