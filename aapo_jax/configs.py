@@ -361,7 +361,7 @@ class ModelSource:
     remat: Literal["none", "full", "dots"] = "none"
     attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
     attention_block: int = 512
-    scan_unroll: int = 1  # layers per layer-scan iteration; -1: all (tiny models on CPU)
+    scan_unroll: int = 1  # layers per forward layer-scan iteration; -1: all (tiny CPU models)
 
     def __post_init__(self):
         _check(bool(self.path), "model.path", self.path, "a local Hugging Face checkpoint dir")

@@ -20,7 +20,7 @@ and only gradients and loss sums cross devices (`train_step.make_token_rl_step(.
 XLA:CPU runs each small op on one core, so one device would leave the other idle;
 the same steps on one device are timed after them in the same run (`1dev ms`).
 
-`--scan_unroll` is the model's `scan_unroll`: -1 (default) unrolls the layer scan,
+`--scan_unroll` is the model's `scan_unroll`: -1 (default) unrolls the forward's layer scan,
 what the quickstart's tiny model runs with on CPU; 1 times the rolled scan of the
 paper configs, whose per-layer weight slices XLA:CPU copies before each matmul.
 """

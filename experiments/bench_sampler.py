@@ -13,8 +13,8 @@ exposing one JAX CPU device per core (`--devices`, default all) and splitting th
 prompt rows over them (`sampling.generate(..., mesh=)`: each device decodes its
 own rows). XLA:CPU runs each small op of a decode step on one core, so on one
 device the other core idles; `ours_1dev` is timed in the same run for reference.
-`--scan_unroll` is our model's `scan_unroll` (-1, default: the layer scan unrolled,
-the tiny-CPU setting; 1: rolled, as the paper configs run).
+`--scan_unroll` is our model's `scan_unroll` (-1, default: the prefill's layer scan
+unrolled, the tiny-CPU setting; 1: rolled, as the paper configs run; decode is rolled).
 """
 
 from __future__ import annotations

@@ -186,9 +186,9 @@ def test_remat_gives_same_logits_and_grads(checkpoints):
 
 @pytest.mark.parametrize("scan_unroll", [-1, 2])
 def test_unrolled_layers_match_the_rolled_scan(checkpoints, scan_unroll):
-    """`scan_unroll` of every layer (-1, or the layer count: a Python loop over static
-    slices, no switch in decode) changes how the program is laid out, not what it
-    computes: logits, gradients, prefill and decode agree with the rolled scan."""
+    """`scan_unroll` of every layer (-1, or the layer count: the forward is a Python loop
+    over static slices; decode stays rolled) changes how the program is laid out, not
+    what it computes: logits, gradients, prefill and decode agree with the rolled scan."""
     path = checkpoints["llama3"][0]  # 2 layers
     ids, mask = _batch(7)
     rolled = models.load_hf_checkpoint(path)

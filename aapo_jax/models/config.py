@@ -37,10 +37,10 @@ class ModelConfig:
     in fp32. `remat` is one of `REMAT_POLICIES` (True / False mean "full" / "none");
     `attention` one of `ATTENTION_IMPLEMENTATIONS`, with `attention_block` its query
     block (chunked) or kernel block (splash) size. `scan_unroll` is how many layers
-    one iteration of the layer scan holds: 1 (rolled) keeps compile time independent
-    of depth; -1 (or ≥ `num_layers`) unrolls every layer, which costs compile time
-    linear in depth but spares XLA:CPU a copy of each layer's stacked weights — the
-    faster choice for tiny models on CPU.
+    one iteration of the forward's layer scan holds (the training forward and the
+    prefill; decode stays rolled): 1 (rolled) keeps compile time independent of
+    depth; -1 (or ≥ `num_layers`) unrolls every layer, which costs compile time
+    linear in depth and is the faster choice for tiny models on CPU.
     """
 
     vocab_size: int

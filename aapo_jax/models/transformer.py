@@ -394,7 +394,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(self.config.compute_dtype)
         return sharding_lib.constrain_rows(x)
 
-    def _scan(self, body, carry, xs, remat: str):
+    def _scan(self, body, carry, xs, remat: str, unroll: int | None = None):
         """`lax.scan` of `body(layer, carry, xs_i) -> (carry, ys_i)` over the stacked layers."""
         graphdef, layer_params = nnx.split(self.layers)
 
@@ -404,11 +404,10 @@ class Transformer(nnx.Module):
 
         if remat != "none":
             step = jax.checkpoint(step, policy=remat_policy(remat), prevent_cse=False)
-        unroll = self.config.layers_per_scan_step
+        unroll = self.config.layers_per_scan_step if unroll is None else unroll
         if unroll < self.config.num_layers:
             return jax.lax.scan(step, carry, (layer_params, xs), unroll=unroll)
-        # Every layer unrolled: a Python loop over static slices, so a layer's index (an
-        # element of a NumPy `xs`) stays a constant its body can branch on.
+        # Every layer unrolled: a Python loop over static slices of the stacked weights.
         ys = []
         for i in range(self.config.num_layers):
             carry, y = step(carry, jax.tree.map(lambda t, i=i: t[i], (layer_params, xs)))
@@ -509,8 +508,6 @@ class Transformer(nnx.Module):
                     qkv[0], keys, values, old_visible, qkv[1], qkv[2], new_visible
                 )
 
-            if isinstance(i, np.integer):  # an unrolled layer: its own buffers, no switch
-                return over(int(i))(q, k, v)
             return jax.lax.switch(i, [over(j) for j in range(cfg.num_layers)], q, k, v)
 
         def body(layer, x, i):
@@ -527,8 +524,10 @@ class Transformer(nnx.Module):
             x, _ = layer(x, rope, attend)
             return sharding_lib.constrain_rows(x), (new["k"], new["v"])
 
-        layer_ids = np.arange(cfg.num_layers)
-        x, (new_k, new_v) = self._scan(body, self._embed(tokens_BxL), layer_ids, "none")
+        layer_ids = jnp.arange(cfg.num_layers)
+        # Rolled whatever `scan_unroll` says: unrolled, XLA:CPU decodes slower (measured on
+        # the quickstart's sampler and bench_sampler's 8-layer model).
+        x, (new_k, new_v) = self._scan(body, self._embed(tokens_BxL), layer_ids, "none", unroll=1)
         write = jax.lax.dynamic_update_slice
         keys = tuple(write(c, n, (0, 0, 0, index)) for c, n in zip(cache.k, new_k, strict=True))
         values = tuple(write(c, n, (0, 0, index, 0)) for c, n in zip(cache.v, new_v, strict=True))
