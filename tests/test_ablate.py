@@ -178,20 +178,23 @@ def test_table_and_plot(tmp_path):
 
 
 def test_ablation_runs_end_to_end_and_takes_c_from_the_matched_run(tmp_path):
-    overrides = {"train.eval_size": 8, "train.eval_batch_size": 8, "data.train_size": 64}
-    results = ablate.run(
-        tmp_path,
-        ["constant", "margin_only"],
-        groups=[2],
-        seeds=[0],
-        steps=2,
-        prompts=2,
-        overrides=overrides,
+    # A finished matched aapo run (reused, not retrained: its summary exists) with margins
+    # 0.02 and 0.04; the constant run then trains with c = their mean.
+    matched = tmp_path / "aapo-G2-s0"
+    matched.mkdir()
+    summary = {"initial_eval_accuracy": 0.3, "final_eval_accuracy": 0.4, "wall_seconds": 1.0}
+    (matched / "summary.json").write_text(json.dumps(summary))
+    rows = [
+        {"step": s, "reward_mean": 0.5, "zero_std_group_frac": 0.5, "margin_mean": m}
+        for s, m in ((1, 0.02), (2, 0.04))
+    ]
+    (matched / metrics.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = {"train.eval_size": 4, "train.eval_batch_size": 4, "data.train_size": 16}
+    (result,) = ablate.run(
+        tmp_path, ["constant"], groups=[2], seeds=[0], steps=2, prompts=2, overrides=overrides
     )
-    assert [r["variant"] for r in results] == ["constant", "margin_only"]
-    matched = json.loads((tmp_path / "aapo-G2-s0" / "summary.json").read_text())
-    assert matched["final_eval_accuracy"] is not None  # the matched aapo run was trained
-    rows = metrics.read_metrics(tmp_path / "aapo-G2-s0")
-    margins = [r["margin_mean"] for r in rows if r.get("margin_mean") is not None]
-    assert results[0]["constant"] == pytest.approx(sum(margins) / len(margins))
-    assert results[1]["margin_mean"] is not None  # the margin-only run logs its margin too
+    assert result["variant"] == "constant" and result["constant"] == pytest.approx(0.03)
+    config = json.loads((tmp_path / "constant-G2-s0" / "summary.json").read_text())
+    assert config["algorithm"] == "aapo_constant"
+    assert config["hparams"]["constant"] == pytest.approx(0.03)
+    assert result["margin_mean"] is None  # no reference rollout, no margin
