@@ -145,10 +145,6 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     return mean, float(t * statistics.stdev(values) / math.sqrt(len(values)))
 
 
-def _variants(results: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["variant"] for r in results))
-
-
 def table(results: list[dict]) -> str:
     """A markdown table: one row per (variant, G), mean ± 95% CI over seeds."""
     lines = [
@@ -156,7 +152,7 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for group in sorted({r["group"] for r in results}):
-        for name in _variants(results):
+        for name in compare.in_run_order(results, "variant"):
             rs = [r for r in results if r["variant"] == name and r["group"] == group]
             if not rs:
                 continue
@@ -176,7 +172,7 @@ def plot(results: list[dict], out: Path) -> None:
     import numpy as np
 
     groups = sorted({r["group"] for r in results})
-    names = _variants(results)
+    names = compare.in_run_order(results, "variant")
     fig, axes = plt.subplots(2, len(groups), figsize=(6 * len(groups), 7), squeeze=False)
     for col, group in enumerate(groups):
         top, bottom = axes[0][col], axes[1][col]

@@ -82,9 +82,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _algos(results: list[dict]) -> list[str]:
-    """The algorithms in `results`, in the order they were run."""
-    return list(dict.fromkeys(r["algo"] for r in results))
+def in_run_order(results: list[dict], key: str = "algo") -> list[str]:
+    """The distinct values of `key` (an algorithm, a variant) in `results`, in run order."""
+    return list(dict.fromkeys(r[key] for r in results))
 
 
 def table(results: list[dict]) -> str:
@@ -95,7 +95,7 @@ def table(results: list[dict]) -> str:
     ]
     groups = sorted({r["group"] for r in results})
     for group in groups:
-        for algo in _algos(results):
+        for algo in in_run_order(results):
             rs = [r for r in results if r["algo"] == algo and r["group"] == group]
             if not rs:
                 continue
@@ -135,7 +135,7 @@ def plot(results: list[dict], out: Path) -> None:
     groups = sorted({r["group"] for r in results})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
-        for algo in _algos(results):
+        for algo in in_run_order(results):
             curves = [
                 r["reward_curve"] for r in results if r["algo"] == algo and r["group"] == group
             ]
@@ -157,7 +157,7 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_ylabel("training reward")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"quickstart: {' vs '.join(_algos(results))} (mean ± std over seeds)")
+    fig.suptitle(f"quickstart: {' vs '.join(in_run_order(results))} (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
