@@ -42,6 +42,14 @@ def _abstract(tree):
     return jax.tree.map(one, tree)
 
 
+def _stored_part(checkpointer: Checkpointer, target: TrainState) -> dict:
+    """The saveable tree of `target` that a checkpoint of `checkpointer` holds (the
+    reference params only when they are saved and `target` has them)."""
+    if checkpointer.save_reference and target.ref_params is not None:
+        return _to_saveable(target)
+    return _to_saveable(target.replace(ref_params=None))
+
+
 def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
@@ -63,9 +71,7 @@ def describe_mismatch(checkpointer: Checkpointer, target: TrainState, step: int)
         saved = checkpointer.saved_shapes(step)
     except Exception:  # no readable metadata: nothing to compare
         return ""
-    wanted = _shapes(_to_saveable(target))
-    if not checkpointer.save_reference:
-        wanted = {k: v for k, v in wanted.items() if not k.startswith("ref_params")}
+    wanted = _shapes(_stored_part(checkpointer, target))
     notes = {k: f"{k}: missing from the checkpoint" for k in set(wanted) - set(saved)}
     notes |= {k: f"{k}: in the checkpoint, not in this run" for k in set(saved) - set(wanted)}
     notes |= {
@@ -141,7 +147,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}.")
         saved_ref = self.save_reference and target.ref_params is not None
-        abstract = _abstract(_to_saveable(target if saved_ref else target.replace(ref_params=None)))
+        abstract = _abstract(_stored_part(self, target))
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(

@@ -132,10 +132,10 @@ class Trainer:
         A change outside `configs.RESUMABLE_CHANGES` raises `ResumeError` listing the
         fields, unless `train.allow_config_change`; the allowed ones are logged.
         """
-        if self.checkpointer.latest_step() is None:
-            return []
-        meta = self.checkpointer.read_meta()
         step = self.checkpointer.latest_step()
+        if step is None:
+            return []
+        meta = self.checkpointer.read_meta(step)
         current = _jsonable(dataclasses.asdict(self.config))
         changes = configs.config_changes(meta["config"], current)
         # A one-epoch run saved its resolved step count; -1 again is the same run.
@@ -291,11 +291,11 @@ class Trainer:
         )
 
     def _restore(self) -> dict | None:
-        if self.checkpointer.latest_step() is None:
-            return None
         step = self.checkpointer.latest_step()
+        if step is None:
+            return None
         try:
-            state, data_state, meta = self.checkpointer.restore(self.state)
+            state, data_state, meta = self.checkpointer.restore(self.state, step)
         except (ValueError, KeyError, TypeError) as e:
             mismatch = checkpoint_lib.describe_mismatch(self.checkpointer, self.state, step)
             raise ResumeError(
@@ -389,7 +389,6 @@ class Trainer:
                 self._export_hf()
             writer.flush()
             self._wait_for_save()
-            clock.tick(force=True)
             return self._summary(initial_eval, final_eval, step, clock)
         finally:
             signal.signal(signal.SIGTERM, previous_handler)

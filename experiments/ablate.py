@@ -279,10 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         args.steps,
         args.prompts,
     )
-    text = table(results)
-    (args.workdir / "table.md").write_text(text + "\n")
-    plot(results, args.workdir / "ablate.png")
-    print(text)
+    compare.write_report(args.workdir, table(results), plot, results, "ablate.png")
 
 
 if __name__ == "__main__":

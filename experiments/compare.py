@@ -78,6 +78,13 @@ def run_one(
     }
 
 
+def write_report(workdir: Path, text: str, plot_fn, results: list[dict], png: str) -> None:
+    """`table.md` holding `text`, the plot `plot_fn(results, workdir / png)`, and `text` printed."""
+    (workdir / "table.md").write_text(text + "\n")
+    plot_fn(results, workdir / png)
+    print(text)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -184,10 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             for algo in args.algos.split(","):
                 results.append(run_one(args.workdir, algo, group, seed, args.steps, args.prompts))
                 (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
-    text = table(results)
-    (args.workdir / "table.md").write_text(text + "\n")
-    plot(results, args.workdir / "compare.png")
-    print(text)
+    write_report(args.workdir, table(results), plot, results, "compare.png")
 
 
 if __name__ == "__main__":
