@@ -71,11 +71,12 @@ def rl_steps(steps: int = 2) -> dict:
     )
 
 
-def trainer_config(model_dir: str):
-    """tests/test_trainer.py's two-step tiny run on a data=2 × fsdp=2 mesh, with HF export."""
+def trainer_config(model_dir: str, **train):
+    """tests/test_trainer.py's tiny run (two steps unless `train` says) on a data=2 × fsdp=2
+    mesh, with HF export."""
     from tests.test_trainer import tiny_config
 
-    c = tiny_config(model_dir)
+    c = tiny_config(model_dir, **train)
     c.name = "two-process"
     c.optim.eps = 1.0
     c.train.export_hf = True
@@ -83,11 +84,12 @@ def trainer_config(model_dir: str):
     return c
 
 
-def train(model_dir: str, workdir: str) -> dict:
+def train(model_dir: str, workdir: str, **train) -> dict:
     """`trainer.train` on `trainer_config` (every process calls it with the same workdir)."""
     from aapo_jax import configs, trainer
 
-    return trainer.train(configs.experiment_config(trainer_config(model_dir)), workdir)
+    config = configs.experiment_config(trainer_config(model_dir, **train))
+    return trainer.train(config, workdir)
 
 
 def main(argv: list[str]) -> None:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from aapo_jax import checkpoint, configs, data, metrics, models, trainer
 from tests import hf_fixtures
-from tests.test_trainer import tiny_config, train_process
+from tests.test_trainer import tiny_config, train_process, trained_steps
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +35,6 @@ def _kill_when(proc: subprocess.Popen, ready) -> None:
     proc.wait()
 
 
-def _trained_rows(workdir: Path) -> list[int]:
-    path = workdir / metrics.METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a row being written
-            pass
-    return [r["step"] for r in rows if "loss" in r]
-
-
 def _params(workdir: Path) -> list[np.ndarray]:
     hf_fixtures.register_test_rewards()  # the runs' config names a test reward
     model, _ = trainer.load_trained_model(workdir)
@@ -67,7 +54,7 @@ def test_kill9_twice_resumes_bit_identically_and_logs_each_step_once(model_dir, 
     # Mid-step, past the step-3 checkpoint; then just after the step-9 checkpoint is
     # committed (orbax renames its temporary directory to the step number).
     _kill_when(
-        train_process(config_file, resumed), lambda: max(_trained_rows(resumed), default=0) >= 4
+        train_process(config_file, resumed), lambda: max(trained_steps(resumed), default=0) >= 4
     )
     _kill_when(train_process(config_file, resumed), (resumed / "checkpoints" / "9").is_dir)
     proc = train_process(config_file, resumed)

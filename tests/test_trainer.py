@@ -205,6 +205,20 @@ def train_process(config_file: Path, workdir: Path) -> subprocess.Popen:
     )
 
 
+def trained_steps(workdir: Path) -> list[int]:
+    """The steps of the training rows a (possibly running) job has written so far."""
+    path = workdir / metrics.METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a row being written
+            pass
+    return [r["step"] for r in rows if "loss" in r]
+
+
 def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
