@@ -320,6 +320,7 @@ class Trainer:
 
         cfg = self.config
         clock = WallClock(self.workdir / WALL_FILE, enabled=jax.process_index() == 0)
+        clock.tick(force=True)  # this process counts, even if it dies before its first tick
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         writer = None
         try:
