@@ -264,9 +264,16 @@ def _decode(
         positions=next_position,
     )
 
-    def advance(model, uniforms_TxN, tokens, logprobs, done, cache, step, positions, kv_len):
+    # Per-layer weight copies, made once here, when every layer is unrolled (tiny CPU models).
+    layers = [model.unstacked_layers() for model in models]
+
+    def advance(
+        model, layers, uniforms_TxN, tokens, logprobs, done, cache, step, positions, kv_len
+    ):
         prev = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)
-        hidden, cache = model.decode(prev, positions[:, None], ~done[:, None], cache, kv_len=kv_len)
+        hidden, cache = model.decode(
+            prev, positions[:, None], ~done[:, None], cache, kv_len=kv_len, layers=layers
+        )
         logits = model.logits_from_hidden(hidden)
         token, logprob = sample_token(logits[:, 0], _step_uniforms(uniforms_TxN, step), config)
         token = jnp.where(done, config.pad_token_id, token)
@@ -285,8 +292,10 @@ def _decode(
         def body(state: _LoopState) -> _LoopState:
             per_model_state = (state.tokens, state.logprobs, state.done, state.caches)
             per_model = [
-                advance(model, u, *parts, state.step, state.positions, p + end)
-                for model, u, *parts in zip(models, uniforms, *per_model_state, strict=True)
+                advance(model, ly, u, *parts, state.step, state.positions, p + end)
+                for model, ly, u, *parts in zip(
+                    models, layers, uniforms, *per_model_state, strict=True
+                )
             ]
             tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
             return state.replace(

@@ -14,7 +14,8 @@ prompt rows over them (`sampling.generate(..., mesh=)`: each device decodes its
 own rows). XLA:CPU runs each small op of a decode step on one core, so on one
 device the other core idles; `ours_1dev` is timed in the same run for reference.
 `--scan_unroll` is our model's `scan_unroll` (-1, default: the prefill's layer scan
-unrolled, the tiny-CPU setting; 1: rolled, as the paper configs run; decode is rolled).
+unrolled and decode over per-layer weight copies, the tiny-CPU setting; 1: rolled, as
+the paper configs run).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from aapo_jax import models, sharding
+from aapo_jax import models, sampling, sharding
 from tests import hf_fixtures
 
 PARITY_ATOL = 1e-4
@@ -187,8 +187,9 @@ def test_remat_gives_same_logits_and_grads(checkpoints):
 @pytest.mark.parametrize("scan_unroll", [-1, 2])
 def test_unrolled_layers_match_the_rolled_scan(checkpoints, scan_unroll):
     """`scan_unroll` of every layer (-1, or the layer count: the forward is a Python loop
-    over static slices; decode stays rolled) changes how the program is laid out, not
-    what it computes: logits, gradients, prefill and decode agree with the rolled scan."""
+    over static slices; decode runs each layer as a `switch` branch over its own weights,
+    `unstacked_layers`) changes how the program is laid out, not what it computes:
+    logits, gradients, prefill, decode and generated tokens agree with the rolled scan."""
     path = checkpoints["llama3"][0]  # 2 layers
     ids, mask = _batch(7)
     rolled = models.load_hf_checkpoint(path)
@@ -205,12 +206,19 @@ def test_unrolled_layers_match_the_rolled_scan(checkpoints, scan_unroll):
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     positions = models.positions_from_mask(mask)
+    assert rolled.unstacked_layers() is None
+    layers = unrolled.unstacked_layers()
+    assert len(layers) == 2 and layers[1].mlp.up_kernel.value.shape == (32, 64)
     outs = []
-    for model in (rolled, unrolled):
+    for model, kwargs in ((rolled, {}), (unrolled, dict(layers=layers))):
         cache = models.init_cache(model.config, ids.shape[0], cache_size=WIDTH + 1)
-        logits, cache = model(ids, positions, mask, cache)
-        step, cache = model(ids[:, -1:], positions[:, -1:] + 1, mask[:, -1:], cache)
-        outs.append((np.asarray(logits), np.asarray(step), np.asarray(cache.k[1])))
+        hidden, cache = model.decode(ids, positions, mask, cache, **kwargs)
+        step, cache = model.decode(
+            ids[:, -1:], positions[:, -1:] + 1, mask[:, -1:], cache, **kwargs
+        )
+        tokens = sampling.generate(model, ids, mask, rng=jax.random.key(0), max_new_tokens=4)
+        outs.append((np.asarray(hidden), np.asarray(step), np.asarray(cache.k[1])))
+        outs[-1] += (np.asarray(tokens.tokens), np.asarray(cache.v[0]))
     for a, b in zip(*outs, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="scan_unroll"):

@@ -38,9 +38,10 @@ class ModelConfig:
     `attention` one of `ATTENTION_IMPLEMENTATIONS`, with `attention_block` its query
     block (chunked) or kernel block (splash) size. `scan_unroll` is how many layers
     one iteration of the forward's layer scan holds (the training forward and the
-    prefill; decode stays rolled): 1 (rolled) keeps compile time independent of
-    depth; -1 (or ≥ `num_layers`) unrolls every layer, which costs compile time
-    linear in depth and is the faster choice for tiny models on CPU.
+    prefill): 1 (rolled) keeps compile time independent of depth; -1 (or ≥
+    `num_layers`) unrolls every layer, which costs compile time linear in depth and
+    is the faster choice for tiny models on CPU. With -1 the sampler's decode also
+    gives each layer its own copy of its weights (`Transformer.unstacked_layers`).
     """
 
     vocab_size: int
