@@ -320,7 +320,6 @@ class Trainer:
 
         cfg = self.config
         clock = WallClock(self.workdir / WALL_FILE, enabled=jax.process_index() == 0)
-        clock.tick(force=True)  # this process counts, even if it dies before its first tick
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         writer = None
         try:
@@ -436,9 +435,9 @@ class Trainer:
 class WallClock:
     """This process's wall seconds, kept beside those of earlier processes in a JSON file.
 
-    A run killed and resumed N times is N + 1 processes; `total()` sums them all (up to
-    each one's last `tick`, at most `every_s` before it died). Only the enabled (first)
-    process writes.
+    A run killed and resumed N times is N + 1 processes, each recorded from its start;
+    `total()` sums them all (up to each one's last `tick`, at most `every_s` before it
+    died). Only the enabled (first) process writes.
     """
 
     def __init__(self, path: Path, *, enabled: bool = True, every_s: float = 5.0):
@@ -447,6 +446,7 @@ class WallClock:
         self._written = 0.0
         previous = json.loads(path.read_text()) if path.exists() else []
         self._earlier = [float(s) for s in previous]
+        self.tick(force=True)  # this process counts, even if it dies before its next tick
 
     def elapsed(self) -> float:
         return time.time() - self.start
