@@ -217,8 +217,7 @@ def test_unrolled_layers_match_the_rolled_scan(checkpoints, scan_unroll):
             ids[:, -1:], positions[:, -1:] + 1, mask[:, -1:], cache, **kwargs
         )
         tokens = sampling.generate(model, ids, mask, rng=jax.random.key(0), max_new_tokens=4)
-        outs.append((np.asarray(hidden), np.asarray(step), np.asarray(cache.k[1])))
-        outs[-1] += (np.asarray(tokens.tokens), np.asarray(cache.v[0]))
+        outs.append([np.asarray(t) for t in (hidden, step, cache.k[1], cache.v[0], tokens.tokens)])
     for a, b in zip(*outs, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="scan_unroll"):

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -15,7 +14,7 @@ from flax import nnx
 
 from aapo_jax import checkpoint, metrics, models
 from tests import hf_fixtures, multiprocess_worker
-from tests.test_trainer import trained_steps
+from tests.test_trainer import trained_steps, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,13 +119,12 @@ def test_train_command_on_two_processes_resumes_after_one_is_killed_and_matches_
         return lambda i: [sys.executable, "-m", "experiments.train", *flags, f"--process_id={i}"]
 
     killed = _start_two(command(_free_port()), tmp_path / "killed")
-    deadline = time.time() + 240
-    while not (
-        (workdir / "checkpoints" / "2").is_dir() and max(trained_steps(workdir), default=0) >= 3
-    ):
-        assert all(p.poll() is None for p in killed), "a process exited before it was killed"
-        assert time.time() < deadline, "the run never got past its first checkpoint"
-        time.sleep(0.05)
+    wait_for(
+        killed,
+        lambda: (
+            (workdir / "checkpoints" / "2").is_dir() and max(trained_steps(workdir), default=0) >= 3
+        ),
+    )
     killed[1].kill()  # SIGKILL: no handler runs
     killed[1].wait()
     try:  # the survivor fails at its next collective, or waits in it until stopped
@@ -138,7 +136,7 @@ def test_train_command_on_two_processes_resumes_after_one_is_killed_and_matches_
 
     logs = _two_processes(command(_free_port()), tmp_path / "resumed")
     assert all("resumed from step" in log for log in logs)
-    assert '"steps": 6' in logs[1]  # every process returns the summary
+    assert f'"steps": {steps}' in logs[1]  # every process returns the summary
     got = json.loads((workdir / "summary.json").read_text())  # written by process 0
     assert got["steps"] == expected["steps"] == steps
     assert got["final_eval_accuracy"] == expected["final_eval_accuracy"]

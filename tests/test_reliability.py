@@ -13,7 +13,7 @@ from flax import nnx
 
 from aapo_jax import checkpoint, configs, data, metrics, models, trainer
 from tests import hf_fixtures
-from tests.test_trainer import tiny_config, train_process, trained_steps
+from tests.test_trainer import tiny_config, train_process, trained_steps, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +21,8 @@ def model_dir(tmp_path_factory):
     return hf_fixtures.make_model_dir(tmp_path_factory.mktemp("model"))
 
 
-def _wait_for(proc: subprocess.Popen, ready, timeout_s: float = 240) -> None:
-    deadline = time.time() + timeout_s
-    while not ready():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "the run never reached the point waited for"
-        time.sleep(0.05)
-
-
 def _kill_when(proc: subprocess.Popen, ready) -> None:
-    _wait_for(proc, ready)
+    wait_for(proc, ready)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
 
@@ -218,7 +210,7 @@ def test_sigterm_during_startup_or_the_initial_eval(model_dir, tmp_path):
     # During the initial eval (the metric writer opens just before it): the eval
     # finishes, step 0 is saved with it, and the exit is clean.
     proc = train_process(config_file, workdir)
-    _wait_for(proc, (workdir / "tensorboard").is_dir)
+    wait_for(proc, (workdir / "tensorboard").is_dir)
     proc.terminate()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and '"interrupted": true' in output, output

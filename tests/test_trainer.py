@@ -205,6 +205,17 @@ def train_process(config_file: Path, workdir: Path) -> subprocess.Popen:
     )
 
 
+def wait_for(procs: subprocess.Popen | list[subprocess.Popen], ready, timeout_s=240) -> None:
+    """Poll `ready()` until it holds; fails if one of `procs` exits first or time runs out."""
+    procs = [procs] if isinstance(procs, subprocess.Popen) else procs
+    deadline = time.time() + timeout_s
+    while not ready():
+        for proc in procs:  # the output (or, written to a file, the status) of one that exited
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        assert time.time() < deadline, "the run never reached the point waited for"
+        time.sleep(0.05)
+
+
 def trained_steps(workdir: Path) -> list[int]:
     """The steps of the training rows a (possibly running) job has written so far."""
     path = workdir / metrics.METRICS_FILE
