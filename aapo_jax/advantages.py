@@ -118,7 +118,8 @@ def margin(
     *,
     margin_low: float = 0.2,
     margin_high: float = 0.28,
-) -> Float[Array, "B G"]:
+    return_stats: bool = False,
+) -> Float[Array, "B G"] | tuple[Float[Array, "B G"], dict[str, Float[Array, ""]]]:
     """AAPO advantage margin against the paired reference completion.
 
         M_i = clip(r_i − r̃_i, −δ_low, +δ_high)
@@ -129,9 +130,13 @@ def margin(
         rewards by index.
       margin_low: δ_low >= 0, the most the margin can subtract.
       margin_high: δ_high >= 0, the most the margin can add.
+      return_stats: also return summary statistics of the margin, for metrics.
 
     Returns:
-      f32[B, G] margins in [−δ_low, δ_high].
+      f32[B, G] margins in [−δ_low, δ_high]; with `return_stats`, the pair (margins,
+      stats) where stats holds f32 scalars: ``margin_mean`` (mean of M),
+      ``margin_clip_low_frac`` (fraction with r − r̃ < −δ_low), ``margin_clip_high_frac``
+      (fraction with r − r̃ > δ_high) and ``margin_nonzero_frac`` (fraction with M ≠ 0).
     """
     _check_rewards(rewards)
     _check_rewards(ref_rewards, "ref_rewards")
@@ -142,27 +147,15 @@ def margin(
         )
     _check_margins(margin_low, margin_high)
     diff_BxG = rewards.astype(jnp.float32) - ref_rewards.astype(jnp.float32)
-    return jnp.clip(diff_BxG, -margin_low, margin_high)
-
-
-def aapo_with_stats(
-    rewards: Float[Array, "B G"],
-    ref_rewards: Float[Array, "B G"],
-    *,
-    scale_rewards: bool = False,
-    margin_low: float = 0.2,
-    margin_high: float = 0.28,
-) -> tuple[Float[Array, "B G"], dict[str, Float[Array, ""]]]:
-    """`aapo` and `margin_stats` from ONE computation of the margin (the train step's entry).
-
-    Args:
-      rewards, ref_rewards, scale_rewards, margin_low, margin_high: as in `aapo`.
-
-    Returns:
-      (f32[B, G] advantages, the `margin_stats` dict).
-    """
-    margin_BxG, stats = _margin_and_stats(rewards, ref_rewards, margin_low, margin_high)
-    return grpo(rewards, scale_rewards=scale_rewards) + margin_BxG, stats
+    margin_BxG = jnp.clip(diff_BxG, -margin_low, margin_high)
+    if not return_stats:
+        return margin_BxG
+    return margin_BxG, {
+        "margin_mean": jnp.mean(margin_BxG),
+        "margin_clip_low_frac": jnp.mean((diff_BxG < -margin_low).astype(jnp.float32)),
+        "margin_clip_high_frac": jnp.mean((diff_BxG > margin_high).astype(jnp.float32)),
+        "margin_nonzero_frac": jnp.mean((margin_BxG != 0).astype(jnp.float32)),
+    }
 
 
 def aapo(
@@ -172,7 +165,8 @@ def aapo(
     scale_rewards: bool = False,
     margin_low: float = 0.2,
     margin_high: float = 0.28,
-) -> Float[Array, "B G"]:
+    return_stats: bool = False,
+) -> Float[Array, "B G"] | tuple[Float[Array, "B G"], dict[str, Float[Array, ""]]]:
     """AAPO advantage: group-relative part plus the clipped margin over the reference.
 
         Â_i = r_i − mean_j r_j            (÷ (std_j r_j + 1e-4) if scale_rewards)
@@ -186,52 +180,14 @@ def aapo(
       scale_rewards: divide the group part by the unbiased group std (+1e-4).
       margin_low: δ_low >= 0.
       margin_high: δ_high >= 0.
+      return_stats: also return the margin's statistics (`margin`), for metrics (the
+        registry's entry point, `algorithms.ALGORITHMS["aapo"]`).
 
     Returns:
-      f32[B, G] advantages.
+      f32[B, G] advantages, or with `return_stats` the pair (advantages, stats).
     """
-    advantages_BxG, _ = aapo_with_stats(
-        rewards,
-        ref_rewards,
-        scale_rewards=scale_rewards,
-        margin_low=margin_low,
-        margin_high=margin_high,
+    margin_BxG, stats = margin(
+        rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high, return_stats=True
     )
-    return advantages_BxG
-
-
-def _margin_and_stats(
-    rewards, ref_rewards, margin_low, margin_high
-) -> tuple[Float[Array, "B G"], dict[str, Float[Array, ""]]]:
-    """The margin M and `margin_stats` of it, M computed once."""
-    margin_BxG = margin(rewards, ref_rewards, margin_low=margin_low, margin_high=margin_high)
-    diff_BxG = rewards.astype(jnp.float32) - ref_rewards.astype(jnp.float32)
-    return margin_BxG, {
-        "margin_mean": jnp.mean(margin_BxG),
-        "margin_clip_low_frac": jnp.mean((diff_BxG < -margin_low).astype(jnp.float32)),
-        "margin_clip_high_frac": jnp.mean((diff_BxG > margin_high).astype(jnp.float32)),
-        "margin_nonzero_frac": jnp.mean((margin_BxG != 0).astype(jnp.float32)),
-    }
-
-
-def margin_stats(
-    rewards: Float[Array, "B G"],
-    ref_rewards: Float[Array, "B G"],
-    *,
-    margin_low: float = 0.2,
-    margin_high: float = 0.28,
-) -> dict[str, Float[Array, ""]]:
-    """Summary statistics of the AAPO margin, for metrics.
-
-    Args:
-      rewards: f32[B, G].
-      ref_rewards: f32[B, G], paired with rewards by index.
-      margin_low: δ_low.
-      margin_high: δ_high.
-
-    Returns:
-      dict of f32 scalars: ``margin_mean`` (mean of M), ``margin_clip_low_frac`` (fraction
-      with r − r̃ < −δ_low), ``margin_clip_high_frac`` (fraction with r − r̃ > δ_high) and
-      ``margin_nonzero_frac`` (fraction with M ≠ 0).
-    """
-    return _margin_and_stats(rewards, ref_rewards, margin_low, margin_high)[1]
+    advantages_BxG = grpo(rewards, scale_rewards=scale_rewards) + margin_BxG
+    return (advantages_BxG, stats) if return_stats else advantages_BxG

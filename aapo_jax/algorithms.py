@@ -1,8 +1,10 @@
 """Algorithms as specs: an advantage estimator, a loss, their hyper-parameters and needs.
 
 `ALGORITHMS` maps a config name (`rl.algorithm`) to an `Algorithm`; config
-validation, the train step, the benchmarks and the comparison read it and
-nothing else. Add one from your own code with a function and a dict entry:
+validation resolves the named one once into a `ConfiguredAlgorithm` (its
+hyper-parameters and needs decided), which the train step calls. Add one from your
+own module with a function and a dict entry, and name the module with `--import`
+on the command line (`experiments.train`, `evaluate`, `plan`, `compare`):
 
     def margin_only(rewards_BxG, ref_rewards_BxG, *, scale):
         return scale * (rewards_BxG - ref_rewards_BxG)
@@ -18,15 +20,14 @@ nothing else. Add one from your own code with a function and a dict entry:
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 from jaxtyping import Array, Float
 
-from aapo_jax import advantages, losses
+from aapo_jax import advantages, fields, losses
 
 Value = bool | int | float | str
 
@@ -51,31 +52,13 @@ class HParam:
 
     def check(self, field: str, value: Any) -> Value:
         """`value` converted to the default's type; ValueError / TypeError naming `field`."""
-        kind = type(self.default)
-        if isinstance(value, np.generic):  # NumPy scalars count as the Python number they hold
-            value = value.item()
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise TypeError(f"config field {field}={value!r} must be a bool.")
-        elif kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"config field {field}={value!r} must be an int.")
-        elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"config field {field}={value!r} must be a number.")
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"config field {field}={value!r} is invalid: expected finite.")
-        elif not isinstance(value, kind):
-            raise TypeError(f"config field {field}={value!r} must be a {kind.__name__}.")
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(
-                f"config field {field}={value!r} is invalid: expected one of {list(self.choices)}."
-            )
-        if self.low is not None and value < self.low:
-            raise ValueError(f"config field {field}={value!r} is invalid: expected ≥ {self.low}.")
-        if self.high is not None and value > self.high:
-            raise ValueError(f"config field {field}={value!r} is invalid: expected ≤ {self.high}.")
+        value = fields.scalar(field, value, type(self.default))
+        if self.choices is not None:
+            fields.check_choice(field, value, self.choices)
+        if self.low is not None:
+            fields.check(value >= self.low, field, value, f"≥ {self.low}")
+        if self.high is not None:
+            fields.check(value <= self.high, field, value, f"≤ {self.high}")
         return value
 
 
@@ -163,22 +146,58 @@ class Algorithm:
             resolved[key] = specs[key].check(f"{field}.{key}", value)
         return resolved
 
-    def reference_logprobs(self, hparams: Mapping[str, Value]) -> bool:
-        """Whether the loss needs log π_ref under these (resolved) hyper-parameters."""
-        needs = self.needs_reference_logprobs
-        return bool(needs(hparams) if callable(needs) else needs)
+    def configure(
+        self, values: Mapping[str, Any], *, name: str, field: str = "rl.hparams"
+    ) -> ConfiguredAlgorithm:
+        """This algorithm with `values` resolved (`resolve`) and its needs decided, once.
 
-    def compute_advantages(
-        self, rewards_BxG: Array, ref_rewards_BxG: Array | None, hparams: Mapping[str, Value]
+        Args, Raises: as `resolve`.
+        """
+        hparams = self.resolve(values, name=name, field=field)
+        needs = self.needs_reference_logprobs
+        return ConfiguredAlgorithm(
+            name=name,
+            spec=self,
+            hparams=types.MappingProxyType(hparams),
+            needs_reference_logprobs=bool(needs(hparams) if callable(needs) else needs),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfiguredAlgorithm:
+    """An `Algorithm` with every hyper-parameter resolved and what it needs decided.
+
+    `configs.RLConfig` makes it once, when the config is validated; the train step calls
+    `advantages` and `loss_terms`, which pass each function its own hyper-parameters.
+
+    Attributes:
+      name: the registry name.
+      spec: the `Algorithm`.
+      hparams: every hyper-parameter, resolved (defaults + settings).
+      needs_reference_logprobs: whether the loss takes the KL to the reference.
+    """
+
+    name: str
+    spec: Algorithm
+    hparams: Mapping[str, Value]
+    needs_reference_logprobs: bool
+
+    @property
+    def needs_reference_rollout(self) -> bool:
+        """Whether each step samples the reference policy (its rewards r̃ feed `advantages`)."""
+        return self.spec.needs_reference_rollout
+
+    def advantages(
+        self, rewards_BxG: Array, ref_rewards_BxG: Array | None
     ) -> tuple[Float[Array, "B G"], dict[str, Array]]:
-        """(f32[B, G] advantages, their metrics) from the rewards."""
-        kwargs = {k: hparams[k] for k in self.advantage_hparams}
+        """(f32[B, G] advantages, their metrics) from the rewards (and the reference's)."""
+        kwargs = {k: self.hparams[k] for k in self.spec.advantage_hparams}
         if self.needs_reference_rollout:
             if ref_rewards_BxG is None:
-                raise ValueError("this algorithm needs the reference rollout's rewards.")
-            out = self.advantage(rewards_BxG, ref_rewards_BxG, **kwargs)
+                raise ValueError(f"algorithm {self.name!r} needs the reference rollout's rewards.")
+            out = self.spec.advantage(rewards_BxG, ref_rewards_BxG, **kwargs)
         else:
-            out = self.advantage(rewards_BxG, **kwargs)
+            out = self.spec.advantage(rewards_BxG, **kwargs)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
             return out[0], dict(out[1])
         return out, {}
@@ -188,22 +207,21 @@ class Algorithm:
         logprobs_NxT: Array,
         advantages_N: Array,
         mask_NxT: Array,
-        kl_NxT: Array | None,
-        hparams: Mapping[str, Value],
+        kl_NxT: Array | None = None,
         row_weights: tuple[Array, Array] | None = None,
     ) -> losses.LossTerms:
-        """The loss's `LossTerms`; `kl_NxT` is passed on when the loss needs the reference.
+        """The loss's `LossTerms`; `kl_NxT` goes to a loss that needs the reference.
 
         `row_weights` (`losses.aggregation_weights`) picks another loss normalisation.
         """
-        kwargs = {k: hparams[k] for k in self.loss_hparams}
+        kwargs = {k: self.hparams[k] for k in self.spec.loss_hparams}
         if row_weights is not None:
             kwargs["row_weights"] = row_weights
-        if self.reference_logprobs(hparams):
+        if self.needs_reference_logprobs:
             if kl_NxT is None:
-                raise ValueError("this algorithm's loss needs the KL to the reference, got None.")
+                raise ValueError(f"algorithm {self.name!r}'s loss needs the KL, got None.")
             kwargs["kl_NxT"] = kl_NxT
-        return self.loss(logprobs_NxT, advantages_N, mask_NxT, **kwargs)
+        return self.spec.loss(logprobs_NxT, advantages_N, mask_NxT, **kwargs)
 
 
 def _scale(default: bool) -> HParam:
@@ -215,7 +233,7 @@ _SEQ_MEAN = HParam(False, help="average each completion's tokens first (else one
 ALGORITHMS: dict[str, Algorithm] = {
     # AAPO: group advantage + clipped margin against the paired reference rollout, plain PG.
     "aapo": Algorithm(
-        advantage=advantages.aapo_with_stats,
+        advantage=functools.partial(advantages.aapo, return_stats=True),
         loss=losses.aapo_terms,
         advantage_hparams={
             "scale_rewards": _scale(False),
@@ -272,5 +290,6 @@ def get_algorithm(name: str, *, field: str = "rl.algorithm") -> Algorithm:
         return ALGORITHMS[name]
     except KeyError:
         raise ValueError(
-            f"config field {field}={name!r} is invalid: expected one of {sorted(ALGORITHMS)}."
+            f"config field {field}={name!r} is invalid: expected one of {sorted(ALGORITHMS)} "
+            "(an algorithm of your own module is registered by --import=MODULE)."
         ) from None

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aapo_jax import configs, models, sharding
+from aapo_jax import configs, models, rl_step, sampling, sharding
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.hlo import collective_bytes
@@ -83,14 +83,6 @@ def plan_config(
     # One epoch (train.steps=-1) needs the data's size; the schedule's length changes no
     # shape, so a nominal 100 steps stands in.
     return configs.resolve_epoch_steps(config, 100 * config.train.prompts_per_step)
-
-
-def special_token_ids(hf_config: dict) -> tuple[tuple[int, ...], int]:
-    """(EOS ids, pad id) from a parsed config.json; pad falls back to 0."""
-    eos = hf_config.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
-    pad = hf_config.get("pad_token_id")
-    return eos_ids, 0 if pad is None else int(pad)
 
 
 def target_devices(topology: str | None = None) -> list[jax.Device]:
@@ -225,7 +217,7 @@ def abstract_inputs(
         ids=jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=prompt_sharding),
         mask=jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=prompt_sharding),
     )
-    eos, pad = special_token_ids(hf)
+    pad = hf.get("pad_token_id")
     return Plan(
         config=config,
         mesh=mesh,
@@ -235,8 +227,8 @@ def abstract_inputs(
         state=_with_sharding(state, shardings),
         state_shardings=shardings,
         prompts=prompts,
-        eos_token_ids=eos,
-        pad_token_id=pad,
+        eos_token_ids=sampling.eos_ids(hf.get("eos_token_id")),
+        pad_token_id=0 if pad is None else int(pad),
     )
 
 
@@ -400,7 +392,7 @@ def compile_programs(
 ) -> dict[str, ProgramReport]:
     """Lower and compile the rollout and the update for the plan's mesh, as the trainer jits them.
 
-    rollout: `jax.jit` of `train_step.make_stages`' sampler on (state, prompts); update:
+    rollout: `jax.jit` of `rl_step.make_stages`' sampler on (state, prompts); update:
     `jax.jit(make_train_step(...), out_shardings=(state shardings, None), donate_argnums=0)`
     on (state, the scored rollout). The rollout's structure comes from `jax.eval_shape` of
     the sampler; its shardings from the compiled sampler's outputs (rows over data × fsdp
@@ -415,7 +407,7 @@ def compile_programs(
       {"rollout": ProgramReport, "update": ProgramReport}.
     """
     cfg, mesh = plan.config, plan.mesh
-    sample, step = train_step_lib.make_stages(
+    sample, step = rl_step.make_stages(
         cfg.rl,
         cfg.optim,
         cfg.sampling,

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
+import string
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from aapo_jax import algorithms
+import ml_collections
+
+from aapo_jax import algorithms, fields, losses
 from aapo_jax.data.sources import DataConfig
+from aapo_jax.fields import check as _check
+from aapo_jax.fields import choice, from_mapping
+from aapo_jax.fields import unused as _unused
+from aapo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from aapo_jax.sampling import SamplerSettings
 
 # `train.steps` / `optim.total_steps` meaning one epoch over the training prompts.
 ONE_EPOCH = -1
+# The run's length, and so its schedule's (the two must be equal, `ExperimentConfig`).
+DEFAULT_STEPS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +44,7 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_ratio: float = 0.0
     warmup_style: Literal["above_zero", "transformers"] = "above_zero"
-    total_steps: int = 1000
+    total_steps: int = DEFAULT_STEPS
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.0
     b1: float = 0.9
@@ -87,55 +95,64 @@ class OptimConfig:
         return math.ceil(steps) if self.warmup_style == "transformers" else round(steps)
 
 
+DEFAULT_ALGORITHM = "aapo"
+
+
+def _default_hparams() -> dict[str, Any]:
+    return algorithms.get_algorithm(DEFAULT_ALGORITHM).defaults()
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     """Which algorithm (`algorithms.ALGORITHMS`), its hyper-parameters, and the reference policy.
 
     hparams: settings of the algorithm's own hyper-parameters (`Algorithm.hparams`);
     missing ones take the algorithm's defaults, and a name the algorithm does not use
-    is an error. After validation it holds every hyper-parameter, resolved.
+    is an error. After validation it holds every hyper-parameter, resolved, and
+    `algo` the `algorithms.ConfiguredAlgorithm` the train step calls (resolved once).
     kl_estimator: how KL(π_θ ‖ π_ref) is estimated wherever it is computed (a loss's
-    KL penalty, and the `kl` metric).
+    KL penalty, and the `kl` metric); a name in `losses.KL_ESTIMATORS`.
     kl_metric: when a reference policy exists but the loss does not need its
     log-probs (AAPO), still compute them for the `kl` metric (one more forward).
     reference: "frozen" (the initial weights: the paper's default), "sync"
     (copy the policy every `reference_sync_every` steps) or "ema" (after each
     step ref ← (1 − α)·ref + α·policy with α = `reference_ema_rate`).
-    loss_aggregation: how the loss over a step's tokens is normalised
-    (`losses.aggregation_weights`): "token_mean" (the algorithm's own: one token mean,
-    or a sequence mean with its `seq_mean`), "seq_mean", "per_prompt_token_mean" (TRL
-    0.16 as the AAPO authors ran it: a token mean per prompt's G rows, averaged over
-    prompts; the paper configs) or "seq_mean_token_sum" (Dr. GRPO).
+    loss_aggregation: how the loss over a step's tokens is normalised, a name in
+    `losses.AGGREGATIONS`: "token_mean" (the algorithm's own: one token mean, or a
+    sequence mean with its `seq_mean`), "seq_mean", "per_prompt_token_mean" (TRL 0.16 as
+    the AAPO authors ran it: a token mean per prompt's G rows, averaged over prompts;
+    the paper configs) or "seq_mean_token_sum" (Dr. GRPO).
     logprob_temperature: the update's log-probs (policy and reference) are those of
     logits / τ. 1.0 is the model's own distribution; TRL ≥ 0.16 uses the sampling
     temperature, as the paper configs do.
     """
 
-    algorithm: str = "aapo"
-    hparams: tuple[tuple[str, Any], ...] = ()
+    algorithm: str = DEFAULT_ALGORITHM
+    hparams: tuple[tuple[str, Any], ...] = fields.config_default(_default_hparams, default=())
     group_size: int = 8
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: str = choice("k3", lambda: losses.KL_ESTIMATORS)
     kl_metric: bool = True
     reference: Literal["frozen", "sync", "ema"] = "frozen"
     reference_sync_every: int = 0
     reference_ema_rate: float = 0.0
     logprob_chunk_size: int = 128
     logprob_temperature: float = 1.0
-    loss_aggregation: Literal[
-        "token_mean", "seq_mean", "per_prompt_token_mean", "seq_mean_token_sum"
-    ] = "token_mean"
+    loss_aggregation: str = choice("token_mean", lambda: losses.AGGREGATIONS)
 
     def __post_init__(self):
+        fields.check_choices(self, "rl")
         _check(
             self.logprob_temperature > 0,
             "rl.logprob_temperature",
             self.logprob_temperature,
             "> 0",
         )
-        spec = algorithms.get_algorithm(self.algorithm)
-        resolved = spec.resolve(dict(self.hparams), name=self.algorithm, field="rl.hparams")
-        object.__setattr__(self, "hparams", tuple(sorted(resolved.items())))
-        if resolved.get("seq_mean"):
+        algo = algorithms.get_algorithm(self.algorithm).configure(
+            dict(self.hparams), name=self.algorithm, field="rl.hparams"
+        )
+        object.__setattr__(self, "hparams", tuple(sorted(algo.hparams.items())))
+        object.__setattr__(self, "_algo", algo)  # not a field: no part of asdict or ==
+        if algo.hparams.get("seq_mean"):
             _check(
                 self.loss_aggregation == "token_mean",
                 "rl.loss_aggregation",
@@ -143,10 +160,10 @@ class RLConfig:
                 "'token_mean' with rl.hparams.seq_mean=True (set one of the two)",
             )
         _check(
-            self.group_size >= spec.min_group_size,
+            self.group_size >= algo.spec.min_group_size,
             "rl.group_size",
             self.group_size,
-            f"≥ {spec.min_group_size} for algorithm {self.algorithm!r}",
+            f"≥ {algo.spec.min_group_size} for algorithm {self.algorithm!r}",
         )
         if not self.uses_reference:
             _unused(
@@ -186,9 +203,9 @@ class RLConfig:
         )
 
     @property
-    def spec(self) -> algorithms.Algorithm:
-        """The `Algorithm` named by `algorithm`."""
-        return algorithms.get_algorithm(self.algorithm)
+    def algo(self) -> algorithms.ConfiguredAlgorithm:
+        """The algorithm with its hyper-parameters, resolved when this config was made."""
+        return self._algo
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -198,12 +215,12 @@ class RLConfig:
     @property
     def samples_reference(self) -> bool:
         """Whether each step samples the reference policy (AAPO's margin needs r̃)."""
-        return self.spec.needs_reference_rollout
+        return self.algo.needs_reference_rollout
 
     @property
     def needs_reference_logprobs(self) -> bool:
         """Whether the loss scores policy completions under the reference (a KL term)."""
-        return self.spec.reference_logprobs(self.hyperparameters)
+        return self.algo.needs_reference_logprobs
 
     @property
     def uses_reference(self) -> bool:
@@ -217,23 +234,22 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """Rollout sampling: the paper uses temperature 1.0 (0.7 for open-rs), top_p 1.0."""
+class RolloutSettings(SamplerSettings):
+    """`sampling`: the rollout's `sampling.SamplerSettings`, and the prompt budget P.
+
+    max_prompt_length: prompts longer than this many tokens are dropped or cut
+    (`prompt.overlong`); the rollout's prompt buffers are P wide. RL samples: the
+    temperature must be > 0.
+    """
 
     max_prompt_length: int = 512
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         _check(
             self.max_prompt_length >= 1, "sampling.max_prompt_length", self.max_prompt_length, "≥ 1"
         )
-        _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "≥ 1")
         _check(self.temperature > 0, "sampling.temperature", self.temperature, "> 0 for RL")
-        _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,101 +261,30 @@ class MeshConfig:
     tensor: int = 1
 
 
-def _check(ok: bool, field: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config field {field}={value!r} is invalid: expected {expected}.")
+def override_error(
+    config: ml_collections.ConfigDict, path: str, value: str | None = None
+) -> ValueError | None:
+    """Why `--config.{path}={value}` cannot apply to `config`, or None when the field exists.
 
-
-def _unused(value: Any, default: Any, field: str, needed: str) -> None:
-    """A setting that only matters with another one must stay at its default without it."""
-    if value != default:
-        raise ValueError(
-            f"config field {field}={value!r} has no effect: it is only used with {needed}; "
-            f"leave it at {default!r}."
-        )
-
-
-def _coerce(value: Any, annotation: Any, field: str) -> Any:
-    """Check/convert one value against a (resolved) type annotation, naming the field."""
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        _check(value in choices, field, value, f"one of {list(choices)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, field)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise TypeError(f"config field {field}={value!r} matches none of {annotation}.")
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if isinstance(value, Mapping):  # key/value settings, e.g. data.gym_kwargs
-            value = tuple(sorted(value.items()))
-        _check(isinstance(value, list | tuple), field, value, "a tuple")
-        if len(args) == 2 and args[1] is Ellipsis:
-            items = [args[0]] * len(value)
-        else:
-            _check(len(args) == len(value), field, value, f"a tuple of {len(args)} items")
-            items = list(args)
-        return tuple(
-            _coerce(v, item, f"{field}[{i}]")
-            for i, (v, item) in enumerate(zip(value, items, strict=True))
-        )
-    if dataclasses.is_dataclass(annotation):
-        return from_mapping(annotation, value, prefix=field)
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"config field {field}={value!r} must be a bool.")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"config field {field}={value!r} must be an int.")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"config field {field}={value!r} must be a number.")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise TypeError(f"config field {field}={value!r} must be a string.")
-        return value
-    return value
-
-
-def from_mapping(cls: type, values: Mapping[str, Any] | Any, *, prefix: str = "") -> Any:
-    """Build frozen dataclass `cls` from a dict / ConfigDict, validating every field.
-
-    Unknown keys, wrong types and out-of-range values raise errors that name
-    the full dotted field (e.g. `rl.margin_low`). Missing keys take defaults.
+    A name under `rl.hparams` that the algorithm does not use gets the algorithm's own
+    error (listing its hyper-parameters); any other missing name `unknown_fields_error`.
     """
-    if dataclasses.is_dataclass(values) and isinstance(values, cls):
-        return values
-    if hasattr(values, "to_dict"):
-        values = values.to_dict()
-    if not isinstance(values, Mapping):
-        raise TypeError(f"config field {prefix or cls.__name__} must be a mapping, got {values!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ValueError(
-            f"unknown config field(s) {[where + k for k in unknown]}; valid: {sorted(fields)}."
-        )
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
-    return cls(**kwargs)
+    *parents, key = path.split(".")
+    section = config
+    for depth, name in enumerate([*parents, key]):
+        prefix = ".".join(parents[:depth])
+        if not isinstance(section, ml_collections.ConfigDict):
+            return ValueError(f"config field {prefix}={section!r} has no field {name!r}.")
+        if name not in section:
+            if prefix == "rl.hparams":
+                spec = algorithms.get_algorithm(config.rl.algorithm)
+                try:
+                    spec.resolve({name: value}, name=config.rl.algorithm, field=prefix)
+                except ValueError as e:
+                    return e
+            return fields.unknown_fields_error(prefix, [name], section.keys())
+        section = section[name]
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,12 +303,13 @@ class ModelSource:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute (activations, matmul inputs)
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights + AdamW moments
     reference_dtype: Literal["", "float32", "bfloat16"] = ""  # "": compute (EMA: param_dtype)
-    remat: Literal["none", "full", "dots"] = "none"
-    attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
+    remat: str = choice("none", REMAT_POLICIES)
+    attention: str = choice("auto", ATTENTION_IMPLEMENTATIONS)
     attention_block: int = 512
     scan_unroll: int = 1  # layers per forward layer-scan iteration; -1: all (tiny CPU models)
 
     def __post_init__(self):
+        fields.check_choices(self, "model")
         _check(bool(self.path), "model.path", self.path, "a local Hugging Face checkpoint dir")
         _check(self.attention_block >= 1, "model.attention_block", self.attention_block, "≥ 1")
         _check(
@@ -476,7 +422,7 @@ class TrainLoopConfig:
     loaded (`resolve_epoch_steps`).
     """
 
-    steps: int = 100
+    steps: int = DEFAULT_STEPS
     prompts_per_step: int = 16
     seed: int = 0
     log_every: int = 1
@@ -523,14 +469,20 @@ class TrainLoopConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything one training run needs, validated before anything is compiled."""
+    """Everything one training run needs, validated before anything is compiled.
+
+    name: the run's name (progress bar, summary, TensorBoard / W&B). It may hold the
+    placeholders `{algorithm}`, `{group_size}` and `{seed}`, filled in here, so that a
+    name written before the algorithm is switched still names it (e.g. the quickstart's
+    "quickstart-{algorithm}-G{group_size}-s{seed}").
+    """
 
     model: ModelSource
     data: DataConfig
     prompt: PromptConfig = PromptConfig()
     rl: RLConfig = RLConfig()
     optim: OptimConfig = OptimConfig()
-    sampling: SamplerSettings = SamplerSettings()
+    sampling: RolloutSettings = RolloutSettings()
     reward: RewardConfig = RewardConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainLoopConfig = TrainLoopConfig()
@@ -543,6 +495,35 @@ class ExperimentConfig:
             self.optim.total_steps,
             f"equal to train.steps={self.train.steps} (the schedule's length)",
         )
+        values = dict(
+            algorithm=self.rl.algorithm, group_size=self.rl.group_size, seed=self.train.seed
+        )
+        placeholders = {f for _, f, _, _ in string.Formatter().parse(self.name) if f is not None}
+        _check(
+            placeholders <= set(values),
+            "name",
+            self.name,
+            f"a run name whose placeholders are among {sorted('{' + k + '}' for k in values)}",
+        )
+        object.__setattr__(self, "name", self.name.format(**values))
+
+
+# Fields that are one setting in the ml_collections config (`default_config`): overriding the
+# second overrides the first. The schedule's length follows the run's.
+LINKED_FIELDS = {"optim.total_steps": "train.steps"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of `ExperimentConfig` with its default, as an ml_collections config.
+
+    Generated from the dataclasses, so a new field is written once, with its default,
+    and the command line can override it (`--config.rl.group_size=4`). Two fields differ
+    from their dataclass shape: `rl.hparams` is a dict holding the default algorithm's
+    hyper-parameters (`configs.base.set_algorithm` swaps them), and `data.gym_kwargs` a
+    dict. `LINKED_FIELDS` share one reference: overriding `train.steps` also sets
+    `optim.total_steps`. `model.path` (and the data) must still be given.
+    """
+    return fields.config_dict(ExperimentConfig, linked=LINKED_FIELDS)
 
 
 def resolve_epoch_steps(config: ExperimentConfig, num_prompts: int) -> ExperimentConfig:

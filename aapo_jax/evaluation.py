@@ -24,6 +24,7 @@ from aapo_jax.data.tokenize import (
     format_prompt,
     tokenize_prompts,
 )
+from aapo_jax.sampling import SamplerSettings
 
 # prompt_fn(example) -> prompt text. extract_fn(completion) -> the answer that majority voting
 # compares (None: no answer).
@@ -41,9 +42,7 @@ PAPER_QUERY_TEMPLATE = (
     "I hope it is correct' (without quotes) where ANSWER is just the final number or expression "
     "that solves the problem. Think step by step before answering.\n\n{question}"
 )
-PAPER_TEMPERATURE = 0.6
-PAPER_TOP_P = 0.95
-PAPER_MAX_NEW_TOKENS = 32768
+PAPER_SAMPLING = SamplerSettings(max_new_tokens=32768, temperature=0.6, top_p=0.95)
 PAPER_SAMPLES = 1
 # Per benchmark, the gold column and the verifier that parses it as the authors' lighteval
 # tasks do: expressions for AIME24 / AMC23, LaTeX on the worked `solution` for MATH-500 /
@@ -154,9 +153,7 @@ def _generate_texts(
     prompts: Sequence[str],
     *,
     num_samples: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
+    settings: SamplerSettings,
     batch_size: int,
     rng: jax.Array,
     buckets: Sequence[int] | None,
@@ -164,7 +161,10 @@ def _generate_texts(
     bar,
 ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """[B][n] completion texts, their lengths int[B, n] and truncation flags bool[B, n]."""
-    eos = tokenizer.eos_token_id
+    eos = sampling.eos_ids(tokenizer.eos_token_id)
+    config = sampling.SamplingConfig(
+        settings, eos, pad_token_id=tokenizer.pad_token_id, num_samples=num_samples
+    )
     texts, lengths, truncated = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -172,17 +172,12 @@ def _generate_texts(
         # A short last batch is padded with copies so every batch reuses one compiled program.
         chunk += [chunk[0]] * (batch_size - real)
         ids, mask = tokenize_prompts(tokenizer, chunk, buckets=buckets)
-        out = sampling.generate(
-            model,
+        (out,) = sampling.generate_many(
+            [model],
             ids,
             mask,
-            rng=jax.random.fold_in(rng, start),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-            num_samples=num_samples,
+            rngs=[jax.random.fold_in(rng, start)],
+            config=config,
             buckets=buckets,
             mesh=mesh,
         )
@@ -192,7 +187,7 @@ def _generate_texts(
         n_len = out.lengths.reshape(batch_size, num_samples)
         last = out.tokens[:, -1].reshape(batch_size, num_samples)
         # A row that used the whole budget and did not end on EOS was cut off.
-        cut = (n_len == max_new_tokens) & ~np.isin(last, sampling.eos_ids(eos))
+        cut = (n_len == settings.max_new_tokens) & ~np.isin(last, eos)
         for b in range(real):
             texts.append(decoded[b * num_samples : (b + 1) * num_samples])
         lengths.append(n_len[:real])
@@ -226,11 +221,9 @@ def evaluate(
     *,
     scorer: rewards.RewardScorer,
     prompt_fn: PromptFn,
+    settings: SamplerSettings,
     n_samples: int = 1,
     k: int = 1,
-    temperature: float = PAPER_TEMPERATURE,
-    top_p: float = PAPER_TOP_P,
-    max_new_tokens: int = 512,
     batch_size: int = 64,
     greedy: bool = True,
     rng: jax.Array | None = None,
@@ -260,10 +253,10 @@ def evaluate(
       scorer: the verifier, time-bounded per sample (`make_scorer`); each completion is
         scored with its example's gold `answer` and dataset `entry`.
       prompt_fn: example → prompt text.
+      settings: how the samples are drawn and the completion budget (the paper's:
+        `PAPER_SAMPLING`); the greedy pass uses only the budget.
       n_samples: sampled completions per problem (0: greedy only).
       k: for pass@k and maj@k, 1 ≤ k ≤ n_samples.
-      temperature, top_p: sampling settings (the paper: 0.6, 0.95).
-      max_new_tokens: completion budget.
       batch_size: prompts per generate call (each gives n_samples rows).
       greedy: also decode greedily once per problem (`greedy_accuracy`).
       rng: PRNG key of the samples (default key 0).
@@ -288,15 +281,16 @@ def evaluate(
         raise ValueError(f"k must be in [1, n_samples={n_samples}], got {k}.")
     if not greedy and not n_samples:
         raise ValueError("nothing to evaluate: greedy=False and n_samples=0.")
-    if n_samples and temperature <= 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature} (use greedy).")
+    if n_samples and settings.greedy:
+        raise ValueError(
+            f"sampling needs temperature > 0, got {settings.temperature} (use greedy)."
+        )
     from tqdm.auto import tqdm  # deferred: only needed when evaluating
 
     rng = jax.random.key(0) if rng is None else rng
     extract = extract_fn or (lambda text: text.strip() or None)
     prompts = [prompt_fn(e) for e in examples]
     common = dict(
-        max_new_tokens=max_new_tokens,
         batch_size=min(batch_size, len(prompts)),
         buckets=buckets,
         mesh=mesh,
@@ -306,9 +300,11 @@ def evaluate(
         num_problems=len(examples),
         n_samples=n_samples,
         k=k if n_samples else None,
-        temperature=temperature if n_samples else None,
-        top_p=top_p if n_samples else None,
-        max_new_tokens=max_new_tokens,
+        temperature=settings.temperature if n_samples else None,
+        top_p=settings.top_p if n_samples else None,
+        top_k=settings.top_k if n_samples else None,
+        min_p=settings.min_p if n_samples else None,
+        max_new_tokens=settings.max_new_tokens,
     )
     records: list[dict[str, Any]] = [
         dict(question=e.question, answer=e.answer, prompt=p)
@@ -322,8 +318,7 @@ def evaluate(
                 tokenizer,
                 prompts,
                 num_samples=1,
-                temperature=0.0,
-                top_p=1.0,
+                settings=SamplerSettings(max_new_tokens=settings.max_new_tokens, temperature=0.0),
                 rng=rng,
                 bar=bar,
                 **common,
@@ -347,8 +342,7 @@ def evaluate(
                 tokenizer,
                 prompts,
                 num_samples=n_samples,
-                temperature=temperature,
-                top_p=top_p,
+                settings=settings,
                 rng=jax.random.fold_in(rng, 1),
                 bar=bar,
                 **common,

@@ -114,8 +114,36 @@ def _prepare(logprobs_NxT, advantages_N, mask_NxT):
     return logprobs_NxT.astype(jnp.float32), advantages_Nx1, mask_NxT.astype(jnp.float32)
 
 
-# How a loss over a step's tokens is normalised (`aggregation_weights`).
-AGGREGATIONS = ("token_mean", "seq_mean", "per_prompt_token_mean", "seq_mean_token_sum")
+def _token_mean(tokens_N, t_max, group_size):
+    return jnp.ones_like(tokens_N), tokens_N
+
+
+def _seq_mean(tokens_N, t_max, group_size):
+    return 1.0 / jnp.maximum(tokens_N, 1.0), (tokens_N > 0).astype(jnp.float32)
+
+
+def _per_prompt_token_mean(tokens_N, t_max, group_size):
+    n = tokens_N.shape[0]
+    if n % group_size:
+        raise ValueError(f"{n} rows do not split into groups of {group_size}.")
+    group_tokens = jnp.repeat(jnp.sum(tokens_N.reshape(-1, group_size), 1), group_size)
+    units = (group_tokens > 0).astype(jnp.float32) / group_size
+    return 1.0 / jnp.maximum(group_tokens, 1.0), units
+
+
+def _seq_mean_token_sum(tokens_N, t_max, group_size):
+    return jnp.full_like(tokens_N, 1.0 / t_max), jnp.ones_like(tokens_N)
+
+
+# How a loss over a step's tokens is normalised: name -> fn(tokens_N, T_max, G) -> (w_N, u_N),
+# the per-row token weights and loss units of `aggregation_weights` (config
+# `rl.loss_aggregation` reads its valid names here).
+AGGREGATIONS: dict[str, Callable[[Array, int, int], tuple[Array, Array]]] = {
+    "token_mean": _token_mean,
+    "seq_mean": _seq_mean,
+    "per_prompt_token_mean": _per_prompt_token_mean,
+    "seq_mean_token_sum": _seq_mean_token_sum,
+}
 
 
 def aggregation_weights(
@@ -139,24 +167,13 @@ def aggregation_weights(
     (Σ w·m·ℓ, Σ u) then add up to the exact batch loss.
 
     Raises:
-      ValueError: an unknown aggregation, or rows that do not split into groups.
+      ValueError: an unknown aggregation (not in `AGGREGATIONS`), or rows that do not split
+        into groups.
     """
-    mask = mask_NxT.astype(jnp.float32)
-    n, t_max = mask.shape
-    tokens_N = jnp.sum(mask, axis=-1)
-    if aggregation == "token_mean":
-        return jnp.ones((n,), jnp.float32), tokens_N
-    if aggregation == "seq_mean":
-        return 1.0 / jnp.maximum(tokens_N, 1.0), (tokens_N > 0).astype(jnp.float32)
-    if aggregation == "seq_mean_token_sum":
-        return jnp.full((n,), 1.0 / t_max, jnp.float32), jnp.ones((n,), jnp.float32)
-    if aggregation == "per_prompt_token_mean":
-        if n % group_size:
-            raise ValueError(f"{n} rows do not split into groups of {group_size}.")
-        group_tokens = jnp.repeat(jnp.sum(tokens_N.reshape(-1, group_size), 1), group_size)
-        units = (group_tokens > 0).astype(jnp.float32) / group_size
-        return 1.0 / jnp.maximum(group_tokens, 1.0), units
-    raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {AGGREGATIONS}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {sorted(AGGREGATIONS)}")
+    tokens_N = jnp.sum(mask_NxT.astype(jnp.float32), axis=-1)
+    return AGGREGATIONS[aggregation](tokens_N, mask_NxT.shape[1], group_size)
 
 
 def _reducer(mask_NxT: Float[Array, "N T"], seq_mean: bool, row_weights=None):
@@ -215,7 +232,7 @@ def aapo_terms(
     *,
     row_weights: tuple[Array, Array] | None = None,
 ) -> LossTerms:
-    """AAPO loss: the token-mean policy gradient with AAPO advantages (DESIGN §1).
+    """AAPO loss (arXiv 2505.14264): the token-mean policy gradient with AAPO advantages.
 
         L = − Σ_{i,t} m_it · logp_it · A_i  /  Σ_{i,t} m_it
 

@@ -1,15 +1,14 @@
 """Stages 1 and 2 of an RL step: sample a `Rollout` from the policy (and reference), score it.
 
-    sample(state, prompts) -> Rollout            # jittable: one decode loop for both models
-    score(rollout) -> Rollout                    # jittable token rewards (`make_token_scorer`)
-    HostScorer(tokenizer, reward)(rollout, batch)  # or host rewards on decoded text, time-bounded
+    sample(state, prompts) -> Rollout      # jittable: one decode loop for both models
+    score(rollout) -> Rollout              # jittable token rewards (`make_token_scorer`), or
+                                           # host rewards on decoded text (`HostScorer`)
 
-Stage 3 is `train_step.make_train_step`; `train_step.make_rl_step` composes all three.
+Stage 3 is `train_step.make_train_step`; `rl_step.make_rl_step` composes all three.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -20,29 +19,14 @@ from jax.sharding import Mesh
 from jaxtyping import Array
 
 from aapo_jax import rewards, sampling, sharding
-from aapo_jax.configs import RewardConfig, RLConfig, SamplerSettings
-from aapo_jax.data.pipeline import HostPromptBatch
+from aapo_jax.configs import RewardConfig, RLConfig
+from aapo_jax.data.sources import Example
 from aapo_jax.data.tokenize import decode_completions
+from aapo_jax.sampling import SamplerSettings
 from aapo_jax.types import PromptBatch, Rollout, TrainState
 
 SampleFn = Callable[[TrainState, PromptBatch], Rollout]
 ScoreFn = Callable[[Rollout], Rollout]
-
-
-def sampling_config(
-    settings: SamplerSettings, group_size: int, eos_token_id, pad_token_id: int
-) -> sampling.SamplingConfig:
-    """The static `sampling.SamplingConfig` of a group rollout (G samples per prompt)."""
-    return sampling.SamplingConfig(
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        min_p=settings.min_p,
-        eos_token_ids=sampling.eos_ids(eos_token_id),
-        pad_token_id=pad_token_id,
-        num_samples=group_size,
-    )
 
 
 def make_sampler(
@@ -61,7 +45,12 @@ def make_sampler(
     policy. Keys are `fold_in(state.rng, state.step)`. On a data-parallel `mesh`
     each device decodes its own prompts' rows (`sampling.generate_tokens_many`).
     """
-    config = sampling_config(settings, rl.group_size, eos_token_id, pad_token_id)
+    config = sampling.SamplingConfig(
+        settings,
+        sampling.eos_ids(eos_token_id),
+        pad_token_id=pad_token_id,
+        num_samples=rl.group_size,
+    )
 
     def sample(state: TrainState, prompts: PromptBatch) -> Rollout:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -111,39 +100,21 @@ def process_rows(rollout: Rollout, rows: int) -> Rollout:
     """Host (NumPy) copies of this process's `rows` completion rows, for host scoring.
 
     Process i holds rows [i·rows, (i+1)·rows) of the global batch (its own prompts' G
-    completions each). Only what scoring reads leaves the device: tokens, mask and
-    lengths, not the log-probs. A collective when the arrays span several processes.
+    completions each) and the matching prompts' `index`. Only what scoring reads leaves
+    the device: tokens, mask and lengths, not the log-probs. A collective when the
+    arrays span several processes.
     """
+    g = rollout.group_size
     start = jax.process_index() * rows
     outs = [
         None if o is None else o.replace(logprobs=None) for o in (rollout.policy, rollout.reference)
     ]
+    index = rollout.prompts.index
     policy, reference = jax.tree.map(lambda x: x[start : start + rows], sharding.to_host(outs))
-    return Rollout(prompts=rollout.prompts, policy=policy, reference=reference)
-
-
-@dataclasses.dataclass(frozen=True)
-class HostScores:
-    """One process's scored rows: f32[b, G] rewards, the reference's, counters, the texts."""
-
-    rewards: np.ndarray
-    ref_rewards: np.ndarray | None
-    metrics: dict[str, float]
-    texts: list[str]
-
-    def samples(self, batch: HostPromptBatch, count: int) -> list[dict]:
-        """The first `count` completions with their prompt, gold answer and reward, for logs."""
-        g = self.rewards.shape[1]
-        flat = self.rewards.reshape(-1)
-        return [
-            {
-                "prompt": batch.questions[i // g],
-                "answer": batch.answers[i // g],
-                "completion": self.texts[i],
-                "reward": float(flat[i]),
-            }
-            for i in range(min(count, len(self.texts)))
-        ]
+    if index is not None:
+        index = sharding.to_host(index)[start // g : (start + rows) // g]
+    prompts = PromptBatch(ids=None, mask=None, index=index)
+    return Rollout(prompts=prompts, policy=policy, reference=reference)
 
 
 def host_reward(names: Sequence[str], weights: Sequence[float]) -> rewards.WeightedSum:
@@ -156,50 +127,84 @@ def host_reward(names: Sequence[str], weights: Sequence[float]) -> rewards.Weigh
     )
 
 
-class HostScorer:
-    """Stage 2 on the host: decode completions and score them in the time-bounded scorer.
+# The scorer's per-sample events that reach the step metrics, summed over completions.
+COUNTED = (
+    rewards.TIMEOUTS,
+    rewards.ERRORS,
+    rewards.GOLD_UNPARSABLE,
+    rewards.KILLED,
+    rewards.CRASHED,
+)
+# Those also counted for the reference's completions.
+REFERENCE_COUNTED = (rewards.TIMEOUTS, rewards.ERRORS)
 
-    Rewards are named in `RewardConfig.names` and weighted by `.weights`; each
-    sample is bounded by `timeout_s` in `num_workers` worker processes
-    (`rewards.RewardScorer`). Call it on `process_rows(rollout, ...)` with the
-    prompts' `HostPromptBatch` (its gold answers and dataset entries).
+
+class HostScorer:
+    """Stage 2 on the host: `score(rollout) -> Rollout`, rewards of decoded completions.
+
+    Each process decodes its own rows (`process_rows`), finds their problems through
+    `rollout.prompts.index` in `examples` (the run's training problems: gold answers and
+    dataset entries), scores them in the time-bounded scorer (`rewards.RewardScorer`:
+    each sample bounded by `config.timeout_s`, in `config.num_workers` worker processes)
+    and puts the rewards back on `mesh` by rows. The rewards named in `config.names` are
+    summed with `config.weights`; each component (`reward/<name>`, its mean) and the
+    scorer's failure counters (`reward/timeouts`, ... their totals) ride along in the
+    rollout to the step's metrics, over every process's rows.
     """
 
-    def __init__(self, tokenizer, config: RewardConfig):
+    def __init__(
+        self,
+        tokenizer,
+        config: RewardConfig,
+        examples: Sequence[Example],
+        *,
+        mesh: Mesh | None = None,
+    ):
         self.tokenizer = tokenizer
+        self.examples = list(examples)
+        self.mesh = mesh
         self.scorer = rewards.RewardScorer(
             host_reward(config.names, config.weights),
             timeout_s=config.timeout_s,
             num_workers=config.num_workers,
         )
 
-    def _score(self, out: sampling.SamplerOutput, batch: HostPromptBatch, g: int):
+    def _score(self, out: sampling.SamplerOutput, examples: Sequence[Example], g: int):
         texts = decode_completions(self.tokenizer, out.tokens, out.lengths)
-        result = self.scorer.score(
+        return self.scorer.score(
             texts,
-            [a for a in batch.answers for _ in range(g)],
-            entries=[e for e in batch.entries for _ in range(g)],
+            [e.answer for e in examples for _ in range(g)],
+            entries=[dict(e.entry) for e in examples for _ in range(g)],
             completion_lengths=np.asarray(out.lengths).tolist(),
         )
-        return texts, result
 
-    def __call__(self, rollout: Rollout, batch: HostPromptBatch) -> HostScores:
-        """Rewards of this process's rows (`process_rows`), [b, G] for its b prompts."""
-        b = len(batch.answers)
-        g = rollout.policy.tokens.shape[0] // b
-        texts, result = self._score(rollout.policy, batch, g)
-        metrics = {f"reward/{k}": v for k, v in result.stats.items() if not k.startswith("mean/")}
-        for name, values in result.components.items():
-            metrics[f"reward/{name}"] = float(np.mean(values))
-        ref_rewards = None
-        if rollout.reference is not None:
-            _, ref_result = self._score(rollout.reference, batch, g)
-            ref_rewards = ref_result.rewards.reshape(b, g)
-            for key in (rewards.TIMEOUTS, rewards.ERRORS):
-                if key in ref_result.stats:
-                    metrics[f"ref_reward/{key}"] = ref_result.stats[key]
-        return HostScores(result.rewards.reshape(b, g), ref_rewards, metrics, texts)
+    def __call__(self, rollout: Rollout) -> Rollout:
+        """`rollout` with f32[B, G] rewards (and the reference's) and the scoring extras."""
+        if rollout.prompts.index is None:
+            raise ValueError("a host scorer needs PromptBatch.index (each prompt's problem).")
+        g = rollout.group_size
+        b = rollout.prompts.ids.shape[0] // jax.process_count()
+        mine = process_rows(rollout, b * g)
+        examples = [self.examples[int(i)] for i in mine.prompts.index]
+        result = self._score(mine.policy, examples, g)
+        scored = {"rewards": result.rewards.reshape(b, g)}
+        components = {f"reward/{k}": v.reshape(b, g) for k, v in result.components.items()}
+        counts = {f"reward/{k}": _flags(result, k, b, g) for k in COUNTED}
+        if mine.reference is not None:
+            ref = self._score(mine.reference, examples, g)
+            scored["ref_rewards"] = ref.rewards.reshape(b, g)
+            counts.update({f"ref_reward/{k}": _flags(ref, k, b, g) for k in REFERENCE_COUNTED})
+        scored["reward_components"] = components
+        scored["reward_counts"] = counts
+        if self.mesh is not None:
+            scored = sharding.shard_batch(scored, self.mesh)
+        return rollout.replace(**scored)
 
     def close(self) -> None:
         """Stops the reward worker processes."""
         self.scorer.close()
+
+
+def _flags(result: rewards.ScoreResult, key: str, b: int, g: int) -> np.ndarray:
+    """f32[b, G]: 1 where the scorer counted event `key` for that completion."""
+    return result.flags.get(key, np.zeros(b * g, np.float32)).reshape(b, g)

@@ -16,6 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from aapo_jax import sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
+from aapo_jax.fields import check
 from aapo_jax.models.transformer import Transformer, cache_from_prefix, positions_from_mask
 
 _NEG_INF = -jnp.inf
@@ -41,68 +42,93 @@ class SamplerOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Static sampling settings (each distinct value compiles its own program).
+class SamplerSettings:
+    """How completions are drawn: the one record the trainer, the sampler and `evaluate` take.
 
-    temperature=0 is greedy; top_k=0, top_p=1 and min_p=0 switch those filters
-    off (the transformers convention). `eos_token_ids` may be empty: then the
-    whole budget is generated.
+    temperature=0 is greedy; top_k=0, top_p=1 and min_p=0 switch those filters off
+    (the transformers convention). Invalid values fail on construction, naming the
+    config field (`sampling.top_k`). The paper samples at temperature 1.0 (0.7 for
+    open-rs) with top_p 1.0.
+
+    Attributes:
+      max_new_tokens: the completion budget T.
+      temperature: softmax temperature of the draws (0: greedy).
+      top_p: nucleus filter: the smallest prefix of the sorted distribution whose mass
+        reaches top_p (always ≥ 1 token).
+      top_k: keep the k most likely tokens.
+      min_p: drop tokens whose probability is below min_p × the most likely one's.
     """
 
-    max_new_tokens: int
+    max_new_tokens: int = 512
     temperature: float = 1.0
-    top_k: int = 0
     top_p: float = 1.0
+    top_k: int = 0
     min_p: float = 0.0
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    num_samples: int = 1
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0 (0 = off), got {self.top_k}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not 0.0 <= self.min_p < 1.0:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}.")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}.")
+        check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "≥ 1")
+        check(self.temperature >= 0, "sampling.temperature", self.temperature, "≥ 0 (0: greedy)")
+        check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
+        check(self.top_k >= 0, "sampling.top_k", self.top_k, "≥ 0 (0: off)")
+        check(0 <= self.min_p < 1, "sampling.min_p", self.min_p, "in [0, 1) (0: off)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def eos_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
-    """EOS ids as a tuple: an int, a list of ints, or None (no early stop)."""
-    if eos_token_id is None:
-        return ()
-    if isinstance(eos_token_id, int | np.integer):
-        return (int(eos_token_id),)
-    return tuple(int(e) for e in eos_token_id)
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """A decode program's static settings (each distinct value compiles its own program).
+
+    `settings` says how tokens are drawn; `eos_token_ids` (from the model and tokenizer)
+    may be empty, and then the whole budget is generated; `num_samples` completions are
+    drawn per prompt (rows b·G + g).
+    """
+
+    settings: SamplerSettings
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    num_samples: int = 1
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}.")
 
 
-def filter_logits(logits_NxV: Array, config: SamplingConfig) -> Float[Array, "N V"]:
+def eos_ids(*eos_token_ids: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The stop tokens of one or more sources (a model's config, its tokenizer), merged.
+
+    Each source is an int, a list of ints or None (no stop token); the result is sorted
+    and has each id once. No source, or only None: () (no early stop).
+    """
+    ids = set()
+    for value in eos_token_ids:
+        if value is None:
+            continue
+        if isinstance(value, int | np.integer):
+            value = [value]
+        ids.update(int(e) for e in value)
+    return tuple(sorted(ids))
+
+
+def filter_logits(logits_NxV: Array, settings: SamplerSettings) -> Float[Array, "N V"]:
     """fp32 logits / temperature with top-k, top-p and min-p applied (-inf outside)."""
-    logits = logits_NxV.astype(jnp.float32) / config.temperature
-    if config.top_k > 0 and config.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+    logits = logits_NxV.astype(jnp.float32) / settings.temperature
+    if settings.top_k > 0 and settings.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, settings.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, _NEG_INF, logits)
-    if config.top_p < 1.0:
+    if settings.top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         # Keep the smallest prefix whose mass reaches top_p (always ≥ 1 token).
-        cutoff_idx = jnp.sum(mass_before < config.top_p, axis=-1, keepdims=True) - 1
+        cutoff_idx = jnp.sum(mass_before < settings.top_p, axis=-1, keepdims=True) - 1
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, _NEG_INF, logits)
-    if config.min_p > 0.0:
+    if settings.min_p > 0.0:
         probs = jax.nn.softmax(logits, axis=-1)
-        threshold = config.min_p * jnp.max(probs, axis=-1, keepdims=True)
+        threshold = settings.min_p * jnp.max(probs, axis=-1, keepdims=True)
         logits = jnp.where(probs < threshold, _NEG_INF, logits)
     return logits
 
@@ -149,7 +175,7 @@ def categorical_inverse_cdf(rng: Array, logits_NxV: Array) -> Int[Array, " N"]:
     return inverse_cdf_draw(u, logits_NxV)
 
 
-def draw_uniforms(rng: Array, rows: int, config: SamplingConfig) -> Float[Array, "T N"] | None:
+def draw_uniforms(rng: Array, rows: int, settings: SamplerSettings) -> Float[Array, "T N"] | None:
     """The uniforms of every step's draw, made before the decode loop (None when greedy).
 
     Row t drives step t: step 0 uses the second half of `split(rng)`, step t ≥ 1 uses
@@ -157,30 +183,30 @@ def draw_uniforms(rng: Array, rows: int, config: SamplingConfig) -> Float[Array,
     threefry runs as a loop of its own), and row n's samples do not depend on how the
     rows are split over devices.
     """
-    if config.greedy:
+    if settings.greedy:
         return None
     rng, first_rng = jax.random.split(rng)
 
     def one(key):
         return jax.random.uniform(key, (rows, 1), jnp.float32)[:, 0]
 
-    steps = jnp.arange(1, config.max_new_tokens)
+    steps = jnp.arange(1, settings.max_new_tokens)
     later = jax.vmap(lambda t: one(jax.random.fold_in(rng, t)))(steps)
     return jnp.concatenate([one(first_rng)[None], later], axis=0)
 
 
 def sample_token(
-    logits_NxV: Array, u_N: Array | None, config: SamplingConfig
+    logits_NxV: Array, u_N: Array | None, settings: SamplerSettings
 ) -> tuple[Int[Array, " N"], Float[Array, " N"]]:
     """One token per row and its log-prob under the unfiltered, untempered softmax.
 
     `u_N` is this step's row of `draw_uniforms` (None when greedy).
     """
     logits = logits_NxV.astype(jnp.float32)
-    if config.greedy:
+    if settings.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        token = inverse_cdf_draw(u_N, filter_logits(logits, config))
+        token = inverse_cdf_draw(u_N, filter_logits(logits, settings))
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[
         :, 0
     ]
@@ -208,7 +234,9 @@ def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config:
     last_logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
     last_logits = jnp.repeat(last_logits, config.num_samples, axis=0)
     prefix = prefix.replace(repeats=config.num_samples)
-    cache = cache_from_prefix(prefix, p + config.max_new_tokens, model.config.compute_dtype)
+    cache = cache_from_prefix(
+        prefix, p + config.settings.max_new_tokens, model.config.compute_dtype
+    )
     return last_logits, cache
 
 
@@ -239,7 +267,7 @@ def _decode(
     config: SamplingConfig,
 ) -> tuple[SamplerOutput, ...]:
     """Prefill and decode loop over these rows (`generate_tokens_many` without the keys)."""
-    t = config.max_new_tokens
+    t = config.settings.max_new_tokens
     mask_BxP = attention_mask_BxP.astype(bool)
     positions = positions_from_mask(mask_BxP)
     next_position = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
@@ -250,7 +278,7 @@ def _decode(
     tokens, logprobs, done, caches = [], [], [], []
     for model, uniforms_TxN in zip(models, uniforms, strict=True):
         last_logits, cache = _prefill(model, input_ids_BxP, mask_BxP, positions, config)
-        token, logprob = sample_token(last_logits, _step_uniforms(uniforms_TxN, 0), config)
+        token, logprob = sample_token(last_logits, _step_uniforms(uniforms_TxN, 0), config.settings)
         tokens.append(jnp.full((n, t), config.pad_token_id, jnp.int32).at[:, 0].set(token))
         logprobs.append(jnp.zeros((n, t), jnp.float32).at[:, 0].set(logprob))
         done.append(jnp.isin(token, eos))
@@ -275,7 +303,9 @@ def _decode(
             prev, positions[:, None], ~done[:, None], cache, kv_len=kv_len, layers=layers
         )
         logits = model.logits_from_hidden(hidden)
-        token, logprob = sample_token(logits[:, 0], _step_uniforms(uniforms_TxN, step), config)
+        token, logprob = sample_token(
+            logits[:, 0], _step_uniforms(uniforms_TxN, step), config.settings
+        )
         token = jnp.where(done, config.pad_token_id, token)
         logprob = jnp.where(done, 0.0, logprob)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
@@ -349,7 +379,7 @@ def generate_tokens_many(
     if len(models) != len(rngs):
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
     rows = input_ids_BxP.shape[0] * config.num_samples
-    uniforms = tuple(draw_uniforms(rng, rows, config) for rng in rngs)
+    uniforms = tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
 
     def local(axis, models, ids, mask, uniforms):
         del axis  # each device's loop needs no collective
@@ -494,15 +524,15 @@ def generate(
     Returns:
       `SamplerOutput` (tokens, mask, logprobs before temperature/filters, lengths).
     """
-    config = SamplingConfig(
+    settings = SamplerSettings(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
-        top_k=int(top_k),
         top_p=float(top_p),
+        top_k=int(top_k),
         min_p=float(min_p),
-        eos_token_ids=eos_ids(eos_token_id),
-        pad_token_id=int(pad_token_id),
-        num_samples=int(num_samples),
+    )
+    config = SamplingConfig(
+        settings, eos_ids(eos_token_id), pad_token_id=int(pad_token_id), num_samples=num_samples
     )
     (out,) = generate_many(
         [model], input_ids, attention_mask, rngs=[rng], config=config, buckets=buckets, mesh=mesh

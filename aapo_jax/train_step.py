@@ -1,13 +1,12 @@
 """Stage 3 of an RL step, `train_step(state, rollout) -> (state, metrics)`, and the train state.
 
-    advantages   A = algorithm.advantage(r, r̃)            once, over the whole batch
-    log-probs    log π_θ (and log π_ref when needed) of the completions, per micro-batch
-    KL           kl_divergence(log π_θ, log π_ref)       once: the loss's penalty and the metric
-    loss         algorithm.loss(log π_θ, A, mask, kl)    (sum, denominator) over micro-batches
+    rows         A = rl.algo.advantages(r, r̃) once over the batch; prompts and A per row
+    gradients    per micro-batch: log π_θ (and log π_ref), the KL, the loss's (sum, denominator)
     update       AdamW on the exact global mean's gradient, then the reference policy
 
-`make_rl_step` composes `rollout.make_sampler`, a token scorer and this step into
-the one-program RL step.
+Each is a module-level pure function (`step_rows`, `micro_batch_loss`,
+`accumulate_gradients`, `apply_gradients`); `make_train_step` composes them. The
+one-program RL step that puts stages 1–3 together is `rl_step.make_rl_step`.
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from aapo_jax import losses, rollout, sharding
-from aapo_jax.configs import OptimConfig, RLConfig, SamplerSettings
+from aapo_jax import losses, sharding
+from aapo_jax.configs import OptimConfig, RLConfig
 from aapo_jax.logprobs import completion_logprobs
 from aapo_jax.optim import make_schedule
-from aapo_jax.types import PromptBatch, Rollout, TrainState
+from aapo_jax.types import Rollout, TrainState
 
 StepFn = Callable[[TrainState, Rollout], tuple[TrainState, dict]]
 
@@ -138,7 +137,7 @@ def micro_batch_count(
 
 
 @flax.struct.dataclass
-class _Rows:
+class Rows:
     """N = B·G completions with their prompts repeated per row and their advantages."""
 
     prompt_ids: Int[Array, "N P"]
@@ -148,6 +147,180 @@ class _Rows:
     advantages: Float[Array, " N"]
     # (w_N, u_N) of `losses.aggregation_weights`, over whole groups; None: the loss's own.
     row_weights: tuple[Array, Array] | None = None
+
+
+@flax.struct.dataclass
+class Accumulated:
+    """A step's gradient and loss as sums over its micro-batches (divided once, at the end)."""
+
+    grads: nnx.State
+    total: Float[Array, ""]
+    denominator: Float[Array, ""]
+    sums: dict[str, Array]
+
+
+def step_rows(rl: RLConfig, rollout: Rollout, advantages_N: Array) -> Rows:
+    """The rollout's completions as training rows: prompt per row, advantage per row, and
+    the loss aggregation's row weights (computed here, over whole groups)."""
+    g = rl.group_size
+    prompts = rollout.prompts
+    rows = Rows(
+        prompt_ids=jnp.repeat(prompts.ids, g, axis=0),
+        prompt_mask=jnp.repeat(prompts.mask, g, axis=0),
+        completion_ids=rollout.policy.tokens,
+        completion_mask=rollout.policy.mask,
+        advantages=advantages_N,
+    )
+    if rl.loss_aggregation == "token_mean":  # the loss's own normalisation
+        return rows
+    weights = losses.aggregation_weights(rows.completion_mask, rl.loss_aggregation, g)
+    return rows.replace(row_weights=weights)
+
+
+def split_micro_batches(rows: Rows, k: int, ways: int) -> Rows:
+    """`rows` as k micro-batches (a leading axis of k), each holding `ways` blocks of rows.
+
+    The rows of each of `ways` devices are cut into k contiguous blocks and micro-batch j
+    is every device's block j: no row moves between devices, and groups stay whole iff G
+    divides a block.
+    """
+    n = rows.completion_ids.shape[0]
+    block = n // (k * ways)
+
+    def split(x):
+        x = x.reshape(ways, k, block, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain_rows(x.reshape(k, ways * block, *x.shape[3:]), dim=1)
+
+    return jax.tree.map(split, rows)
+
+
+def row_logprobs(
+    rl: RLConfig, graphdef: nnx.GraphDef, weights: nnx.State, mb: Rows, prompt_group: int
+) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
+    """(log π, entropy) of a micro-batch's completion tokens under `weights`."""
+    return completion_logprobs(
+        nnx.merge(graphdef, weights),
+        mb.prompt_ids,
+        mb.prompt_mask,
+        mb.completion_ids,
+        mb.completion_mask,
+        chunk_size=rl.logprob_chunk_size,
+        prompt_group_size=prompt_group,
+        temperature=rl.logprob_temperature,
+    )
+
+
+def micro_batch_loss(
+    params: nnx.State,
+    mb: Rows,
+    ref_logp: Array | None,
+    *,
+    rl: RLConfig,
+    graphdef: nnx.GraphDef,
+    prompt_group: int,
+) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+    """The micro-batch's loss sum, and (its denominator, metric sums): the function whose
+    gradient the update takes. One KL serves the loss's penalty and the `kl` metric."""
+    logp, entropy = row_logprobs(rl, graphdef, params, mb, prompt_group)
+    kl = None
+    if ref_logp is not None:
+        kl = losses.kl_divergence(logp, ref_logp, mb.completion_mask, rl.kl_estimator)
+    terms = rl.algo.loss_terms(logp, mb.advantages, mb.completion_mask, kl, mb.row_weights)
+    mask = mb.completion_mask.astype(jnp.float32)
+    sums = dict(terms.metrics)
+    sums["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
+    sums["tokens"] = jnp.sum(mask)
+    if kl is not None:
+        sums["kl"] = jnp.sum(jax.lax.stop_gradient(kl) * mask)
+    return terms.total, (terms.denominator, sums)
+
+
+def reference_logprobs(
+    rl: RLConfig, graphdef: nnx.GraphDef, ref_params: nnx.State | None, mb: Rows, prompt_group: int
+) -> Array | None:
+    """log π_ref of the micro-batch when the loss or the `kl` metric needs it, else None.
+
+    Outside the differentiated function: nothing of it is kept for the backward pass.
+    """
+    if not rl.computes_reference_logprobs:
+        return None
+    ref_logp, _ = row_logprobs(rl, graphdef, jax.lax.stop_gradient(ref_params), mb, prompt_group)
+    return jax.lax.stop_gradient(ref_logp)
+
+
+def accumulate_gradients(grad_fn: Callable, params: nnx.State, micro: Rows, init: Accumulated):
+    """`init` plus every micro-batch's (gradient, loss sum, denominator, metric sums).
+
+    `grad_fn(params, mb) -> ((total, (denominator, sums)), grads)`; `micro` has a leading
+    micro-batch axis (`split_micro_batches`); `init` is `zero_accumulator`'s.
+    """
+
+    def add(acc: Accumulated, mb: Rows):
+        (total, (denominator, sums)), grads = grad_fn(params, mb)
+        step = Accumulated(grads=grads, total=total, denominator=denominator, sums=sums)
+        return jax.tree.map(jnp.add, acc, step), None
+
+    acc, _ = jax.lax.scan(add, init, micro)
+    return acc
+
+
+def zero_accumulator(grad_fn: Callable, params: nnx.State, micro: Rows) -> Accumulated:
+    """Zeros shaped like one micro-batch's `Accumulated` (computing nothing)."""
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, (_, sums)), _ = jax.eval_shape(grad_fn, params, first)
+    return Accumulated(
+        grads=jax.tree.map(jnp.zeros_like, params),
+        total=jnp.zeros((), jnp.float32),
+        denominator=jnp.zeros((), jnp.float32),
+        sums=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums),
+    )
+
+
+def apply_gradients(
+    rl: RLConfig,
+    optim: OptimConfig,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    acc: Accumulated,
+) -> tuple[TrainState, dict[str, Array]]:
+    """The optimizer step on the exact global mean's gradient, then the reference policy.
+
+    The gradient and loss are the sums divided by the denominator. A non-finite loss or
+    gradient keeps the parameters and AdamW's state as they were (`update_skipped`,
+    counted in `skipped_updates`); the state's dtypes never change.
+    """
+    scale = 1.0 / jnp.maximum(acc.denominator, 1.0)
+    grads = jax.tree.map(lambda x: x * scale, acc.grads)
+    loss = acc.total * scale
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # In the old state's dtypes: a leaf the update promotes (a bf16 moment meeting fp32
+    # gradients) would otherwise change the state's type and recompile step 2.
+    new_params = _where_tree(finite, new_params, state.params)
+    opt_state = _where_tree(finite, opt_state, state.opt_state)
+    new_step = state.step + finite.astype(jnp.int32)
+    sums = dict(acc.sums)
+    tokens = jnp.maximum(sums.pop("tokens"), 1.0)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": make_schedule(optim)(state.step),
+        "update_skipped": (~finite).astype(jnp.float32),
+        "entropy": sums.pop("entropy") / tokens,
+    }
+    if "kl" in sums:
+        metrics["kl"] = sums.pop("kl") / tokens
+    metrics.update({name: value * scale for name, value in sums.items()})
+    new_state = state.replace(
+        step=new_step,
+        params=new_params,
+        opt_state=opt_state,
+        ref_params=update_reference(rl, new_step, new_params, state.ref_params),
+        skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+    )
+    return new_state, metrics
 
 
 def rollout_metrics(
@@ -178,6 +351,36 @@ def rollout_metrics(
     return metrics
 
 
+def scorer_metrics(
+    components: dict[str, Array] | None, counts: dict[str, Array] | None
+) -> dict[str, Array]:
+    """The scoring stage's per-completion extras as metrics: each component's mean, each
+    counter's total (`Rollout.reward_components`, `Rollout.reward_counts`)."""
+    metrics = {name: jnp.mean(x) for name, x in (components or {}).items()}
+    metrics.update({name: jnp.sum(x) for name, x in (counts or {}).items()})
+    return metrics
+
+
+def micro_batch_plan(rl: RLConfig, optim: OptimConfig, rows: Rows, ways: int) -> tuple[int, int]:
+    """(k micro-batches, prompt group kept whole per micro-batch: G or 1) for these rows."""
+    n = rows.completion_ids.shape[0]
+    row_tokens = rows.prompt_ids.shape[1] + rows.completion_ids.shape[1]
+    k = micro_batch_count(
+        n,
+        row_tokens,
+        budget=optim.micro_batch_tokens,
+        ways=ways,
+        group=rl.group_size,
+        fallback=optim.grad_accum_steps,
+    )
+    if n % (k * ways):
+        raise ValueError(
+            f"batch rows {n} not divisible by optim.grad_accum_steps={k} × {ways} devices."
+        )
+    block = n // (k * ways)
+    return k, rl.group_size if block % rl.group_size == 0 else 1
+
+
 def make_train_step(
     rl: RLConfig,
     optim: OptimConfig,
@@ -188,176 +391,66 @@ def make_train_step(
 ) -> StepFn:
     """`train_step(state, rollout) -> (state, metrics)`: one on-policy update from a scored rollout.
 
-    Advantages come from `rl.spec` (the `Algorithm`) over the whole batch, once; the
-    rows are split into `optim.grad_accum_steps` micro-batches whose loss sums and
-    denominators add up, so the gradient is that of the exact global mean. Each
-    micro-batch runs every prompt through the model once for its G completions
-    (`completion_logprobs`), and the reference's log-probs too when the loss or the
-    `kl` metric needs them; the per-token KL is computed once and serves both. A
-    non-finite loss or gradient skips the update (counted in `skipped_updates`).
-    Jit it yourself (donate the state).
+    Advantages come from `rl.algo` over the whole batch, once (`step_rows`); the rows
+    are split into micro-batches (`micro_batch_plan`: `optim.micro_batch_tokens` or
+    `optim.grad_accum_steps`) whose loss sums and denominators add up
+    (`accumulate_gradients`), so the gradient is that of the exact global mean
+    (`apply_gradients`). Each micro-batch runs every prompt through the model once for
+    its G completions, and the reference's log-probs too when the loss or the `kl`
+    metric needs them. Jit it yourself (donate the state).
 
     On a data-parallel `mesh` (`sharding.row_parallel`: parameters replicated) the
     step runs per device over its own prompts' rows (`sharding.data_parallel`), and
     only gradients, loss sums and the small per-row statistics cross devices;
     metrics are those of the whole batch. Otherwise XLA partitions it by the
-    shardings of the state and the rollout.
+    shardings of the state and the rollout. Either way the maths above is the same
+    functions; `device_step` below is the only place that knows about the axis.
     """
-    algorithm, hparams = rl.spec, rl.hyperparameters
-    schedule = make_schedule(optim)
-    g = rl.group_size
 
-    def logprobs_of(weights, mb: _Rows, prompt_group: int):
-        return completion_logprobs(
-            nnx.merge(graphdef, weights),
-            mb.prompt_ids,
-            mb.prompt_mask,
-            mb.completion_ids,
-            mb.completion_mask,
-            chunk_size=rl.logprob_chunk_size,
-            prompt_group_size=prompt_group,
-            temperature=rl.logprob_temperature,
-        )
-
-    def micro_loss(params, mb: _Rows, ref_logp: Array | None, prompt_group: int):
-        logp, entropy = logprobs_of(params, mb, prompt_group)
-        kl = None
-        if ref_logp is not None:  # one KL: the loss's penalty (with its gradient) and the metric
-            kl = losses.kl_divergence(logp, ref_logp, mb.completion_mask, rl.kl_estimator)
-        terms = algorithm.loss_terms(
-            logp, mb.advantages, mb.completion_mask, kl, hparams, mb.row_weights
-        )
-        mask = mb.completion_mask.astype(jnp.float32)
-        sums = dict(terms.metrics)
-        sums["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
-        sums["tokens"] = jnp.sum(mask)
-        if kl is not None:
-            sums["kl"] = jnp.sum(jax.lax.stop_gradient(kl) * mask)
-        return terms.total, (terms.denominator, sums)
-
-    def update(axis, state: TrainState, rows: _Rows) -> tuple[TrainState, dict]:
-        n = rows.completion_ids.shape[0]
-        # Devices that split each micro-batch's rows: none inside `data_parallel` (its rows
-        # are this device's), else data × fsdp when they divide the rows.
-        ways = 1 if axis is not None else _row_ways(mesh, n)
-        row_tokens = rows.prompt_ids.shape[1] + rows.completion_ids.shape[1]
-        k = micro_batch_count(
-            n,
-            row_tokens,
-            budget=optim.micro_batch_tokens,
-            ways=ways,
-            group=g,
-            fallback=optim.grad_accum_steps,
-        )
-        if n % (k * ways):
-            raise ValueError(
-                f"batch rows {n} not divisible by optim.grad_accum_steps={k} × {ways} devices."
-            )
-        # Each device's rows are cut into k contiguous blocks and micro-batch j is every
-        # device's block j: no row moves between devices, and groups stay whole iff G
-        # divides a block.
-        block = n // (k * ways)
-        group = g if block % g == 0 else 1
-        grad_fn = jax.value_and_grad(
-            functools.partial(micro_loss, prompt_group=group), has_aux=True
-        )
-
-        def split(x):
-            x = x.reshape(ways, k, block, *x.shape[1:]).swapaxes(0, 1)
-            return sharding.constrain_rows(x.reshape(k, ways * block, *x.shape[3:]), dim=1)
-
-        micro = jax.tree.map(split, rows)
-        # On a data-parallel mesh this device's gradients and sums stay its own until the
-        # explicit psum below.
-        params = sharding.varying(state.params, axis)
-
-        def reference_logprobs(mb: _Rows) -> Array | None:
-            # Outside the differentiated function: nothing of it is kept for the backward pass.
-            if not rl.computes_reference_logprobs:
-                return None
-            ref_logp, _ = logprobs_of(jax.lax.stop_gradient(state.ref_params), mb, group)
-            return jax.lax.stop_gradient(ref_logp)
-
-        def accumulate(carry, mb):
-            grads, total, denom, sums = carry
-            (t, (d, s)), grad = grad_fn(params, mb, reference_logprobs(mb))
-            return (
-                jax.tree.map(jnp.add, grads, grad),
-                total + t,
-                denom + d,
-                jax.tree.map(jnp.add, sums, s),
-            ), None
-
-        first_mb = jax.tree.map(lambda x: x[0], micro)
-        first = jax.eval_shape(lambda: grad_fn(params, first_mb, reference_logprobs(first_mb)))
-        sum_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0][1][1])
-        init = sharding.varying(
-            (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0, sum_zeros), axis
-        )
-        (grads, total, denom, sums), _ = jax.lax.scan(accumulate, init, micro)
-        grads, total, denom, sums = sharding.psum_flat((grads, total, denom, sums), axis)
-        scale = 1.0 / jnp.maximum(denom, 1.0)
-        grads = jax.tree.map(lambda x: x * scale, grads)
-        loss = total * scale
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # In the old state's dtypes: a leaf the update promotes (a bf16 moment meeting fp32
-        # gradients) would otherwise change the state's type and recompile step 2.
-        new_params = _where_tree(finite, new_params, state.params)
-        opt_state = _where_tree(finite, opt_state, state.opt_state)
-        new_step = state.step + finite.astype(jnp.int32)
-        tokens = jnp.maximum(sums.pop("tokens"), 1.0)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(state.step),
-            "update_skipped": (~finite).astype(jnp.float32),
-            "entropy": sums.pop("entropy") / tokens,
-        }
-        if "kl" in sums:
-            metrics["kl"] = sums.pop("kl") / tokens
-        metrics.update({name: value * scale for name, value in sums.items()})
-        new_state = state.replace(
-            step=new_step,
-            params=new_params,
-            opt_state=opt_state,
-            ref_params=update_reference(rl, new_step, new_params, state.ref_params),
-            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
-        )
-        return new_state, metrics
-
-    def step_rows(axis, state: TrainState, rollout: Rollout) -> tuple[TrainState, dict]:
+    def device_step(axis, state: TrainState, rollout: Rollout) -> tuple[TrainState, dict]:
         if rollout.rewards is None:
             raise ValueError("train_step needs a scored rollout (rewards is None).")
         # Rewards are tiny: every device scores the advantages of the whole batch, so
         # the advantage's own metrics (AAPO's margin statistics) are the batch's.
         scored = sharding.all_rows((rollout.rewards, rollout.ref_rewards), axis)
-        advantages_BxG, adv_metrics = algorithm.compute_advantages(*scored, hparams)
-        prompts = rollout.prompts
-        rows = _Rows(
-            prompt_ids=jnp.repeat(prompts.ids, g, axis=0),
-            prompt_mask=jnp.repeat(prompts.mask, g, axis=0),
-            completion_ids=rollout.policy.tokens,
-            completion_mask=rollout.policy.mask,
-            advantages=sharding.own_rows(advantages_BxG, axis).reshape(-1),
+        advantages_BxG, adv_metrics = rl.algo.advantages(*scored)
+        rows = step_rows(rl, rollout, sharding.own_rows(advantages_BxG, axis).reshape(-1))
+        # Devices that split each micro-batch's rows: none inside `data_parallel` (its rows
+        # are this device's), else data × fsdp when they divide the rows.
+        ways = 1 if axis is not None else _row_ways(mesh, rows.completion_ids.shape[0])
+        k, prompt_group = micro_batch_plan(rl, optim, rows, ways)
+        micro = split_micro_batches(rows, k, ways)
+        loss_and_grad = jax.value_and_grad(
+            functools.partial(
+                micro_batch_loss, rl=rl, graphdef=graphdef, prompt_group=prompt_group
+            ),
+            has_aux=True,
         )
-        if rl.loss_aggregation != "token_mean":  # rows hold whole groups here
-            weights = losses.aggregation_weights(rows.completion_mask, rl.loss_aggregation, g)
-            rows = rows.replace(row_weights=weights)
-        state, metrics = update(axis, state, rows)
+
+        def grad_fn(params, mb):
+            ref_logp = reference_logprobs(rl, graphdef, state.ref_params, mb, prompt_group)
+            return loss_and_grad(params, mb, ref_logp)
+
+        # On a data-parallel mesh this device's gradients and sums stay its own until the
+        # psum below.
+        params = sharding.varying(state.params, axis)
+        init = sharding.varying(zero_accumulator(grad_fn, state.params, micro), axis)
+        acc = sharding.psum_flat(accumulate_gradients(grad_fn, params, micro, init), axis)
+        state, metrics = apply_gradients(rl, optim, tx, state, acc)
         out = rollout.policy
         truncated_N = (out.lengths == out.tokens.shape[1]) & out.mask[:, -1]
-        lengths_N, truncated_N = sharding.all_rows((out.lengths, truncated_N), axis)
+        lengths_N, truncated_N, components, counts = sharding.all_rows(
+            (out.lengths, truncated_N, rollout.reward_components, rollout.reward_counts), axis
+        )
         metrics.update(rollout_metrics(*scored, advantages_BxG, lengths_N, truncated_N))
         metrics.update(adv_metrics)
+        metrics.update(scorer_metrics(components, counts))
         return state, metrics
 
     def train_step(state: TrainState, rollout: Rollout) -> tuple[TrainState, dict]:
         with sharding.activation_mesh(mesh):
             return sharding.data_parallel(
-                step_rows,
+                device_step,
                 mesh,
                 rollout.prompts.ids.shape[0],
                 in_specs=(sharding.REPLICATED, sharding.ROWS),
@@ -373,67 +466,3 @@ def _row_ways(mesh: Mesh | None, rows: int) -> int:
         return 1
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     return ways if rows % ways == 0 else 1
-
-
-def make_rl_step(
-    sample: Callable[[TrainState, PromptBatch], Rollout],
-    score: Callable[[Rollout], Rollout],
-    train_step: StepFn,
-) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
-    """`rl_step(state, prompts) -> (state, metrics)`: the three stages composed.
-
-    With a jittable `score` (`rollout.make_token_scorer`), `jax.jit(rl_step)` is ONE
-    XLA program: policy and reference sampling, reward, advantage, reference
-    log-probs and the update, with no host round trip.
-    """
-
-    def rl_step(state: TrainState, prompts: PromptBatch) -> tuple[TrainState, dict]:
-        return train_step(state, score(sample(state, prompts)))
-
-    return rl_step
-
-
-def make_stages(
-    rl: RLConfig,
-    optim: OptimConfig,
-    settings: SamplerSettings,
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    *,
-    eos_token_id,
-    pad_token_id: int,
-    mesh: Mesh | None = None,
-) -> tuple[Callable, Callable]:
-    """(stage 1, stage 3) of one configuration: `rollout.make_sampler` and `make_train_step`,
-    un-jitted, for the trainer, the planner and `make_token_rl_step` alike."""
-    sample = rollout.make_sampler(
-        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh
-    )
-    return sample, make_train_step(rl, optim, graphdef, tx, mesh=mesh)
-
-
-def make_token_rl_step(
-    rl: RLConfig,
-    optim: OptimConfig,
-    settings: SamplerSettings,
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    reward_fn: Callable[..., Array],
-    *,
-    eos_token_id,
-    pad_token_id: int,
-    mesh: Mesh | None = None,
-) -> Callable[[TrainState, PromptBatch], tuple[TrainState, dict]]:
-    """`make_rl_step` of `rollout.make_sampler`, `rollout.make_token_scorer(reward_fn)` and
-    `make_train_step`: the one-program step for a JAX-native reward. Jit it yourself."""
-    sample, train_step = make_stages(
-        rl,
-        optim,
-        settings,
-        graphdef,
-        tx,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        mesh=mesh,
-    )
-    return make_rl_step(sample, rollout.make_token_scorer(reward_fn), train_step)

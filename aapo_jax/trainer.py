@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -13,17 +12,29 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from aapo_jax import checkpoint as checkpoint_lib
-from aapo_jax import configs, evaluation, models, rewards, rollout, sampling, sharding
+from aapo_jax import (
+    configs,
+    evaluation,
+    models,
+    plugins,
+    rewards,
+    rl_step,
+    rollout,
+    sampling,
+    sharding,
+)
 from aapo_jax import data as data_lib
 from aapo_jax import metrics as metrics_lib
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.data import pipeline, sources
+from aapo_jax.data.tokenize import decode_completions
 from aapo_jax.optim import make_optimizer
-from aapo_jax.types import PromptBatch
+from aapo_jax.types import PromptBatch, Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -65,25 +76,29 @@ def check_before_loading(config: ExperimentConfig) -> None:
     sources.check_source(config.data)
 
 
-def _eos_ids(tokenizer, model_config) -> tuple[int, ...]:
-    ids = set(sampling.eos_ids(model_config.eos_token_id))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return tuple(sorted(ids))
-
-
 class Trainer:
     """Builds everything for one `ExperimentConfig` and runs the RL loop in `workdir`.
 
-    Each step is the three stages of `rollout` and `train_step`: with a token reward
-    one jitted program (`train_step.make_rl_step`); with host rewards the jitted
-    sampler, the time-bounded `rollout.HostScorer` on this process's rows, and the
-    jitted train step. Resumes automatically from the newest checkpoint in
-    `workdir/checkpoints`; SIGTERM finishes the current step, saves and returns.
+    Each step is `rl_step.make_rl_step` of the three stages: with a token reward one
+    jitted program; with host rewards the jitted sampler, the time-bounded
+    `rollout.HostScorer` on this process's rows, and the jitted train step. Resumes
+    automatically from the newest checkpoint in `workdir/checkpoints`; SIGTERM finishes
+    the current step, saves and returns.
+
+    `imports`: the plugin modules (`--import`) the run's algorithm or rewards come from;
+    they are recorded with every checkpoint so that `load_trained_model` can re-import
+    them.
     """
 
-    def __init__(self, config: ExperimentConfig, workdir: str | os.PathLike):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        workdir: str | os.PathLike,
+        *,
+        imports: tuple[str, ...] = (),
+    ):
         self.config = cfg = config
+        self.imports = tuple(imports)
         self.workdir = Path(workdir)
         check_before_loading(cfg)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +118,7 @@ class Trainer:
         model = models.load_hf_checkpoint(
             cfg.model.path, mesh=self.mesh, **cfg.model.model_kwargs()
         )
-        self.eos = _eos_ids(self.tokenizer, model.config)
+        self.eos = sampling.eos_ids(model.config.eos_token_id, self.tokenizer.eos_token_id)
         self.pad = int(self.tokenizer.pad_token_id)
         self._load_data()
         # train.steps=-1 (one epoch) becomes a step count once the prompts are known.
@@ -163,7 +178,7 @@ class Trainer:
     def _build_stages(self, tx) -> None:
         """Jit the three stages once: composed into one program for a token reward."""
         cfg = self.config
-        sample, step = train_step_lib.make_stages(
+        sample, update = rl_step.make_stages(
             cfg.rl,
             cfg.optim,
             cfg.sampling,
@@ -174,17 +189,22 @@ class Trainer:
             mesh=self.mesh,
         )
         # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
-        jit_step = functools.partial(
-            jax.jit, out_shardings=(self.state_shardings, None), donate_argnums=0
-        )
         if cfg.reward.kind == "token":
-            score = rollout.make_token_scorer(rewards.get_token_reward(cfg.reward.names[0]))
-            self._rl_step = jit_step(train_step_lib.make_rl_step(sample, score, step))
             self.scorer = None
+            score = rollout.make_token_scorer(rewards.get_token_reward(cfg.reward.names[0]))
+            self._rl_step = jax.jit(
+                rl_step.make_rl_step(sample, score, update),
+                out_shardings=(self.state_shardings, None, None),
+                donate_argnums=0,
+            )
         else:
-            self._sample = jax.jit(sample)
-            self._train_step = jit_step(step)
-            self.scorer = rollout.HostScorer(self.tokenizer, cfg.reward)
+            self.scorer = rollout.HostScorer(
+                self.tokenizer, cfg.reward, self.train_examples, mesh=self.mesh
+            )
+            jit_update = jax.jit(
+                update, out_shardings=(self.state_shardings, None), donate_argnums=0
+            )
+            self._rl_step = rl_step.make_rl_step(jax.jit(sample), self.scorer, jit_update)
 
     def _load_data(self) -> None:
         cfg = self.config
@@ -202,6 +222,7 @@ class Trainer:
             train_examples, self.tokenizer, **prompt_kw
         )
         self.num_train_prompts = len(encoded)
+        self.train_examples = [p.example for p in encoded]  # PromptBatch.index points here
         eval_prompts, _ = pipeline.encode_examples(eval_examples, self.tokenizer, **prompt_kw)
         self.eval_examples = [p.example for p in eval_prompts]
         # Each eval problem's prompt as it was formatted (and checked for length) here.
@@ -212,29 +233,46 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------
 
-    def step(self, batch: pipeline.HostPromptBatch) -> tuple[dict, list[dict]]:
-        """One RL iteration on this process's prompt rows; returns (metrics, sample logs)."""
-        ids, mask = sharding.shard_batch((batch.ids, batch.mask), self.mesh)
-        if self.scorer is None:
+    def prompt_batch(self, batch: pipeline.HostPromptBatch) -> PromptBatch:
+        """This process's prompts of a step on the mesh: tokens, their problems' index, and
+        for a token reward the gold answers as tokens."""
+        targets = target_len = None
+        if self.config.reward.kind == "token":
             targets, target_len = data_lib.encode_targets(self.tokenizer, batch.answers)
-            targets, target_len = sharding.shard_batch((targets, target_len), self.mesh)
-            prompts = PromptBatch(ids=ids, mask=mask, targets=targets, target_len=target_len)
-            self.state, metrics = self._rl_step(self.state, prompts)
-            return jax.device_get(metrics), []
-        sampled = self._sample(self.state, PromptBatch(ids=ids, mask=mask))
-        # Host rewards score this process's own rows: its prompts' G completions each.
-        rows = batch.ids.shape[0] * self.config.rl.group_size
-        scores = self.scorer(rollout.process_rows(sampled, rows), batch)
-        ref_rewards = scores.ref_rewards
-        scored = sampled.replace(
-            rewards=sharding.shard_batch(scores.rewards, self.mesh),
-            ref_rewards=None
-            if ref_rewards is None
-            else sharding.shard_batch(ref_rewards, self.mesh),
+        prompts = PromptBatch(
+            ids=batch.ids,
+            mask=batch.mask,
+            targets=targets,
+            target_len=target_len,
+            index=batch.indices.astype(np.int32),
         )
-        self.state, metrics = self._train_step(self.state, scored)
-        metrics = {**jax.device_get(metrics), **scores.metrics}
-        return metrics, scores.samples(batch, self.config.train.num_samples_logged)
+        return sharding.shard_batch(prompts, self.mesh)
+
+    def step(self, batch: pipeline.HostPromptBatch) -> tuple[dict, Rollout]:
+        """One RL iteration on this process's prompt rows; returns (metrics, the scored rollout)."""
+        self.state, metrics, scored = self._rl_step(self.state, self.prompt_batch(batch))
+        return jax.device_get(metrics), scored
+
+    def sample_logs(self, batch: pipeline.HostPromptBatch, scored: Rollout) -> list[dict]:
+        """The first `train.num_samples_logged` completions of this process's rows, with their
+        prompt, gold answer and reward. Every process calls it (it gathers the rows)."""
+        g = self.config.rl.group_size
+        b = len(batch.answers)
+        mine = rollout.process_rows(scored, b * g)
+        start = jax.process_index() * b
+        rewards_N = sharding.to_host(scored.rewards)[start : start + b].reshape(-1)
+        count = min(self.config.train.num_samples_logged, b * g)
+        out = mine.policy
+        texts = decode_completions(self.tokenizer, out.tokens[:count], out.lengths[:count])
+        return [
+            {
+                "prompt": batch.questions[i // g],
+                "answer": batch.answers[i // g],
+                "completion": texts[i],
+                "reward": float(rewards_N[i]),
+            }
+            for i in range(count)
+        ]
 
     # -- evaluation ---------------------------------------------------------
 
@@ -247,9 +285,9 @@ class Trainer:
             self.eval_examples,
             scorer=self.eval_scorer,
             prompt_fn=self.eval_prompt_texts.__getitem__,
+            settings=cfg.sampling,
             n_samples=0,
             greedy=True,
-            max_new_tokens=cfg.sampling.max_new_tokens,
             batch_size=cfg.train.eval_batch_size,
             progress=False,
             mesh=self.mesh,
@@ -267,6 +305,7 @@ class Trainer:
             "config": _jsonable(dataclasses.asdict(self.config)),
             "initial_eval": initial_eval,
             "config_changes": self.config_changes,
+            "imports": list(self.imports),
         }
         try:
             self.checkpointer.save(step, self.state, data=self.loader.get_state(), meta=meta)
@@ -342,7 +381,8 @@ class Trainer:
             last_eval = initial_eval
             while step < cfg.train.steps and not self._stop:
                 t0 = time.perf_counter()
-                metrics, samples = self.step(next(self.loader))
+                batch = next(self.loader)
+                metrics, scored = self.step(batch)
                 seconds = time.perf_counter() - t0
                 step += 1
                 metrics["step_seconds"] = seconds
@@ -364,7 +404,7 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or "eval/accuracy" in metrics:
                     writer.write_scalars(step, metrics)
                 if cfg.train.samples_every and step % cfg.train.samples_every == 0:
-                    writer.write_samples(step, samples)
+                    writer.write_samples(step, self.sample_logs(batch, scored))
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save(step, initial_eval)
                 clock.tick()
@@ -409,6 +449,7 @@ class Trainer:
             "name": cfg.name,
             "algorithm": cfg.rl.algorithm,
             "hparams": cfg.rl.hyperparameters,
+            "imports": list(self.imports),
             "group_size": cfg.rl.group_size,
             "initial_eval_accuracy": initial_eval["eval/accuracy"],
             "final_eval_accuracy": final_eval["eval/accuracy"],
@@ -483,14 +524,22 @@ def load_trained_model(
 ) -> tuple[models.Transformer, ExperimentConfig]:
     """The policy of a training workdir's newest (or given) checkpoint, and the run's config.
 
-    Shape-first: the model and train state are built abstractly from the run's config
-    and the checkpoint's `config.json` (no weights are read from the source
-    checkpoint), and the checkpoint is restored straight onto `mesh`'s shardings
-    (default: the first device).
+    The plugin modules the run was trained with (`--import`, recorded with the checkpoint)
+    are imported first, so that its algorithm and rewards are registered. Shape-first: the
+    model and train state are built abstractly from the run's config and the checkpoint's
+    `config.json` (no weights are read from the source checkpoint), and the checkpoint is
+    restored straight onto `mesh`'s shardings (default: the first device).
+
+    Raises:
+      plugins.PluginError: a recorded plugin module cannot be imported (named).
     """
     directory = Path(workdir) / "checkpoints"
     with checkpoint_lib.Checkpointer(directory) as meta_reader:
-        config = configs.experiment_config(meta_reader.read_meta(step)["config"])
+        meta = meta_reader.read_meta(step)
+    plugins.import_modules(
+        meta.get("imports", []), context=f"the run in {workdir} was trained with it"
+    )
+    config = configs.experiment_config(meta["config"])
     checkpointer = checkpoint_lib.Checkpointer(
         directory, save_reference=config.rl.reference != "frozen"
     )
@@ -514,9 +563,16 @@ def load_trained_model(
     return nnx.merge(graphdef, state.params), config
 
 
-def train(config: ExperimentConfig, workdir: str | os.PathLike, **kwargs) -> dict[str, Any]:
-    """Build a `Trainer`, run it, close it; returns the summary dict."""
-    trainer = Trainer(config, workdir)
+def train(
+    config: ExperimentConfig,
+    workdir: str | os.PathLike,
+    *,
+    imports: tuple[str, ...] = (),
+    **kwargs,
+) -> dict[str, Any]:
+    """Build a `Trainer` (with the plugin modules `imports` recorded), run it, close it;
+    returns the summary dict."""
+    trainer = Trainer(config, workdir, imports=imports)
     try:
         return trainer.run(**kwargs)
     finally:

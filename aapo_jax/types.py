@@ -30,12 +30,15 @@ class PromptBatch:
       ids, mask: int32[B, P] left-padded prompt tokens and their mask (1 = token).
       targets: int32[B, A] answer tokens padded with -1 (token rewards only).
       target_len: int32[B] answer lengths (token rewards only).
+      index: int32[B] each prompt's position in the run's list of training problems, so
+        that a host scorer finds its gold answer (`rollout.HostScorer`).
     """
 
     ids: Int[Array, "B P"]
     mask: Array
     targets: Int[Array, "B A"] | None = None
     target_len: Int[Array, " B"] | None = None
+    index: Int[Array, " B"] | None = None
 
 
 @flax.struct.dataclass
@@ -44,9 +47,11 @@ class Rollout:
 
     The sampling stage fills `prompts`, `policy` and (when the algorithm needs the
     reference rollout) `reference`, paired with `policy` row by row; the scoring
-    stage fills `rewards` and `ref_rewards`; the train step reads all of it.
-    Every leaf's leading dimension is rows (B or N = B·G), so a data-parallel mesh
-    splits the whole record by prompts.
+    stage fills `rewards` and `ref_rewards`, and may add per-completion extras that
+    the train step turns into metrics: `reward_components` (each named part of a
+    weighted reward, logged as its mean) and `reward_counts` (0/1 events such as a
+    verifier's timeouts, logged as their total). Every leaf's leading dimension is
+    rows (B or N = B·G), so a data-parallel mesh splits the whole record by prompts.
     """
 
     prompts: PromptBatch
@@ -54,6 +59,8 @@ class Rollout:
     reference: SamplerOutput | None = None
     rewards: Float[Array, "B G"] | None = None
     ref_rewards: Float[Array, "B G"] | None = None
+    reward_components: dict[str, Float[Array, "B G"]] | None = None
+    reward_counts: dict[str, Float[Array, "B G"]] | None = None
 
     @property
     def group_size(self) -> int:

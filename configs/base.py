@@ -2,103 +2,17 @@
 
 import ml_collections
 
-from aapo_jax import algorithms
+from aapo_jax import algorithms, configs
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All fields of `aapo_jax.configs.ExperimentConfig` with their defaults.
+    """Every field of `aapo_jax.configs.ExperimentConfig` with its default
+    (`configs.default_config`, generated from the dataclasses).
 
     `optim.total_steps` follows `train.steps` (a shared reference), so overriding
     `--config.train.steps` also lengthens the learning-rate schedule.
     """
-    steps = ml_collections.FieldReference(100)
-    c = ml_collections.ConfigDict()
-    c.name = "run"
-    c.model = dict(
-        path="",
-        tokenizer_path="",
-        dtype="float32",
-        param_dtype="float32",
-        reference_dtype="",
-        remat="none",
-        attention="auto",
-        attention_block=512,
-        scan_unroll=1,
-    )
-    c.data = dict(
-        source="reasoning_gym",
-        name="",
-        path="",
-        eval_path="",
-        train_split="train",
-        eval_split="test",
-        gym_kwargs={},
-        train_size=10000,
-        eval_size=500,
-        seed=0,
-        question_key=ml_collections.FieldReference(None, field_type=str),
-        answer_key=ml_collections.FieldReference(None, field_type=str),
-    )
-    c.prompt = dict(
-        template="{question}", system_prompt="", use_chat_template=False, overlong="drop"
-    )
-    c.rl = dict(
-        algorithm="aapo",
-        hparams=algorithms.ALGORITHMS["aapo"].defaults(),
-        group_size=8,
-        kl_estimator="k3",
-        kl_metric=True,
-        reference="frozen",
-        reference_sync_every=0,
-        reference_ema_rate=0.0,
-        logprob_chunk_size=128,
-        logprob_temperature=1.0,
-        loss_aggregation="token_mean",
-    )
-    c.optim = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-6,
-            schedule="constant",
-            warmup_ratio=0.0,
-            final_lr_fraction=0.1,
-            weight_decay=0.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            max_grad_norm=1.0,
-            grad_accum_steps=1,
-            micro_batch_tokens=0,
-        )
-    )
-    c.optim.total_steps = steps
-    c.sampling = dict(
-        max_prompt_length=512, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0
-    )
-    c.reward = dict(
-        kind="host", names=("accuracy",), weights=(1.0,), timeout_s=5.0, num_workers=2, eval_name=""
-    )
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.train = ml_collections.ConfigDict(
-        dict(
-            prompts_per_step=16,
-            seed=0,
-            log_every=1,
-            eval_every=0,
-            eval_size=0,
-            eval_batch_size=64,
-            checkpoint_every=50,
-            keep_checkpoints=2,
-            samples_every=10,
-            num_samples_logged=4,
-            export_hf=False,
-            tensorboard=True,
-            wandb_project="",
-            allow_config_change=False,
-            max_consecutive_skips=10,
-        )
-    )
-    c.train.steps = steps
-    return c
+    return configs.default_config()
 
 
 def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
@@ -167,7 +81,7 @@ def paper_config(
     if args["variant"] not in ("full", "tiny"):
         raise ValueError(f"unknown variant {args['variant']!r}; valid: full, tiny")
     c = base_config()
-    c.name = f"{name}-{args['algo']}"
+    c.name = f"{name}-{{algorithm}}"
     c.data.source = "jsonl"
     c.data.train_size = 100_000
     c.data.eval_size = 64

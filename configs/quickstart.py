@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
     args = parse_arg(arg, algo="aapo", group="8", seed="0", variant="full")
     task = json.loads((resources.files("aapo_jax") / "assets/quickstart/task.json").read_text())
     c = base_config()
-    c.name = f"quickstart-{args['algo']}-G{args['group']}-s{args['seed']}"
+    c.name = "quickstart-{algorithm}-G{group_size}-s{seed}"  # filled in when validated
     c.model.path = quickstart_dir()
     c.model.scan_unroll = -1  # 2 layers on CPU: unrolled is faster, and compiles as fast
     c.data.source = "reasoning_gym"

@@ -53,14 +53,16 @@ def constant_advantage(rewards_BxG, *, constant: float, scale_rewards: bool = Fa
 def margin_only_advantage(rewards_BxG, ref_rewards_BxG, *, margin_low: float, margin_high: float):
     """A = M = clip(r − r̃, −δ_low, δ_high): AAPO's margin without the group part.
 
-    Returns (M, `advantages.margin_stats`), so the run logs its margin as AAPO's does.
+    Returns (M, its statistics), so the run logs its margin as AAPO's does.
     """
     from aapo_jax import advantages
 
-    deltas = dict(margin_low=margin_low, margin_high=margin_high)
-    return (
-        advantages.margin(rewards_BxG, ref_rewards_BxG, **deltas),
-        advantages.margin_stats(rewards_BxG, ref_rewards_BxG, **deltas),
+    return advantages.margin(
+        rewards_BxG,
+        ref_rewards_BxG,
+        margin_low=margin_low,
+        margin_high=margin_high,
+        return_stats=True,
     )
 
 

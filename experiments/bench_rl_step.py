@@ -16,7 +16,7 @@ GRPO, the reference forward.
 
 One JAX CPU device per core (`--devices`, default all): the prompts are split
 over a data-parallel mesh, each device samples and differentiates its own rows
-and only gradients and loss sums cross devices (`train_step.make_token_rl_step(..., mesh=)`).
+and only gradients and loss sums cross devices (`rl_step.make_token_rl_step(..., mesh=)`).
 XLA:CPU runs each small op on one core, so one device would leave the other idle;
 the same steps on one device are timed after them in the same run (`1dev ms`).
 
@@ -71,14 +71,15 @@ def build_steps(size: str, mesh=None, scan_unroll: int = -1):
     import jax.numpy as jnp
     from flax import nnx
 
-    from aapo_jax import configs, models, sharding, train_step
+    from aapo_jax import configs, models, rl_step, sharding, train_step
     from aapo_jax.optim import make_optimizer
     from aapo_jax.rewards import tokens
+    from aapo_jax.sampling import SamplerSettings
     from aapo_jax.types import PromptBatch
 
     config = bench_common.model_config(size, scan_unroll=scan_unroll)
     optim = configs.OptimConfig(learning_rate=1e-5, total_steps=1000)
-    settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    settings = SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
     ids = jax.random.randint(jax.random.key(1), (PROMPTS, PROMPT_LEN), 3, config.vocab_size)
     prompts = PromptBatch(
         ids=ids,
@@ -95,7 +96,7 @@ def build_steps(size: str, mesh=None, scan_unroll: int = -1):
         graphdef, params = nnx.split(models.Transformer(config, rngs=nnx.Rngs(0)))
         # With a mesh the state is placed on it (replicated: a data-parallel mesh).
         state, shardings = train_step.init_train_state(params, tx, rl_cfg, seed=0, mesh=mesh)
-        fn = train_step.make_token_rl_step(
+        fn = rl_step.make_token_rl_step(
             rl_cfg,
             optim,
             settings,
@@ -107,7 +108,7 @@ def build_steps(size: str, mesh=None, scan_unroll: int = -1):
             mesh=mesh,
         )
         # Inputs carry their shardings; the state keeps its own.
-        step = jax.jit(fn, out_shardings=(shardings, None), donate_argnums=0)
+        step = jax.jit(fn, out_shardings=(shardings, None, None), donate_argnums=0)
         out[name] = dict(step=step, state=state, rl=rl_cfg)
     if mesh is not None:
         prompts = sharding.shard_batch(prompts, mesh)
@@ -120,14 +121,14 @@ def _alternate(steps: dict, prompts, reps: int) -> None:
 
     for entry in steps.values():
         start = time.perf_counter()
-        entry["state"], metrics = entry["step"](entry["state"], prompts)
+        entry["state"], metrics, _ = entry["step"](entry["state"], prompts)
         jax.block_until_ready(metrics)
         entry["compile_s"] = time.perf_counter() - start
         entry["times"] = []
     for _ in range(reps):
         for entry in steps.values():
             start = time.perf_counter()
-            entry["state"], metrics = entry["step"](entry["state"], prompts)
+            entry["state"], metrics, _ = entry["step"](entry["state"], prompts)
             jax.block_until_ready(metrics)
             entry["times"].append(time.perf_counter() - start)
 

@@ -10,7 +10,9 @@ held-out greedy accuracy, its gain over the start, the area under the reward
 curve (mean training reward over all steps) and the fraction of groups whose
 rewards were all equal (zero GRPO advantage: AAPO's margin is the only signal
 there). Runs already finished in --workdir are reused, so an interrupted
-comparison resumes. Writes `results.json`, `table.md` and `compare.png`.
+comparison resumes. Writes `results.json`, `table.md` and `compare.png`. `--import=my_module`
+(repeatable) imports your own module first, so that `--algos` may name the algorithms it
+registers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+from aapo_jax import plugins
 
 # The default selection; any name in `aapo_jax.algorithms.ALGORITHMS` may be given.
 ALGOS = ("aapo", "grpo", "dr_grpo")
@@ -35,12 +39,14 @@ def run_one(
     name: str | None = None,
     hparams: dict | None = None,
     overrides: dict | None = None,
+    imports: tuple[str, ...] = (),
 ) -> dict:
     """Train one quickstart run (or reuse a finished one) and summarise its curve.
 
     `name` (default `algo`) names the run directory and the result's `variant`;
     `hparams` update the algorithm's `rl.hparams`; `overrides` set other config
-    fields by dotted name (e.g. `{"train.eval_size": 8}`).
+    fields by dotted name (e.g. `{"train.eval_size": 8}`); `imports` are the plugin modules
+    recorded with the run.
     """
     from aapo_jax import configs, metrics, trainer
     from configs import quickstart
@@ -59,7 +65,7 @@ def run_one(
         for field, value in (overrides or {}).items():
             section, key = field.split(".")
             c[section][key] = value
-        trainer.train(configs.experiment_config(c), run_dir, progress=True)
+        trainer.train(configs.experiment_config(c), run_dir, imports=imports, progress=True)
     summary = json.loads(summary_file.read_text())
     rows = [r for r in metrics.read_metrics(run_dir) if r.get("reward_mean") is not None]
     margins = [r["margin_mean"] for r in rows if r.get("margin_mean") is not None]
@@ -178,8 +184,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--groups", default="2,4,8")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--algos", default=",".join(ALGOS))
+    parser.add_argument(
+        f"--{plugins.FLAG}", dest="imports", action="append", default=[], help=plugins.FLAG_HELP
+    )
     args = parser.parse_args(argv)
     from aapo_jax import algorithms
+
+    try:
+        imports = plugins.import_modules(args.imports)
+    except plugins.PluginError as e:
+        parser.error(str(e))
 
     unknown = sorted(set(args.algos.split(",")) - set(algorithms.ALGORITHMS))
     if unknown:
@@ -189,7 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     for group in map(int, args.groups.split(",")):
         for seed in map(int, args.seeds.split(",")):
             for algo in args.algos.split(","):
-                results.append(run_one(args.workdir, algo, group, seed, args.steps, args.prompts))
+                results.append(
+                    run_one(
+                        args.workdir, algo, group, seed, args.steps, args.prompts, imports=imports
+                    )
+                )
                 (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
     write_report(args.workdir, table(results), plot, results, "compare.png")
 

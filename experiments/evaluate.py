@@ -23,6 +23,11 @@ Tasks, each with the host reward (`aapo_jax.rewards.get_host_reward`) that verif
   lighteval's extraction with the benchmark's gold column and format
   (`evaluation.PAPER_BENCHMARKS`; verifiers `lighteval_expr_gold` / `lighteval_latex_gold`).
 
+`--import=my_module` (repeatable) imports your own module first, e.g. one that registers the
+reward a training run used; a training --workdir re-imports the modules it was trained with.
+Sampling settings (--temperature, --top_p, --top_k, --min_p, --max_new_tokens) form one
+`sampling.SamplerSettings`, checked before anything loads.
+
 Every completion is scored by `evaluation.make_scorer(verifier)` in --num_workers worker
 processes (0: in this process, bounded only by math-verify's own alarm): a sample that runs
 past --timeout_s scores 0 and counts in the report's `scorer_timeouts`. --model is a Hugging
@@ -40,6 +45,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from aapo_jax import plugins
+
+DEFAULT_MAX_NEW_TOKENS = 512
 QUICKSTART_DIR = Path(__file__).resolve().parent.parent / "aapo_jax" / "assets" / "quickstart"
 
 
@@ -160,8 +168,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="quickstart", help="quickstart | gym:NAME | FILE.jsonl")
     p.add_argument("--n", type=int, default=4, help="samples per problem (0: greedy only)")
     p.add_argument("--k", type=int, default=None, help="for pass@k and maj@k (default: --n)")
-    p.add_argument("--temperature", type=float, default=evaluation.PAPER_TEMPERATURE)
-    p.add_argument("--top_p", type=float, default=evaluation.PAPER_TOP_P)
+    p.add_argument("--temperature", type=float, default=evaluation.PAPER_SAMPLING.temperature)
+    p.add_argument("--top_p", type=float, default=evaluation.PAPER_SAMPLING.top_p)
+    p.add_argument("--top_k", type=int, default=0, help="0: off")
+    p.add_argument("--min_p", type=float, default=0.0, help="0: off")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's, or 512")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
@@ -188,6 +198,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument(
+        f"--{plugins.FLAG}", dest="imports", action="append", default=[], help=plugins.FLAG_HELP
+    )
+    p.add_argument(
         "--paper",
         default=None,
         choices=sorted(evaluation.PAPER_BENCHMARKS),
@@ -201,8 +214,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error("--paper uses the paper's query in the chat template: drop --template.")
         args.n = args.k = evaluation.PAPER_SAMPLES
         args.no_greedy = True
-        args.temperature, args.top_p = evaluation.PAPER_TEMPERATURE, evaluation.PAPER_TOP_P
-        args.max_new_tokens = args.max_new_tokens or evaluation.PAPER_MAX_NEW_TOKENS
+        paper = evaluation.PAPER_SAMPLING
+        args.temperature, args.top_p, args.top_k, args.min_p = (
+            paper.temperature,
+            paper.top_p,
+            paper.top_k,
+            paper.min_p,
+        )
+        args.max_new_tokens = args.max_new_tokens or paper.max_new_tokens
     try:
         args.mesh = parse_mesh(args.mesh)
     except ValueError as e:
@@ -213,7 +232,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--num_workers must be ≥ 0, got {args.num_workers}.")
     if args.k is None:
         args.k = max(args.n, 1)
+    if args.n and args.temperature <= 0:
+        p.error(
+            f"--temperature={args.temperature}: sampling --n={args.n} needs > 0 (greedy: --n=0)."
+        )
+    try:
+        plugins.import_modules(args.imports)
+        args.sampling = sampler_settings(args)
+    except (plugins.PluginError, ValueError) as e:
+        p.error(str(e))
     return args
+
+
+def sampler_settings(args: argparse.Namespace):
+    """The `sampling.SamplerSettings` of the sampling flags; without --max_new_tokens the
+    budget is the task's, else `DEFAULT_MAX_NEW_TOKENS` (`run` fills it in).
+
+    Raises:
+      ValueError: a setting out of range, named as its flag.
+    """
+    from aapo_jax.sampling import SamplerSettings
+
+    try:
+        return SamplerSettings(
+            max_new_tokens=DEFAULT_MAX_NEW_TOKENS
+            if args.max_new_tokens is None
+            else args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+        )
+    except ValueError as e:  # "config field sampling.top_k=..." -> "--top_k=..."
+        raise ValueError(str(e).replace("config field sampling.", "--")) from None
 
 
 def make_mesh(shape: tuple[int, int, int]):
@@ -248,7 +299,9 @@ def run(args: argparse.Namespace) -> dict:
         model = models.load_hf_checkpoint(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
     task = load_task(args, tokenizer)
     examples = task.examples[: args.limit] if args.limit else task.examples
-    max_new_tokens = args.max_new_tokens or task.max_new_tokens or 512
+    settings = args.sampling
+    if args.max_new_tokens is None and task.max_new_tokens:
+        settings = dataclasses.replace(settings, max_new_tokens=task.max_new_tokens)
     start = time.perf_counter()
     with evaluation.make_scorer(
         task.verifier, timeout_s=args.timeout_s, num_workers=args.num_workers
@@ -261,9 +314,7 @@ def run(args: argparse.Namespace) -> dict:
             prompt_fn=task.prompt_fn,
             n_samples=args.n,
             k=args.k,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=max_new_tokens,
+            settings=settings,
             batch_size=args.batch_size,
             greedy=not args.no_greedy,
             rng=jax.random.key(args.seed),

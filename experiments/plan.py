@@ -13,6 +13,8 @@ devices (`pip install -r requirements-tpu.txt`), else the local devices (GPU, or
 --cpu_devices fake CPU devices). Only the model's config.json is read: `--model=NAME` picks
 one shipped under configs/model_shapes/, or pass `--config.model.path=DIR`. Data fields the
 config leaves empty get placeholders (`aot.PLACEHOLDER_DATA`): no data is read.
+`--import=my_module` (repeatable) imports your own module first (an algorithm it registers
+can then be planned).
 
 Prints a table (GiB per device) or, with --json, one JSON object: fits, devices,
 device_kind, device_memory_bytes, per_device_bytes {total, params, optimizer, reference,
@@ -33,9 +35,12 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from aapo_jax import plugins
+
 MODEL_SHAPES = Path(__file__).resolve().parent.parent / "configs" / "model_shapes"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
+flags.DEFINE_multi_string(plugins.FLAG, [], plugins.FLAG_HELP)  # read by plugins.parse_flags
 _MODEL = flags.DEFINE_string(
     "model", None, "A shipped architecture (configs/model_shapes/NAME): sets model.path."
 )
@@ -163,4 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=plugins.parse_flags)

@@ -253,6 +253,7 @@ def make_sft_step(graphdef, tx, ema_decay: float = 0.0):
 def greedy_accuracy(model, tokenizer, examples, *, template: str = PROMPT_TEMPLATE) -> float:
     """Held-out greedy accuracy with the chain_sum scorer (as `experiments.evaluate` reports)."""
     from aapo_jax import evaluation
+    from aapo_jax.sampling import SamplerSettings
 
     # In-process: the chain_sum scorer is an integer compare, nothing can hang.
     with evaluation.make_scorer(VERIFIER, num_workers=0) as scorer:
@@ -262,9 +263,9 @@ def greedy_accuracy(model, tokenizer, examples, *, template: str = PROMPT_TEMPLA
             examples,
             scorer=scorer,
             prompt_fn=evaluation.template_prompt_fn(template),
+            settings=SamplerSettings(max_new_tokens=MAX_NEW_TOKENS),
             n_samples=0,
             greedy=True,
-            max_new_tokens=MAX_NEW_TOKENS,
             batch_size=len(examples),
             progress=False,
         )

@@ -4,9 +4,11 @@
 
 Override any field from the command line, e.g. `--config.train.steps=50
 --config.rl.hparams.margin_low=0.1`; switch algorithms with the config's argument
-(`--config=configs/quickstart.py:algo=grpo`). Re-running with the same --workdir resumes from its
-newest checkpoint; SIGTERM saves a checkpoint and exits. On several hosts, run
-the same command with `--distributed` on each (see README).
+(`--config=configs/quickstart.py:algo=grpo`). `--import=my_module` (repeatable) imports your
+own module first, e.g. one that registers an algorithm or a reward. Re-running with the same
+--workdir resumes from its newest checkpoint; SIGTERM saves a checkpoint and exits. On
+several hosts, run the same command with `--distributed` on each
+(docs/reproducing-the-paper.md).
 """
 
 import json
@@ -17,9 +19,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from aapo_jax import configs, sharding, trainer
+from aapo_jax import configs, plugins, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
+_IMPORTS = flags.DEFINE_multi_string(plugins.FLAG, [], plugins.FLAG_HELP)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -61,9 +64,11 @@ def main(argv):
             process_id=_PROCESS_ID.value,
         )
     config = configs.experiment_config(_CONFIG.value)
-    summary = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
+    summary = trainer.train(
+        config, _WORKDIR.value, imports=tuple(_IMPORTS.value), progress=_PROGRESS.value
+    )
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=plugins.parse_flags)

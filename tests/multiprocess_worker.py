@@ -29,9 +29,10 @@ def rl_steps(steps: int = 2) -> dict:
     import numpy as np
     from flax import nnx
 
-    from aapo_jax import configs, models, sharding, train_step
+    from aapo_jax import configs, models, rl_step, sharding, train_step
     from aapo_jax.optim import make_optimizer
     from aapo_jax.rewards import tokens
+    from aapo_jax.sampling import SamplerSettings
     from aapo_jax.types import PromptBatch
     from tests.test_train_step import TINY as config
 
@@ -53,14 +54,14 @@ def rl_steps(steps: int = 2) -> dict:
     local = (ids[rows], mask[rows], targets[rows], target_len[rows])
     prompts = PromptBatch(*sharding.shard_batch(local, mesh))
 
-    settings = configs.SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
-    step = train_step.make_token_rl_step(
+    settings = SamplerSettings(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    step = rl_step.make_token_rl_step(
         rl_cfg, optim, settings, graphdef, tx, tokens.prefix_match, eos_token_id=5, pad_token_id=0
     )
-    step = jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
+    step = jax.jit(step, out_shardings=(shardings, None, None), donate_argnums=0)
     history = []
     for _ in range(steps):
-        state, metrics = step(state, prompts)
+        state, metrics, _ = step(state, prompts)
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     abs_sum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
     return dict(

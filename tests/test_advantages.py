@@ -83,7 +83,8 @@ PAIRED = {
     "margin": advantages.margin,
     "aapo": advantages.aapo,
     "aapo_scaled": lambda r, ref: advantages.aapo(r, ref, scale_rewards=True),
-    "aapo_with_stats": lambda r, ref: advantages.aapo_with_stats(r, ref)[0],
+    "aapo_return_stats": lambda r, ref: advantages.aapo(r, ref, return_stats=True)[0],
+    "margin_return_stats": lambda r, ref: advantages.margin(r, ref, return_stats=True)[0],
 }
 
 # Rewards on a grid of quarters keep sums and shifts exact in float32.
@@ -189,8 +190,11 @@ class HandCaseTest(chex.TestCase):
     def test_margin_stats_hand_case(self):
         rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
         ref = jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.9]])
-        fn = jitted_or_not(self.variant, advantages.margin_stats, margin_low=0.2, margin_high=0.28)
-        stats = fn(rewards, ref)
+        fn = jitted_or_not(
+            self.variant, advantages.margin, margin_low=0.2, margin_high=0.28, return_stats=True
+        )
+        margins, stats = fn(rewards, ref)
+        close(margins, [[0.28, 0.0, -0.2, 0.0], [0.28, 0.0, 0.0, 0.1]])
         # diffs: [1, 0, -1, 0, 1, 0, 0, 0.1] -> margins [.28, 0, -.2, 0, .28, 0, 0, .1]
         close(stats["margin_mean"], (0.28 - 0.2 + 0.28 + 0.1) / 8)
         close(stats["margin_clip_low_frac"], 1 / 8)
@@ -206,7 +210,7 @@ def test_outputs_are_float32_for_integer_rewards(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# aapo_with_stats: one margin computation, the same numbers as aapo + margin_stats.
+# return_stats: the same advantages and margins, with the margin's statistics.
 
 
 def _random_pair(seed, shape):
@@ -219,10 +223,12 @@ def _random_pair(seed, shape):
 
 class AapoWithStatsTest(chex.TestCase):
     def _check_same(self, rewards, ref, **hp):
-        both = jitted_or_not(self.variant, advantages.aapo_with_stats, **hp)(rewards, ref)
+        both = jitted_or_not(self.variant, advantages.aapo, return_stats=True, **hp)(rewards, ref)
         adv = jitted_or_not(self.variant, advantages.aapo, **hp)(rewards, ref)
         margins = {k: v for k, v in hp.items() if k != "scale_rewards"}
-        stats = jitted_or_not(self.variant, advantages.margin_stats, **margins)(rewards, ref)
+        margin_fn = jitted_or_not(self.variant, advantages.margin, return_stats=True, **margins)
+        margin, stats = margin_fn(rewards, ref)
+        close(margin, advantages.margin(rewards, ref, **margins), atol=0, rtol=0)
         assert isinstance(both, tuple) and len(both) == 2
         close(both[0], adv, atol=0, rtol=0)
         assert set(both[1]) == set(stats)
@@ -279,11 +285,11 @@ class AapoWithStatsTest(chex.TestCase):
             assert float(stats[key]) == 0.0, key
 
 
-def test_aapo_with_stats_errors():
+def test_return_stats_errors():
     with pytest.raises(ValueError, match="same shape"):
-        advantages.aapo_with_stats(jnp.ones((2, 3)), jnp.ones((2, 4)))
+        advantages.aapo(jnp.ones((2, 3)), jnp.ones((2, 4)), return_stats=True)
     with pytest.raises(ValueError, match="margin_high"):
-        advantages.aapo_with_stats(jnp.ones((2, 3)), jnp.ones((2, 3)), margin_high=-0.1)
+        advantages.margin(jnp.ones((2, 3)), jnp.ones((2, 3)), margin_high=-0.1, return_stats=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,14 +381,14 @@ def test_groups_are_independent(pair):
 
 @PROPERTY_SETTINGS
 @given(reward_groups(paired=True), st.booleans())
-def test_aapo_with_stats_property(pair, scale_rewards):
+def test_return_stats_property(pair, scale_rewards):
     rewards, ref = map(jnp.asarray, pair)
-    adv, stats = advantages.aapo_with_stats(rewards, ref, scale_rewards=scale_rewards)
+    adv, stats = advantages.aapo(rewards, ref, scale_rewards=scale_rewards, return_stats=True)
     close(adv, advantages.aapo(rewards, ref, scale_rewards=scale_rewards), atol=0, rtol=0)
-    expected = advantages.margin_stats(rewards, ref)
+    expected = np_margin_stats(np.asarray(rewards), np.asarray(ref))
     assert set(stats) == set(expected)
     for key, value in expected.items():
-        close(stats[key], value, atol=0, rtol=0)
+        close(stats[key], value, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +423,9 @@ def test_traced_hyperparameters():
     fn = jax.jit(lambda lo, hi: advantages.aapo(rewards, ref, margin_low=lo, margin_high=hi))
     close(fn(0.1, 0.3), [[0.8, -0.6]])
     with_stats = jax.jit(
-        lambda lo, hi: advantages.aapo_with_stats(rewards, ref, margin_low=lo, margin_high=hi)
+        lambda lo, hi: advantages.aapo(
+            rewards, ref, margin_low=lo, margin_high=hi, return_stats=True
+        )
     )
     adv, stats = with_stats(0.1, 0.3)
     close(adv, [[0.8, -0.6]])

@@ -198,10 +198,10 @@ def test_resolve_bad_value_names_the_field(name, values, error, field):
 
 
 # ---------------------------------------------------------------------------------------------
-# compute_advantages and loss_terms dispatch.
+# ConfiguredAlgorithm: advantages and loss_terms dispatch.
 
 
-def test_compute_advantages_without_reference_rollout():
+def test_advantages_without_reference_rollout():
     advantages_BxG = jnp.ones((2, 3))
     fake = Recorder(advantages_BxG)
     spec = Algorithm(
@@ -212,7 +212,7 @@ def test_compute_advantages_without_reference_rollout():
     )
     rewards, ref = jnp.zeros((2, 3)), jnp.ones((2, 3))
     hp = {"scale": 2.0, "seq_mean": True}
-    out = spec.compute_advantages(rewards, ref, hp)
+    out = spec.configure(hp, name="fake").advantages(rewards, ref)
     # ref_rewards is not passed, nor are the loss's hyper-parameters.
     ((args, kwargs),) = fake.calls
     assert len(args) == 1 and args[0] is rewards
@@ -220,11 +220,11 @@ def test_compute_advantages_without_reference_rollout():
     # A plain array becomes (array, {}).
     assert isinstance(out, tuple) and len(out) == 2
     assert out[0] is advantages_BxG and out[1] == {}
-    spec.compute_advantages(rewards, None, hp)
+    spec.configure(hp, name="fake").advantages(rewards, None)
     assert len(fake.calls[1][0]) == 1
 
 
-def test_compute_advantages_with_reference_rollout():
+def test_advantages_with_reference_rollout():
     result = (jnp.ones((2, 3)), {"margin_mean": jnp.float32(0.1)})
     fake = Recorder(result)
     spec = Algorithm(
@@ -234,14 +234,15 @@ def test_compute_advantages_with_reference_rollout():
         needs_reference_rollout=True,
     )
     rewards, ref = jnp.zeros((2, 3)), jnp.ones((2, 3))
-    out = spec.compute_advantages(rewards, ref, {"scale": 3.0})
+    algo = spec.configure({"scale": 3.0}, name="fake")
+    out = algo.advantages(rewards, ref)
     ((args, kwargs),) = fake.calls
     assert len(args) == 2 and args[0] is rewards and args[1] is ref
     assert kwargs == {"scale": 3.0}
     # A (advantages, metrics) tuple comes back as it is.
     assert out[0] is result[0] and out[1] == result[1]
     with pytest.raises(ValueError, match="reference rollout"):
-        spec.compute_advantages(rewards, None, {"scale": 3.0})
+        algo.advantages(rewards, None)
     assert len(fake.calls) == 1
 
 
@@ -267,7 +268,8 @@ def test_loss_terms_passes_kl_only_when_needed(needs, hp, passes_kl):
     )
     logp, adv, mask, ref = random_batch(0)
     kl = losses.kl_divergence(logp, ref, mask)
-    out = spec.loss_terms(logp, adv, mask, kl, {"scale_rewards": True, **hp})
+    algo = spec.configure({"scale_rewards": True, **hp}, name="fake")
+    out = algo.loss_terms(logp, adv, mask, kl)
     assert out is terms
     ((args, kwargs),) = fake.calls
     assert args[0] is logp and args[1] is adv and args[2] is mask
@@ -276,17 +278,17 @@ def test_loss_terms_passes_kl_only_when_needed(needs, hp, passes_kl):
     assert kwargs["beta"] == hp["beta"]
     if passes_kl:
         assert kwargs["kl_NxT"] is kl
-    assert spec.reference_logprobs(hp) is passes_kl
+    assert algo.needs_reference_logprobs is passes_kl
 
 
 @pytest.mark.parametrize(("kl_beta", "passes_kl"), [(0.0, False), (0.04, True)])
 def test_grpo_passes_kl_iff_kl_beta_positive(kl_beta, passes_kl):
     fake = Recorder(None)
     spec = dataclasses.replace(ALGORITHMS["grpo"], loss=fake)
-    hp = spec.resolve({"kl_beta": kl_beta}, name="grpo", field="rl.hparams")
+    algo = spec.configure({"kl_beta": kl_beta}, name="grpo")
     logp, adv, mask, ref = random_batch(1)
     kl = losses.kl_divergence(logp, ref, mask)
-    spec.loss_terms(logp, adv, mask, kl, hp)
+    algo.loss_terms(logp, adv, mask, kl)
     ((_, kwargs),) = fake.calls
     assert ("kl_NxT" in kwargs) is passes_kl
     assert set(kwargs) - {"kl_NxT"} == {"eps_low", "eps_high", "kl_beta", "seq_mean"}
@@ -295,10 +297,10 @@ def test_grpo_passes_kl_iff_kl_beta_positive(kl_beta, passes_kl):
 
 def test_grpo_loss_terms_with_kl_is_ppo_clip_plus_penalty():
     spec = ALGORITHMS["grpo"]
-    hp = spec.resolve({"kl_beta": 0.1, "eps_high": 0.28}, name="grpo", field="rl.hparams")
+    algo = spec.configure({"kl_beta": 0.1, "eps_high": 0.28}, name="grpo")
     logp, adv, mask, ref = random_batch(2)
     kl = losses.kl_divergence(logp, ref, mask, "k1")
-    terms = spec.loss_terms(logp, adv, mask, kl, hp)
+    terms = algo.loss_terms(logp, adv, mask, kl)
     expected = losses.ppo_clip_terms(
         logp, adv, mask, kl_NxT=kl, eps_low=0.2, eps_high=0.28, kl_beta=0.1
     )
@@ -308,7 +310,7 @@ def test_grpo_loss_terms_with_kl_is_ppo_clip_plus_penalty():
     pg = -(m * np.asarray(adv)[:, None]).sum()
     close(terms.total, pg + 0.1 * (m * np.asarray(kl)).sum())
     # With kl_beta = 0 no KL is needed, and the loss runs without one.
-    no_kl = spec.loss_terms(logp, adv, mask, None, spec.defaults())
+    no_kl = spec.configure({}, name="grpo").loss_terms(logp, adv, mask, None)
     close(no_kl.total, pg)
 
 
@@ -352,7 +354,7 @@ def test_registry_entry(name):
     assert spec is ALGORITHMS[name]
     assert spec.needs_reference_rollout is rollout
     assert spec.min_group_size == min_group
-    assert spec.reference_logprobs(spec.defaults()) is ref_logprobs
+    assert spec.configure({}, name=name).needs_reference_logprobs is ref_logprobs
     assert spec.loss is loss
     assert spec.description
 
@@ -360,8 +362,8 @@ def test_registry_entry(name):
 def test_grpo_needs_reference_logprobs_iff_kl_beta_positive():
     spec = ALGORITHMS["grpo"]
     for kl_beta, needs in ((0.0, False), (1e-6, True), (0.04, True)):
-        hp = spec.resolve({"kl_beta": kl_beta}, name="grpo", field="rl.hparams")
-        assert spec.reference_logprobs(hp) is needs, kl_beta
+        algo = spec.configure({"kl_beta": kl_beta}, name="grpo")
+        assert algo.needs_reference_logprobs is needs, kl_beta
     # No other algorithm has a KL knob to turn on.
     for name in ("aapo", "dr_grpo", "rloo", "reinforce"):
         assert "kl_beta" not in ALGORITHMS[name].hparams
@@ -395,17 +397,21 @@ PARITY_CASES = [
 class RegistryParityTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(PARITY_CASES)
-    def test_compute_advantages_matches_numpy(self, name, values):
-        spec = ALGORITHMS[name]
-        hp = spec.resolve(values, name=name, field="rl.hparams")
+    def test_advantages_match_numpy(self, name, values):
+        algo = ALGORITHMS[name].configure(values, name=name)
+        hp = algo.hparams
         rewards, ref = random_rewards(len(name) + len(values), g=6)
-        compute = self.variant(lambda r, rr: spec.compute_advantages(r, rr, hp))
+        compute = self.variant(algo.advantages)
         adv, metrics = compute(rewards, ref)
         assert adv.shape == rewards.shape and adv.dtype == jnp.float32
         close(adv, _np_advantages(name, rewards, ref, hp), atol=1e-4, rtol=1e-4)
         if name == "aapo":
-            expected = advantages.margin_stats(
-                rewards, ref, margin_low=hp["margin_low"], margin_high=hp["margin_high"]
+            _, expected = advantages.margin(
+                rewards,
+                ref,
+                margin_low=hp["margin_low"],
+                margin_high=hp["margin_high"],
+                return_stats=True,
             )
             assert set(metrics) == set(expected)
             for key, value in expected.items():
@@ -419,7 +425,7 @@ class RegistryParityTest(chex.TestCase):
         # At G = min_group_size every algorithm is defined with its defaults.
         spec = ALGORITHMS[name]
         rewards, ref = random_rewards(3, b=3, g=spec.min_group_size)
-        compute = self.variant(lambda r, rr: spec.compute_advantages(r, rr, spec.defaults()))
+        compute = self.variant(spec.configure({}, name=name).advantages)
         adv, _ = compute(rewards, ref)
         assert bool(jnp.all(jnp.isfinite(adv)))
         close(adv, _np_advantages(name, rewards, ref, spec.defaults()), atol=1e-4, rtol=1e-4)
@@ -494,7 +500,7 @@ def test_rlconfig_accepts_a_user_registered_algorithm(monkeypatch):
     monkeypatch.setitem(algorithms.ALGORITHMS, "margin_only", spec)
 
     config = configs.RLConfig(algorithm="margin_only", hparams=(("scale", 2),), group_size=3)
-    assert config.spec is spec
+    assert config.algo.spec is spec and config.algo.name == "margin_only"
     assert config.hyperparameters == {"scale": 2.0}
     assert config.samples_reference and not config.needs_reference_logprobs
     # Through the ml_collections path, hparams as a mapping.
@@ -511,8 +517,8 @@ def test_rlconfig_accepts_a_user_registered_algorithm(monkeypatch):
         configs.RLConfig(algorithm="margin_only", hparams=(("scale", -1.0),), group_size=3)
     with pytest.raises(ValueError, match=r"rl\.hparams\.margin_low.*\['scale'\]"):
         configs.RLConfig(algorithm="margin_only", hparams=(("margin_low", 0.1),), group_size=3)
-    # And its advantage is computed through the spec.
+    # And its advantage is computed through the configured algorithm.
     rewards, ref = random_rewards(5, g=3)
-    adv, metrics = config.spec.compute_advantages(rewards, ref, config.hyperparameters)
+    adv, metrics = config.algo.advantages(rewards, ref)
     close(adv, 2.0 * (np.asarray(rewards) - np.asarray(ref)))
     assert metrics == {}

@@ -11,6 +11,7 @@ from flax import nnx
 
 from aapo_jax import evaluation, models, rewards, sharding
 from aapo_jax.data.sources import Example
+from aapo_jax.sampling import SamplerSettings
 
 # ---------------------------------------------------------------------------
 # pass@k and majority vote
@@ -61,7 +62,7 @@ def test_paper_protocol_constants():
     prompt = evaluation.PAPER_QUERY_TEMPLATE.format(question="What is 1+1?")
     assert "$\\boxed{ANSWER}$" in prompt
     assert prompt.endswith("What is 1+1?")
-    assert (evaluation.PAPER_TEMPERATURE, evaluation.PAPER_TOP_P) == (0.6, 0.95)
+    assert (evaluation.PAPER_SAMPLING.temperature, evaluation.PAPER_SAMPLING.top_p) == (0.6, 0.95)
     assert evaluation.math_extract_fn("so the answer is $\\boxed{42}$.") == "42"
     assert evaluation.math_extract_fn("no answer here") is None
     with evaluation.make_scorer("accuracy_boxed_gold", num_workers=0) as scorer:
@@ -176,9 +177,13 @@ def _evaluate(examples, scorer=None, model=None, **kwargs):
     if scorer is None:
         with rewards.RewardScorer(_exact_answer, num_workers=0) as scorer:
             return _evaluate(examples, scorer, model, **kwargs)
+    # The sampler settings given as keywords form the one `SamplerSettings` record.
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p")
+    settings = dict(max_new_tokens=4, temperature=0.6, top_p=0.95)
+    settings.update({k: kwargs.pop(k) for k in names if k in kwargs})
     defaults = dict(
         prompt_fn=evaluation.template_prompt_fn("q {question}"),
-        max_new_tokens=4,
+        settings=SamplerSettings(**settings),
         batch_size=4,
         progress=False,
         buckets=None,
@@ -303,7 +308,7 @@ def test_paper_flag_sets_the_authors_protocol_and_gold(tmp_path):
     args = evaluate.parse_args(["--model=M", f"--task={task}", "--paper=math500"])
     assert (args.n, args.k, args.no_greedy) == (evaluation.PAPER_SAMPLES, 1, True)
     assert (args.temperature, args.top_p) == (0.6, 0.95)
-    assert args.max_new_tokens == evaluation.PAPER_MAX_NEW_TOKENS == 32768
+    assert args.max_new_tokens == evaluation.PAPER_SAMPLING.max_new_tokens == 32768
     loaded = evaluate.load_task(args, _tokenizer())
     assert loaded.verifier == "lighteval_latex_gold"
     assert loaded.examples[0].answer == row["solution"]  # MATH-500: LaTeX on the solution

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -38,30 +39,63 @@ def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "summary.json").exists()
 
 
-def readme_block(first_line: str) -> str:
-    """The README's ```python block that starts with `first_line`."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+def readme_block(first_line: str, language: str = "python") -> str:
+    """The README's ```LANGUAGE block that starts with `first_line`."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
     (block,) = [b for b in blocks if b.startswith(first_line)]
     return block
 
 
-def test_readme_swap_example_trains_a_new_algorithm_with_a_new_reward(tmp_path):
-    """The block runs as written from the repository root, two steps (variant=tiny)."""
-    script = tmp_path / "my_algorithm.py"
-    script.write_text(readme_block("# my_algorithm.py"))
+def readme_commands(first_line: str) -> list[list[str]]:
+    """The README's ```bash block that starts with `first_line`, one argv per command."""
+    block = readme_block(first_line, "bash").replace("\\\n", " ")
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def _replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    (i,) = [i for i, arg in enumerate(argv) if arg.startswith(f"{flag}=")]
+    return [*argv[:i], f"{flag}={value}", *argv[i + 1 :]]
+
+
+def test_readme_swap_example_runs_from_the_command_line_and_its_checkpoint_evaluates(
+    tmp_path, monkeypatch
+):
+    """The plugin file and the two commands as written (the run made tiny, the workdir and
+    the evaluated problems ours): a new algorithm and reward trained with `--import`, and the
+    checkpoint evaluated with `--import`; without it, the recorded module is re-imported, and
+    a module that is gone is named."""
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "my_algorithm.py").write_text(readme_block("# my_algorithm.py"))
+    train, evaluate_cmd = readme_commands("python -m experiments.train --import=my_algorithm")
+    assert train[:3] == ["python", "-m", "experiments.train"] and "--import=my_algorithm" in train
+    assert evaluate_cmd[:3] == ["python", "-m", "experiments.evaluate"]
+    assert "--import=my_algorithm" in evaluate_cmd
     workdir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(workdir), "variant=tiny"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (config,) = [arg for arg in train if arg.startswith("--config=")]
+    train = _replace_flag(train, "--config", config.split("=", 1)[1] + ",variant=tiny")
+    train = _replace_flag(train, "--workdir", str(workdir))
+    # The file sits beside the commands: on the path of the trainer and its reward workers.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), str(REPO)])}
+
+    def run(argv):
+        proc = subprocess.run(
+            [sys.executable, *argv[1:]],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    run([*train, "--progress=false"])
     summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["name"] == "quickstart-margin_only-G2-s0-tiny"
     assert summary["algorithm"] == "margin_only" and summary["hparams"] == {"scale": 0.5}
+    assert summary["imports"] == ["my_algorithm"]
     rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
@@ -69,6 +103,28 @@ def test_readme_swap_example_trains_a_new_algorithm_with_a_new_reward(tmp_path):
         expected = 0.5 * (row["reward_mean"] - row["ref_reward_mean"])
         assert row["advantage_mean"] == pytest.approx(expected, abs=1e-6)
         assert "reward/short_answer" in row and "reward/gym:chain_sum" in row
+
+    evaluate_cmd = _replace_flag(evaluate_cmd, "--model", str(workdir))
+    proc = run([*evaluate_cmd, "--limit=8"])
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert report["model"] == str(workdir) and report["num_problems"] == 8
+    assert 0 <= report["pass@1"] <= 1
+
+    # In this process: the checkpoint's recorded module is re-imported when it can be found,
+    # and named when it cannot.
+    from aapo_jax import algorithms, plugins, rewards, trainer
+
+    monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
+    monkeypatch.setattr(rewards, "HOST_REWARDS", dict(rewards.HOST_REWARDS))
+    monkeypatch.delitem(sys.modules, "my_algorithm", raising=False)
+    with pytest.raises(plugins.PluginError, match=r"--import=my_algorithm: cannot import module"):
+        trainer.load_trained_model(workdir)
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    try:
+        _, config = trainer.load_trained_model(workdir)
+        assert config.rl.algorithm == "margin_only" and "margin_only" in algorithms.ALGORITHMS
+    finally:
+        sys.modules.pop("my_algorithm", None)
 
 
 def _result(algo, group, seed, final, curve):

@@ -9,6 +9,7 @@ import pytest
 from aapo_jax import data, evaluation, models
 from aapo_jax.data.sources import Example, gym_splits
 from aapo_jax.data.tokenize import load_tokenizer, tokenize_prompts
+from aapo_jax.sampling import SamplerSettings
 from experiments import pretrain_tiny
 
 ASSETS = Path(__file__).resolve().parent.parent / "aapo_jax" / "assets" / "quickstart"
@@ -116,8 +117,8 @@ def test_shipped_model_reproduces_the_recorded_accuracy(spec, tokenizer, eval_sp
             eval_split,
             scorer=scorer,
             prompt_fn=evaluation.template_prompt_fn(spec["prompt_template"]),
+            settings=SamplerSettings(max_new_tokens=spec["max_new_tokens"]),
             n_samples=0,
-            max_new_tokens=spec["max_new_tokens"],
             batch_size=len(eval_split),
             details=True,
             progress=False,

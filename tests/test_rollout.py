@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aapo_jax import configs, data, models, rollout, sampling
-from aapo_jax.data.pipeline import HostPromptBatch
+from aapo_jax import configs, data, models, rewards, rollout, sampling
+from aapo_jax.data.sources import Example
 from aapo_jax.optim import make_optimizer
 from aapo_jax.rewards import tokens
 from aapo_jax.train_step import init_train_state
@@ -43,7 +43,7 @@ def _prompts():
 def test_sampler_draws_the_reference_only_when_the_algorithm_needs_it(algorithm):
     rl_cfg = configs.RLConfig(algorithm=algorithm, group_size=G)
     graphdef, state = _state(rl_cfg)
-    settings = configs.SamplerSettings(max_new_tokens=T)
+    settings = sampling.SamplerSettings(max_new_tokens=T)
     sample = rollout.make_sampler(rl_cfg, settings, graphdef, eos_token_id=2, pad_token_id=0)
     out = jax.jit(sample)(state, _prompts())
     assert out.policy.tokens.shape == (3 * G, T) and out.group_size == G
@@ -56,7 +56,7 @@ def test_sampler_draws_the_reference_only_when_the_algorithm_needs_it(algorithm)
     assert not np.array_equal(np.asarray(out.reference.tokens), np.asarray(out.policy.tokens))
     # The policy's rows are those of a plain sampler call with the policy's key.
     policy_rng, _ = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    config = rollout.sampling_config(settings, G, 2, 0)
+    config = sampling.SamplingConfig(settings, (2,), pad_token_id=0, num_samples=G)
     alone = sampling.generate_tokens(
         nnx.merge(graphdef, state.params), _prompts().ids, _prompts().mask, policy_rng, config
     )
@@ -95,29 +95,65 @@ def test_host_scorer_decodes_and_scores_both_rollouts(tokenizer):
         rows[i, : len(ids) + 1] = [*ids, eos]
     out = sampling.completion_output(jnp.asarray(rows), jnp.zeros(rows.shape), jnp.asarray([eos]))
     reversed_rows = jax.tree.map(lambda x: x[::-1], out)
-    host = rollout.process_rows(Rollout(prompts=None, policy=out, reference=reversed_rows), rows=4)
+    # Two prompts (G = 2), which are problems 2 and 0 of the run's list.
+    prompts = PromptBatch(
+        ids=jnp.zeros((2, 1), jnp.int32),
+        mask=jnp.ones((2, 1), jnp.int32),
+        index=jnp.asarray([2, 0], jnp.int32),
+    )
+    sampled = Rollout(prompts=prompts, policy=out, reference=reversed_rows)
+    host = rollout.process_rows(sampled, rows=4)
     assert host.policy.logprobs is None and isinstance(host.policy.tokens, np.ndarray)
     assert data.decode_completions(tokenizer, host.policy.tokens, host.policy.lengths) == texts
-    batch = HostPromptBatch(
-        ids=np.zeros((2, 1), np.int32),
-        mask=np.ones((2, 1), np.int32),
-        answers=["19", "19"],
-        questions=["q0", "q1"],
-        entries=[{}, {}],
-        indices=np.arange(2),
-    )
+    np.testing.assert_array_equal(host.prompts.index, [2, 0])
+    problems = [Example("q0", "x"), Example("q1", "x"), Example("q2", "19")]
     reward = configs.RewardConfig(names=("digit_fraction",), num_workers=0)
-    scorer = rollout.HostScorer(tokenizer, reward)
+    scorer = rollout.HostScorer(tokenizer, reward, problems)
     try:
-        scores = scorer(host, batch)
+        scored = scorer(sampled)
     finally:
         scorer.close()
+    # Stage 2 returns the rollout, scored: f32[B, G] rewards of both models' completions.
+    assert isinstance(scored, Rollout) and scored.policy is out
     digits = [sum(c.isdigit() for c in t) / len(t) for t in texts]
-    np.testing.assert_allclose(scores.rewards, np.reshape(digits, (2, 2)), rtol=1e-6)
-    np.testing.assert_allclose(scores.ref_rewards, np.reshape(digits[::-1], (2, 2)), rtol=1e-6)
-    assert scores.metrics["reward/digit_fraction"] == pytest.approx(np.mean(digits))
-    assert scores.metrics["reward/timeouts"] == 0 and "ref_reward/errors" in scores.metrics
-    samples = scores.samples(batch, 3)
-    assert [s["prompt"] for s in samples] == ["q0", "q0", "q1"]
-    assert [s["completion"] for s in samples] == texts[:3]
-    assert samples[2]["reward"] == pytest.approx(digits[2])
+    np.testing.assert_allclose(scored.rewards, np.reshape(digits, (2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(scored.ref_rewards, np.reshape(digits[::-1], (2, 2)), rtol=1e-6)
+    # Its per-completion extras: each component's value and each failure counter's 0/1.
+    np.testing.assert_allclose(
+        scored.reward_components["reward/digit_fraction"], np.reshape(digits, (2, 2)), rtol=1e-6
+    )
+    assert set(scored.reward_counts) == {
+        *(f"reward/{k}" for k in rollout.COUNTED),
+        *(f"ref_reward/{k}" for k in rollout.REFERENCE_COUNTED),
+    }
+    assert all(not np.any(v) for v in scored.reward_counts.values())
+
+
+def _exact_text(completions, *, answers, **kwargs):
+    return np.asarray([float(c == a) for c, a in zip(completions, answers, strict=True)])
+
+
+def test_host_scorer_finds_each_prompts_gold_answer_through_its_index(tokenizer, monkeypatch):
+    """The same completions score 1 or 0 by the gold answer of the problem `index` names."""
+    monkeypatch.setitem(rewards.HOST_REWARDS, "exact_text", _exact_text)
+    out = sampling.completion_output(
+        jnp.asarray([[5, 2], [5, 2]]), jnp.zeros((2, 2)), jnp.asarray([2])
+    )
+    text = data.decode_completions(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))[0]
+    problems = [Example("q0", text), Example("q1", text + " not")]
+    reward = configs.RewardConfig(names=("exact_text",), num_workers=0)
+    scorer = rollout.HostScorer(tokenizer, reward, problems)
+    try:
+        for index, expected in ((0, 1.0), (1, 0.0)):
+            prompts = PromptBatch(
+                ids=jnp.zeros((1, 1), jnp.int32),
+                mask=jnp.ones((1, 1), jnp.int32),
+                index=jnp.asarray([index], jnp.int32),
+            )
+            scored = scorer(Rollout(prompts=prompts, policy=out))
+            np.testing.assert_array_equal(scored.rewards, [[expected, expected]])
+            assert scored.ref_rewards is None
+        with pytest.raises(ValueError, match="index"):
+            scorer(Rollout(prompts=prompts.replace(index=None), policy=out))
+    finally:
+        scorer.close()

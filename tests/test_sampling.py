@@ -165,14 +165,14 @@ def test_first_token_follows_tempered_softmax(qwen, temperature):
 
 
 def test_filters():
-    config = sampling.SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=2)
+    config = sampling.SamplerSettings(max_new_tokens=1, temperature=1.0, top_k=2)
     logits = jnp.log(jnp.array([[0.5, 0.2, 0.25, 0.05]]))
     kept = np.isfinite(np.asarray(sampling.filter_logits(logits, config)))
     np.testing.assert_array_equal(kept, [[True, False, True, False]])
-    config = sampling.SamplingConfig(max_new_tokens=1, top_p=0.7)
+    config = sampling.SamplerSettings(max_new_tokens=1, top_p=0.7)
     kept = np.isfinite(np.asarray(sampling.filter_logits(logits, config)))
     np.testing.assert_array_equal(kept, [[True, False, True, False]])  # 0.5 + 0.25 ≥ 0.7
-    config = sampling.SamplingConfig(max_new_tokens=1, min_p=0.45)
+    config = sampling.SamplerSettings(max_new_tokens=1, min_p=0.45)
     kept = np.isfinite(np.asarray(sampling.filter_logits(logits, config)))
     np.testing.assert_array_equal(kept, [[True, False, True, False]])  # p ≥ 0.45·0.5
 
@@ -210,7 +210,9 @@ def test_group_sampling_prefills_once_and_orders_rows(qwen):
 def test_policy_and_reference_in_one_program(checkpoints, qwen):
     other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
     ids, mask = _prompts(9)
-    config = sampling.SamplingConfig(max_new_tokens=T, eos_token_ids=(4,), num_samples=2)
+    config = sampling.SamplingConfig(
+        sampling.SamplerSettings(max_new_tokens=T), eos_token_ids=(4,), num_samples=2
+    )
     keys = jax.random.split(jax.random.key(2))
     both = sampling.generate_many([qwen, other], ids, mask, rngs=list(keys), config=config)
     for model, key, out in zip([qwen, other], keys, both, strict=True):
@@ -322,7 +324,7 @@ def test_inverse_cdf_draw_matches_a_float64_cumulative_sum():
 
 
 def test_draw_uniforms_is_the_per_step_key_stream():
-    config = sampling.SamplingConfig(max_new_tokens=5)
+    config = sampling.SamplerSettings(max_new_tokens=5)
     rng = jax.random.key(3)
     uniforms = np.asarray(sampling.draw_uniforms(rng, 6, config))
     assert uniforms.shape == (5, 6)
@@ -331,7 +333,7 @@ def test_draw_uniforms_is_the_per_step_key_stream():
     for t in range(1, 5):
         step = jax.random.uniform(jax.random.fold_in(later, t), (6, 1))[:, 0]
         np.testing.assert_array_equal(uniforms[t], step)
-    greedy = sampling.SamplingConfig(max_new_tokens=5, temperature=0.0)
+    greedy = sampling.SamplerSettings(max_new_tokens=5, temperature=0.0)
     assert sampling.draw_uniforms(rng, 6, greedy) is None
 
 
@@ -342,7 +344,9 @@ def test_row_parallel_generation_equals_one_device(checkpoints, qwen, temperatur
     mesh = sharding.make_mesh(data=4, fsdp=1)
     ids, mask = _prompts(11, lengths=(9, 3, 6, 1, 12, 2, 7, 5))
     config = sampling.SamplingConfig(
-        max_new_tokens=T, temperature=temperature, eos_token_ids=(4,), num_samples=2
+        sampling.SamplerSettings(max_new_tokens=T, temperature=temperature),
+        eos_token_ids=(4,),
+        num_samples=2,
     )
     keys = list(jax.random.split(jax.random.key(7)))
     alone = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=config)

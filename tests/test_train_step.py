@@ -16,6 +16,7 @@ from aapo_jax import (
     logprobs,
     losses,
     models,
+    rl_step,
     rollout,
     sampling,
     sharding,
@@ -23,6 +24,7 @@ from aapo_jax import (
 )
 from aapo_jax.optim import make_optimizer, make_schedule
 from aapo_jax.rewards import tokens as token_rewards
+from aapo_jax.sampling import SamplerSettings
 from aapo_jax.types import PromptBatch, Rollout
 from tests.hf_fixtures import low_token_share
 
@@ -99,11 +101,12 @@ def _leaves(tree):
 
 
 def _rl_step(rl_cfg, optim, graphdef, tx, reward=low_token_share, max_new_tokens=T, mesh=None):
-    settings = configs.SamplerSettings(max_new_tokens=max_new_tokens, temperature=1.0)
-    fn = train_step.make_token_rl_step(
+    """The jitted one-program step, as (state, prompts) -> (state, metrics)."""
+    settings = SamplerSettings(max_new_tokens=max_new_tokens, temperature=1.0)
+    fn = rl_step.make_token_rl_step(
         rl_cfg, optim, settings, graphdef, tx, reward, eos_token_id=EOS, pad_token_id=0, mesh=mesh
     )
-    return jax.jit(fn, donate_argnums=0)
+    return jax.jit(lambda state, prompts: fn(state, prompts)[:2], donate_argnums=0)
 
 
 def _cosine_schedule(**overrides):
@@ -348,7 +351,7 @@ def test_golden_one_step_metrics():
 
 def test_rl_step_metrics_are_consistent():
     rl_cfg, optim, tx, graphdef, state, _ = _setup()
-    settings = configs.SamplerSettings(max_new_tokens=T, temperature=1.0)
+    settings = SamplerSettings(max_new_tokens=T, temperature=1.0)
     sample = rollout.make_sampler(rl_cfg, settings, graphdef, eos_token_id=EOS, pad_token_id=0)
     scored = jax.jit(lambda s, p: rollout.make_token_scorer(low_token_share)(sample(s, p)))(
         state, _prompts()
@@ -379,7 +382,7 @@ def test_rl_step_metrics_are_consistent():
         assert np.isfinite(float(m[name])), name
     # The one-program step is the three stages composed: its rollout is this one, and the
     # margin statistics are those of its rewards.
-    expected = advantages.margin_stats(scored.rewards, scored.ref_rewards)
+    _, expected = advantages.margin(scored.rewards, scored.ref_rewards, return_stats=True)
     expected["reward_mean"] = jnp.mean(scored.rewards)
     expected["completion_tokens"] = jnp.sum(scored.policy.lengths)
     for name, value in expected.items():

@@ -6,7 +6,9 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
+
+from aapo_jax import fields
 
 # Eval problems are drawn with a seed far from the train seed, then any question
 # also present in the train split is dropped, so the splits never overlap.
@@ -325,8 +327,7 @@ SOURCES = ("reasoning_gym", "jsonl", "parquet", "tfds")
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config field data.{field}={value!r} is invalid: expected {expected}.")
+    fields.check(ok, f"data.{field}", value, expected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,13 +348,13 @@ class DataConfig:
       auto-detects (see `read_records`).
     """
 
-    source: Literal["reasoning_gym", "jsonl", "parquet", "tfds"] = "reasoning_gym"
+    source: str = fields.choice("reasoning_gym", SOURCES)
     name: str = ""
     path: str = ""
     eval_path: str = ""
     train_split: str = "train"
     eval_split: str = "test"
-    gym_kwargs: tuple[tuple[str, Any], ...] = ()
+    gym_kwargs: tuple[tuple[str, Any], ...] = fields.config_default(dict, default=())
     train_size: int = 10000
     eval_size: int = 500
     seed: int = 0
@@ -361,7 +362,7 @@ class DataConfig:
     answer_key: str | None = None
 
     def __post_init__(self):
-        _check(self.source in SOURCES, "source", self.source, f"one of {list(SOURCES)}")
+        fields.check_choices(self, "data")
         # A dict is accepted and frozen into sorted pairs, so the config stays hashable.
         kwargs = self.gym_kwargs
         if isinstance(kwargs, Mapping):

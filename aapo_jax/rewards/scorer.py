@@ -51,12 +51,15 @@ class ScoreResult:
       stats: counters (samples with a timeout / error / unparsable gold, workers killed /
         crashed), `seconds` (wall time) and `mean/<name>` for each component and the total.
       first_error: the first exception message of the batch, for logs; None if none.
+      flags: {counter: f32[N]} 1.0 for each sample the event happened to (a timeout, an
+        error, an unparsable gold, its worker killed or crashed while scoring it).
     """
 
     rewards: np.ndarray
     components: dict[str, np.ndarray]
     stats: dict[str, float]
     first_error: str | None = None
+    flags: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _normalize(rewards: Any) -> Components:
@@ -207,6 +210,13 @@ class _Batch:
     remaining: int  # samples without a result
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     errors: list[str] = dataclasses.field(default_factory=list)
+    flags: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # f32[N] per counter
+
+    def flag(self, index: int, key: str) -> None:
+        """Counts event `key` once for sample `index`, in `counts` and in its `flags` row."""
+        row = self.flags.setdefault(key, np.zeros(len(self.completions), np.float32))
+        self.counts[key] += 1 - int(row[index])
+        row[index] = 1.0
 
     def task(self, i: int) -> tuple[int, str, str, dict[str, Any]]:
         sample_kwargs = {k: _take(v, i) for k, v in self.per_sample.items()}
@@ -216,7 +226,9 @@ class _Batch:
         self, index: int, row: Sequence[float], flags: Mapping[str, int], error: str | None
     ) -> None:
         self.values[index] = row
-        self.counts.update({k: min(v, 1) for k, v in flags.items()})
+        for key, count in flags.items():
+            if count:
+                self.flag(index, key)
         if error:
             self.errors.append(error)
         self.remaining -= 1
@@ -228,10 +240,10 @@ class _Batch:
         """
         if not worker.pending:
             return
-        worker.pending.popleft()  # its row keeps failure_value
+        index = worker.pending.popleft()  # its row keeps failure_value
         self.remaining -= 1
-        self.counts[reason] += 1
-        self.counts[TIMEOUTS if reason == KILLED else ERRORS] += 1
+        self.flag(index, reason)
+        self.flag(index, TIMEOUTS if reason == KILLED else ERRORS)
         if error:
             self.errors.append(error)
         self.queue.extendleft(reversed(worker.pending))
@@ -421,7 +433,7 @@ class RewardScorer:
                 stats[ERRORS],
                 first_error,
             )
-        return ScoreResult(rewards, components, stats, first_error)
+        return ScoreResult(rewards, components, stats, first_error, dict(batch.flags))
 
     def _score_in_process(self, batch: _Batch) -> None:
         while batch.queue:
