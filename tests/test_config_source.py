@@ -281,3 +281,20 @@ def test_import_flags_are_read_from_the_command_line():
     with pytest.raises(plugins.PluginError, match=r"--import=no_such_module: .*context here"):
         plugins.import_modules(["json", "no_such_module"], context="context here")
     assert plugins.import_modules(["json"]) == ("json",)
+
+
+def test_evaluate_flags_make_one_checked_settings_record(capsys):
+    from experiments import evaluate
+
+    args = evaluate.parse_args(["--model=M", "--top_k=5", "--min_p=0.1", "--temperature=0.8"])
+    assert args.sampling == sampling.SamplerSettings(
+        max_new_tokens=evaluate.DEFAULT_MAX_NEW_TOKENS,
+        temperature=0.8,
+        top_p=0.95,
+        top_k=5,
+        min_p=0.1,
+    )
+    for flag, value in (("top_k", -1), ("min_p", 1.5), ("top_p", 0.0)):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--model=M", f"--{flag}={value}"])
+        assert f"--{flag}={value} is invalid" in capsys.readouterr().err
