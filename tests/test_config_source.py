@@ -298,3 +298,15 @@ def test_evaluate_flags_make_one_checked_settings_record(capsys):
         with pytest.raises(SystemExit):
             evaluate.parse_args(["--model=M", f"--{flag}={value}"])
         assert f"--{flag}={value} is invalid" in capsys.readouterr().err
+
+
+def test_compare_imports_plugins_before_it_checks_the_algorithm_names(tmp_path, capsys):
+    from experiments import compare
+
+    for argv, message in (
+        (["--import=no_such_plugin"], "--import=no_such_plugin: cannot import module"),
+        (["--algos=margin_only"], "--algos: unknown ['margin_only']"),
+    ):
+        with pytest.raises(SystemExit):
+            compare.main([f"--workdir={tmp_path}", *argv])
+        assert message in capsys.readouterr().err
