@@ -33,8 +33,9 @@ def rl_steps(steps: int = 2) -> dict:
     from aapo_jax.optim import make_optimizer
     from aapo_jax.rewards import tokens
     from aapo_jax.types import PromptBatch
-    from tests.test_train_step import TINY as config
+    from tests import hf_fixtures
 
+    config = hf_fixtures.tiny_model_config(vocab_size=32)
     rl_cfg = configs.RLConfig(group_size=GROUP)
     optim = configs.OptimConfig(learning_rate=1e-2, total_steps=10, eps=1.0)
     tx = make_optimizer(optim)
