@@ -73,9 +73,9 @@ def rl_steps(steps: int = 2) -> dict:
 
 
 def trainer_config(model_dir: str, **train):
-    """tests/test_trainer.py's tiny run (two steps unless `train` says) on a data=2 × fsdp=2
+    """tests/helpers.py's tiny run (two steps unless `train` says) on a data=2 × fsdp=2
     mesh, with HF export."""
-    from tests.test_trainer import tiny_config
+    from tests.helpers import tiny_config
 
     c = tiny_config(model_dir, **train)
     c.name = "two-process"

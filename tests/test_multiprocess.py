@@ -14,9 +14,7 @@ from flax import nnx
 
 from aapo_jax import checkpoint, metrics, models
 from tests import hf_fixtures, multiprocess_worker
-from tests.test_trainer import trained_steps, wait_for
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, trained_steps, wait_for
 
 
 def _free_port() -> int:

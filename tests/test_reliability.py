@@ -13,7 +13,7 @@ from flax import nnx
 
 from aapo_jax import checkpoint, configs, data, metrics, models, trainer
 from tests import hf_fixtures
-from tests.test_trainer import tiny_config, train_process, trained_steps, wait_for
+from tests.helpers import tiny_config, train_process, trained_steps, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _params(workdir: Path) -> list[np.ndarray]:
 def test_kill9_twice_resumes_bit_identically_and_logs_each_step_once(model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from tests.test_trainer import tiny_config\n\n\n"
+        "from tests.helpers import tiny_config\n\n\n"
         f"def get_config():\n    return tiny_config({str(model_dir)!r}, steps=12, "
         "checkpoint_every=3, samples_every=2)\n"
     )
@@ -195,7 +195,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(model_dir, tmp_p
 def test_sigterm_during_startup_or_the_initial_eval(model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from tests.test_trainer import tiny_config\n\n\n"
+        "from tests.helpers import tiny_config\n\n\n"
         f"def get_config():\n    c = tiny_config({str(model_dir)!r}, steps=2)\n"
         "    c.data.eval_size = c.train.eval_size = 64\n    c.train.eval_batch_size = 4\n"
         "    return c\n"
