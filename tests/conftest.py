@@ -48,7 +48,8 @@ def trained_run(tiny_model_dir, tmp_path_factory) -> TrainedRun:
     """`helpers.tiny_config` trained once for the session: two steps, a checkpoint after each.
 
     Tests read it and must not write to it; one that resumes or changes the run takes
-    `trained_workdir`, a copy.
+    `trained_workdir`, a copy. Under xdist the tests that use it share one worker (see
+    `pytest_collection_modifyitems`), so it is trained once.
     """
     from aapo_jax import configs, trainer
     from tests.helpers import tiny_config
@@ -62,3 +63,25 @@ def trained_run(tiny_model_dir, tmp_path_factory) -> TrainedRun:
 def trained_workdir(trained_run, tmp_path) -> Path:
     """A copy of the session's trained run (`trained_run`) for a test that writes to it."""
     return Path(shutil.copytree(trained_run.workdir, tmp_path / "trained"))
+
+
+# Modules that train or start subprocesses, longest first: with `-n 2` (each test its own
+# xdist work unit, see pyproject.toml) the last tests to start are short ones.
+_LONG_MODULES = (
+    "test_multiprocess.py",
+    "test_reliability.py",
+    "test_trainer.py",
+    "test_train_step.py",
+    "test_experiments.py",
+    "test_plan.py",
+    "test_configs.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("trained_run"))
+    rank = {name: i for i, name in enumerate(_LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
