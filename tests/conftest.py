@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices, fp32-exact matmuls, the tiny model and one trained run."""
+"""Test setup: 8 fake CPU devices, fp32-exact matmuls, one XLA cache, the shared tiny run."""
 
 import atexit
 import os
@@ -15,10 +15,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# The commands the tests start as subprocesses (trainer runs killed and resumed, two-process
-# runs, README examples) compile the same programs again and again: they share one XLA
-# compilation cache for the session. This process keeps it off, so the tests that count
-# compiles see every one.
+# The tests compile the same programs again and again: every trainer run jits its own
+# rollout and update, and the commands started as subprocesses (trainer runs killed and
+# resumed, two-process runs, README examples) compile them afresh. The test processes (each
+# xdist worker) and the subprocesses share one XLA compilation cache for the session. A
+# program read back from the cache still reports a backend compile event, so the tests that
+# count compiles see every jit cache miss.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aapo-jax-test-xla-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
@@ -26,7 +28,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax
 
-jax.config.update("jax_enable_compilation_cache", False)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
