@@ -14,6 +14,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests run tiny programs a few times each, where LLVM's optimisation of the code XLA
+# generates costs far more than it saves. This keeps every XLA (HLO) pass and skips that,
+# for this process and the subprocesses it starts.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # The tests compile the same programs again and again: every trainer run jits its own
 # rollout and update, and the commands started as subprocesses (trainer runs killed and
