@@ -45,6 +45,17 @@ TINY = dict(
 )
 
 
+def tiny_model_config(**overrides):
+    """The tiny model as our `models.ModelConfig` (Qwen2: q/k/v biases), from the numbers in
+    `TINY`; tests that need another vocabulary, width or depth pass it as an override."""
+    import dataclasses
+
+    from aapo_jax import models
+
+    config = models.config_from_hf({**TINY, "model_type": "qwen2"})
+    return dataclasses.replace(config, **overrides)
+
+
 def hf_config(family: str, **overrides):
     import transformers
 

@@ -34,8 +34,9 @@ def rl_steps(steps: int = 2) -> dict:
     from aapo_jax.rewards import tokens
     from aapo_jax.sampling import SamplerSettings
     from aapo_jax.types import PromptBatch
-    from tests.test_train_step import TINY as config
+    from tests import hf_fixtures
 
+    config = hf_fixtures.tiny_model_config(vocab_size=32)
     rl_cfg = configs.RLConfig(group_size=GROUP)
     optim = configs.OptimConfig(learning_rate=1e-2, total_steps=10, eps=1.0)
     tx = make_optimizer(optim)
@@ -73,9 +74,9 @@ def rl_steps(steps: int = 2) -> dict:
 
 
 def trainer_config(model_dir: str, **train):
-    """tests/test_trainer.py's tiny run (two steps unless `train` says) on a data=2 × fsdp=2
+    """tests/helpers.py's tiny run (two steps unless `train` says) on a data=2 × fsdp=2
     mesh, with HF export."""
-    from tests.test_trainer import tiny_config
+    from tests.helpers import tiny_config
 
     c = tiny_config(model_dir, **train)
     c.name = "two-process"

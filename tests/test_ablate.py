@@ -14,13 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aapo_jax import advantages, losses, metrics
+from aapo_jax import advantages, algorithms, losses, metrics
 from experiments import ablate
 
 REWARDS = jnp.array([0.0, 0.15, 1.0])  # differences 0.15 (inside), ±0.85 and ±1 (clipped)
 THETA = jnp.array([0.3, -0.5, 0.1])
 THETA_REF = jnp.array([-0.2, 0.4, 0.0])
 LOW, HIGH = 0.2, 0.28
+
+
+@pytest.fixture(autouse=True)
+def _algorithm_registry_restored():
+    """The ablation runs add their algorithms to the global registry: take them out again,
+    so that tests run later in the same process (test_algorithms) see the library's own."""
+    saved = dict(algorithms.ALGORITHMS)
+    yield
+    algorithms.ALGORITHMS.clear()
+    algorithms.ALGORITHMS.update(saved)
 
 
 def expected_gradient(advantage_fn, group: int) -> jax.Array:
@@ -109,7 +119,7 @@ def test_binary_rewards_margin_rescales_the_reward_gradient():
 
 
 def test_variants_name_registered_algorithms_with_valid_hparams():
-    from aapo_jax import algorithms, configs
+    from aapo_jax import configs
     from configs import quickstart
 
     ablate.register_algorithms()

@@ -10,7 +10,7 @@ from absl.testing import parameterized
 
 from aapo_jax import advantages, algorithms, configs, losses
 from aapo_jax.algorithms import ALGORITHMS, Algorithm, HParam
-from tests.test_advantages import np_aapo, np_grpo, np_rloo
+from tests.reference_advantages import np_aapo, np_grpo, np_rloo
 
 
 def close(actual, expected, atol=1e-5, rtol=1e-5):

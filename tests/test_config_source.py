@@ -14,8 +14,7 @@ import pytest
 
 from aapo_jax import algorithms, configs, fields, losses, plugins, sampling
 from configs import base, quickstart
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _leaves(tree, prefix=""):

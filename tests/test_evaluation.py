@@ -12,6 +12,7 @@ from flax import nnx
 from aapo_jax import evaluation, models, rewards, sharding
 from aapo_jax.data.sources import Example
 from aapo_jax.sampling import SamplerSettings
+from tests import hf_fixtures
 
 # ---------------------------------------------------------------------------
 # pass@k and majority vote
@@ -109,15 +110,13 @@ def _markov_model(transitions: dict[str, dict[str, float]]):
     successors get logit −30.
     """
     d = 16
-    config = models.ModelConfig(
+    config = hf_fixtures.tiny_model_config(
         vocab_size=len(VOCAB),
         hidden_size=d,
         intermediate_size=8,
         num_layers=1,
         num_heads=2,
         num_kv_heads=1,
-        head_dim=8,
-        qkv_bias=True,
     )
     model = models.Transformer(config, rngs=nnx.Rngs(0))
     layers = model.layers  # all layers' weights, stacked

@@ -6,14 +6,12 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from aapo_jax import metrics
 from experiments import bench_decode_bandwidth, compare
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):

@@ -317,15 +317,7 @@ def test_missing_files(tmp_path):
 
 def test_bad_model_config_names_field():
     with pytest.raises(ValueError, match="num_kv_heads=3"):
-        models.ModelConfig(
-            vocab_size=8,
-            hidden_size=8,
-            intermediate_size=8,
-            num_layers=1,
-            num_heads=4,
-            num_kv_heads=3,
-            head_dim=2,
-        )
+        hf_fixtures.tiny_model_config(num_heads=4, num_kv_heads=3)
 
 
 def test_shard_batch_splits_rows_over_data_and_fsdp():

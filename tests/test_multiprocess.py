@@ -13,10 +13,8 @@ import pytest
 from flax import nnx
 
 from aapo_jax import checkpoint, metrics, models
-from tests import hf_fixtures, multiprocess_worker
-from tests.test_trainer import trained_steps, wait_for
-
-REPO = Path(__file__).resolve().parents[1]
+from tests import multiprocess_worker
+from tests.helpers import REPO, trained_steps, wait_for
 
 
 def _free_port() -> int:
@@ -87,7 +85,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_train_command_on_two_processes_resumes_after_one_is_killed_and_matches_one_process(
-    tmp_path,
+    tiny_model_dir, tmp_path
 ):
     """`experiments.train --distributed` on two processes, with the host-reward trainer's
     per-process prompt shards, evals, checkpoints and HF export. One process is killed
@@ -95,7 +93,7 @@ def test_train_command_on_two_processes_resumes_after_one_is_killed_and_matches_
     does not fail on its own; both restart with the same command and resume. The result
     matches one uninterrupted process, step by step, with each step logged once."""
     steps = 6
-    model_dir = str(hf_fixtures.make_model_dir(tmp_path / "model"))
+    model_dir = str(tiny_model_dir)
     expected = multiprocess_worker.train(
         model_dir, str(tmp_path / "one"), steps=steps, checkpoint_every=2
     )

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 from aapo_jax import aot, hlo, models, sampling
-from configs.base import base_config
+from tests.helpers import REPO, tiny_plan_config
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_SHAPES = REPO / "configs" / "model_shapes"
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -46,19 +45,6 @@ def write_model(directory: Path) -> Path:
     return directory
 
 
-def tiny_config(model_dir):
-    """AAPO (policy + reference rollout) on the tiny model: B=8 prompts × G=2, P=8, T=4."""
-    c = base_config()
-    c.name = "tiny-plan"
-    c.model.path = str(model_dir)
-    c.data.name = "chain_sum"
-    c.rl.group_size = 2
-    c.train.prompts_per_step = 8
-    c.sampling.max_prompt_length = 8
-    c.sampling.max_new_tokens = 4
-    return c
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("tiny_model"))
@@ -67,7 +53,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def planned(model_dir):
     """Both programs of the tiny config compiled once on the 8 fake CPU devices (fsdp=8)."""
-    config = aot.plan_config(tiny_config(model_dir))
+    config = aot.plan_config(tiny_plan_config(model_dir))
     plan = aot.abstract_inputs(config, jax.devices())
     return plan, aot.compile_programs(plan)
 
@@ -142,8 +128,8 @@ def test_too_little_memory_names_the_knob(planned):
 def test_entry_point_json_and_exit_status(model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from tests.test_plan import tiny_config\n\n\n"
-        f"def get_config():\n    return tiny_config({str(model_dir)!r})\n"
+        "from tests.helpers import tiny_plan_config\n\n\n"
+        f"def get_config():\n    return tiny_plan_config({str(model_dir)!r})\n"
     )
     proc = subprocess.run(
         [
@@ -272,7 +258,7 @@ def test_plan_config_fills_only_unused_data_fields(model_dir):
 
     config = aot.plan_config(r1_distill_1p5b_openrs.get_config(), model_path=model_dir)
     assert config.data.path.endswith(".jsonl") and config.model.path == str(model_dir)
-    c = tiny_config(model_dir)
+    c = tiny_plan_config(model_dir)
     c.data.name = ""
     assert aot.plan_config(c).data.name == aot.PLACEHOLDER_DATA
     c.data.name = "chain_sum"
@@ -305,7 +291,7 @@ def test_topology_without_libtpu_says_what_to_install():
 def test_compiles_for_a_tpu_topology(model_dir):
     devices = aot.target_devices("v5e:2x4")
     assert len(devices) == 8 and devices[0].device_kind == "TPU v5 lite"
-    config = aot.plan_config(tiny_config(model_dir))
+    config = aot.plan_config(tiny_plan_config(model_dir))
     plan = aot.abstract_inputs(config, devices, attention=aot.target_attention(config, "tpu"))
     memory, source = aot.device_memory_bytes(devices[0])
     report = aot.memory_report(
@@ -322,8 +308,8 @@ def test_compiles_for_a_tpu_topology(model_dir):
 def test_bench_compile_reports_both_depths_and_their_ratio(model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from tests.test_plan import tiny_config\n\n\n"
-        f"def get_config():\n    return tiny_config({str(model_dir)!r})\n"
+        "from tests.helpers import tiny_plan_config\n\n\n"
+        f"def get_config():\n    return tiny_plan_config({str(model_dir)!r})\n"
     )
     command = [sys.executable, "-m", "experiments.bench_compile", f"--config={config_file}"]
     run = lambda *flags: subprocess.run(

@@ -13,12 +13,7 @@ from flax import nnx
 
 from aapo_jax import checkpoint, configs, data, metrics, models, trainer
 from tests import hf_fixtures
-from tests.test_trainer import tiny_config, train_process, trained_steps, wait_for
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return hf_fixtures.make_model_dir(tmp_path_factory.mktemp("model"))
+from tests.helpers import tiny_config, train_process, trained_steps, wait_for
 
 
 def _kill_when(proc: subprocess.Popen, ready) -> None:
@@ -33,11 +28,11 @@ def _params(workdir: Path) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
-def test_kill9_twice_resumes_bit_identically_and_logs_each_step_once(model_dir, tmp_path):
+def test_kill9_twice_resumes_bit_identically_and_logs_each_step_once(tiny_model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from tests.test_trainer import tiny_config\n\n\n"
-        f"def get_config():\n    return tiny_config({str(model_dir)!r}, steps=12, "
+        "from tests.helpers import tiny_config\n\n\n"
+        f"def get_config():\n    return tiny_config({str(tiny_model_dir)!r}, steps=12, "
         "checkpoint_every=3, samples_every=2)\n"
     )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -68,47 +63,46 @@ def test_kill9_twice_resumes_bit_identically_and_logs_each_step_once(model_dir, 
     assert summary["wall_seconds"] > sum(json.loads((resumed / trainer.WALL_FILE).read_text())[:2])
 
 
-def test_a_changed_config_refuses_to_resume_naming_the_fields(model_dir, tmp_path):
-    trainer.train(configs.experiment_config(tiny_config(model_dir, steps=1)), tmp_path)
-    c = tiny_config(model_dir, steps=2)
+def test_a_changed_config_refuses_to_resume_naming_the_fields(tiny_model_dir, trained_workdir):
+    c = tiny_config(tiny_model_dir, steps=3)
     c.rl.group_size = 2
     c.optim.learning_rate = 2e-3
     start = time.perf_counter()
     with pytest.raises(trainer.ResumeError) as info:
-        trainer.Trainer(configs.experiment_config(c), tmp_path)
+        trainer.Trainer(configs.experiment_config(c), trained_workdir)
     assert time.perf_counter() - start < 10  # before the model loads
     message = str(info.value)
     assert "rl.group_size: 4 -> 2" in message and "optim.learning_rate: 0.001 -> 0.002" in message
-    assert "train.allow_config_change=True" in message and str(tmp_path) in message
+    assert "train.allow_config_change=True" in message and str(trained_workdir) in message
     # Steps and cadence may change: listed in the summary, not refused.
     summary = trainer.train(
-        configs.experiment_config(tiny_config(model_dir, steps=2, eval_every=2)), tmp_path
+        configs.experiment_config(tiny_config(tiny_model_dir, steps=3, eval_every=2)),
+        trained_workdir,
     )
     (change,) = summary["config_changes_on_resume"]
-    assert change["step"] == 1
-    assert change["changes"]["train.steps"] == [1, 2]
+    assert change["step"] == 2
+    assert change["changes"]["train.steps"] == [2, 3]
     assert change["changes"]["train.eval_every"] == [0, 2]
     # An explicit override resumes under the new config.
     c.train.allow_config_change = True
-    c.train.steps = c.optim.total_steps = 3
-    summary = trainer.train(configs.experiment_config(c), tmp_path)
-    assert summary["steps"] == 3 and summary["group_size"] == 2
+    c.train.steps = c.optim.total_steps = 4
+    summary = trainer.train(configs.experiment_config(c), trained_workdir)
+    assert summary["steps"] == 4 and summary["group_size"] == 2
     assert len(summary["config_changes_on_resume"]) == 2
 
 
-def test_a_checkpoint_of_another_model_names_the_differing_weights(model_dir, tmp_path):
-    trainer.train(configs.experiment_config(tiny_config(model_dir, steps=1)), tmp_path / "wd")
+def test_a_checkpoint_of_another_model_names_the_differing_weights(trained_workdir, tmp_path):
     other = hf_fixtures.make_model_dir(tmp_path / "llama", family="llama3_tied")
-    c = tiny_config(other, steps=2, allow_config_change=True)
+    c = tiny_config(other, steps=3, allow_config_change=True)
     with pytest.raises(trainer.ResumeError) as info:
-        trainer.train(configs.experiment_config(c), tmp_path / "wd")
+        trainer.train(configs.experiment_config(c), trained_workdir)
     message = str(info.value)
     assert "does not fit this run's train state" in message and "params/" in message
     assert "another model or optimizer" in message
     assert "partial_restore" not in message
 
 
-def test_paths_are_checked_before_the_model_loads(model_dir, tmp_path, monkeypatch):
+def test_paths_are_checked_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the config's paths were checked")
 
@@ -129,7 +123,7 @@ def test_paths_are_checked_before_the_model_loads(model_dir, tmp_path, monkeypat
         ),
     ]
     for settings, message in cases:
-        c = tiny_config(model_dir)
+        c = tiny_config(tiny_model_dir)
         for field, value in settings.items():
             section, key = field.split(".")
             c[section][key] = value
@@ -158,10 +152,10 @@ def test_non_utf8_data_names_the_file_and_line_and_null_answers_are_counted(tmp_
     assert stats.empty_answer == 2 and stats.kept == 3
 
 
-def test_non_finite_updates_in_a_row_abort_keeping_the_last_checkpoint(model_dir, tmp_path):
+def test_non_finite_updates_in_a_row_abort_keeping_the_last_checkpoint(tiny_model_dir, tmp_path):
     # A step of 1e30 (AdamW moves every weight by about the learning rate) overflows the
     # forward, so every later loss is non-finite and its update skipped.
-    c = tiny_config(model_dir, steps=8, max_consecutive_skips=2, checkpoint_every=1)
+    c = tiny_config(tiny_model_dir, steps=8, max_consecutive_skips=2, checkpoint_every=1)
     c.optim.learning_rate = 1e30
     with pytest.raises(FloatingPointError, match=r"2 updates in a row.*steps 2–3") as info:
         trainer.train(configs.experiment_config(c), tmp_path)
@@ -171,8 +165,8 @@ def test_non_finite_updates_in_a_row_abort_keeping_the_last_checkpoint(model_dir
     assert [r["update_skipped"] for r in rows if "loss" in r] == [0.0, 1.0, 1.0]
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(model_dir, tmp_path):
-    config = configs.experiment_config(tiny_config(model_dir, steps=3, checkpoint_every=1))
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path):
+    config = configs.experiment_config(tiny_config(tiny_model_dir, steps=3, checkpoint_every=1))
     run = trainer.Trainer(config, tmp_path)
     real_save = run.checkpointer.save
 
@@ -192,11 +186,11 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(model_dir, tmp_p
     assert [r["step"] for r in metrics.read_metrics(tmp_path) if "loss" in r] == [1, 2, 3]
 
 
-def test_sigterm_during_startup_or_the_initial_eval(model_dir, tmp_path):
+def test_sigterm_during_startup_or_the_initial_eval(tiny_model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from tests.test_trainer import tiny_config\n\n\n"
-        f"def get_config():\n    c = tiny_config({str(model_dir)!r}, steps=2)\n"
+        "from tests.helpers import tiny_config\n\n\n"
+        f"def get_config():\n    c = tiny_config({str(tiny_model_dir)!r}, steps=2)\n"
         "    c.data.eval_size = c.train.eval_size = 64\n    c.train.eval_batch_size = 4\n"
         "    return c\n"
     )

@@ -13,8 +13,8 @@ from aapo_jax.rewards import tokens
 from aapo_jax.train_step import init_train_state
 from aapo_jax.types import PromptBatch, Rollout
 from tests import hf_fixtures
-from tests.test_train_step import TINY
 
+TINY = hf_fixtures.tiny_model_config(vocab_size=32)
 G, T = 2, 4
 
 

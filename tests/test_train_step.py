@@ -26,18 +26,10 @@ from aapo_jax.optim import make_optimizer, make_schedule
 from aapo_jax.rewards import tokens as token_rewards
 from aapo_jax.sampling import SamplerSettings
 from aapo_jax.types import PromptBatch, Rollout
+from tests import hf_fixtures
 from tests.hf_fixtures import low_token_share
 
-TINY = models.ModelConfig(
-    vocab_size=32,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-)
+TINY = hf_fixtures.tiny_model_config(vocab_size=32)
 B, G, P, T = 4, 4, 6, 5
 EOS = 2
 

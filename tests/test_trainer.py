@@ -1,12 +1,8 @@
 """The training loop end to end on a tiny random model: outputs, resume, SIGTERM, writers."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,67 +10,32 @@ import pytest
 from flax import nnx
 
 from aapo_jax import checkpoint, configs, metrics, models, sharding, trainer
-from configs.base import base_config
 from experiments import evaluate
-from tests import hf_fixtures
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import tiny_config, train_process
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return hf_fixtures.make_model_dir(tmp_path_factory.mktemp("model"))
-
-
-def tiny_config(model_dir, **train):
-    """Two steps of AAPO on chain_sum from the tiny random model, trained on `digit_fraction`
-    (a reward that varies between a random model's completions) and evaluated with the
-    chain_sum scorer."""
-    hf_fixtures.register_test_rewards()
-    c = base_config()
-    c.name = "tiny"
-    c.model.path = str(model_dir)
-    c.data.name = "chain_sum"
-    c.data.gym_kwargs = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
-    c.data.train_size = 64
-    c.data.eval_size = 8
-    c.rl.group_size = 4
-    c.sampling.max_prompt_length = 128
-    c.sampling.max_new_tokens = 6
-    c.reward.names = ("digit_fraction",)
-    c.reward.eval_name = "gym:chain_sum"
-    c.reward.num_workers = 0
-    c.optim.learning_rate = 1e-3
-    c.train.steps = 2
-    c.train.prompts_per_step = 4
-    c.train.samples_every = 1
-    c.train.checkpoint_every = 1
-    c.train.update(train)
-    return c
-
-
-def test_two_steps_write_metrics_plots_checkpoints_and_summary(model_dir, tmp_path):
-    c = tiny_config(model_dir)
+def test_two_steps_write_metrics_plots_checkpoints_and_summary(tiny_model_dir, trained_run):
+    c = tiny_config(tiny_model_dir)  # the config of `trained_run`
     assert c.optim.weight_decay == 0.0  # only the gradient can move the weights
-    summary = trainer.train(configs.experiment_config(c), tmp_path)
+    workdir, summary = trained_run
     for key in ("initial_eval_accuracy", "final_eval_accuracy", "eval_problems", "steps"):
         assert key in summary
     assert summary["steps"] == 2 and summary["eval_problems"] == 8
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    rows = metrics.read_metrics(tmp_path)
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+    rows = metrics.read_metrics(workdir)
     assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]
     assert all(r["reward_std"] > 0 and abs(r["loss"]) > 1e-5 for r in rows if "loss" in r)
     assert {r["step"] for r in rows if "eval/accuracy" in r} == {0, 2}
     for name in summary["plots"]:
-        assert (tmp_path / name).stat().st_size > 1000
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+        assert (workdir / name).stat().st_size > 1000
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    samples = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
     assert {"prompt", "completion", "reward", "answer"} <= set(samples[0])
-    assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == 2
     # The trained policy loads back from the workdir and evaluates like the run's last eval.
-    model, config = trainer.load_trained_model(tmp_path)
+    model, config = trainer.load_trained_model(workdir)
     assert config.name == "tiny"
-    initial = models.load_hf_checkpoint(model_dir)
+    initial = models.load_hf_checkpoint(tiny_model_dir)
     # Every parameter array moved, by its gradient (no weight decay).
     moved = jax.tree.map(
         lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
@@ -85,7 +46,7 @@ def test_two_steps_write_metrics_plots_checkpoints_and_summary(model_dir, tmp_pa
     report = evaluate.run(
         evaluate.parse_args(
             [
-                f"--model={tmp_path}",
+                f"--model={workdir}",
                 "--task=gym:chain_sum",
                 "--n=2",
                 "--eval_size=8",
@@ -96,19 +57,20 @@ def test_two_steps_write_metrics_plots_checkpoints_and_summary(model_dir, tmp_pa
             ]
         )
     )
-    assert report["model"] == str(tmp_path) and report["num_problems"] == 8
+    assert report["model"] == str(workdir) and report["num_problems"] == 8
     assert report["greedy_accuracy"] == pytest.approx(summary["final_eval_accuracy"])
 
 
 STEP_KEYS = ("loss", "grad_norm", "reward_mean", "ref_reward_mean", "margin_mean", "entropy", "kl")
 
 
-def test_resume_gives_the_same_next_step(model_dir, tmp_path):
+def test_resume_gives_the_same_next_step(tiny_model_dir, trained_workdir, tmp_path):
     straight = tmp_path / "straight"
-    trainer.train(configs.experiment_config(tiny_config(model_dir, steps=3)), straight)
-    resumed = tmp_path / "resumed"
-    trainer.train(configs.experiment_config(tiny_config(model_dir, steps=2)), resumed)
-    summary = trainer.train(configs.experiment_config(tiny_config(model_dir, steps=3)), resumed)
+    trainer.train(configs.experiment_config(tiny_config(tiny_model_dir, steps=3)), straight)
+    resumed = trained_workdir  # two steps of the same config
+    summary = trainer.train(
+        configs.experiment_config(tiny_config(tiny_model_dir, steps=3)), resumed
+    )
     assert summary["steps"] == 3
 
     def step3(workdir):
@@ -121,7 +83,7 @@ def test_resume_gives_the_same_next_step(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["host", "token"])
-def test_sharded_mesh_trains_like_one_device(model_dir, tmp_path, kind):
+def test_sharded_mesh_trains_like_one_device(tiny_model_dir, tmp_path, kind):
     """data × fsdp × tensor = 2 × 2 × 2 on the 8 CPU devices, and a data-parallel 4 × 1 × 1
     mesh (each device samples and differentiates its own prompt): same steps as one device."""
     meshes = {
@@ -133,7 +95,7 @@ def test_sharded_mesh_trains_like_one_device(model_dir, tmp_path, kind):
         del meshes["data"]
     runs = {}
     for name, mesh in meshes.items():
-        c = tiny_config(model_dir, eval_every=0, samples_every=0)
+        c = tiny_config(tiny_model_dir, eval_every=0, samples_every=0)
         c.optim.eps = 1.0  # keep the update linear in the gradient (see test_train_step.py)
         c.mesh = mesh
         if kind == "token":
@@ -153,13 +115,12 @@ def test_sharded_mesh_trains_like_one_device(model_dir, tmp_path, kind):
         )
 
 
-def test_load_trained_model_onto_a_mesh(model_dir, tmp_path):
+def test_load_trained_model_onto_a_mesh(trained_run):
     """Restored straight onto the mesh's shardings, equal to the one-device restore."""
-    trainer.train(configs.experiment_config(tiny_config(model_dir, steps=1)), tmp_path)
-    alone, _ = trainer.load_trained_model(tmp_path)
+    alone, _ = trainer.load_trained_model(trained_run.workdir)
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-    model, config = trainer.load_trained_model(tmp_path, mesh=mesh)
-    assert config.train.steps == 1
+    model, config = trainer.load_trained_model(trained_run.workdir, mesh=mesh)
+    assert config.train.steps == 2
     embed = model.embed.value
     assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert len(embed.sharding.device_set) == 8
@@ -169,8 +130,8 @@ def test_load_trained_model_onto_a_mesh(model_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_token_reward_path(model_dir, tmp_path):
-    c = tiny_config(model_dir)
+def test_token_reward_path(tiny_model_dir, tmp_path):
+    c = tiny_config(tiny_model_dir)
     c.reward.kind = "token"
     c.reward.names = ("exact_match",)
     c.reward.eval_name = "gym:chain_sum"
@@ -186,55 +147,11 @@ def test_token_reward_path(model_dir, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
-def train_process(config_file: Path, workdir: Path) -> subprocess.Popen:
-    """`python -m experiments.train` on a config file, as a user starts it (no progress bar)."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            f"--config={config_file}",
-            f"--workdir={workdir}",
-            "--noprogress",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_for(procs: subprocess.Popen | list[subprocess.Popen], ready, timeout_s=240) -> None:
-    """Poll `ready()` until it holds; fails if one of `procs` exits first or time runs out."""
-    procs = [procs] if isinstance(procs, subprocess.Popen) else procs
-    deadline = time.time() + timeout_s
-    while not ready():
-        for proc in procs:  # the output (or, written to a file, the status) of one that exited
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
-        assert time.time() < deadline, "the run never reached the point waited for"
-        time.sleep(0.05)
-
-
-def trained_steps(workdir: Path) -> list[int]:
-    """The steps of the training rows a (possibly running) job has written so far."""
-    path = workdir / metrics.METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a row being written
-            pass
-    return [r["step"] for r in rows if "loss" in r]
-
-
-def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
+def test_sigterm_saves_a_restorable_checkpoint(tiny_model_dir, tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from tests.test_trainer import tiny_config\n\n\n"
-        f"def get_config():\n    return tiny_config({str(model_dir)!r}, steps=500)\n"
+        "from tests.helpers import tiny_config\n\n\n"
+        f"def get_config():\n    return tiny_config({str(tiny_model_dir)!r}, steps=500)\n"
     )
     workdir = tmp_path / "wd"
     proc = train_process(config_file, workdir)
@@ -252,7 +169,7 @@ def test_sigterm_saves_a_restorable_checkpoint(model_dir, tmp_path):
     step = checkpoint.Checkpointer(workdir / "checkpoints").latest_step()
     assert 3 <= step < 500
     # The checkpoint restores: a new run resumes from it and finishes.
-    config = configs.experiment_config(tiny_config(model_dir, steps=step + 1))
+    config = configs.experiment_config(tiny_config(tiny_model_dir, steps=step + 1))
     summary = trainer.train(config, workdir)
     assert summary["steps"] == step + 1
 
@@ -280,7 +197,7 @@ def test_tensorboard_tags_are_valid_without_warnings(tmp_path, caplog):
     assert metrics.read_metrics(tmp_path) == [{"step": 1, "reward/gym:chain_sum": 0.5}]
 
 
-def test_bad_config_fails_before_anything_is_built(model_dir):
+def test_bad_config_fails_before_anything_is_built(tiny_model_dir):
     cases = [
         (("rl", "algorithm", "ppo"), r"rl\.algorithm='ppo'"),
         (("rl", "group_size", 1), r"rl\.group_size=1 .*≥ 2 for algorithm 'aapo'"),
@@ -291,19 +208,19 @@ def test_bad_config_fails_before_anything_is_built(model_dir):
         (("rl", "reference_ema_rate", 0.5), r"rl\.reference_ema_rate=0\.5 has no effect"),
     ]
     for (section, field, value), message in cases:
-        c = tiny_config(model_dir)
+        c = tiny_config(tiny_model_dir)
         setattr(c[section], field, value)
         with pytest.raises(ValueError, match=message):
             configs.experiment_config(c)
     # A hyper-parameter the algorithm does not use (AAPO has no KL penalty).
-    c = tiny_config(model_dir)
+    c = tiny_config(tiny_model_dir)
     c.rl.hparams.margin_low = 0.5
     d = c.to_dict()
     d["rl"]["hparams"]["kl_beta"] = 0.1
     with pytest.raises(ValueError, match=r"rl\.hparams\.kl_beta.*not used by algorithm 'aapo'"):
         configs.experiment_config(d)
     # A config written without the shared steps reference.
-    d = tiny_config(model_dir).to_dict()
+    d = tiny_config(tiny_model_dir).to_dict()
     d["optim"]["total_steps"] = 7
     with pytest.raises(ValueError, match=r"optim\.total_steps=7"):
         configs.experiment_config(d)
