@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -492,16 +493,12 @@ def generate(
     attention_mask: Array,
     *,
     rng: Array,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     num_samples: int = 1,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
     mesh: Mesh | None = None,
+    **settings: Any,
 ) -> SamplerOutput:
     """Generate completions for a left-padded prompt batch (jitted; cached per shape).
 
@@ -509,8 +506,6 @@ def generate(
       model: the policy (or any) `Transformer`.
       input_ids: int[B, P] left-padded prompts; attention_mask: [B, P] (1 = token).
       rng: PRNG key; the same key gives the same samples.
-      max_new_tokens: the token budget T (the output is always [N, T]).
-      temperature: 0.0 is greedy. top_p / top_k / min_p: 1.0 / 0 / 0.0 are off.
       eos_token_id: an int, a list of ints (stop tokens), or None (no early stop).
       pad_token_id: written after a row's first EOS.
       num_samples: G completions per prompt; rows are ordered b·G + g.
@@ -520,19 +515,18 @@ def generate(
         data-parallel mesh (`sharding.row_parallel`) every device decodes its own rows in its
         own loop (the model is replicated onto each; outputs equal one device's);
         otherwise XLA partitions the program by the model's and rows' shardings.
+      **settings: the `SamplerSettings` fields, checked there: max_new_tokens (the budget
+        T; the output is always [N, T]), temperature (0.0 is greedy), top_p / top_k /
+        min_p (1.0 / 0 / 0.0 are off).
 
     Returns:
       `SamplerOutput` (tokens, mask, logprobs before temperature/filters, lengths).
     """
-    settings = SamplerSettings(
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        min_p=float(min_p),
-    )
     config = SamplingConfig(
-        settings, eos_ids(eos_token_id), pad_token_id=int(pad_token_id), num_samples=num_samples
+        SamplerSettings(**settings),
+        eos_ids(eos_token_id),
+        pad_token_id=int(pad_token_id),
+        num_samples=num_samples,
     )
     (out,) = generate_many(
         [model], input_ids, attention_mask, rngs=[rng], config=config, buckets=buckets, mesh=mesh

@@ -287,6 +287,8 @@ def test_bad_arguments_name_the_field(qwen):
         sampling.generate(qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampling.generate(qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
+        sampling.generate(qwen, ids, mask, rng=jax.random.key(0), max_new_tokens=2, topk=3)
     with pytest.raises(ValueError, match=r"attention_mask \(5, 11\)"):
         sampling.generate(qwen, ids, mask[:, 1:], rng=jax.random.key(0), max_new_tokens=2)
 
