@@ -25,8 +25,8 @@ Tasks, each with the host reward (`aapo_jax.rewards.get_host_reward`) that verif
 
 `--import=my_module` (repeatable) imports your own module first, e.g. one that registers the
 reward a training run used; a training --workdir re-imports the modules it was trained with.
-Sampling settings (--temperature, --top_p, --top_k, --min_p, --max_new_tokens) form one
-`sampling.SamplerSettings`, checked before anything loads.
+The sampling flags are the fields of `sampling.SamplerSettings` (--temperature, --top_p,
+--top_k, --min_p, --max_new_tokens): they form one record, checked before anything loads.
 
 Every completion is scored by `evaluation.make_scorer(verifier)` in --num_workers worker
 processes (0: in this process, bounded only by math-verify's own alarm): a sample that runs
@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -168,11 +169,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="quickstart", help="quickstart | gym:NAME | FILE.jsonl")
     p.add_argument("--n", type=int, default=4, help="samples per problem (0: greedy only)")
     p.add_argument("--k", type=int, default=None, help="for pass@k and maj@k (default: --n)")
-    p.add_argument("--temperature", type=float, default=evaluation.PAPER_SAMPLING.temperature)
-    p.add_argument("--top_p", type=float, default=evaluation.PAPER_SAMPLING.top_p)
-    p.add_argument("--top_k", type=int, default=0, help="0: off")
-    p.add_argument("--min_p", type=float, default=0.0, help="0: off")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's, or 512")
+    add_sampling_flags(p)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--no_greedy", action="store_true", help="skip the greedy pass")
@@ -214,14 +211,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error("--paper uses the paper's query in the chat template: drop --template.")
         args.n = args.k = evaluation.PAPER_SAMPLES
         args.no_greedy = True
-        paper = evaluation.PAPER_SAMPLING
-        args.temperature, args.top_p, args.top_k, args.min_p = (
-            paper.temperature,
-            paper.top_p,
-            paper.top_k,
-            paper.min_p,
-        )
-        args.max_new_tokens = args.max_new_tokens or paper.max_new_tokens
+        for name in sampling_flags():
+            if name != "max_new_tokens":
+                setattr(args, name, getattr(evaluation.PAPER_SAMPLING, name))
+        args.max_new_tokens = args.max_new_tokens or evaluation.PAPER_SAMPLING.max_new_tokens
     try:
         args.mesh = parse_mesh(args.mesh)
     except ValueError as e:
@@ -244,6 +237,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def sampling_flags() -> dict[str, type]:
+    """The sampling flags: one per `sampling.SamplerSettings` field, with its type."""
+    from aapo_jax.sampling import SamplerSettings
+
+    hints = typing.get_type_hints(SamplerSettings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(SamplerSettings)}
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--NAME for every `SamplerSettings` field, defaulting to the paper's evaluation sampling
+    (`evaluation.PAPER_SAMPLING`), except the budget: the task's, else
+    `DEFAULT_MAX_NEW_TOKENS`."""
+    from aapo_jax import evaluation
+
+    for name, kind in sampling_flags().items():
+        if name == "max_new_tokens":
+            default, shown = None, f"the task's, or {DEFAULT_MAX_NEW_TOKENS}"
+        else:
+            default = shown = getattr(evaluation.PAPER_SAMPLING, name)
+        p.add_argument(
+            f"--{name}", type=kind, default=default, help=f"SamplerSettings.{name} ({shown})"
+        )
+
+
 def sampler_settings(args: argparse.Namespace):
     """The `sampling.SamplerSettings` of the sampling flags; without --max_new_tokens the
     budget is the task's, else `DEFAULT_MAX_NEW_TOKENS` (`run` fills it in).
@@ -253,16 +270,11 @@ def sampler_settings(args: argparse.Namespace):
     """
     from aapo_jax.sampling import SamplerSettings
 
+    values = {name: getattr(args, name) for name in sampling_flags()}
+    if values["max_new_tokens"] is None:
+        values["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     try:
-        return SamplerSettings(
-            max_new_tokens=DEFAULT_MAX_NEW_TOKENS
-            if args.max_new_tokens is None
-            else args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-        )
+        return SamplerSettings(**values)
     except ValueError as e:  # "config field sampling.top_k=..." -> "--top_k=..."
         raise ValueError(str(e).replace("config field sampling.", "--")) from None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from aapo_jax import algorithms, configs, fields, losses, plugins, sampling
+from aapo_jax import algorithms, configs, evaluation, fields, losses, plugins, sampling
 from configs import base, quickstart
 from tests.helpers import REPO
 
@@ -297,6 +297,24 @@ def test_evaluate_flags_make_one_checked_settings_record(capsys):
         with pytest.raises(SystemExit):
             evaluate.parse_args(["--model=M", f"--{flag}={value}"])
         assert f"--{flag}={value} is invalid" in capsys.readouterr().err
+
+
+def test_a_new_sampler_setting_is_an_evaluate_flag_with_no_edit_to_evaluate(monkeypatch):
+    """The flags are the record's fields: one added to `SamplerSettings` appears in
+    `evaluate`, with its type and default, and reaches the record."""
+    from experiments import evaluate
+
+    @dataclasses.dataclass(frozen=True)
+    class WithRepetitionPenalty(sampling.SamplerSettings):
+        repetition_penalty: float = 1.0
+
+    paper = WithRepetitionPenalty(**dataclasses.asdict(evaluation.PAPER_SAMPLING))
+    monkeypatch.setattr(sampling, "SamplerSettings", WithRepetitionPenalty)
+    monkeypatch.setattr(evaluation, "PAPER_SAMPLING", paper)
+    assert list(evaluate.sampling_flags())[-1] == "repetition_penalty"
+    args = evaluate.parse_args(["--model=M", "--repetition_penalty=1.2"])
+    assert args.sampling.repetition_penalty == 1.2 and args.sampling.top_p == 0.95
+    assert evaluate.parse_args(["--model=M"]).sampling.repetition_penalty == 1.0
 
 
 def test_compare_imports_plugins_before_it_checks_the_algorithm_names(tmp_path, capsys):
