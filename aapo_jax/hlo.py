@@ -21,6 +21,8 @@ _CALLEE = re.compile(
 _CALLEE_LIST = re.compile(r"\b(branch_computations|called_computations|calls)=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)')
 _OPERAND = re.compile(r"%([\w.\-]+)")
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_CHAIN = re.compile(r'\bchain_id="?(\d+)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +130,12 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     Every all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute counts
     its result shape's bytes (per device: HLO shapes are per-device after SPMD
     partitioning). An async pair counts once, at its `-done` instruction (its result is the
-    collective's). Instructions inside a `while` body count times the loop's trip count
-    (`known_trip_count`, or a counter condition `i < N`; nested loops multiply); a loop
-    whose trip count the HLO does not give (e.g. a decode loop that stops at EOS) counts
-    once, and is listed with its collectives per iteration.
+    collective's), and so does an async collective that XLA:TPU splits into a chain of
+    fusions (each holds a copy with the same channel and `chain_id`). Instructions inside
+    a `while` body count times the loop's trip count (`known_trip_count`, or a counter
+    condition `i < N`; nested loops multiply); a loop whose trip count the HLO does not
+    give (e.g. a decode loop that stops at EOS) counts once, and is listed with its
+    collectives per iteration.
 
     Args:
       hlo_text: `compiled.as_text()`.
@@ -154,35 +158,48 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
                 callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
             calls[name] += [(c, trip, unknown) for c in callees if c in computations]
 
-    def local(name: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for inst in computations[name].insts.values():
-            kind = _collective_kind(inst.opcode)
-            if kind is not None:
-                out[kind] = out.get(kind, 0) + shape_bytes(inst.shape)
-        return out
+    def local(name: str) -> dict[tuple, tuple[str, int]]:
+        return {
+            _collective_key(name, inst_name, inst): (kind, shape_bytes(inst.shape))
+            for inst_name, inst in computations[name].insts.items()
+            if (kind := _collective_kind(inst.opcode)) is not None
+        }
 
     @functools.cache
-    def subtree(name: str) -> tuple[tuple[str, int], ...]:
+    def subtree(name: str) -> tuple[tuple[tuple, tuple[str, int]], ...]:
         total = local(name)
         for callee, trip, _ in calls[name]:
-            for kind, value in subtree(callee):
-                total[kind] = total.get(kind, 0) + trip * value
-        return tuple(sorted(total.items()))
+            for key, (kind, value) in subtree(callee):
+                if key in total and key[0] == "chain":  # one async collective's pieces
+                    total[key] = (kind, max(total[key][1], trip * value))
+                elif key in total:  # the same computation called again
+                    total[key] = (kind, total[key][1] + trip * value)
+                else:
+                    total[key] = (kind, trip * value)
+        return tuple(total.items())
 
+    def by_kind(entries) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for kind, value in (v for _, v in entries):
+            out[kind] = out.get(kind, 0) + value
+        return out
+
+    chains: set[tuple] = set()
     counts: dict[str, int] = {}
     per_loop: dict[str, dict[str, int]] = {}  # body + condition of each unknown loop
     for name, comp in computations.items():
-        for inst in comp.insts.values():
+        for inst_name, inst in comp.insts.items():
             kind = _collective_kind(inst.opcode)
-            if kind is not None:
+            key = _collective_key(name, inst_name, inst)
+            if kind is not None and key not in chains:
                 counts[kind] = counts.get(kind, 0) + 1
+                chains |= {key} if key[0] == "chain" else set()
         for callee, _, loop in calls[name]:
             if loop is not None:
                 into = per_loop.setdefault(loop, {})
-                for kind, value in subtree(callee):
+                for kind, value in by_kind(subtree(callee)).items():
                     into[kind] = into.get(kind, 0) + value
-    result = dict(subtree(entry)) if entry is not None else {}
+    result = by_kind(subtree(entry)) if entry is not None else {}
     return {
         "bytes": {kind: result.get(kind, 0) for kind in COLLECTIVES},
         "count": {kind: counts.get(kind, 0) for kind in COLLECTIVES},
@@ -190,6 +207,18 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
             {"loop": loop, "bytes_per_iteration": per_iter} for loop, per_iter in per_loop.items()
         ],
     }
+
+
+def _collective_key(computation: str, name: str, inst: _Inst) -> tuple:
+    """What identifies one collective: XLA:TPU splits an async collective into a chain of
+    fusions (start, continuations, done), each holding a copy of the collective with the
+    same channel and `chain_id`; those copies are one transfer. Any other instruction is
+    its own."""
+    chain = _CHAIN.search(inst.rest)
+    channel = _CHANNEL.search(inst.rest)
+    if chain and channel:
+        return ("chain", channel.group(1), chain.group(1))
+    return ("inst", computation, name)
 
 
 def _collective_kind(opcode: str) -> str | None:

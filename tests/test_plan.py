@@ -240,6 +240,57 @@ def test_collective_bytes_of_hand_written_hlo():
     ]
 
 
+# XLA:TPU's async collective as a chain of fusions (start, continuation, done), each with a
+# copy of the one all-gather (same channel, same chain_id), inside a loop of unknown length.
+ASYNC_CHAIN_HLO = """\
+HloModule chain
+
+%piece (w: bf16[2,8]) -> bf16[16,8] {
+  %w = bf16[2,8]{1,0} parameter(0)
+  ROOT %ag = bf16[16,8]{1,0} all-gather(%w), channel_id=7, dimensions={0}, CHAIN
+}
+
+%piece.1 (w: bf16[2,8]) -> bf16[16,8] {
+  %w = bf16[2,8]{1,0} parameter(0)
+  ROOT %ag.1 = bf16[16,8]{1,0} all-gather(%w), channel_id=7, dimensions={0}, CHAIN
+}
+
+%piece.2 (w: bf16[2,8]) -> bf16[16,8] {
+  %w = bf16[2,8]{1,0} parameter(0)
+  ROOT %ag.2 = bf16[16,8]{1,0} all-gather(%w), channel_id=7, dimensions={0}, CHAIN
+}
+
+%body (p: bf16[2,8]) -> bf16[2,8] {
+  %p = bf16[2,8]{1,0} parameter(0)
+  %start = bf16[16,8]{1,0} fusion(%p), kind=kCustom, calls=%piece
+  %more = bf16[16,8]{1,0} fusion(%p), kind=kCustom, calls=%piece.1
+  %done = bf16[16,8]{1,0} fusion(%p), kind=kCustom, calls=%piece.2
+  %other = bf16[16,8]{1,0} all-gather(%p), channel_id=8, dimensions={0}
+  ROOT %out = bf16[2,8]{1,0} slice(%done), slice={[0:2], [0:8]}
+}
+
+%until_eos (p: bf16[2,8]) -> pred[] {
+  %p = bf16[2,8]{1,0} parameter(0)
+  ROOT %go = pred[] constant(true)
+}
+
+ENTRY %main (a: bf16[2,8]) -> bf16[2,8] {
+  %a = bf16[2,8]{1,0} parameter(0)
+  ROOT %decode = bf16[2,8]{1,0} while(%a), condition=%until_eos, body=%body
+}
+""".replace("CHAIN", 'frontend_attributes={chain_id="3"}')
+
+
+def test_an_async_collective_split_into_a_chain_of_fusions_counts_once():
+    out = hlo.collective_bytes(ASYNC_CHAIN_HLO)
+    gathered = 16 * 8 * 2
+    assert out["bytes"]["all-gather"] == 2 * gathered  # the chain once, the other once
+    assert out["count"]["all-gather"] == 2
+    assert out["unknown_trip_count_loops"] == [
+        {"loop": "decode", "bytes_per_iteration": {"all-gather": 2 * gathered}}
+    ]
+
+
 def test_shape_bytes_and_resource_exhausted_messages():
     assert hlo.shape_bytes("(f32[8,128]{1,0}, s32[])") == 8 * 128 * 4 + 4
     assert hlo.shape_bytes("bf16[2,3]{1,0:T(8,128)(2,1)}") == 12
