@@ -1,11 +1,15 @@
 """Attention implementations against a per-head numpy reference of the mask semantics."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from aapo_jax.models import attention
+from aapo_jax.models.transformer import cached_attention
 
 B, H, K, DH = 2, 4, 2, 16
 
@@ -143,3 +147,47 @@ def test_attend_names_the_bad_argument():
         attention.attend(q[:, :, :3], k, v, key_mask)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         attention.attend(q, k, v, key_mask, implementation="cudnn")
+
+
+def _cached_inputs(dtype, pads=(0, 5), seed=1):
+    """One decode query per row over a cache of S slots (the first `pads` of a row are its
+    padding) plus the query's own new entry."""
+    s = 12
+    q, k, v, key_mask = _inputs(1, s + 1, pads, seed=seed, dtype=dtype)
+    keys_BxKxDhxS = k[:, :s].transpose(0, 2, 3, 1)
+    values_BxKxSxDh = v[:, :s].transpose(0, 2, 1, 3)
+    new_visible = jnp.ones((B, 1, 1), bool)
+    args = (q, keys_BxKxDhxS, values_BxKxSxDh, key_mask[:, :s], k[:, s:], v[:, s:], new_visible)
+    return args, _reference(q, k, v, key_mask, query_offset=s)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cached_decode_attention_matches_the_reference(dtype):
+    """A decode step's attention over the cache and its new entry, in fp32 and in bf16."""
+    args, expected = _cached_inputs(dtype)
+    out = jax.jit(cached_attention)(*args)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=tol, rtol=tol)
+
+
+def test_bf16_decode_attention_reads_the_cache_without_an_fp32_copy():
+    """Below fp32 the cache is read by dots in its own dtype (accumulating in fp32): the
+    program converts no cache-sized array to fp32."""
+    args, _ = _cached_inputs(jnp.bfloat16)
+    text = jax.jit(cached_attention).lower(*args).as_text()
+    cache_size = args[1].size
+    converted = [
+        math.prod(int(d) for d in shape.split("x"))
+        for shape in re.findall(r"stablehlo\.convert.*-> tensor<([\dx]+)xf32>", text)
+    ]
+    assert max(converted, default=0) < cache_size, (converted, cache_size)
+    # The fp32 path (CPU models) keeps its fused multiply-reduce over the cache.
+    args32, _ = _cached_inputs(jnp.float32)
+    assert "stablehlo.dot_general" not in _cache_ops(args32)
+
+
+def _cache_ops(args) -> str:
+    """The lowered program's lines that take the cache's keys (argument 1)."""
+    text = jax.jit(cached_attention).lower(*args).as_text()
+    return "\n".join(line for line in text.splitlines() if "%arg1" in line)

@@ -265,7 +265,8 @@ def cached_attention(
     before the queries) and the new keys and values are scored separately and share
     one softmax, so the layer's cache is only read: writing the new entries into it
     first would copy it. Scores are accumulated in fp32 and masked with a large finite
-    negative; the probabilities are cast to the compute dtype for the value matmuls.
+    negative; the probabilities are cast to the compute dtype for the value matmuls. The
+    cache is never upcast: below fp32 it is read by dots in its own dtype.
     """
     b, seq_len, h, dh = q_BxLxHxDh.shape
     kv_heads = keys_BxKxDhxS.shape[1]
@@ -274,12 +275,15 @@ def cached_attention(
     keys, values = keys_BxKxDhxS.astype(dtype), values_BxKxSxDh.astype(dtype)
     new_k, new_v = new_k_BxLxKxDh.astype(dtype), new_v_BxLxKxDh.astype(dtype)
     q = q_BxLxHxDh.reshape(b, seq_len, kv_heads, group, dh)
-    if seq_len == 1:
-        # Decode: one query per row. Broadcast-multiply-reduce over Dh (a non-minor axis
-        # of the transposed keys) fuses into one pass over the cache, where a dot would
-        # run B·K tiny matrix-vector products.
-        q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
-        old = jnp.sum(q32[..., None] * keys[:, :, None], axis=-2)[:, :, :, None]
+    # fp32 decode (one query per row; the CPU models): broadcast-multiply-reduce over Dh (a
+    # non-minor axis of the transposed keys) fuses into one pass over the cache, where a
+    # dot would run B·K tiny matrix-vector products. In a narrower compute dtype the same
+    # product would upcast every cache slot to fp32 (on TPU an fp32 copy of each layer's
+    # cache per step), so there the cache is read by dots in its own dtype that accumulate
+    # in fp32.
+    reduce_in_fp32 = seq_len == 1 and dtype == jnp.float32
+    if reduce_in_fp32:
+        old = jnp.sum(q[:, 0][..., None] * keys[:, :, None], axis=-2)[:, :, :, None]
     else:
         qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * seq_len, dh)
         old = jnp.einsum("bkqd,bkds->bkqs", qt, keys, preferred_element_type=jnp.float32)
@@ -290,7 +294,7 @@ def cached_attention(
     new = jnp.where(new_visible_BxLxL[:, None, None], new * scale, _MASK_VALUE)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
     p_old, p_new = probs[..., : old.shape[-1]], probs[..., old.shape[-1] :]
-    if seq_len == 1:
+    if reduce_in_fp32:
         out = jnp.sum(p_old[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, :, :, None]
     else:
         p_old = p_old.astype(dtype).reshape(b, kv_heads, group * seq_len, -1)
