@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import re
 import time
 import traceback
@@ -20,23 +19,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aapo_jax import configs, models, rl_step, sampling, sharding
+from aapo_jax import configs, models, rl_step, rollout, sampling, sharding
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.hlo import collective_bytes
 from aapo_jax.optim import make_optimizer
 from aapo_jax.types import PromptBatch, Rollout, TrainState
 
-GiB = 2**30
-# Usable HBM per device as XLA:TPU reports it in RESOURCE_EXHAUSTED messages ("available HBM
-# (Y G)", G = GiB), checked on libtpu's compile-only devices: v5e:2x4, v5p:2x2x2, v4:2x2x1
-# (one device per TensorCore there, so 8 devices of ~16 GiB) and v6e:2x4.
-TPU_MEMORY_BYTES = {
-    "TPU v4": int(15.25 * GiB),
-    "TPU v5 lite": int(15.75 * GiB),
-    "TPU v5": int(95.74 * GiB),
-    "TPU v6 lite": int(31.25 * GiB),
-}
+GiB = sharding.GiB
 # The placeholder data file/task a plan config gets when it names none (no data is read).
 PLACEHOLDER_DATA = "unused-by-plan"
 _OOM = (
@@ -112,31 +102,6 @@ def target_devices(topology: str | None = None) -> list[jax.Device]:
             "ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets several processes load it."
         ) from e
     return list(topo.devices)
-
-
-def device_memory_bytes(device: jax.Device, override_gb: float | None = None) -> tuple[int, str]:
-    """Usable memory of one device and where the number comes from.
-
-    `override_gb` (GiB) wins; TPU: `TPU_MEMORY_BYTES` by device kind (compile-only devices
-    have no memory_stats); GPU: `memory_stats()['bytes_limit']`; CPU: host RAM / local
-    CPU devices.
-
-    Returns:
-      (bytes, source) with source one of "flag", "table", "memory_stats", "host_ram".
-    """
-    if override_gb is not None:
-        return int(override_gb * GiB), "flag"
-    if device.platform == "tpu":
-        if device.device_kind not in TPU_MEMORY_BYTES:
-            raise ValueError(
-                f"device kind {device.device_kind!r} has no entry in aot.TPU_MEMORY_BYTES "
-                f"({sorted(TPU_MEMORY_BYTES)}): pass --device_memory_gb."
-            )
-        return TPU_MEMORY_BYTES[device.device_kind], "table"
-    if device.platform == "gpu":
-        return int(device.memory_stats()["bytes_limit"]), "memory_stats"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // max(len(jax.devices("cpu")), 1), "host_ram"
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +253,18 @@ def kv_cache_bytes(plan: Plan) -> int:
     return mc.num_layers * 2 * rows * length * heads * mc.head_dim * itemsize * n_models
 
 
+def decode_weights_bytes(plan: Plan) -> int:
+    """Per-device decode copies of the weights that the rollout replicates (a temporary of
+    that program; 0 when it decodes from the sharded training layout): every decoded
+    model's weights in the compute dtype (`sampling.decode_weights`)."""
+    cfg = plan.config
+    n_models = 2 if cfg.rl.samples_reference else 1
+    dtype = plan.model_config.compute_dtype
+    copies = n_models * rollout.decode_copy_bytes(plan.state.params, dtype)
+    replicated = sharding.replicates_decode_weights(cfg.sampling.decode_weights, plan.mesh, copies)
+    return copies if replicated else 0
+
+
 # ---------------------------------------------------------------------------
 # Compilation.
 
@@ -416,6 +393,7 @@ def compile_programs(
         eos_token_id=plan.eos_token_ids,
         pad_token_id=plan.pad_token_id,
         mesh=mesh,
+        decode_weights=cfg.sampling.decode_weights,
     )
     # keep_unused: the whole state stays in memory while sampling (the optimizer moments
     # too), so it counts among the rollout's arguments.
@@ -544,6 +522,7 @@ def memory_report(
         "total": binding.total_bytes,
         **state_bytes(plan),
         "kv_cache": kv_cache_bytes(plan),
+        "decode_weights": decode_weights_bytes(plan),
         "temporaries": binding.temp_bytes,
     }
     flops = [p.flops for p in programs.values()]
@@ -642,7 +621,13 @@ def advice(report: dict[str, Any], plan: Plan) -> str:
         else:
             lines.append(f"update: the state ({state / GiB:.2f} GiB) dominates: {mesh_hint}.")
     if over["rollout"] and state <= have:
-        if b["kv_cache"] >= state:
+        if b["decode_weights"]:
+            lines.append(
+                f"rollout: it replicates the decode weights ({b['decode_weights'] / GiB:.2f} "
+                "GiB per device): decode from the sharded layout with "
+                "--config.sampling.decode_weights=sharded."
+            )
+        elif b["kv_cache"] >= state:
             lines.append(
                 f"rollout: the KV cache ({b['kv_cache'] / GiB:.2f} GiB) dominates: split its "
                 "rows over more devices (--config.mesh.data / --config.mesh.fsdp, a bigger "

@@ -235,14 +235,21 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings(SamplerSettings):
-    """`sampling`: the rollout's `sampling.SamplerSettings`, and the prompt budget P.
+    """`sampling`: the rollout's `sampling.SamplerSettings`, the prompt budget P and where
+    the decode loop reads the weights.
 
     max_prompt_length: prompts longer than this many tokens are dropped or cut
     (`prompt.overlong`); the rollout's prompt buffers are P wide. RL samples: the
     temperature must be > 0.
+    decode_weights: "replicated" decodes from a copy of the weights (in the compute dtype)
+    gathered onto every device once per rollout, so the decode loop moves no weights
+    between devices; "sharded" decodes from the training layout, gathering each layer's
+    weights on every decode step (least memory); "auto" replicates when the copies fit
+    `sharding.DECODE_WEIGHTS_SHARE` of a device's memory.
     """
 
     max_prompt_length: int = 512
+    decode_weights: Literal["auto", "sharded", "replicated"] = "auto"
 
     def __post_init__(self):
         super().__post_init__()

@@ -53,12 +53,19 @@ def make_stages(
     eos_token_id,
     pad_token_id: int,
     mesh: Mesh | None = None,
+    decode_weights: str = "auto",
 ) -> tuple[rollout.SampleFn, train_step.StepFn]:
     """(stage 1, stage 3) of one configuration: `rollout.make_sampler` and
     `train_step.make_train_step`, un-jitted, for the trainer, the planner and
     `make_token_rl_step` alike."""
     sample = rollout.make_sampler(
-        rl, settings, graphdef, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh
+        rl,
+        settings,
+        graphdef,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        mesh=mesh,
+        decode_weights=decode_weights,
     )
     return sample, train_step.make_train_step(rl, optim, graphdef, tx, mesh=mesh)
 
@@ -74,6 +81,7 @@ def make_token_rl_step(
     eos_token_id,
     pad_token_id: int,
     mesh: Mesh | None = None,
+    decode_weights: str = "auto",
 ) -> RLStepFn:
     """`make_rl_step` of the sampler, `rollout.make_token_scorer(reward_fn)` and the update:
     the one-program step for a JAX-native reward. Jit it yourself."""
@@ -86,5 +94,6 @@ def make_token_rl_step(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         mesh=mesh,
+        decode_weights=decode_weights,
     )
     return make_rl_step(sample, rollout.make_token_scorer(reward_fn), update)

@@ -9,6 +9,7 @@ Stage 3 is `train_step.make_train_step`; `rl_step.make_rl_step` composes all thr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -37,6 +38,7 @@ def make_sampler(
     eos_token_id,
     pad_token_id: int,
     mesh: Mesh | None = None,
+    decode_weights: str = "auto",
 ) -> SampleFn:
     """`sample(state, prompts) -> Rollout`: G completions per prompt from the policy.
 
@@ -44,6 +46,9 @@ def make_sampler(
     when the algorithm needs the reference rollout, in the same decode loop as the
     policy. Keys are `fold_in(state.rng, state.step)`. On a data-parallel `mesh`
     each device decodes its own prompts' rows (`sampling.generate_tokens_many`).
+    `decode_weights` (`sampling.decode_weights`: "auto", "sharded", "replicated") says
+    whether the decode loop reads weights replicated on every device, gathered once per
+    rollout (`sharding.replicates_decode_weights`).
     """
     config = sampling.SamplingConfig(
         settings,
@@ -56,19 +61,37 @@ def make_sampler(
         rng = jax.random.fold_in(state.rng, state.step)
         policy_rng, ref_rng = jax.random.split(rng)
         policy = nnx.merge(graphdef, state.params)
+        decoded = 2 if rl.samples_reference else 1
+        copies = decoded * decode_copy_bytes(state.params, policy.config.compute_dtype)
+        replicate = sharding.replicates_decode_weights(decode_weights, mesh, copies)
+        config_here = dataclasses.replace(config, replicate_weights=replicate)
         if not rl.samples_reference:
             out = sampling.generate_tokens(
-                policy, prompts.ids, prompts.mask, policy_rng, config, mesh=mesh
+                policy, prompts.ids, prompts.mask, policy_rng, config_here, mesh=mesh
             )
             return Rollout(prompts=prompts, policy=out)
         reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
         # One decode loop advances both models (outputs equal two separate loops).
         out, ref_out = sampling.generate_tokens_many(
-            [policy, reference], prompts.ids, prompts.mask, [policy_rng, ref_rng], config, mesh=mesh
+            [policy, reference],
+            prompts.ids,
+            prompts.mask,
+            [policy_rng, ref_rng],
+            config_here,
+            mesh=mesh,
         )
         return Rollout(prompts=prompts, policy=out, reference=ref_out)
 
     return sample
+
+
+def decode_copy_bytes(params, compute_dtype) -> int:
+    """Bytes of one model's decode copy: its floating weights in the compute dtype."""
+    itemsize = jnp.dtype(compute_dtype).itemsize
+    return sum(
+        x.size * (itemsize if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.itemsize)
+        for x in jax.tree.leaves(params)
+    )
 
 
 def make_token_scorer(reward_fn: rewards.TokenReward) -> ScoreFn:

@@ -84,13 +84,17 @@ class SamplingConfig:
 
     `settings` says how tokens are drawn; `eos_token_ids` (from the model and tokenizer)
     may be empty, and then the whole budget is generated; `num_samples` completions are
-    drawn per prompt (rows b·G + g).
+    drawn per prompt (rows b·G + g). `replicate_weights`: on a mesh whose devices split
+    the weights (fsdp / tensor), decode from a copy gathered onto every device once per
+    call, so the decode loop moves no weights between devices
+    (`sharding.replicates_decode_weights` decides it for the rollout).
     """
 
     settings: SamplerSettings
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     num_samples: int = 1
+    replicate_weights: bool = False
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -381,6 +385,12 @@ def generate_tokens_many(
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
     rows = input_ids_BxP.shape[0] * config.num_samples
     uniforms = tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
+    # The decode copies: the weights in the compute dtype, cast once here rather than on
+    # every decode step, and gathered here once when replicated.
+    models = tuple(model.in_compute_dtype() for model in models)
+    if config.replicate_weights and mesh is not None:
+        if not sharding.row_parallel(mesh, input_ids_BxP.shape[0]):  # else replicated below
+            models = sharding.replicate(models, mesh)
 
     def local(axis, models, ids, mask, uniforms):
         del axis  # each device's loop needs no collective

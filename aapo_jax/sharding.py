@@ -21,6 +21,17 @@ DATA_AXIS = "data"
 ROWS = PartitionSpec(DATA_AXIS)
 REPLICATED = PartitionSpec()
 
+GiB = 2**30
+# Usable HBM per device as XLA:TPU reports it in RESOURCE_EXHAUSTED messages ("available HBM
+# (Y G)", G = GiB), checked on libtpu's compile-only devices: v5e:2x4, v5p:2x2x2, v4:2x2x1
+# (one device per TensorCore there, so 8 devices of ~16 GiB) and v6e:2x4.
+TPU_MEMORY_BYTES = {
+    "TPU v4": int(15.25 * GiB),
+    "TPU v5 lite": int(15.75 * GiB),
+    "TPU v5": int(95.74 * GiB),
+    "TPU v6 lite": int(31.25 * GiB),
+}
+
 # Logical axis -> mesh axis (or axes). A dimension whose size the mesh axes do
 # not divide is replicated instead (e.g. a single KV head on a 4-way tensor axis).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -289,6 +300,58 @@ def _rows_or_replicated(mesh: Mesh, x) -> NamedSharding:
 
 # ---------------------------------------------------------------------------
 # Data parallelism: per-device code over a data-parallel mesh, and its collectives.
+
+
+def device_memory_bytes(device: jax.Device, override_gb: float | None = None) -> tuple[int, str]:
+    """Usable memory of one device and where the number comes from.
+
+    `override_gb` (GiB) wins; TPU: `TPU_MEMORY_BYTES` by device kind (compile-only devices
+    have no memory_stats); GPU: `memory_stats()['bytes_limit']`; CPU: host RAM / local
+    CPU devices.
+
+    Returns:
+      (bytes, source) with source one of "flag", "table", "memory_stats", "host_ram".
+    """
+    if override_gb is not None:
+        return int(override_gb * GiB), "flag"
+    if device.platform == "tpu":
+        if device.device_kind not in TPU_MEMORY_BYTES:
+            raise ValueError(
+                f"device kind {device.device_kind!r} has no entry in sharding.TPU_MEMORY_BYTES "
+                f"({sorted(TPU_MEMORY_BYTES)}): pass --device_memory_gb."
+            )
+        return TPU_MEMORY_BYTES[device.device_kind], "table"
+    if device.platform == "gpu":
+        return int(device.memory_stats()["bytes_limit"]), "memory_stats"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // max(len(jax.devices("cpu")), 1), "host_ram"
+
+
+# `sampling.decode_weights="auto"` replicates the rollout's decode copies of the weights
+# (every decoded model in the compute dtype) when they take at most this share of a
+# device's memory.
+DECODE_WEIGHTS_SHARE = 0.5
+
+
+def replicates_decode_weights(choice: str, mesh: Mesh | None, weight_bytes: int) -> bool:
+    """Whether the rollout decodes from weights replicated on every device of `mesh`.
+
+    `choice` is `sampling.decode_weights`: "replicated", "sharded" (the training layout), or
+    "auto": replicated when `weight_bytes` (the decode copies of every decoded model, per
+    device once replicated) fit `DECODE_WEIGHTS_SHARE` of one device's memory
+    (`device_memory_bytes`). A single device, or no mesh, has nothing to replicate.
+    """
+    if mesh is None or mesh.size == 1 or choice == "sharded":
+        return False
+    if choice == "replicated":
+        return True
+    memory, _ = device_memory_bytes(mesh.devices.flat[0])
+    return weight_bytes <= DECODE_WEIGHTS_SHARE * memory
+
+
+def replicate(tree, mesh: Mesh):
+    """`tree` gathered onto every device of `mesh` (inside `jit`: one all-gather per array)."""
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, REPLICATED))
 
 
 def row_parallel(mesh: Mesh | None, rows: int) -> bool:

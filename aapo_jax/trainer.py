@@ -187,6 +187,7 @@ class Trainer:
             eos_token_id=self.eos,
             pad_token_id=self.pad,
             mesh=self.mesh,
+            decode_weights=cfg.sampling.decode_weights,
         )
         # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
         if cfg.reward.kind == "token":

@@ -18,8 +18,9 @@ can then be planned).
 
 Prints a table (GiB per device) or, with --json, one JSON object: fits, devices,
 device_kind, device_memory_bytes, per_device_bytes {total, params, optimizer, reference,
-kv_cache, temporaries, other_state}, compile_s {rollout, update}, flops (XLA's, per device,
-each loop body once), model_flops (analytic, all devices), collective_bytes {program: {kind:
+kv_cache, decode_weights (the rollout's replicated decode copies), temporaries,
+other_state}, compile_s {rollout, update}, flops (XLA's, per device, each loop body
+once), model_flops (analytic, all devices), collective_bytes {program: {kind:
 bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
 advice. Exits with status 1 when a program does not fit, naming the knob to turn, and 2
 when one fails to compile for another reason (its traceback on stderr; the other program
@@ -93,7 +94,15 @@ def print_table(report: dict) -> None:
         f"({report['device_memory_source']}); attention: {report['attention']}"
     )
     print(f"{'per device':<22}{'GiB':>10}")
-    for key in ("params", "optimizer", "reference", "other_state", "kv_cache", "temporaries"):
+    for key in (
+        "params",
+        "optimizer",
+        "reference",
+        "other_state",
+        "kv_cache",
+        "decode_weights",
+        "temporaries",
+    ):
         print(f"  {key:<20}{_gib(b[key]):>10}")
     print(f"  {'total':<20}{_gib(b['total']):>10}   (binding: {report['binding_program']})")
     print()
@@ -134,9 +143,9 @@ def print_table(report: dict) -> None:
 
 def main(argv):
     del argv
-    if _CPU_DEVICES.value and not _TOPOLOGY.value:  # before anything touches a JAX backend
-        from aapo_jax import sharding
+    from aapo_jax import sharding
 
+    if _CPU_DEVICES.value and not _TOPOLOGY.value:  # before anything touches a JAX backend
         sharding.use_cpu_devices(_CPU_DEVICES.value)
     from aapo_jax import aot
 
@@ -145,7 +154,7 @@ def main(argv):
         devices = aot.target_devices(_TOPOLOGY.value)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
-    memory, source = aot.device_memory_bytes(devices[0], _DEVICE_MEMORY_GB.value)
+    memory, source = sharding.device_memory_bytes(devices[0], _DEVICE_MEMORY_GB.value)
     attention = aot.target_attention(config, devices[0].platform) if _TOPOLOGY.value else None
     plan = aot.abstract_inputs(config, devices, attention=attention)
     log = lambda message: print(message, file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from aapo_jax import aot, hlo, models, sampling
+from aapo_jax import aot, hlo, models, sampling, sharding
 from tests.helpers import REPO, tiny_plan_config
 
 MODEL_SHAPES = REPO / "configs" / "model_shapes"
@@ -50,12 +50,24 @@ def model_dir(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+def _planned(model_dir, decode_weights: str):
+    c = tiny_plan_config(model_dir)
+    c.sampling.decode_weights = decode_weights
+    plan = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    return plan, aot.compile_programs(plan)
+
+
 @pytest.fixture(scope="module")
 def planned(model_dir):
-    """Both programs of the tiny config compiled once on the 8 fake CPU devices (fsdp=8)."""
-    config = aot.plan_config(tiny_plan_config(model_dir))
-    plan = aot.abstract_inputs(config, jax.devices())
-    return plan, aot.compile_programs(plan)
+    """Both programs of the tiny config compiled once on the 8 fake CPU devices (fsdp=8);
+    the rollout decodes from weights replicated once per rollout ("auto" on the host)."""
+    return _planned(model_dir, "auto")
+
+
+@pytest.fixture(scope="module")
+def planned_sharded(model_dir):
+    """The same, decoding from the sharded training layout."""
+    return _planned(model_dir, "sharded")
 
 
 def _nbytes(x) -> int:
@@ -108,8 +120,28 @@ def test_report_numbers_are_consistent(planned):
     json.loads(aot.to_json(report))
 
 
-def test_too_little_memory_names_the_knob(planned):
+def test_the_decode_loop_gathers_no_weights_when_they_are_replicated(planned, planned_sharded):
+    """Replicated decode copies: no all-gather on any decode step, their bytes reported, and
+    a rollout that does not fit names the layout knob. Sharded: every step gathers."""
     plan, programs = planned
+    replicated = aot.decode_weights_bytes(plan)
+    n_params = sum(x.size for x in jax.tree.leaves(plan.state.params))
+    assert replicated == 2 * n_params * 4  # policy + reference, fp32 compute
+    loops = programs["rollout"].collectives["unknown_trip_count_loops"]
+    assert loops and all(not loop["bytes_per_iteration"].get("all-gather") for loop in loops)
+    report = aot.memory_report(plan, programs, programs["rollout"].total_bytes - 1)
+    assert report["per_device_bytes"]["decode_weights"] == replicated
+    assert not report["programs"]["rollout"]["fits"]
+    assert "--config.sampling.decode_weights=sharded" in report["advice"]
+
+    plan, programs = planned_sharded
+    assert aot.decode_weights_bytes(plan) == 0
+    loops = programs["rollout"].collectives["unknown_trip_count_loops"]
+    assert loops and all(loop["bytes_per_iteration"].get("all-gather") for loop in loops)
+
+
+def test_too_little_memory_names_the_knob(planned_sharded):
+    plan, programs = planned_sharded
     update = programs["update"]
     # Room for the state and rollout, not for the update's temporaries.
     assert programs["rollout"].total_bytes < update.total_bytes
@@ -344,7 +376,7 @@ def test_compiles_for_a_tpu_topology(model_dir):
     assert len(devices) == 8 and devices[0].device_kind == "TPU v5 lite"
     config = aot.plan_config(tiny_plan_config(model_dir))
     plan = aot.abstract_inputs(config, devices, attention=aot.target_attention(config, "tpu"))
-    memory, source = aot.device_memory_bytes(devices[0])
+    memory, source = sharding.device_memory_bytes(devices[0])
     report = aot.memory_report(
         plan, aot.compile_programs(plan), memory, memory_source=source, topology="v5e:2x4"
     )

@@ -1,13 +1,15 @@
 """Generation: greedy parity with transformers, sampling filters and law, masks, compiles."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from aapo_jax import models, sampling, sharding
+from aapo_jax import hlo, models, sampling, sharding
 from tests import hf_fixtures
 
 VOCAB = hf_fixtures.TINY["vocab_size"]
@@ -367,3 +369,68 @@ def test_row_parallel_generation_equals_one_device(checkpoints, qwen, temperatur
         np.asarray(sampling.generate(qwen, ids6, mask6, **kw).tokens),
         np.asarray(sampling.generate(models_on_mesh[0], ids6, mask6, mesh=mesh, **kw).tokens),
     )
+
+
+def test_a_decode_copy_in_the_compute_dtype_gives_the_same_logits(checkpoints):
+    """fp32 masters computing in bf16: the copy cast once decodes bit for bit as the masters
+    cast at every use."""
+    masters = models.load_hf_checkpoint(
+        checkpoints["qwen2"], dtype=jnp.bfloat16, param_dtype=jnp.float32
+    )
+    copy = masters.in_compute_dtype()
+    leaves = jax.tree.leaves(nnx.state(copy))
+    assert all(x.dtype == jnp.bfloat16 for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
+    ids, mask = _prompts(3, lengths=(5, 8))
+    np.testing.assert_array_equal(
+        np.asarray(models.compute_logits(masters, ids, mask), np.float32),
+        np.asarray(models.compute_logits(copy, ids, mask), np.float32),
+    )
+
+
+def _decode_loop_gathers(models_on_mesh, ids, mask, keys, config, mesh) -> list[int]:
+    """All-gather bytes per iteration of each decode loop in the compiled program."""
+    args = (tuple(models_on_mesh), jnp.asarray(ids), jnp.asarray(mask), tuple(keys))
+    text = sampling._generate_jit.lower(*args, config, mesh).compile().as_text()
+    loops = hlo.collective_bytes(text)["unknown_trip_count_loops"]
+    assert loops, "no decode loop found"
+    return [loop["bytes_per_iteration"].get("all-gather", 0) for loop in loops]
+
+
+def test_replicated_decode_weights_gather_nothing_in_the_loop_and_match_one_device(
+    checkpoints, qwen
+):
+    """On an fsdp mesh (XLA-partitioned), decoding from weights replicated once per call
+    gives one device's tokens, and its decode loop gathers no weights; the sharded
+    layout gathers them on every step."""
+    other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    ids, mask = _prompts(12, lengths=(9, 3, 6, 1, 12, 2, 7, 5))
+    settings = sampling.SamplerSettings(max_new_tokens=T, temperature=1.0)
+    keys = list(jax.random.split(jax.random.key(8)))
+    models_on_mesh = [sharding.shard_model(m, mesh) for m in (qwen, other)]
+    base = sampling.SamplingConfig(settings, eos_token_ids=(4,), num_samples=2)
+    alone = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=base)
+    for replicate in (False, True):
+        config = dataclasses.replace(base, replicate_weights=replicate)
+        out = sampling.generate_many(models_on_mesh, ids, mask, rngs=keys, config=config, mesh=mesh)
+        for a, b in zip(alone, out, strict=True):
+            np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+            np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+        ids_b, mask_b = sampling._bucket_prompts(ids, mask, sampling.DEFAULT_BUCKETS)
+        ids_b, mask_b = sharding.put_rows((ids_b, mask_b), mesh)
+        gathers = _decode_loop_gathers(models_on_mesh, ids_b, mask_b, keys, config, mesh)
+        if replicate:
+            assert gathers == [0] * len(gathers)
+        else:
+            assert min(gathers) > 0
+
+
+def test_auto_decode_weights_replicate_what_fits_half_a_device():
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    memory, _ = sharding.device_memory_bytes(mesh.devices.flat[0])
+    share = sharding.DECODE_WEIGHTS_SHARE
+    assert sharding.replicates_decode_weights("auto", mesh, int(share * memory))
+    assert not sharding.replicates_decode_weights("auto", mesh, int(share * memory) + 1)
+    assert sharding.replicates_decode_weights("replicated", mesh, 10 * memory)
+    assert not sharding.replicates_decode_weights("sharded", mesh, 1)
+    assert not sharding.replicates_decode_weights("replicated", None, 1)

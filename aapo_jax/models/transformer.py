@@ -559,6 +559,21 @@ class Transformer(nnx.Module):
         new_cache = KVCache(k=keys, v=values, mask_BxS=mask, index=index + length)
         return self.final_norm(x), new_cache
 
+    def in_compute_dtype(self) -> Transformer:
+        """This model with every floating weight cast to the compute dtype.
+
+        Every use of a weight casts it to the compute dtype, so the copy gives the same
+        outputs bit for bit; a decode loop made over it casts once, not on every step (the
+        identity when the weights are already in the compute dtype).
+        """
+        dtype = self.config.compute_dtype
+        graphdef, state = nnx.split(self)
+
+        def cast(w):
+            return w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w
+
+        return nnx.merge(graphdef, jax.tree.map(cast, state))
+
     def unstacked_layers(self) -> tuple[DecoderLayer, ...] | None:
         """Each layer with its own copy of its weights, for a decode loop to close over, when
         `scan_unroll` unrolls every layer (-1, the tiny-CPU setting); None when the layers
