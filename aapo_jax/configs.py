@@ -243,9 +243,10 @@ class RolloutSettings(SamplerSettings):
     temperature must be > 0.
     decode_weights: "replicated" decodes from a copy of the weights (in the compute dtype)
     gathered onto every device once per rollout, so the decode loop moves no weights
-    between devices; "sharded" decodes from the training layout, gathering each layer's
-    weights on every decode step (least memory); "auto" replicates when the copies fit
-    `sharding.DECODE_WEIGHTS_SHARE` of a device's memory.
+    between devices; "sharded" decodes from the training layout and leaves the gathers to
+    XLA (on TPU it gathers each layer's weights on every decode step: least memory);
+    "auto" replicates when the copies fit `sharding.DECODE_WEIGHTS_SHARE` of a device's
+    memory.
     """
 
     max_prompt_length: int = 512

@@ -385,10 +385,10 @@ def generate_tokens_many(
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
     rows = input_ids_BxP.shape[0] * config.num_samples
     uniforms = tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
-    # The decode copies: the weights in the compute dtype, cast once here rather than on
-    # every decode step, and gathered here once when replicated.
-    models = tuple(model.in_compute_dtype() for model in models)
     if config.replicate_weights and mesh is not None:
+        # The decode copies: the weights in the compute dtype (cast once here rather than on
+        # every decode step), gathered onto every device once here.
+        models = tuple(model.in_compute_dtype() for model in models)
         if not sharding.row_parallel(mesh, input_ids_BxP.shape[0]):  # else replicated below
             models = sharding.replicate(models, mesh)
 
