@@ -345,7 +345,9 @@ def replicates_decode_weights(choice: str, mesh: Mesh | None, weight_bytes: int)
         return False
     if choice == "replicated":
         return True
-    memory, _ = device_memory_bytes(mesh.devices.flat[0])
+    here = jax.process_index()  # a device of this process: another's has no memory_stats
+    device = next((d for d in mesh.devices.flat if d.process_index == here), None)
+    memory, _ = device_memory_bytes(mesh.devices.flat[0] if device is None else device)
     return weight_bytes <= DECODE_WEIGHTS_SHARE * memory
 
 
