@@ -258,11 +258,13 @@ def decode_weights_bytes(plan: Plan) -> int:
     that program; 0 when it decodes from the sharded training layout): every decoded
     model's weights in the compute dtype (`sampling.decode_weights`)."""
     cfg = plan.config
-    n_models = 2 if cfg.rl.samples_reference else 1
-    dtype = plan.model_config.compute_dtype
-    copies = n_models * rollout.decode_copy_bytes(plan.state.params, dtype)
-    replicated = sharding.replicates_decode_weights(cfg.sampling.decode_weights, plan.mesh, copies)
-    return copies if replicated else 0
+    return rollout.replicated_decode_bytes(
+        cfg.rl,
+        cfg.sampling.decode_weights,
+        plan.state.params,
+        plan.model_config.compute_dtype,
+        plan.mesh,
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -61,10 +61,10 @@ def make_sampler(
         rng = jax.random.fold_in(state.rng, state.step)
         policy_rng, ref_rng = jax.random.split(rng)
         policy = nnx.merge(graphdef, state.params)
-        decoded = 2 if rl.samples_reference else 1
-        copies = decoded * decode_copy_bytes(state.params, policy.config.compute_dtype)
-        replicate = sharding.replicates_decode_weights(decode_weights, mesh, copies)
-        config_here = dataclasses.replace(config, replicate_weights=replicate)
+        replicated = replicated_decode_bytes(
+            rl, decode_weights, state.params, policy.config.compute_dtype, mesh
+        )
+        config_here = dataclasses.replace(config, replicate_weights=replicated > 0)
         if not rl.samples_reference:
             out = sampling.generate_tokens(
                 policy, prompts.ids, prompts.mask, policy_rng, config_here, mesh=mesh
@@ -85,13 +85,20 @@ def make_sampler(
     return sample
 
 
-def decode_copy_bytes(params, compute_dtype) -> int:
-    """Bytes of one model's decode copy: its floating weights in the compute dtype."""
+def replicated_decode_bytes(
+    rl: RLConfig, decode_weights: str, params, compute_dtype, mesh: Mesh | None
+) -> int:
+    """Per-device bytes of the decode copies the rollout replicates, 0 when it decodes from
+    the training layout: every decoded model's floating weights (`params`' shapes) in the
+    compute dtype, replicated when `sharding.replicates_decode_weights` says so. The
+    sampler and the planner decide with this."""
     itemsize = jnp.dtype(compute_dtype).itemsize
-    return sum(
+    one = sum(
         x.size * (itemsize if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.itemsize)
         for x in jax.tree.leaves(params)
     )
+    copies = (2 if rl.samples_reference else 1) * one
+    return copies if sharding.replicates_decode_weights(decode_weights, mesh, copies) else 0
 
 
 def make_token_scorer(reward_fn: rewards.TokenReward) -> ScoreFn:
