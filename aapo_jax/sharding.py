@@ -306,23 +306,29 @@ def device_memory_bytes(device: jax.Device, override_gb: float | None = None) ->
     """Usable memory of one device and where the number comes from.
 
     `override_gb` (GiB) wins; TPU: `TPU_MEMORY_BYTES` by device kind (compile-only devices
-    have no memory_stats); GPU: `memory_stats()['bytes_limit']`; CPU: host RAM / local
-    CPU devices.
+    have no memory_stats); GPU, and a real TPU of a kind the table lacks:
+    `memory_stats()['bytes_limit']`; CPU: host RAM / local CPU devices.
 
     Returns:
       (bytes, source) with source one of "flag", "table", "memory_stats", "host_ram".
+
+    Raises:
+      ValueError: a TPU kind the table lacks, on a device with no memory_stats.
     """
     if override_gb is not None:
         return int(override_gb * GiB), "flag"
-    if device.platform == "tpu":
-        if device.device_kind not in TPU_MEMORY_BYTES:
+    if device.platform == "tpu" and device.device_kind in TPU_MEMORY_BYTES:
+        return TPU_MEMORY_BYTES[device.device_kind], "table"
+    if device.platform in ("tpu", "gpu"):
+        try:
+            return int(device.memory_stats()["bytes_limit"]), "memory_stats"
+        except Exception as e:  # compile-only devices: "only for addressable devices"
             raise ValueError(
                 f"device kind {device.device_kind!r} has no entry in sharding.TPU_MEMORY_BYTES "
-                f"({sorted(TPU_MEMORY_BYTES)}): pass --device_memory_gb."
-            )
-        return TPU_MEMORY_BYTES[device.device_kind], "table"
-    if device.platform == "gpu":
-        return int(device.memory_stats()["bytes_limit"]), "memory_stats"
+                f"({sorted(TPU_MEMORY_BYTES)}) and no memory_stats ({e}): pass plan.py's "
+                "--device_memory_gb, or set --config.sampling.decode_weights to replicated "
+                "or sharded."
+            ) from None
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram // max(len(jax.devices("cpu")), 1), "host_ram"
 

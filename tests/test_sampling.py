@@ -434,3 +434,25 @@ def test_auto_decode_weights_replicate_what_fits_half_a_device():
     assert sharding.replicates_decode_weights("replicated", mesh, 10 * memory)
     assert not sharding.replicates_decode_weights("sharded", mesh, 1)
     assert not sharding.replicates_decode_weights("replicated", None, 1)
+
+
+class _Device:
+    """A stand-in device: a TPU kind the memory table lacks, with or without memory_stats."""
+
+    platform, device_kind = "tpu", "TPU v99"
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        if self.stats is None:
+            raise RuntimeError("MemoryStats is only supported for addressable PjRt devices.")
+        return self.stats
+
+
+def test_device_memory_of_a_tpu_kind_the_table_lacks():
+    """A real chip reports its own memory; a compile-only one is named, with the remedies."""
+    assert sharding.device_memory_bytes(_Device({"bytes_limit": 123})) == (123, "memory_stats")
+    with pytest.raises(ValueError, match=r"'TPU v99'.*decode_weights"):
+        sharding.device_memory_bytes(_Device(None))
+    assert sharding.device_memory_bytes(_Device(None), override_gb=1.0) == (2**30, "flag")
