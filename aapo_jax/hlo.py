@@ -184,16 +184,19 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
             out[kind] = out.get(kind, 0) + value
         return out
 
-    chains: set[tuple] = set()
+    counted_chains: set[tuple] = set()
     counts: dict[str, int] = {}
     per_loop: dict[str, dict[str, int]] = {}  # body + condition of each unknown loop
     for name, comp in computations.items():
         for inst_name, inst in comp.insts.items():
             kind = _collective_kind(inst.opcode)
+            if kind is None:
+                continue
             key = _collective_key(name, inst_name, inst)
-            if kind is not None and key not in chains:
+            if key not in counted_chains:
                 counts[kind] = counts.get(kind, 0) + 1
-                chains |= {key} if key[0] == "chain" else set()
+            if key[0] == "chain":
+                counted_chains.add(key)
         for callee, _, loop in calls[name]:
             if loop is not None:
                 into = per_loop.setdefault(loop, {})
