@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -297,6 +298,7 @@ class ProgramReport:
     peak_bytes: int | None = None
     fits: bool | None = None
     flops: float | None = None
+    bytes_accessed: float | None = None
     collectives: dict[str, Any] | None = None
     error: str | None = None
     available_bytes: int | None = None  # the device memory XLA's error states
@@ -345,8 +347,14 @@ def _compile(name: str, jitted, args, log: Callable[[str], None], *, use_peak: b
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
     flops = None if not cost or cost.get("flops") is None else float(cost["flops"])
+    accessed = None if not cost or cost.get("bytes accessed") is None else cost["bytes accessed"]
     report = ProgramReport(
-        name=name, compile_s=seconds, argument_bytes=argument_bytes, temp_bytes=0, flops=flops
+        name=name,
+        compile_s=seconds,
+        argument_bytes=argument_bytes,
+        temp_bytes=0,
+        flops=flops,
+        bytes_accessed=None if accessed is None else float(accessed),
     )
     if memory is not None:
         report.argument_bytes = int(memory.argument_size_in_bytes)
@@ -448,6 +456,17 @@ def micro_batch_knob() -> str:
     )
 
 
+def _forward_flops(mc: models.ModelConfig, tokens: float, keys: float, logits: float) -> float:
+    """FLOPs of a forward over `tokens` that attend to `keys` each, with `logits` of them
+    through the LM head (2 per multiply-add)."""
+    d, layers = mc.hidden_size, mc.num_layers
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    layer_weights = layers * (2 * d * q + 2 * d * kv + 3 * d * mc.intermediate_size)
+    return (
+        2 * tokens * layer_weights + 4 * tokens * keys * layers * q + 2 * logits * mc.vocab_size * d
+    )
+
+
 def model_flops(plan: Plan) -> dict[str, float]:
     """Analytic FLOPs of one step over all devices, from the model config (2 per multiply-add).
 
@@ -458,28 +477,254 @@ def model_flops(plan: Plan) -> dict[str, float]:
     (c ≈ P/2), decode N·T tokens (c ≈ P + T/2, every row running the whole budget: an
     upper bound). Update: the same forward over prompts once per group and completions,
     ×3 for the backward, +1 forward with remat "full", +1 for the reference log-probs.
+    `update_useful`: the update's work on real tokens only, at a mean completion of T/2
+    (the prompts' P, a forward + backward, and the reference forward only when the loss
+    needs it): the numerator of the update's useful / executed FLOPs.
     """
     mc, cfg = plan.model_config, plan.config
-    d, layers = mc.hidden_size, mc.num_layers
-    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-    layer_weights = layers * (2 * d * q + 2 * d * kv + 3 * d * mc.intermediate_size)
     b, g = cfg.train.prompts_per_step, cfg.rl.group_size
     p, t, n = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens, b * g
 
-    def forward(tokens: int, keys: float, logits: int) -> float:
-        return (
-            2 * tokens * layer_weights
-            + 4 * tokens * keys * layers * q
-            + 2 * logits * mc.vocab_size * d
-        )
+    def one_pass(t):
+        return _forward_flops(mc, b * p, p / 2, 0) + _forward_flops(mc, n * t, p + t / 2, n * t)
 
-    one_pass = forward(b * p, p / 2, 0) + forward(n * t, p + t / 2, n * t)
     sampled = 2 if cfg.rl.samples_reference else 1
     passes = 3 + (1 if cfg.model.remat == "full" else 0)
     passes += 1 if cfg.rl.computes_reference_logprobs else 0
-    out = {"rollout": sampled * one_pass, "update": passes * one_pass}
+    useful = 3 + (1 if cfg.rl.needs_reference_logprobs else 0)
+    out = {"rollout": sampled * one_pass(t), "update": passes * one_pass(t)}
     out["total"] = out["rollout"] + out["update"]
+    out["update_useful"] = useful * one_pass(t / 2)
     return out
+
+
+# ---------------------------------------------------------------------------
+# One decode step and the roofline estimate.
+
+# Per device: peak dense bf16 FLOP/s, HBM bytes/s and inter-chip (ICI / NVLink) bytes/s, from
+# the vendors' spec sheets, by device kind (a substring for GPUs). v4 exposes each of a
+# chip's two TensorCores as a device: half a chip each.
+DEVICE_PEAKS = {
+    "TPU v4": (137.5e12, 0.6e12, 0.15e12),
+    "TPU v5 lite": (197e12, 0.819e12, 0.2e12),
+    "TPU v5": (459e12, 2.765e12, 0.6e12),
+    "TPU v6 lite": (918e12, 1.64e12, 0.448e12),
+    "H100": (989e12, 3.35e12, 0.45e12),
+    "H200": (989e12, 4.8e12, 0.45e12),
+}
+
+
+def device_peaks(device: jax.Device) -> tuple[float, float, float] | None:
+    """(FLOP/s, HBM bytes/s, inter-chip bytes/s) of one device (`DEVICE_PEAKS`), None for a
+    kind the table lacks (CPUs)."""
+    kind = device.device_kind
+    if kind in DEVICE_PEAKS:
+        return DEVICE_PEAKS[kind]
+    if device.platform == "gpu":
+        return next((v for k, v in DEVICE_PEAKS.items() if k in kind), None)
+    return None
+
+
+def ideal_decode_bytes(plan: Plan, kv_slots: float) -> float:
+    """Bytes one device must read per decode step at best: its share (1/devices) of every
+    decoded model's weights in the compute dtype, and of their caches' `kv_slots` filled
+    slots for every row."""
+    cfg, mc = plan.config, plan.model_config
+    itemsize = jnp.dtype(mc.compute_dtype).itemsize
+    n_models = 2 if cfg.rl.samples_reference else 1
+    weights = sum(x.size for x in jax.tree.leaves(plan.state.params)) * itemsize
+    rows = cfg.train.prompts_per_step * cfg.rl.group_size
+    per_slot = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * itemsize * rows
+    return n_models * (weights + per_slot * kv_slots) / plan.mesh.devices.size
+
+
+@dataclasses.dataclass
+class DecodeStepPrograms:
+    """The rollout's decode loop, compiled step by step.
+
+    `reshard`: the program that makes the decode copies once per rollout
+    (`sampling.decode_models`); `steps`: ONE decode step (`sampling.decode_step`, every
+    layer laid out so that XLA's cost analysis counts each) at each of the kv_len the
+    loop's segments read, first and last.
+    """
+
+    reshard: ProgramReport
+    steps: dict[int, ProgramReport]
+
+
+def compile_decode_step(
+    plan: Plan, *, log: Callable[[str], None] = lambda _: None
+) -> DecodeStepPrograms:
+    """Compile the rollout's decode-copy program and one decode step at the first and last
+    segment's kv_len, on the plan's mesh as the sampler splits them.
+
+    The step's inputs are the decode copies (the reshard program's outputs, with their
+    shardings), the loop state (`sampling.start_decode`'s shape; rows over data × fsdp)
+    and the draws' uniforms; the state is donated, as the loop carries it in place.
+    """
+    cfg, mesh, mc = plan.config, plan.mesh, plan.model_config
+    config = rollout.sampling_config(
+        cfg.rl, cfg.sampling, eos_token_id=plan.eos_token_ids, pad_token_id=plan.pad_token_id
+    )
+    replicated = decode_weights_bytes(plan)
+    config = dataclasses.replace(config, replicate_weights=replicated > 0)
+    prompts = cfg.train.prompts_per_step
+    use_peak = mesh.devices.flat[0].platform != "cpu"
+
+    def reshard(state):
+        models = rollout.sampled_models(cfg.rl, plan.graphdef, state)
+        return sampling.decode_models(models, config, mesh, prompts)
+
+    compiled, reshard_report = _compile(
+        "reshard", jax.jit(reshard), (plan.state,), log, use_peak=use_peak
+    )
+    models_shape = jax.eval_shape(reshard, plan.state)
+    if compiled is None:
+        raise RuntimeError(f"the decode copies did not compile: {reshard_report.error}")
+    decode_models = _with_sharding(models_shape, compiled.output_shardings)
+
+    def start(models, prompts):
+        keys = [jax.random.key(0)] * len(models)
+        return sampling.start_decode(models, prompts.ids, prompts.mask, keys, config)
+
+    state_shape, uniforms_shape = jax.eval_shape(start, decode_models, plan.prompts)
+    state = _with_sharding(
+        state_shape, jax.tree.map(lambda x: _rows_or_replicated(mesh, x.shape), state_shape)
+    )
+    n = prompts * cfg.rl.group_size
+    rows = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    uniforms = tuple(
+        None
+        if u is None
+        else jax.ShapeDtypeStruct(
+            u.shape,
+            u.dtype,
+            sharding=rows
+            if n % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+            else NamedSharding(mesh, PartitionSpec()),
+        )
+        for u in uniforms_shape
+    )
+    p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
+    ends = sampling.decode_segments(p, t)
+    steps = {}
+    for kv_len in sorted({p + ends[0], p + ends[-1]}):
+        step = functools.partial(
+            sampling.decode_step,
+            config=config,
+            kv_len=kv_len,
+            prompts=prompts,
+            mesh=mesh,
+            unroll=mc.num_layers,
+        )
+        jitted = jax.jit(
+            step, donate_argnums=1, out_shardings=jax.tree.map(lambda x: x.sharding, state)
+        )
+        _, report = _compile(
+            f"decode step (kv_len {kv_len})",
+            jitted,
+            (decode_models, state, uniforms),
+            log,
+            use_peak=use_peak,
+        )
+        steps[kv_len] = report
+    return DecodeStepPrograms(reshard=reshard_report, steps=steps)
+
+
+def _at(values: dict[int, float], x: float) -> float:
+    """The straight line through (kv_len, value) points, first and last, at `x`."""
+    (x0, y0), (x1, y1) = min(values.items()), max(values.items())
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any]:
+    """Per decode step per device, at the loop's average read (`sampling.mean_read_slots`):
+    XLA's bytes accessed and FLOPs (straight-line between the first and last segment's
+    kv_len), the collectives' bytes, the ideal bytes (`ideal_decode_bytes` at the average
+    fill P + T/2), bytes per added cache slot against the ideal's, and the one-time reshard
+    collectives. Estimates from the compiled programs, not measurements.
+    """
+    cfg = plan.config
+    p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
+    steps = decode.steps
+    mean = sampling.mean_read_slots(p, t)
+    missing = [r.name for r in steps.values() if r.bytes_accessed is None or r.error]
+    collectives = {
+        k: sum(r.collectives["bytes"].values()) for k, r in steps.items() if r.collectives
+    }
+    by_kind = max(steps.items())[1].collectives
+    kv = sorted(steps)
+    slope = (
+        0.0
+        if missing or len(kv) == 1
+        else (steps[kv[-1]].bytes_accessed - steps[kv[0]].bytes_accessed) / (kv[-1] - kv[0])
+    )
+    ideal_slot = ideal_decode_bytes(plan, 1) - ideal_decode_bytes(plan, 0)
+    reshard = decode.reshard.collectives
+    return {
+        "kv_len": kv,
+        "mean_kv_len": mean,
+        "bytes_accessed": None
+        if missing
+        else _at({k: r.bytes_accessed for k, r in steps.items()}, mean),
+        "bytes_accessed_by_kv_len": {k: r.bytes_accessed for k, r in steps.items()},
+        "ideal_bytes": ideal_decode_bytes(plan, p + t / 2),
+        "bytes_per_slot": None if missing else slope,
+        "ideal_bytes_per_slot": ideal_slot,
+        "flops": None if missing else _at({k: r.flops for k, r in steps.items()}, mean),
+        "collective_bytes": _at(collectives, mean) if collectives else None,
+        "collectives": None if by_kind is None else by_kind["bytes"],
+        "reshard_collective_bytes": None if reshard is None else sum(reshard["bytes"].values()),
+        "compile_s": {
+            "reshard": round(decode.reshard.compile_s, 2),
+            **{str(k): round(r.compile_s, 2) for k, r in steps.items()},
+        },
+        "errors": {r.name: r.error for r in [decode.reshard, *steps.values()] if r.error},
+    }
+
+
+def roofline_estimate(plan: Plan, decode_step: dict[str, Any]) -> dict[str, Any] | None:
+    """Seconds per RL step from the compiled decode step and the update's FLOPs, beside the
+    physical floor, on the device's peaks (`device_peaks`; None for a kind without them).
+
+    rollout_s = T × the slowest of (bytes accessed / HBM, FLOPs / peak, collectives /
+    inter-chip) per decode step; update_s = the update's executed FLOPs (`model_flops`,
+    rows padded to P + T) / devices / peak. floor_s = T × ideal bytes / HBM + the update's
+    useful FLOPs / devices / peak. Prefill and host time are left out of both. An
+    estimate: the ratio step_s / floor_s is what a change to the rollout is judged by.
+    """
+    device = plan.mesh.devices.flat[0]
+    peaks = device_peaks(device)
+    if peaks is None or decode_step.get("bytes_accessed") is None:
+        return None
+    peak, hbm, ici = peaks
+    t = plan.config.sampling.max_new_tokens
+    devices = plan.mesh.devices.size
+    per_step = max(
+        decode_step["bytes_accessed"] / hbm,
+        (decode_step["flops"] or 0.0) / peak,
+        (decode_step["collective_bytes"] or 0.0) / ici,
+    )
+    flops = model_flops(plan)
+    rollout_s = t * per_step
+    update_s = flops["update"] / devices / peak
+    floor_s = t * decode_step["ideal_bytes"] / hbm + flops["update_useful"] / devices / peak
+    return {
+        "rollout_s": rollout_s,
+        "update_s": update_s,
+        "step_s": rollout_s + update_s,
+        "floor_s": floor_s,
+        "ratio": (rollout_s + update_s) / floor_s,
+        "decode_step_bound": ["hbm", "flops", "collectives"][
+            [
+                decode_step["bytes_accessed"] / hbm,
+                (decode_step["flops"] or 0.0) / peak,
+                (decode_step["collective_bytes"] or 0.0) / ici,
+            ].index(per_step)
+        ],
+        "update_useful_flops_fraction": flops["update_useful"] / flops["update"],
+        "device_peaks": {"flops": peak, "hbm_bytes_per_s": hbm, "interchip_bytes_per_s": ici},
+    }
 
 
 def memory_report(
@@ -489,6 +734,7 @@ def memory_report(
     *,
     memory_source: str = "",
     topology: str | None = None,
+    decode: DecodeStepPrograms | None = None,
 ) -> dict[str, Any]:
     """The plan as one JSON-able dict: per-device bytes, fit, FLOPs, collectives, advice.
 
@@ -507,6 +753,8 @@ def memory_report(
         RESOURCE_EXHAUSTED error states replaces it.
       memory_source: where `device_memory` comes from, for the report.
       topology: the TPU topology name, if any.
+      decode: from `compile_decode_step`: adds `decode_step` (`decode_step_summary`) and
+        `estimate` (`roofline_estimate`); both None without it.
 
     Returns:
       The report dict (its keys are listed in experiments/plan.py).
@@ -561,6 +809,8 @@ def memory_report(
             for name, p in programs.items()
         },
     }
+    report["decode_step"] = None if decode is None else decode_step_summary(plan, decode)
+    report["estimate"] = None if decode is None else roofline_estimate(plan, report["decode_step"])
     report["advice"] = advice(report, plan)
     return report
 

@@ -50,39 +50,51 @@ def make_sampler(
     whether the decode loop reads weights replicated on every device, gathered once per
     rollout (`sharding.replicates_decode_weights`).
     """
-    config = sampling.SamplingConfig(
+    config = sampling_config(rl, settings, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+    def sample(state: TrainState, prompts: PromptBatch) -> Rollout:
+        rng = jax.random.fold_in(state.rng, state.step)
+        policy_rng, ref_rng = jax.random.split(rng)
+        models = sampled_models(rl, graphdef, state)
+        replicated = replicated_decode_bytes(
+            rl, decode_weights, state.params, models[0].config.compute_dtype, mesh
+        )
+        config_here = dataclasses.replace(config, replicate_weights=replicated > 0)
+        # One decode loop advances both models (outputs equal two separate loops).
+        outs = sampling.generate_tokens_many(
+            models,
+            prompts.ids,
+            prompts.mask,
+            [policy_rng, ref_rng][: len(models)],
+            config_here,
+            mesh=mesh,
+        )
+        return Rollout(
+            prompts=prompts, policy=outs[0], reference=outs[1] if rl.samples_reference else None
+        )
+
+    return sample
+
+
+def sampling_config(
+    rl: RLConfig, settings: SamplerSettings, *, eos_token_id, pad_token_id: int
+) -> sampling.SamplingConfig:
+    """The rollout's decode settings: `settings`, the stop tokens and G samples per prompt."""
+    return sampling.SamplingConfig(
         settings,
         sampling.eos_ids(eos_token_id),
         pad_token_id=pad_token_id,
         num_samples=rl.group_size,
     )
 
-    def sample(state: TrainState, prompts: PromptBatch) -> Rollout:
-        rng = jax.random.fold_in(state.rng, state.step)
-        policy_rng, ref_rng = jax.random.split(rng)
-        policy = nnx.merge(graphdef, state.params)
-        replicated = replicated_decode_bytes(
-            rl, decode_weights, state.params, policy.config.compute_dtype, mesh
-        )
-        config_here = dataclasses.replace(config, replicate_weights=replicated > 0)
-        if not rl.samples_reference:
-            out = sampling.generate_tokens(
-                policy, prompts.ids, prompts.mask, policy_rng, config_here, mesh=mesh
-            )
-            return Rollout(prompts=prompts, policy=out)
-        reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
-        # One decode loop advances both models (outputs equal two separate loops).
-        out, ref_out = sampling.generate_tokens_many(
-            [policy, reference],
-            prompts.ids,
-            prompts.mask,
-            [policy_rng, ref_rng],
-            config_here,
-            mesh=mesh,
-        )
-        return Rollout(prompts=prompts, policy=out, reference=ref_out)
 
-    return sample
+def sampled_models(rl: RLConfig, graphdef: nnx.GraphDef, state: TrainState) -> tuple:
+    """The models a rollout decodes: the policy, and the reference when the algorithm samples
+    it (AAPO), without gradient."""
+    policy = nnx.merge(graphdef, state.params)
+    if not rl.samples_reference:
+        return (policy,)
+    return policy, nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
 
 
 def replicated_decode_bytes(

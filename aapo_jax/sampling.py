@@ -219,7 +219,17 @@ def sample_token(
 
 
 @flax.struct.dataclass
-class _LoopState:
+class DecodeState:
+    """The decode loop's carry: every decoded model's token buffers, flags and cache.
+
+    Attributes:
+      step: the next step to draw (tokens [:, step] are written by it).
+      tokens, logprobs: per model, int32 / f32 [N, T] buffers (pad / 0 past the step).
+      done: per model, bool[N]: the row has emitted EOS.
+      caches: per model, its `KVCache` of P + T slots.
+      positions: int32[N] position id of the next token.
+    """
+
     step: Array
     tokens: tuple[Array, ...]
     logprobs: tuple[Array, ...]
@@ -258,28 +268,37 @@ def decode_segments(prompt_len: int, max_new_tokens: int, min_tokens: int = 512)
     return [round(max_new_tokens * (i + 1) / count) for i in range(count)]
 
 
+def mean_read_slots(prompt_len: int, max_new_tokens: int) -> float:
+    """The cache slots a decode step reads, averaged over the loop's steps 1..T-1 run to the
+    end: P + the end of the step's segment (`decode_segments`)."""
+    ends = decode_segments(prompt_len, max_new_tokens)
+    starts = [1, *ends[:-1]]
+    steps = sum(end - start for start, end in zip(starts, ends, strict=True))
+    reads = sum((end - start) * end for start, end in zip(starts, ends, strict=True))
+    return prompt_len + reads / max(steps, 1)
+
+
 def _step_uniforms(uniforms_TxN: Array | None, step: Array) -> Array | None:
     if uniforms_TxN is None:
         return None
     return jax.lax.dynamic_index_in_dim(uniforms_TxN, step, axis=0, keepdims=False)
 
 
-def _decode(
+def _start(
     models: Sequence[Transformer],
     input_ids_BxP: Array,
     attention_mask_BxP: Array,
     uniforms: Sequence[Array | None],
     config: SamplingConfig,
-) -> tuple[SamplerOutput, ...]:
-    """Prefill and decode loop over these rows (`generate_tokens_many` without the keys)."""
+) -> DecodeState:
+    """Every model's prefill and first draw: the decode loop's initial state."""
     t = config.settings.max_new_tokens
     mask_BxP = attention_mask_BxP.astype(bool)
     positions = positions_from_mask(mask_BxP)
     next_position = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
     next_position = jnp.repeat(next_position, config.num_samples, axis=0)
     n = next_position.shape[0]
-    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
-
+    eos = _eos_array(config)
     tokens, logprobs, done, caches = [], [], [], []
     for model, uniforms_TxN in zip(models, uniforms, strict=True):
         last_logits, cache = _prefill(model, input_ids_BxP, mask_BxP, positions, config)
@@ -288,7 +307,7 @@ def _decode(
         logprobs.append(jnp.zeros((n, t), jnp.float32).at[:, 0].set(logprob))
         done.append(jnp.isin(token, eos))
         caches.append(cache)
-    state = _LoopState(
+    return DecodeState(
         step=jnp.ones((), jnp.int32),
         tokens=tuple(tokens),
         logprobs=tuple(logprobs),
@@ -297,15 +316,34 @@ def _decode(
         positions=next_position,
     )
 
-    # Per-layer weight copies, made once here, when every layer is unrolled (tiny CPU models).
-    layers = [model.unstacked_layers() for model in models]
 
-    def advance(
-        model, layers, uniforms_TxN, tokens, logprobs, done, cache, step, positions, kv_len
-    ):
+def _eos_array(config: SamplingConfig) -> Array:
+    return jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+
+
+def _advance(
+    models: Sequence[Transformer],
+    layers: Sequence[Any],
+    uniforms: Sequence[Array | None],
+    state: DecodeState,
+    config: SamplingConfig,
+    kv_len: int,
+    unroll: int = 1,
+) -> DecodeState:
+    """One decode step of every model over the first `kv_len` cache slots (the loop body)."""
+    eos = _eos_array(config)
+    step = state.step
+
+    def one(model, layers, uniforms_TxN, tokens, logprobs, done, cache):
         prev = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)
         hidden, cache = model.decode(
-            prev, positions[:, None], ~done[:, None], cache, kv_len=kv_len, layers=layers
+            prev,
+            state.positions[:, None],
+            ~done[:, None],
+            cache,
+            kv_len=kv_len,
+            layers=layers,
+            unroll=unroll,
         )
         logits = model.logits_from_hidden(hidden)
         token, logprob = sample_token(
@@ -317,40 +355,140 @@ def _decode(
         logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, logprob, step, axis=1)
         return tokens, logprobs, done | jnp.isin(token, eos), cache
 
+    per_model = [
+        one(*args)
+        for args in zip(
+            models,
+            layers,
+            uniforms,
+            state.tokens,
+            state.logprobs,
+            state.done,
+            state.caches,
+            strict=True,
+        )
+    ]
+    tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
+    return state.replace(
+        step=step + 1,
+        tokens=tokens,
+        logprobs=logprobs,
+        done=done,
+        caches=caches,
+        positions=state.positions + 1,
+    )
+
+
+def _decode(
+    models: Sequence[Transformer],
+    input_ids_BxP: Array,
+    attention_mask_BxP: Array,
+    uniforms: Sequence[Array | None],
+    config: SamplingConfig,
+) -> tuple[SamplerOutput, ...]:
+    """Prefill and decode loop over these rows (`generate_tokens_many` without the keys)."""
+    state = _start(models, input_ids_BxP, attention_mask_BxP, uniforms, config)
+    # Per-layer weight copies, made once here, when every layer is unrolled (tiny CPU models).
+    layers = [model.unstacked_layers() for model in models]
+
     def segment(end: int):
         """The loop over steps up to `end`, reading the first P + end cache slots."""
 
-        def cond(state: _LoopState):
+        def cond(state: DecodeState):
             all_done = functools.reduce(jnp.logical_and, [jnp.all(d) for d in state.done])
             return (state.step < end) & ~all_done
 
-        def body(state: _LoopState) -> _LoopState:
-            per_model_state = (state.tokens, state.logprobs, state.done, state.caches)
-            per_model = [
-                advance(model, ly, u, *parts, state.step, state.positions, p + end)
-                for model, ly, u, *parts in zip(
-                    models, layers, uniforms, *per_model_state, strict=True
-                )
-            ]
-            tokens, logprobs, done, caches = (tuple(x) for x in zip(*per_model, strict=True))
-            return state.replace(
-                step=state.step + 1,
-                tokens=tokens,
-                logprobs=logprobs,
-                done=done,
-                caches=caches,
-                positions=state.positions + 1,
-            )
+        def body(state: DecodeState) -> DecodeState:
+            return _advance(models, layers, uniforms, state, config, p + end)
 
         return cond, body
 
     p = input_ids_BxP.shape[1]
-    for end in decode_segments(p, t):
+    for end in decode_segments(p, config.settings.max_new_tokens):
         state = jax.lax.while_loop(*segment(end), state)
+    eos = _eos_array(config)
     return tuple(
         completion_output(tokens, logprobs, eos)
         for tokens, logprobs in zip(state.tokens, state.logprobs, strict=True)
     )
+
+
+def decode_models(
+    models: Sequence[Transformer], config: SamplingConfig, mesh: Mesh | None, prompts: int
+) -> tuple[Transformer, ...]:
+    """The models as the decode loop reads them, made once per call (traceable).
+
+    With `config.replicate_weights` on a mesh: every model in the compute dtype (cast once
+    here rather than on every decode step), gathered onto every device (one all-gather per
+    weight; on a data-parallel mesh for `prompts` rows the per-device loop gets them
+    replicated anyway). Otherwise the models as given.
+    """
+    models = tuple(models)
+    if not config.replicate_weights or mesh is None:
+        return models
+    models = tuple(model.in_compute_dtype() for model in models)
+    if sharding.row_parallel(mesh, prompts):
+        return models
+    return sharding.replicate(models, mesh)
+
+
+def _uniform_specs(uniforms) -> tuple[PartitionSpec | None, ...]:
+    return tuple(None if u is None else PartitionSpec(None, sharding.DATA_AXIS) for u in uniforms)
+
+
+def decode_step(
+    models: Sequence[Transformer],
+    state: DecodeState,
+    uniforms: Sequence[Array | None],
+    config: SamplingConfig,
+    *,
+    kv_len: int,
+    prompts: int,
+    mesh: Mesh | None = None,
+    unroll: int = 1,
+) -> DecodeState:
+    """ONE step of the decode loop of `generate_tokens_many`, as a program of its own.
+
+    What the loop body does on step `state.step` for the models `decode_models` made, over
+    the first `kv_len` cache slots, split over `mesh` as the sampler splits it (`prompts`:
+    the prompt rows B of the batch, N = B·G). The planner compiles this to read one step's
+    bytes, FLOPs and collectives: XLA's cost analysis counts a loop body once, so
+    `unroll` = the layer count lays every layer out (the same work, counted whole).
+    """
+    layers = (None,) * len(models)
+
+    def local(axis, models, state, uniforms):
+        del axis
+        return _advance(models, layers, uniforms, state, config, kv_len, unroll)
+
+    step = sharding.data_parallel(
+        local,
+        mesh,
+        prompts,
+        in_specs=(sharding.REPLICATED, _state_specs(state), _uniform_specs(uniforms)),
+        out_specs=_state_specs(state),
+    )
+    with sharding.activation_mesh(mesh):
+        return step(tuple(models), state, tuple(uniforms))
+
+
+def _state_specs(state: DecodeState):
+    """`data_parallel` specs of a decode state: rows for arrays, replicated for scalars."""
+    return jax.tree.map(lambda x: sharding.ROWS if jnp.ndim(x) else sharding.REPLICATED, state)
+
+
+def start_decode(
+    models: Sequence[Transformer],
+    input_ids_BxP: Int[Array, "B P"],
+    attention_mask_BxP: Array,
+    rngs: Sequence[Array],
+    config: SamplingConfig,
+) -> tuple[DecodeState, tuple[Array | None, ...]]:
+    """The decode loop's initial state (every model's prefill and first draw) and its
+    uniforms (`draw_uniforms`), unsplit: for `jax.eval_shape` of the loop's carry."""
+    rows = input_ids_BxP.shape[0] * config.num_samples
+    uniforms = tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
+    return _start(models, input_ids_BxP, attention_mask_BxP, uniforms, config), uniforms
 
 
 def generate_tokens_many(
@@ -385,28 +523,22 @@ def generate_tokens_many(
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
     rows = input_ids_BxP.shape[0] * config.num_samples
     uniforms = tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
-    if config.replicate_weights and mesh is not None:
-        # The decode copies: the weights in the compute dtype (cast once here rather than on
-        # every decode step), gathered onto every device once here.
-        models = tuple(model.in_compute_dtype() for model in models)
-        if not sharding.row_parallel(mesh, input_ids_BxP.shape[0]):  # else replicated below
-            models = sharding.replicate(models, mesh)
+    models = decode_models(models, config, mesh, input_ids_BxP.shape[0])
 
     def local(axis, models, ids, mask, uniforms):
         del axis  # each device's loop needs no collective
         return _decode(models, ids, mask, uniforms, config)
 
-    spec_u = tuple(None if u is None else PartitionSpec(None, sharding.DATA_AXIS) for u in uniforms)
     # NNX modules are pytrees: every device gets the whole (replicated) models.
     decode = sharding.data_parallel(
         local,
         mesh,
         input_ids_BxP.shape[0],
-        in_specs=(sharding.REPLICATED, sharding.ROWS, sharding.ROWS, spec_u),
+        in_specs=(sharding.REPLICATED, sharding.ROWS, sharding.ROWS, _uniform_specs(uniforms)),
         out_specs=sharding.ROWS,
     )
     with sharding.activation_mesh(mesh):  # activations stay split by rows (XLA-partitioned)
-        return decode(tuple(models), input_ids_BxP, attention_mask_BxP, uniforms)
+        return decode(models, input_ids_BxP, attention_mask_BxP, uniforms)
 
 
 def generate_tokens(

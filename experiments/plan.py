@@ -22,7 +22,11 @@ kv_cache, decode_weights (the rollout's replicated decode copies), temporaries,
 other_state}, compile_s {rollout, update}, flops (XLA's, per device, each loop body
 once), model_flops (analytic, all devices), collective_bytes {program: {kind:
 bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
-advice. Exits with status 1 when a program does not fit, naming the knob to turn, and 2
+decode_step (per decode step per device at the loop's average read: bytes_accessed,
+ideal_bytes, collective_bytes, bytes_per_slot, flops, reshard_collective_bytes: from one
+decode step compiled on its own; --nodecode_step skips it), estimate (roofline seconds
+per RL step: step_s, floor_s, ratio, update_useful_flops_fraction; None on CPU), advice.
+Exits with status 1 when a program does not fit, naming the knob to turn, and 2
 when one fails to compile for another reason (its traceback on stderr; the other program
 is still planned). XLA:CPU's temporaries over-state (no buffer reuse across the program):
 decide TPU fits with --topology.
@@ -55,6 +59,12 @@ _DEVICE_MEMORY_GB = flags.DEFINE_float(
     "device_memory_gb", None, "Usable memory per device in GiB (default: from the device)."
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+_DECODE_STEP = flags.DEFINE_bool(
+    "decode_step",
+    True,
+    "Also compile one decode step (and the decode copies) for its bytes, FLOPs and "
+    "collectives, and the roofline estimate.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -133,12 +143,47 @@ def print_table(report: dict) -> None:
             )
     if report["flops"] is None:
         print("  XLA FLOPs: unavailable (a program did not compile or has no cost analysis)")
+    print_decode_step(report)
     model = report["model_flops"]
     print(
         f"  model FLOPs per step, all devices: rollout {model['rollout'] / 1e12:.1f} T (upper "
         f"bound), update {model['update'] / 1e12:.1f} T; XLA's TFLOP column counts each loop "
         "body once"
     )
+
+
+def print_decode_step(report: dict) -> None:
+    """The decode step and the roofline estimate (estimates from the compiled programs)."""
+    d, e = report["decode_step"], report["estimate"]
+    if d is None:
+        return
+    for name, error in d["errors"].items():
+        print(f"  {name} did not compile: {error}")
+    if d["bytes_accessed"] is None:
+        return
+    mib = lambda n: f"{n / 2**20:.3f}"
+    print(
+        f"decode step, per device, at the loop's average read ({d['mean_kv_len']:.0f} slots; "
+        "estimates from the compiled programs):"
+    )
+    print(
+        f"  bytes accessed {_gib(d['bytes_accessed'])} GiB, ideal {_gib(d['ideal_bytes'])} GiB "
+        f"({d['bytes_accessed'] / d['ideal_bytes']:.1f}×); per added cache slot "
+        f"{mib(d['bytes_per_slot'])} MiB, ideal {mib(d['ideal_bytes_per_slot'])} MiB"
+    )
+    coll = ", ".join(f"{k} {_gib(v)}" for k, v in (d["collectives"] or {}).items() if v)
+    print(
+        f"  collectives {_gib(d['collective_bytes'])} GiB ({coll or 'none'}); one-time "
+        f"decode copies {_gib(d['reshard_collective_bytes'])} GiB; "
+        f"{(d['flops'] or 0) / 1e9:.1f} GFLOP"
+    )
+    if e is not None:
+        print(
+            f"  estimated RL step {e['step_s']:.1f} s (rollout {e['rollout_s']:.1f} s, "
+            f"{e['decode_step_bound']}-bound; update {e['update_s']:.1f} s), floor "
+            f"{e['floor_s']:.1f} s: {e['ratio']:.1f}× the floor; update useful/executed "
+            f"FLOPs {e['update_useful_flops_fraction']:.0%}"
+        )
 
 
 def main(argv):
@@ -160,8 +205,9 @@ def main(argv):
     log = lambda message: print(message, file=sys.stderr, flush=True)
     log(f"planning {config.name} on {len(devices)} × {devices[0].device_kind}")
     programs = aot.compile_programs(plan, log=log)
+    decode = aot.compile_decode_step(plan, log=log) if _DECODE_STEP.value else None
     report = aot.memory_report(
-        plan, programs, memory, memory_source=source, topology=_TOPOLOGY.value
+        plan, programs, memory, memory_source=source, topology=_TOPOLOGY.value, decode=decode
     )
     if _JSON.value:
         print(aot.to_json(report))

@@ -113,6 +113,7 @@ SPECIAL = {
     "rl.algorithm": ("aapo_copy", {}),
     "rl.reference": ("sync", {"rl.reference_sync_every": 2}),
     "rl.reference_sync_every": (2, {"rl.reference": "sync"}),
+    "rl.kl_estimator": ("k1", {"rl.kl_metric": True}),
     "rl.reference_ema_rate": (0.1, {"rl.reference": "ema"}),
     "rl.hparams.margin_low": (0.1, {}),
     "rl.hparams.margin_high": (0.3, {}),
@@ -215,9 +216,9 @@ def test_choice_lists_are_the_registries(monkeypatch):
     monkeypatch.setitem(losses.AGGREGATIONS, "my_mean", losses.AGGREGATIONS["seq_mean"])
     assert configs.experiment_config(c).rl.loss_aggregation == "my_mean"
     monkeypatch.setitem(losses.KL_ESTIMATORS, "k4", losses.KL_ESTIMATORS["k1"])
-    assert configs.RLConfig(kl_estimator="k4").kl_estimator == "k4"
+    assert configs.RLConfig(kl_estimator="k4", kl_metric=True).kl_estimator == "k4"
     with pytest.raises(ValueError, match=r"rl\.kl_estimator='k5' is invalid"):
-        configs.RLConfig(kl_estimator="k5")
+        configs.RLConfig(kl_estimator="k5", kl_metric=True)
 
 
 def test_run_name_follows_the_algorithm_set_after_it():

@@ -140,6 +140,74 @@ def test_the_decode_loop_gathers_no_weights_when_they_are_replicated(planned, pl
     assert loops and all(loop["bytes_per_iteration"].get("all-gather") for loop in loops)
 
 
+def _decode_planned(model_dir, decode_weights: str):
+    """One decode step of the tiny config with T = 1024 (two loop segments: kv_len 520 and
+    1032), compiled with its decode copies on the 8 fake CPU devices."""
+    c = tiny_plan_config(model_dir)
+    c.sampling.max_new_tokens = 1024
+    c.sampling.decode_weights = decode_weights
+    plan = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    return plan, aot.compile_decode_step(plan)
+
+
+@pytest.fixture(scope="module")
+def decode_planned(model_dir):
+    return {dw: _decode_planned(model_dir, dw) for dw in ("replicated", "sharded")}
+
+
+def test_one_decode_step_reports_its_bytes_collectives_and_ideal(decode_planned):
+    """The decode step's numbers: replicated copies gather once (the reshard program) and
+    never per step; the sharded layout gathers every step. Bytes grow with kv_len, the
+    ideal is the weights' share plus the filled cache's."""
+    summaries = {}
+    for dw, (plan, decode) in decode_planned.items():
+        assert sorted(decode.steps) == [8 + 512, 8 + 1024]
+        summary = aot.decode_step_summary(plan, decode)
+        summaries[dw] = summary
+        assert summary["errors"] == {}
+        mean = sampling.mean_read_slots(8, 1024)
+        assert summary["mean_kv_len"] == mean and 520 < mean < 1032
+        lo, hi = (decode.steps[k].bytes_accessed for k in (520, 1032))
+        # (XLA:CPU copies a cache slice shorter than the buffer: there bytes may fall.)
+        assert 0 < min(lo, hi) <= summary["bytes_accessed"] <= max(lo, hi)
+        assert summary["bytes_per_slot"] == pytest.approx((hi - lo) / 512)
+        # Ideal: 1/8 of both models' fp32 weights + the cache's P + T/2 slots for 16 rows.
+        n_params = sum(x.size for x in jax.tree.leaves(plan.state.params))
+        per_slot = 2 * 2 * 2 * 16 * 4 * 16  # layers × (k, v) × kv heads × head_dim × 4 B × rows
+        assert summary["ideal_bytes_per_slot"] == pytest.approx(2 * per_slot / 8)
+        assert summary["ideal_bytes"] == pytest.approx(
+            2 * (n_params * 4 + per_slot * (8 + 512)) / 8
+        )
+        assert summary["flops"] > 0
+        # CPU devices have no peaks: no roofline.
+        assert aot.roofline_estimate(plan, summary) is None
+    replicated, sharded = summaries["replicated"], summaries["sharded"]
+    assert not replicated["collectives"]["all-gather"] and replicated["reshard_collective_bytes"]
+    assert sharded["collectives"]["all-gather"] > 0 and not sharded["reshard_collective_bytes"]
+    assert sharded["collective_bytes"] > replicated["collective_bytes"]
+
+
+def test_roofline_estimate_against_the_floor(decode_planned, monkeypatch):
+    plan, decode = decode_planned["replicated"]
+    summary = aot.decode_step_summary(plan, decode)
+    monkeypatch.setattr(aot, "device_peaks", lambda device: (1e12, 1e11, 1e10))
+    e = aot.roofline_estimate(plan, summary)
+    flops = aot.model_flops(plan)
+    per_step = max(
+        summary["bytes_accessed"] / 1e11,
+        summary["flops"] / 1e12,
+        summary["collective_bytes"] / 1e10,
+    )
+    assert e["rollout_s"] == pytest.approx(1024 * per_step)
+    assert e["update_s"] == pytest.approx(flops["update"] / 8 / 1e12)
+    assert e["step_s"] == pytest.approx(e["rollout_s"] + e["update_s"])
+    floor = 1024 * summary["ideal_bytes"] / 1e11 + flops["update_useful"] / 8 / 1e12
+    assert e["floor_s"] == pytest.approx(floor) and e["ratio"] == pytest.approx(e["step_s"] / floor)
+    # AAPO with the kl metric: 3 passes + remat + the metric's reference forward, on rows
+    # padded to T; useful: 3 passes on P + T/2 tokens.
+    assert 0 < e["update_useful_flops_fraction"] < 0.6
+
+
 def test_too_little_memory_names_the_knob(planned_sharded):
     plan, programs = planned_sharded
     update = programs["update"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from aapo_jax import hlo, models, sampling, sharding
 from tests import hf_fixtures
@@ -456,3 +457,55 @@ def test_device_memory_of_a_tpu_kind_the_table_lacks():
     with pytest.raises(ValueError, match=r"'TPU v99'.*decode_weights"):
         sharding.device_memory_bytes(_Device(None))
     assert sharding.device_memory_bytes(_Device(None), override_gb=1.0) == (2**30, "flag")
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (4, 1), (2, 4)])
+def test_decode_step_is_the_loop_body(checkpoints, qwen, mesh_shape):
+    """`start_decode` and T-1 calls of `decode_step` (every layer laid out, the planner's
+    program) give the loop's tokens and log-probs, on one device, a data-parallel mesh
+    (per-device steps) and an fsdp mesh with replicated decode copies."""
+    other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
+    ids, mask = _prompts(13, lengths=(9, 3, 6, 1, 12, 2, 7, 5))
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    mesh = None if mesh_shape is None else sharding.make_mesh(*mesh_shape)
+    config = sampling.SamplingConfig(
+        sampling.SamplerSettings(max_new_tokens=T, temperature=1.0),
+        eos_token_ids=(4,),
+        num_samples=2,
+        replicate_weights=mesh is not None,
+    )
+    keys = list(jax.random.split(jax.random.key(9)))
+    loop = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=config, buckets=None)
+    pair = [qwen, other] if mesh is None else [sharding.shard_model(m, mesh) for m in (qwen, other)]
+    decode = sampling.decode_models(pair, config, mesh, ids.shape[0])
+    state, uniforms = sampling.start_decode(decode, ids, mask, keys, config)
+    if mesh is not None:  # the prefill ran on one device: onto the mesh
+        state, uniforms = jax.device_put((state, uniforms), NamedSharding(mesh, PartitionSpec()))
+    step = jax.jit(
+        lambda m, s, u: sampling.decode_step(
+            m,
+            s,
+            u,
+            config,
+            kv_len=ids.shape[1] + T,
+            prompts=ids.shape[0],
+            mesh=mesh,
+            unroll=qwen.config.num_layers,
+        )
+    )
+    for _ in range(T - 1):
+        state = step(decode, state, uniforms)
+    eos = jnp.asarray((4,))
+    for out, tokens, logprobs in zip(loop, state.tokens, state.logprobs, strict=True):
+        mine = sampling.completion_output(tokens, logprobs, eos)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(mine.tokens))
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(mine.logprobs), atol=1e-5)
+
+
+def test_mean_read_slots_of_the_loop_segments():
+    assert sampling.decode_segments(512, 3584) == [896, 1792, 2688, 3584]
+    steps = [896 - 1, 896, 896, 896]
+    reads = [512 + 896, 512 + 1792, 512 + 2688, 512 + 3584]
+    expected = sum(s * r for s, r in zip(steps, reads, strict=True)) / sum(steps)
+    assert sampling.mean_read_slots(512, 3584) == pytest.approx(expected)
+    assert sampling.mean_read_slots(8, 4) == 8 + 4  # one segment: the whole buffer

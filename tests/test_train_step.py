@@ -328,7 +328,7 @@ GOLDEN_AAPO_STEP_1 = {
 
 
 def golden_metrics() -> dict[str, float]:
-    rl_cfg, optim, tx, graphdef, state, _ = _setup()
+    rl_cfg, optim, tx, graphdef, state, _ = _setup(configs.RLConfig(group_size=G, kl_metric=True))
     _, metrics = _rl_step(rl_cfg, optim, graphdef, tx)(state, _prompts())
     return {k: float(v) for k, v in metrics.items()}
 
@@ -368,10 +368,11 @@ def test_rl_step_metrics_are_consistent():
         "completion_len_max",
         "truncated_frac",
         "entropy",
-        "kl",
         "completion_tokens",
     ):
         assert np.isfinite(float(m[name])), name
+    # AAPO's loss needs no reference log-probs: no reference forward for the kl metric.
+    assert "kl" not in m and not rl_cfg.computes_reference_logprobs
     # The one-program step is the three stages composed: its rollout is this one, and the
     # margin statistics are those of its rewards.
     _, expected = advantages.margin(scored.rewards, scored.ref_rewards, return_stats=True)

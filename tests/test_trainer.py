@@ -61,7 +61,7 @@ def test_two_steps_write_metrics_plots_checkpoints_and_summary(tiny_model_dir, t
     assert report["greedy_accuracy"] == pytest.approx(summary["final_eval_accuracy"])
 
 
-STEP_KEYS = ("loss", "grad_norm", "reward_mean", "ref_reward_mean", "margin_mean", "entropy", "kl")
+STEP_KEYS = ("loss", "grad_norm", "reward_mean", "ref_reward_mean", "margin_mean", "entropy")
 
 
 def test_resume_gives_the_same_next_step(tiny_model_dir, trained_workdir, tmp_path):

@@ -485,6 +485,7 @@ class Transformer(nnx.Module):
         *,
         kv_len: int | None = None,
         layers: Sequence[DecoderLayer] | None = None,
+        unroll: int = 1,
     ) -> tuple[Array, KVCache]:
         """Hidden states [B, L, D] of new tokens written into `cache` at `cache.index`.
 
@@ -496,6 +497,9 @@ class Transformer(nnx.Module):
         `layers` (from `unstacked_layers`, made once outside the decode loop): each scan
         step runs layer i as branch i of a `switch` over its own weights, which XLA:CPU
         reads where they lie instead of copying layer i's slice of the stacked weights.
+        `unroll` ≥ the layer count lays every layer out as straight-line code, over `layers`
+        or static slices of the stacked weights (for a one-step program whose cost analysis
+        should count every layer: XLA counts a loop body once).
         """
         cfg = self.config
         kv_len = cache.size if kv_len is None else kv_len
@@ -535,7 +539,14 @@ class Transformer(nnx.Module):
             return sharding_lib.constrain_rows(x), (new["k"], new["v"])
 
         x = self._embed(tokens_BxL)
-        if layers is None:
+        if unroll >= cfg.num_layers:
+            layers = self.layer_slices() if layers is None else layers
+            news = []
+            for j in range(cfg.num_layers):
+                x, kv = body(layers[j], x, j)
+                news.append(kv)
+            new_k, new_v = (tuple(t) for t in zip(*news, strict=True))
+        elif layers is None:
             # Rolled whatever `scan_unroll` says. XLA:CPU copies layer i's slice of the stacked
             # weights before its dots; unrolled over static slices it also copies every
             # layer's cache (the writes below are no longer ordered after the reads).
@@ -587,6 +598,10 @@ class Transformer(nnx.Module):
         """
         if self.config.layers_per_scan_step < self.config.num_layers:
             return None
+        return self.layer_slices()
+
+    def layer_slices(self) -> tuple[DecoderLayer, ...]:
+        """Each layer as a module of its own: static slices of the stacked weights."""
         graphdef, stacked = nnx.split(self.layers)
         return tuple(
             nnx.merge(graphdef, jax.tree.map(lambda t, i=i: t[i], stacked))
