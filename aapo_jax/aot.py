@@ -254,18 +254,24 @@ def kv_cache_bytes(plan: Plan) -> int:
     return mc.num_layers * 2 * rows * length * heads * mc.head_dim * itemsize * n_models
 
 
-def decode_weights_bytes(plan: Plan) -> int:
-    """Per-device decode copies of the weights that the rollout replicates (a temporary of
-    that program; 0 when it decodes from the sharded training layout): every decoded
-    model's weights in the compute dtype (`sampling.decode_weights`)."""
+def decode_copies(plan: Plan) -> tuple[str, int]:
+    """(layout, per-device bytes) of the rollout's decode copies of the weights (a
+    temporary of that program; 0 bytes when it decodes from the training layout):
+    `rollout.decode_copies` for the plan's config and mesh."""
     cfg = plan.config
-    return rollout.replicated_decode_bytes(
+    return rollout.decode_copies(
         cfg.rl,
         cfg.sampling.decode_weights,
         plan.state.params,
         plan.model_config.compute_dtype,
         plan.mesh,
+        cfg.train.prompts_per_step,
     )
+
+
+def decode_weights_bytes(plan: Plan) -> int:
+    """Per-device bytes of the rollout's decode copies (`decode_copies`)."""
+    return decode_copies(plan)[1]
 
 
 # ---------------------------------------------------------------------------
@@ -566,8 +572,7 @@ def compile_decode_step(
     config = rollout.sampling_config(
         cfg.rl, cfg.sampling, eos_token_id=plan.eos_token_ids, pad_token_id=plan.pad_token_id
     )
-    replicated = decode_weights_bytes(plan)
-    config = dataclasses.replace(config, replicate_weights=replicated > 0)
+    config = dataclasses.replace(config, decode_weights=decode_copies(plan)[0])
     prompts = cfg.train.prompts_per_step
     use_peak = mesh.devices.flat[0].platform != "cpu"
 
@@ -785,6 +790,7 @@ def memory_report(
         "devices": int(plan.mesh.devices.size),
         "mesh": dict(plan.mesh.shape),
         "attention": plan.model_config.attention,
+        "decode_layout": decode_copies(plan)[0],
         "device_memory_bytes": int(device_memory),
         "device_memory_source": memory_source,
         "fits": all(fits.values()),
@@ -875,9 +881,9 @@ def advice(report: dict[str, Any], plan: Plan) -> str:
     if over["rollout"] and state <= have:
         if b["decode_weights"]:
             lines.append(
-                f"rollout: it replicates the decode weights ({b['decode_weights'] / GiB:.2f} "
-                "GiB per device): decode from the sharded layout with "
-                "--config.sampling.decode_weights=sharded."
+                f"rollout: its {report['decode_layout']} decode copies of the weights "
+                f"({b['decode_weights'] / GiB:.2f} GiB per device) take room: decode from "
+                "the training layout with --config.sampling.decode_weights=sharded."
             )
         elif b["kv_cache"] >= state:
             lines.append(

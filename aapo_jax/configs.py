@@ -243,16 +243,19 @@ class RolloutSettings(SamplerSettings):
     max_prompt_length: prompts longer than this many tokens are dropped or cut
     (`prompt.overlong`); the rollout's prompt buffers are P wide. RL samples: the
     temperature must be > 0.
-    decode_weights: "replicated" decodes from a copy of the weights (in the compute dtype)
-    gathered onto every device once per rollout, so the decode loop moves no weights
-    between devices; "sharded" decodes from the training layout and leaves the gathers to
-    XLA (on TPU it gathers each layer's weights on every decode step: least memory);
-    "auto" replicates when the copies fit `sharding.DECODE_WEIGHTS_SHARE` of a device's
-    memory.
+    decode_weights: where the decode loop reads the weights. "tensor": copies in the
+    compute dtype made once per rollout, the MLP's hidden units and the vocabulary split
+    over every device (`sharding.DECODE_TENSOR_RULES`), attention whole: each step reads
+    about 1/devices of the MLP and vocabulary weights and exchanges activations only.
+    "replicated": whole copies on every device (no collective in the loop, every device
+    reads all weights). "sharded": the training layout (XLA gathers each layer's weights
+    on every decode step: least memory). "auto": "tensor" on a mesh that splits the
+    weights, "replicated" on a data-parallel one, when the copies fit
+    `sharding.DECODE_WEIGHTS_SHARE` of a device's memory, else "sharded".
     """
 
     max_prompt_length: int = 512
-    decode_weights: Literal["auto", "sharded", "replicated"] = "auto"
+    decode_weights: Literal["auto", "sharded", "replicated", "tensor"] = "auto"
 
     def __post_init__(self):
         super().__post_init__()

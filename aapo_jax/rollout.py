@@ -46,9 +46,10 @@ def make_sampler(
     when the algorithm needs the reference rollout, in the same decode loop as the
     policy. Keys are `fold_in(state.rng, state.step)`. On a data-parallel `mesh`
     each device decodes its own prompts' rows (`sampling.generate_tokens_many`).
-    `decode_weights` (`sampling.decode_weights`: "auto", "sharded", "replicated") says
-    whether the decode loop reads weights replicated on every device, gathered once per
-    rollout (`sharding.replicates_decode_weights`).
+    `decode_weights` (`sampling.decode_weights`: "auto" or one of
+    `sharding.DECODE_LAYOUTS`) says where the decode loop reads the weights: copies made
+    once per rollout, split over the devices by hidden units ("tensor") or whole on each
+    ("replicated"), or the training layout ("sharded"); see `decode_copies`.
     """
     config = sampling_config(rl, settings, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
@@ -56,10 +57,15 @@ def make_sampler(
         rng = jax.random.fold_in(state.rng, state.step)
         policy_rng, ref_rng = jax.random.split(rng)
         models = sampled_models(rl, graphdef, state)
-        replicated = replicated_decode_bytes(
-            rl, decode_weights, state.params, models[0].config.compute_dtype, mesh
+        layout, _ = decode_copies(
+            rl,
+            decode_weights,
+            state.params,
+            models[0].config.compute_dtype,
+            mesh,
+            prompts.ids.shape[0],
         )
-        config_here = dataclasses.replace(config, replicate_weights=replicated > 0)
+        config_here = dataclasses.replace(config, decode_weights=layout)
         # One decode loop advances both models (outputs equal two separate loops).
         outs = sampling.generate_tokens_many(
             models,
@@ -97,20 +103,22 @@ def sampled_models(rl: RLConfig, graphdef: nnx.GraphDef, state: TrainState) -> t
     return policy, nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
 
 
-def replicated_decode_bytes(
-    rl: RLConfig, decode_weights: str, params, compute_dtype, mesh: Mesh | None
-) -> int:
-    """Per-device bytes of the decode copies the rollout replicates, 0 when it decodes from
-    the training layout: every decoded model's floating weights (`params`' shapes) in the
-    compute dtype, replicated when `sharding.replicates_decode_weights` says so. The
-    sampler and the planner decide with this."""
+def decode_copies(
+    rl: RLConfig, decode_weights: str, params, compute_dtype, mesh: Mesh | None, prompts: int
+) -> tuple[str, int]:
+    """(layout, per-device bytes) of the weights the rollout's decode loop reads: the layout
+    `sharding.decode_layout` picks for `decode_weights` (`sampling.decode_weights`), and
+    the bytes of its decode copies (every decoded model's floating weights, `params`'
+    shapes, in the compute dtype; 0 for "sharded", which decodes from the training
+    weights). The sampler and the planner decide with this."""
     itemsize = jnp.dtype(compute_dtype).itemsize
-    one = sum(
-        x.size * (itemsize if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.itemsize)
-        for x in jax.tree.leaves(params)
-    )
-    copies = (2 if rl.samples_reference else 1) * one
-    return copies if sharding.replicates_decode_weights(decode_weights, mesh, copies) else 0
+    n_models = 2 if rl.samples_reference else 1
+
+    def copy_bytes(layout: str) -> int:
+        return n_models * sharding.layout_bytes(params, mesh, layout, itemsize)
+
+    layout = sharding.decode_layout(decode_weights, mesh, copy_bytes, prompts)
+    return layout, 0 if layout == "sharded" else copy_bytes(layout)
 
 
 def make_token_scorer(reward_fn: rewards.TokenReward) -> ScoreFn:

@@ -12,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
@@ -84,21 +85,27 @@ class SamplingConfig:
 
     `settings` says how tokens are drawn; `eos_token_ids` (from the model and tokenizer)
     may be empty, and then the whole budget is generated; `num_samples` completions are
-    drawn per prompt (rows b·G + g). `replicate_weights`: on a mesh whose devices split
-    the weights (fsdp / tensor), decode from a copy gathered onto every device once per
-    call, so the decode loop moves no weights between devices
-    (`sharding.replicates_decode_weights` decides it for the rollout).
+    drawn per prompt (rows b·G + g). `decode_weights` (one of `sharding.DECODE_LAYOUTS`):
+    on a mesh, "sharded" decodes from the models as given; "replicated" and "tensor" from
+    copies in the compute dtype made once per call, whole on every device or split by
+    `sharding.DECODE_TENSOR_RULES`, so that the decode loop moves no weights between
+    devices (`sharding.decode_layout` picks it for the rollout).
     """
 
     settings: SamplerSettings
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     num_samples: int = 1
-    replicate_weights: bool = False
+    decode_weights: str = "sharded"
 
     def __post_init__(self):
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}.")
+        if self.decode_weights not in sharding.DECODE_LAYOUTS:
+            raise ValueError(
+                f"decode_weights={self.decode_weights!r}: expected one of "
+                f"{sharding.DECODE_LAYOUTS}."
+            )
 
 
 def eos_ids(*eos_token_ids: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -418,18 +425,25 @@ def decode_models(
 ) -> tuple[Transformer, ...]:
     """The models as the decode loop reads them, made once per call (traceable).
 
-    With `config.replicate_weights` on a mesh: every model in the compute dtype (cast once
-    here rather than on every decode step), gathered onto every device (one all-gather per
-    weight; on a data-parallel mesh for `prompts` rows the per-device loop gets them
-    replicated anyway). Otherwise the models as given.
+    With `config.decode_weights` "replicated" or "tensor" on a mesh: every model in the
+    compute dtype (cast once here rather than on every decode step), placed in that layout
+    (`sharding.decode_shardings`: one collective per weight, here, none in the loop). On a
+    data-parallel mesh for `prompts` rows (`sharding.row_parallel`) the per-device loop
+    gets whole weights anyway: only the cast. "sharded": the models as given.
     """
     models = tuple(models)
-    if not config.replicate_weights or mesh is None:
+    if config.decode_weights == "sharded" or mesh is None:
         return models
     models = tuple(model.in_compute_dtype() for model in models)
     if sharding.row_parallel(mesh, prompts):
         return models
-    return sharding.replicate(models, mesh)
+
+    def place(model):
+        graphdef, state = nnx.split(model)
+        shardings = sharding.decode_shardings(state, mesh, config.decode_weights)
+        return nnx.merge(graphdef, jax.lax.with_sharding_constraint(state, shardings))
+
+    return tuple(place(model) for model in models)
 
 
 def _uniform_specs(uniforms) -> tuple[PartitionSpec | None, ...]:
@@ -468,8 +482,13 @@ def decode_step(
         in_specs=(sharding.REPLICATED, _state_specs(state), _uniform_specs(uniforms)),
         out_specs=_state_specs(state),
     )
-    with sharding.activation_mesh(mesh):
+    with sharding.activation_mesh(mesh), _tensor_decode(config, mesh, prompts):
         return step(tuple(models), state, tuple(uniforms))
+
+
+def _tensor_decode(config: SamplingConfig, mesh: Mesh | None, prompts: int):
+    active = config.decode_weights == "tensor" and not sharding.row_parallel(mesh, prompts)
+    return sharding.tensor_decode(active and mesh is not None)
 
 
 def _state_specs(state: DecodeState):
@@ -537,7 +556,9 @@ def generate_tokens_many(
         in_specs=(sharding.REPLICATED, sharding.ROWS, sharding.ROWS, _uniform_specs(uniforms)),
         out_specs=sharding.ROWS,
     )
-    with sharding.activation_mesh(mesh):  # activations stay split by rows (XLA-partitioned)
+    # Activations stay split by rows (XLA-partitioned); in the tensor layout the MLP's and
+    # the LM head's split by columns.
+    with sharding.activation_mesh(mesh), _tensor_decode(config, mesh, input_ids_BxP.shape[0]):
         return decode(models, input_ids_BxP, attention_mask_BxP, uniforms)
 
 

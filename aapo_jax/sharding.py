@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -326,35 +327,130 @@ def device_memory_bytes(device: jax.Device, override_gb: float | None = None) ->
             raise ValueError(
                 f"device kind {device.device_kind!r} has no entry in sharding.TPU_MEMORY_BYTES "
                 f"({sorted(TPU_MEMORY_BYTES)}) and no memory_stats ({e}): pass plan.py's "
-                "--device_memory_gb, or set --config.sampling.decode_weights to replicated "
-                "or sharded."
+                "--device_memory_gb, or set --config.sampling.decode_weights to tensor, "
+                "replicated or sharded."
             ) from None
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram // max(len(jax.devices("cpu")), 1), "host_ram"
 
 
-# `sampling.decode_weights="auto"` replicates the rollout's decode copies of the weights
-# (every decoded model in the compute dtype) when they take at most this share of a
-# device's memory.
+# `sampling.decode_weights="auto"` decodes from copies of the weights (every decoded model
+# in the compute dtype, in the layout it picks) when they take at most this share of a
+# device's memory, else from the training layout.
 DECODE_WEIGHTS_SHARE = 0.5
 
+# Where the rollout's decode loop reads the weights (`sampling.decode_weights`): "sharded",
+# the training layout as given (XLA gathers what each step needs); "replicated", a copy on
+# every device; "tensor", a copy split by `DECODE_TENSOR_RULES`.
+DECODE_LAYOUTS = ("sharded", "replicated", "tensor")
 
-def replicates_decode_weights(choice: str, mesh: Mesh | None, weight_bytes: int) -> bool:
-    """Whether the rollout decodes from weights replicated on every device of `mesh`.
+# The "tensor" decode layout: the MLP's hidden dimension and the vocabulary (embedding and
+# LM head) split over every device, the attention projections and norms whole. A decode
+# step then reads 1/devices of the MLP and vocabulary weights (most of a model) and
+# attention runs on each device's own rows and cache; the MLP and the LM head exchange only
+# activations ([rows, D] in, [rows, D] / [rows, V] out), under `tensor_decode`.
+DECODE_TENSOR_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("vocab", MESH_AXES),
+    ("embed", None),
+    ("q_heads", None),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("mlp", MESH_AXES),
+    ("norm", None),
+    ("length", None),
+)
 
-    `choice` is `sampling.decode_weights`: "replicated", "sharded" (the training layout), or
-    "auto": replicated when `weight_bytes` (the decode copies of every decoded model, per
-    device once replicated) fit `DECODE_WEIGHTS_SHARE` of one device's memory
-    (`device_memory_bytes`). A single device, or no mesh, has nothing to replicate.
+_TENSOR_DECODE = contextvars.ContextVar("tensor_decode", default=False)
+
+
+@contextlib.contextmanager
+def tensor_decode(active: bool = True):
+    """While tracing inside it, `constrain_columns` splits activations' last dimension."""
+    token = _TENSOR_DECODE.set(active)
+    try:
+        yield
+    finally:
+        _TENSOR_DECODE.reset(token)
+
+
+def tensor_decoding() -> bool:
+    """Whether a trace is inside `tensor_decode`."""
+    return _TENSOR_DECODE.get()
+
+
+def constrain_columns(x: jax.Array) -> jax.Array:
+    """Under `tensor_decode` (and `activation_mesh`): `x`'s last dimension (the MLP hidden
+    units, the vocabulary) split over every device and its rows whole, so that a matmul
+    with weights split that way by `DECODE_TENSOR_RULES` moves the activations, not the
+    weights. Otherwise, or when the devices do not divide it, `x` as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _TENSOR_DECODE.get() or mesh.empty or mesh.manual_axes:
+        return x
+    axes = tuple(a for a in MESH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if not axes or x.shape[-1] % ways:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*([None] * (x.ndim - 1)), axes))
+
+
+def decode_layout(
+    choice: str, mesh: Mesh | None, copy_bytes: Callable[[str], int], prompts: int
+) -> str:
+    """The layout the rollout decodes from (`DECODE_LAYOUTS`).
+
+    `choice` is `sampling.decode_weights`; `copy_bytes(layout)` the per-device bytes of the
+    decode copies in that layout; `prompts` the prompt rows. A single device, or no mesh,
+    decodes from the weights as given ("sharded"). On a data-parallel mesh
+    (`row_parallel`: each device runs its own loop over whole weights) "tensor" becomes
+    "replicated". "auto": "tensor" on a mesh that splits the weights, "replicated" on a
+    data-parallel one, when the copies fit `DECODE_WEIGHTS_SHARE` of one device's memory
+    (`device_memory_bytes`), else "sharded".
     """
+    if choice not in ("auto", *DECODE_LAYOUTS):
+        raise ValueError(f"sampling.decode_weights={choice!r}: expected 'auto' or {DECODE_LAYOUTS}")
     if mesh is None or mesh.size == 1 or choice == "sharded":
-        return False
-    if choice == "replicated":
-        return True
+        return "sharded"
+    whole = row_parallel(mesh, prompts)
+    if choice != "auto":
+        return "replicated" if whole else choice
+    layout = "replicated" if whole else "tensor"
     here = jax.process_index()  # a device of this process: another's has no memory_stats
     device = next((d for d in mesh.devices.flat if d.process_index == here), None)
     memory, _ = device_memory_bytes(mesh.devices.flat[0] if device is None else device)
-    return weight_bytes <= DECODE_WEIGHTS_SHARE * memory
+    return layout if copy_bytes(layout) <= DECODE_WEIGHTS_SHARE * memory else "sharded"
+
+
+def layout_bytes(params: nnx.State, mesh: Mesh, layout: str, itemsize: int) -> int:
+    """Per-device bytes of `params`' floating weights at `itemsize` bytes each, in a decode
+    layout: whole ("replicated"), split by `DECODE_TENSOR_RULES` ("tensor") or by the
+    training rules ("sharded")."""
+    rules = DECODE_TENSOR_RULES if layout == "tensor" else LOGICAL_RULES
+    total = 0
+    flat = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for variable in flat:
+        value = variable.value if isinstance(variable, nnx.Variable) else variable
+        size = itemsize if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype.itemsize
+        if layout == "replicated" or not isinstance(variable, nnx.Variable):
+            total += value.size * size
+            continue
+        spec = logical_to_spec(variable_axes(variable), value.shape, mesh, rules)
+        shard = NamedSharding(mesh, spec).shard_shape(value.shape)
+        total += math.prod(shard) * size
+    return total
+
+
+def decode_shardings(tree, mesh: Mesh, layout: str):
+    """NamedShardings of a model state's variables in a decode layout ("replicated": all
+    whole; "tensor": `DECODE_TENSOR_RULES`)."""
+    if layout == "tensor":
+        return state_shardings(tree, mesh, DECODE_TENSOR_RULES)
+    return jax.tree.map(
+        lambda v: v.replace(NamedSharding(mesh, REPLICATED)),
+        tree,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def replicate(tree, mesh: Mesh):

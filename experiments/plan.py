@@ -17,9 +17,9 @@ config leaves empty get placeholders (`aot.PLACEHOLDER_DATA`): no data is read.
 can then be planned).
 
 Prints a table (GiB per device) or, with --json, one JSON object: fits, devices,
-device_kind, device_memory_bytes, per_device_bytes {total, params, optimizer, reference,
-kv_cache, decode_weights (the rollout's replicated decode copies), temporaries,
-other_state}, compile_s {rollout, update}, flops (XLA's, per device, each loop body
+device_kind, device_memory_bytes, decode_layout, per_device_bytes {total, params,
+optimizer, reference, kv_cache, decode_weights (the rollout's decode copies),
+temporaries, other_state}, compile_s {rollout, update}, flops (XLA's, per device, each loop body
 once), model_flops (analytic, all devices), collective_bytes {program: {kind:
 bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
 decode_step (per decode step per device at the loop's average read: bytes_accessed,
@@ -101,7 +101,8 @@ def print_table(report: dict) -> None:
     print(
         f"{report['config']} on {report['devices']} × {report['device_kind']} ({where}), "
         f"mesh {report['mesh']}, {_gib(report['device_memory_bytes'])} GiB per device "
-        f"({report['device_memory_source']}); attention: {report['attention']}"
+        f"({report['device_memory_source']}); attention: {report['attention']}; decode "
+        f"weights: {report['decode_layout']}"
     )
     print(f"{'per device':<22}{'GiB':>10}")
     for key in (

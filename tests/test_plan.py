@@ -60,7 +60,7 @@ def _planned(model_dir, decode_weights: str):
 @pytest.fixture(scope="module")
 def planned(model_dir):
     """Both programs of the tiny config compiled once on the 8 fake CPU devices (fsdp=8);
-    the rollout decodes from weights replicated once per rollout ("auto" on the host)."""
+    the rollout decodes from tensor-parallel copies made once per rollout ("auto")."""
     return _planned(model_dir, "auto")
 
 
@@ -120,24 +120,33 @@ def test_report_numbers_are_consistent(planned):
     json.loads(aot.to_json(report))
 
 
-def test_the_decode_loop_gathers_no_weights_when_they_are_replicated(planned, planned_sharded):
-    """Replicated decode copies: no all-gather on any decode step, their bytes reported, and
-    a rollout that does not fit names the layout knob. Sharded: every step gathers."""
+def test_the_decode_loop_gathers_no_weights_from_its_copies(planned, planned_sharded):
+    """ "auto" on an fsdp mesh: tensor-parallel decode copies (MLP and vocabulary split over
+    the 8 devices, attention whole), their bytes reported; the decode loop gathers
+    activations only, and a rollout that does not fit names the layout knob. Sharded:
+    every step gathers weights."""
     plan, programs = planned
-    replicated = aot.decode_weights_bytes(plan)
-    n_params = sum(x.size for x in jax.tree.leaves(plan.state.params))
-    assert replicated == 2 * n_params * 4  # policy + reference, fp32 compute
+    layout, copies = aot.decode_copies(plan)
+    assert layout == "tensor" and plan.model_config.compute_dtype == np.float32
+    whole = 2 * sum(x.size for x in jax.tree.leaves(plan.state.params)) * 4
+    assert copies == 2 * sharding.layout_bytes(plan.state.params, plan.mesh, "tensor", 4)
+    assert whole / 4 < copies < whole / 2  # most of the weights split 8 ways
+    mc = plan.model_config
+    mlp_layer = 3 * mc.hidden_size * mc.intermediate_size * 4
     loops = programs["rollout"].collectives["unknown_trip_count_loops"]
-    assert loops and all(not loop["bytes_per_iteration"].get("all-gather") for loop in loops)
+    assert loops and all(
+        loop["bytes_per_iteration"].get("all-gather", 0) < mlp_layer for loop in loops
+    )
     report = aot.memory_report(plan, programs, programs["rollout"].total_bytes - 1)
-    assert report["per_device_bytes"]["decode_weights"] == replicated
+    assert report["decode_layout"] == "tensor"
+    assert report["per_device_bytes"]["decode_weights"] == copies
     assert not report["programs"]["rollout"]["fits"]
     assert "--config.sampling.decode_weights=sharded" in report["advice"]
 
     plan, programs = planned_sharded
-    assert aot.decode_weights_bytes(plan) == 0
+    assert aot.decode_copies(plan) == ("sharded", 0)
     loops = programs["rollout"].collectives["unknown_trip_count_loops"]
-    assert loops and all(loop["bytes_per_iteration"].get("all-gather") for loop in loops)
+    assert loops and all(loop["bytes_per_iteration"]["all-gather"] > mlp_layer for loop in loops)
 
 
 def _decode_planned(model_dir, decode_weights: str):
@@ -152,7 +161,7 @@ def _decode_planned(model_dir, decode_weights: str):
 
 @pytest.fixture(scope="module")
 def decode_planned(model_dir):
-    return {dw: _decode_planned(model_dir, dw) for dw in ("replicated", "sharded")}
+    return {dw: _decode_planned(model_dir, dw) for dw in ("tensor", "replicated", "sharded")}
 
 
 def test_one_decode_step_reports_its_bytes_collectives_and_ideal(decode_planned):
@@ -182,9 +191,13 @@ def test_one_decode_step_reports_its_bytes_collectives_and_ideal(decode_planned)
         # CPU devices have no peaks: no roofline.
         assert aot.roofline_estimate(plan, summary) is None
     replicated, sharded = summaries["replicated"], summaries["sharded"]
+    tensor = summaries["tensor"]
     assert not replicated["collectives"]["all-gather"] and replicated["reshard_collective_bytes"]
     assert sharded["collectives"]["all-gather"] > 0 and not sharded["reshard_collective_bytes"]
     assert sharded["collective_bytes"] > replicated["collective_bytes"]
+    # Tensor: activations move, not weights; each device reads less than the whole copies.
+    assert tensor["collective_bytes"] < sharded["collective_bytes"] / 2
+    assert tensor["bytes_accessed"] < replicated["bytes_accessed"]
 
 
 def test_roofline_estimate_against_the_floor(decode_planned, monkeypatch):

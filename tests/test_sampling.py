@@ -397,12 +397,12 @@ def _decode_loop_gathers(models_on_mesh, ids, mask, keys, config, mesh) -> list[
     return [loop["bytes_per_iteration"].get("all-gather", 0) for loop in loops]
 
 
-def test_replicated_decode_weights_gather_nothing_in_the_loop_and_match_one_device(
-    checkpoints, qwen
-):
-    """On an fsdp mesh (XLA-partitioned), decoding from weights replicated once per call
-    gives one device's tokens, and its decode loop gathers no weights; the sharded
-    layout gathers them on every step."""
+@pytest.mark.parametrize("layout", ["sharded", "replicated", "tensor"])
+def test_decode_layouts_match_one_device_and_move_no_weights_in_the_loop(checkpoints, qwen, layout):
+    """On an fsdp mesh of 8 devices (XLA-partitioned), each decode layout gives one device's
+    tokens and log-probs (to fp tolerance). From the copies ("replicated"; "tensor": the
+    MLP and the vocabulary split over all 8) the decode loop gathers no weights; from the
+    training layout ("sharded") it gathers them on every step."""
     other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
     mesh = sharding.make_mesh(data=2, fsdp=4)
     ids, mask = _prompts(12, lengths=(9, 3, 6, 1, 12, 2, 7, 5))
@@ -411,30 +411,53 @@ def test_replicated_decode_weights_gather_nothing_in_the_loop_and_match_one_devi
     models_on_mesh = [sharding.shard_model(m, mesh) for m in (qwen, other)]
     base = sampling.SamplingConfig(settings, eos_token_ids=(4,), num_samples=2)
     alone = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=base)
-    for replicate in (False, True):
-        config = dataclasses.replace(base, replicate_weights=replicate)
-        out = sampling.generate_many(models_on_mesh, ids, mask, rngs=keys, config=config, mesh=mesh)
-        for a, b in zip(alone, out, strict=True):
-            np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-            np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
-        ids_b, mask_b = sampling._bucket_prompts(ids, mask, sampling.DEFAULT_BUCKETS)
-        ids_b, mask_b = sharding.put_rows((ids_b, mask_b), mesh)
-        gathers = _decode_loop_gathers(models_on_mesh, ids_b, mask_b, keys, config, mesh)
-        if replicate:
-            assert gathers == [0] * len(gathers)
-        else:
-            assert min(gathers) > 0
+    config = dataclasses.replace(base, decode_weights=layout)
+    out = sampling.generate_many(models_on_mesh, ids, mask, rngs=keys, config=config, mesh=mesh)
+    for a, b in zip(alone, out, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+    ids_b, mask_b = sampling._bucket_prompts(ids, mask, sampling.DEFAULT_BUCKETS)
+    ids_b, mask_b = sharding.put_rows((ids_b, mask_b), mesh)
+    gathers = _decode_loop_gathers(models_on_mesh, ids_b, mask_b, keys, config, mesh)
+    if layout == "sharded":
+        assert min(gathers) > 0
+    else:
+        # Activations only: far less than one layer's MLP weights per step.
+        mlp = 3 * qwen.config.hidden_size * qwen.config.intermediate_size * 4
+        assert max(gathers) < mlp, gathers
 
 
-def test_auto_decode_weights_replicate_what_fits_half_a_device():
+def test_the_tensor_layout_splits_the_mlp_and_vocabulary_over_every_device(qwen):
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    _, state = nnx.split(qwen)
+    shardings = sharding.decode_shardings(state, mesh, "tensor")
+    mlp = shardings["layers"]["mlp"]["gate_kernel"].value
+    assert mlp.spec == PartitionSpec(None, None, sharding.MESH_AXES[:2])
+    assert shardings["embed"].value.spec == PartitionSpec(sharding.MESH_AXES[:2], None)
+    assert shardings["layers"]["attn"]["q_kernel"].value.is_fully_replicated
+    n = sum(x.size for x in jax.tree.leaves(state))
+    whole = sharding.layout_bytes(state, mesh, "replicated", 2)
+    split = sharding.layout_bytes(state, mesh, "tensor", 2)
+    assert whole == 2 * n and split < whole / 2
+
+
+def test_auto_decode_layout_weighs_the_copies_against_half_a_device():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     memory, _ = sharding.device_memory_bytes(mesh.devices.flat[0])
     share = sharding.DECODE_WEIGHTS_SHARE
-    assert sharding.replicates_decode_weights("auto", mesh, int(share * memory))
-    assert not sharding.replicates_decode_weights("auto", mesh, int(share * memory) + 1)
-    assert sharding.replicates_decode_weights("replicated", mesh, 10 * memory)
-    assert not sharding.replicates_decode_weights("sharded", mesh, 1)
-    assert not sharding.replicates_decode_weights("replicated", None, 1)
+    fits = lambda layout: int(share * memory)
+    too_big = lambda layout: int(share * memory) + 1
+    assert sharding.decode_layout("auto", mesh, fits, prompts=8) == "tensor"
+    assert sharding.decode_layout("auto", mesh, too_big, prompts=8) == "sharded"
+    assert sharding.decode_layout("replicated", mesh, too_big, prompts=8) == "replicated"
+    assert sharding.decode_layout("sharded", mesh, fits, prompts=8) == "sharded"
+    assert sharding.decode_layout("tensor", None, fits, prompts=8) == "sharded"
+    # A data-parallel mesh decodes each device's rows over whole weights.
+    data = sharding.make_mesh(data=8, fsdp=1)
+    assert sharding.decode_layout("auto", data, fits, prompts=8) == "replicated"
+    assert sharding.decode_layout("tensor", data, fits, prompts=8) == "replicated"
+    with pytest.raises(ValueError, match="decode_weights='rows'"):
+        sharding.decode_layout("rows", mesh, fits, prompts=8)
 
 
 class _Device:
@@ -472,7 +495,7 @@ def test_decode_step_is_the_loop_body(checkpoints, qwen, mesh_shape):
         sampling.SamplerSettings(max_new_tokens=T, temperature=1.0),
         eos_token_ids=(4,),
         num_samples=2,
-        replicate_weights=mesh is not None,
+        decode_weights="sharded" if mesh is None else "replicated",
     )
     keys = list(jax.random.split(jax.random.key(9)))
     loop = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=config, buckets=None)

@@ -328,8 +328,10 @@ class MLP(nnx.Module):
                 y = y + getattr(self, f"{name}_bias").value.astype(x.dtype)
             return y
 
-        hidden = jax.nn.silu(project(x_BxLxD, "gate")) * project(x_BxLxD, "up")
-        return project(hidden, "down")
+        # Split by hidden units in the tensor decode layout (else as it is).
+        gate = sharding_lib.constrain_columns(project(x_BxLxD, "gate"))
+        up = sharding_lib.constrain_columns(project(x_BxLxD, "up"))
+        return project(jax.nn.silu(gate) * up, "down")
 
 
 class DecoderLayer(nnx.Module):
@@ -615,6 +617,8 @@ class Transformer(nnx.Module):
         logits = jnp.matmul(
             hidden_BxLxD.reshape(b * length, d), kernel, preferred_element_type=jnp.float32
         )
+        if sharding_lib.tensor_decoding():  # split by vocabulary, then by rows for the draw
+            logits = sharding_lib.constrain_rows(sharding_lib.constrain_columns(logits))
         return logits.reshape(b, length, -1)
 
     def __call__(
