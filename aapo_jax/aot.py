@@ -583,9 +583,9 @@ def compile_decode_step(
     compiled, reshard_report = _compile(
         "reshard", jax.jit(reshard), (plan.state,), log, use_peak=use_peak
     )
+    if compiled is None:  # its error is in the report; no step to compile from it
+        return DecodeStepPrograms(reshard=reshard_report, steps={})
     models_shape = jax.eval_shape(reshard, plan.state)
-    if compiled is None:
-        raise RuntimeError(f"the decode copies did not compile: {reshard_report.error}")
     decode_models = _with_sharding(models_shape, compiled.output_shardings)
 
     def start(models, prompts):
@@ -596,18 +596,13 @@ def compile_decode_step(
     state = _with_sharding(
         state_shape, jax.tree.map(lambda x: _rows_or_replicated(mesh, x.shape), state_shape)
     )
-    n = prompts * cfg.rl.group_size
-    rows = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    # The uniforms are [T, N]: their rows are the second dimension.
+    by_rows = _rows_or_replicated(mesh, (prompts * cfg.rl.group_size,))
+    spec = PartitionSpec(None, *by_rows.spec)
     uniforms = tuple(
         None
         if u is None
-        else jax.ShapeDtypeStruct(
-            u.shape,
-            u.dtype,
-            sharding=rows
-            if n % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
-            else NamedSharding(mesh, PartitionSpec()),
-        )
+        else jax.ShapeDtypeStruct(u.shape, u.dtype, sharding=NamedSharding(mesh, spec))
         for u in uniforms_shape
     )
     p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
@@ -654,10 +649,11 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
     steps = decode.steps
     mean = sampling.mean_read_slots(p, t)
     missing = [r.name for r in steps.values() if r.bytes_accessed is None or r.error]
+    missing += [] if steps else ["decode step"]
     collectives = {
         k: sum(r.collectives["bytes"].values()) for k, r in steps.items() if r.collectives
     }
-    by_kind = max(steps.items())[1].collectives
+    by_kind = max(steps.items())[1].collectives if steps else None
     kv = sorted(steps)
     slope = (
         0.0
@@ -705,11 +701,13 @@ def roofline_estimate(plan: Plan, decode_step: dict[str, Any]) -> dict[str, Any]
     peak, hbm, ici = peaks
     t = plan.config.sampling.max_new_tokens
     devices = plan.mesh.devices.size
-    per_step = max(
-        decode_step["bytes_accessed"] / hbm,
-        (decode_step["flops"] or 0.0) / peak,
-        (decode_step["collective_bytes"] or 0.0) / ici,
-    )
+    seconds = {  # per decode step, by what bounds it
+        "hbm": decode_step["bytes_accessed"] / hbm,
+        "flops": (decode_step["flops"] or 0.0) / peak,
+        "collectives": (decode_step["collective_bytes"] or 0.0) / ici,
+    }
+    bound = max(seconds, key=seconds.get)
+    per_step = seconds[bound]
     flops = model_flops(plan)
     rollout_s = t * per_step
     update_s = flops["update"] / devices / peak
@@ -720,13 +718,7 @@ def roofline_estimate(plan: Plan, decode_step: dict[str, Any]) -> dict[str, Any]
         "step_s": rollout_s + update_s,
         "floor_s": floor_s,
         "ratio": (rollout_s + update_s) / floor_s,
-        "decode_step_bound": ["hbm", "flops", "collectives"][
-            [
-                decode_step["bytes_accessed"] / hbm,
-                (decode_step["flops"] or 0.0) / peak,
-                (decode_step["collective_bytes"] or 0.0) / ici,
-            ].index(per_step)
-        ],
+        "decode_step_bound": bound,
         "update_useful_flops_fraction": flops["update_useful"] / flops["update"],
         "device_peaks": {"flops": peak, "hbm_bytes_per_s": hbm, "interchip_bytes_per_s": ici},
     }

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from aapo_jax import rewards, sampling, sharding
@@ -159,11 +160,19 @@ def _generate_texts(
     buckets: Sequence[int] | None,
     mesh: Mesh | None,
     bar,
+    decode_weights: str = "auto",
 ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """[B][n] completion texts, their lengths int[B, n] and truncation flags bool[B, n]."""
     eos = sampling.eos_ids(tokenizer.eos_token_id)
+    layout, _ = sampling.decode_copies(
+        decode_weights, nnx.state(model), model.config.compute_dtype, mesh, batch_size
+    )
     config = sampling.SamplingConfig(
-        settings, eos, pad_token_id=tokenizer.pad_token_id, num_samples=num_samples
+        settings,
+        eos,
+        pad_token_id=tokenizer.pad_token_id,
+        num_samples=num_samples,
+        decode_weights=layout,
     )
     texts, lengths, truncated = [], [], []
     for start in range(0, len(prompts), batch_size):
@@ -232,6 +241,7 @@ def evaluate(
     progress: bool = True,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
     mesh: Mesh | None = None,
+    decode_weights: str = "auto",
 ) -> dict[str, Any]:
     """Greedy accuracy and sampled pass@1 / pass@k / maj@k of a model on problems.
 
@@ -266,6 +276,9 @@ def evaluate(
       buckets: prompt length buckets (None: pad to the longest prompt).
       mesh: split each batch's rows over this mesh's data × fsdp devices (the model
         should be placed on it, e.g. by `load_hf_checkpoint(..., mesh=)`).
+      decode_weights: where the decode loop reads the weights on `mesh`
+        (`sampling.decode_weights`: "auto", "tensor", "replicated" or "sharded"; see
+        `sampling.decode_copies`).
 
     Returns:
       A dict with `num_problems`, the settings, and as computed: `greedy_accuracy`,
@@ -294,6 +307,7 @@ def evaluate(
         batch_size=min(batch_size, len(prompts)),
         buckets=buckets,
         mesh=mesh,
+        decode_weights=decode_weights,
     )
     scorer_counts: collections.Counter = collections.Counter()
     report: dict[str, Any] = dict(

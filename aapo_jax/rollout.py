@@ -106,19 +106,13 @@ def sampled_models(rl: RLConfig, graphdef: nnx.GraphDef, state: TrainState) -> t
 def decode_copies(
     rl: RLConfig, decode_weights: str, params, compute_dtype, mesh: Mesh | None, prompts: int
 ) -> tuple[str, int]:
-    """(layout, per-device bytes) of the weights the rollout's decode loop reads: the layout
-    `sharding.decode_layout` picks for `decode_weights` (`sampling.decode_weights`), and
-    the bytes of its decode copies (every decoded model's floating weights, `params`'
-    shapes, in the compute dtype; 0 for "sharded", which decodes from the training
-    weights). The sampler and the planner decide with this."""
-    itemsize = jnp.dtype(compute_dtype).itemsize
+    """(layout, per-device bytes) of the weights the rollout's decode loop reads
+    (`sampling.decode_copies` for every decoded model: the policy, and the reference when
+    sampled). The sampler and the planner decide with this."""
     n_models = 2 if rl.samples_reference else 1
-
-    def copy_bytes(layout: str) -> int:
-        return n_models * sharding.layout_bytes(params, mesh, layout, itemsize)
-
-    layout = sharding.decode_layout(decode_weights, mesh, copy_bytes, prompts)
-    return layout, 0 if layout == "sharded" else copy_bytes(layout)
+    return sampling.decode_copies(
+        decode_weights, params, compute_dtype, mesh, prompts, n_models=n_models
+    )
 
 
 def make_token_scorer(reward_fn: rewards.TokenReward) -> ScoreFn:

@@ -446,6 +446,31 @@ def decode_models(
     return tuple(place(model) for model in models)
 
 
+def decode_copies(
+    decode_weights: str,
+    params,
+    compute_dtype,
+    mesh: Mesh | None,
+    prompts: int,
+    *,
+    n_models: int = 1,
+) -> tuple[str, int]:
+    """(layout, per-device bytes) of the weights a decode loop reads.
+
+    The layout is what `sharding.decode_layout` picks for `decode_weights` ("auto" or one
+    of `sharding.DECODE_LAYOUTS`) on `mesh` for `prompts` prompt rows; the bytes are those
+    of its decode copies: `n_models` models with `params`' shapes, floating weights in the
+    compute dtype (0 for "sharded", which decodes from the weights as given).
+    """
+    itemsize = jnp.dtype(compute_dtype).itemsize
+
+    def copy_bytes(layout: str) -> int:
+        return n_models * sharding.layout_bytes(params, mesh, layout, itemsize)
+
+    layout = sharding.decode_layout(decode_weights, mesh, copy_bytes, prompts)
+    return layout, 0 if layout == "sharded" else copy_bytes(layout)
+
+
 def _uniform_specs(uniforms) -> tuple[PartitionSpec | None, ...]:
     return tuple(None if u is None else PartitionSpec(None, sharding.DATA_AXIS) for u in uniforms)
 

@@ -453,11 +453,6 @@ def decode_shardings(tree, mesh: Mesh, layout: str):
     )
 
 
-def replicate(tree, mesh: Mesh):
-    """`tree` gathered onto every device of `mesh` (inside `jit`: one all-gather per array)."""
-    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, REPLICATED))
-
-
 def row_parallel(mesh: Mesh | None, rows: int) -> bool:
     """Whether work on `rows` leading rows (prompts) is split over the mesh's data axis.
 

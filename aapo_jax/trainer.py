@@ -292,6 +292,7 @@ class Trainer:
             batch_size=cfg.train.eval_batch_size,
             progress=False,
             mesh=self.mesh,
+            decode_weights=cfg.sampling.decode_weights,
         )
         return {
             "eval/accuracy": report["greedy_accuracy"],

@@ -293,6 +293,28 @@ def test_evaluate_on_a_data_parallel_mesh_matches_one_device():
         assert four[key] == one[key], key
 
 
+@pytest.mark.parametrize("decode_weights", ["auto", "sharded"])
+def test_evaluate_on_an_fsdp_mesh_matches_one_device(decode_weights):
+    """Weights split over data × fsdp = 2 × 2: decoding from tensor-parallel copies ("auto")
+    or from the training layout gives one device's completions."""
+    examples = _examples("aabcbabc")
+    mesh = sharding.make_mesh(data=2, fsdp=2)
+    model = _markov_model(TRANSITIONS)
+    one = _evaluate(examples, model=model, n_samples=0, details=True)
+    split = _evaluate(
+        examples,
+        model=sharding.shard_model(model, mesh),
+        mesh=mesh,
+        n_samples=0,
+        details=True,
+        decode_weights=decode_weights,
+    )
+    assert [p["greedy_completion"] for p in split["problems"]] == [
+        p["greedy_completion"] for p in one["problems"]
+    ]
+    assert split["greedy_accuracy"] == one["greedy_accuracy"]
+
+
 # -- the paper's protocol (experiments/evaluate.py --paper) ------------------------------------
 
 
