@@ -655,8 +655,8 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
     }
     by_kind = max(steps.items())[1].collectives if steps else None
     kv = sorted(steps)
-    slope = (
-        0.0
+    slope = (  # one segment: one kv_len, no slope
+        None
         if missing or len(kv) == 1
         else (steps[kv[-1]].bytes_accessed - steps[kv[0]].bytes_accessed) / (kv[-1] - kv[0])
     )
@@ -670,7 +670,7 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
         else _at({k: r.bytes_accessed for k, r in steps.items()}, mean),
         "bytes_accessed_by_kv_len": {k: r.bytes_accessed for k, r in steps.items()},
         "ideal_bytes": ideal_decode_bytes(plan, p + t / 2),
-        "bytes_per_slot": None if missing else slope,
+        "bytes_per_slot": slope,
         "ideal_bytes_per_slot": ideal_slot,
         "flops": None if missing else _at({k: r.flops for k, r in steps.items()}, mean),
         "collective_bytes": _at(collectives, mean) if collectives else None,

@@ -162,7 +162,7 @@ def print_decode_step(report: dict) -> None:
         print(f"  {name} did not compile: {error}")
     if d["bytes_accessed"] is None:
         return
-    mib = lambda n: f"{n / 2**20:.3f}"
+    mib = lambda n: "—" if n is None else f"{n / 2**20:.3f}"
     print(
         f"decode step, per device, at the loop's average read ({d['mean_kv_len']:.0f} slots; "
         "estimates from the compiled programs):"

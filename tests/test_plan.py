@@ -200,6 +200,17 @@ def test_one_decode_step_reports_its_bytes_collectives_and_ideal(decode_planned)
     assert tensor["bytes_accessed"] < replicated["bytes_accessed"]
 
 
+def test_a_one_segment_decode_loop_has_no_slope(model_dir):
+    """T = 4: one loop segment, one kv_len compiled: the bytes are that step's, no per-slot
+    figure is made up."""
+    plan = aot.abstract_inputs(aot.plan_config(tiny_plan_config(model_dir)), jax.devices())
+    decode = aot.compile_decode_step(plan)
+    assert list(decode.steps) == [8 + 4]
+    summary = aot.decode_step_summary(plan, decode)
+    assert summary["bytes_accessed"] == decode.steps[12].bytes_accessed > 0
+    assert summary["bytes_per_slot"] is None and summary["ideal_bytes_per_slot"] > 0
+
+
 def test_roofline_estimate_against_the_floor(decode_planned, monkeypatch):
     plan, decode = decode_planned["replicated"]
     summary = aot.decode_step_summary(plan, decode)
