@@ -269,11 +269,6 @@ def decode_copies(plan: Plan) -> tuple[str, int]:
     )
 
 
-def decode_weights_bytes(plan: Plan) -> int:
-    """Per-device bytes of the rollout's decode copies (`decode_copies`)."""
-    return decode_copies(plan)[1]
-
-
 # ---------------------------------------------------------------------------
 # Compilation.
 
@@ -765,11 +760,12 @@ def memory_report(
     }
     binding = max(programs.values(), key=lambda p: p.total_bytes)
     cfg, device = plan.config, plan.mesh.devices.flat[0]
+    layout, copies = decode_copies(plan)
     per_device = {
         "total": binding.total_bytes,
         **state_bytes(plan),
         "kv_cache": kv_cache_bytes(plan),
-        "decode_weights": decode_weights_bytes(plan),
+        "decode_weights": copies,
         "temporaries": binding.temp_bytes,
     }
     flops = [p.flops for p in programs.values()]
@@ -782,7 +778,7 @@ def memory_report(
         "devices": int(plan.mesh.devices.size),
         "mesh": dict(plan.mesh.shape),
         "attention": plan.model_config.attention,
-        "decode_layout": decode_copies(plan)[0],
+        "decode_layout": layout,
         "device_memory_bytes": int(device_memory),
         "device_memory_source": memory_source,
         "fits": all(fits.values()),

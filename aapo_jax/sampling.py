@@ -530,9 +530,14 @@ def start_decode(
 ) -> tuple[DecodeState, tuple[Array | None, ...]]:
     """The decode loop's initial state (every model's prefill and first draw) and its
     uniforms (`draw_uniforms`), unsplit: for `jax.eval_shape` of the loop's carry."""
-    rows = input_ids_BxP.shape[0] * config.num_samples
-    uniforms = tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
+    uniforms = _all_uniforms(rngs, input_ids_BxP.shape[0], config)
     return _start(models, input_ids_BxP, attention_mask_BxP, uniforms, config), uniforms
+
+
+def _all_uniforms(rngs: Sequence[Array], prompts: int, config: SamplingConfig) -> tuple:
+    """Every model's `draw_uniforms` for `prompts` prompts × `num_samples` rows."""
+    rows = prompts * config.num_samples
+    return tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
 
 
 def generate_tokens_many(
@@ -565,8 +570,7 @@ def generate_tokens_many(
     """
     if len(models) != len(rngs):
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
-    rows = input_ids_BxP.shape[0] * config.num_samples
-    uniforms = tuple(draw_uniforms(rng, rows, config.settings) for rng in rngs)
+    uniforms = _all_uniforms(rngs, input_ids_BxP.shape[0], config)
     models = decode_models(models, config, mesh, input_ids_BxP.shape[0])
 
     def local(axis, models, ids, mask, uniforms):

@@ -300,7 +300,7 @@ def _rows_or_replicated(mesh: Mesh, x) -> NamedSharding:
 
 
 # ---------------------------------------------------------------------------
-# Data parallelism: per-device code over a data-parallel mesh, and its collectives.
+# Device memory and the rollout's decode layouts.
 
 
 def device_memory_bytes(device: jax.Device, override_gb: float | None = None) -> tuple[int, str]:
@@ -423,21 +423,17 @@ def decode_layout(
 
 
 def layout_bytes(params: nnx.State, mesh: Mesh, layout: str, itemsize: int) -> int:
-    """Per-device bytes of `params`' floating weights at `itemsize` bytes each, in a decode
-    layout: whole ("replicated"), split by `DECODE_TENSOR_RULES` ("tensor") or by the
-    training rules ("sharded")."""
-    rules = DECODE_TENSOR_RULES if layout == "tensor" else LOGICAL_RULES
+    """Per-device bytes of `params`' decode copies in a layout ("replicated" or "tensor",
+    placed by `decode_shardings`): floating weights at `itemsize` bytes each."""
     total = 0
-    flat = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    for variable in flat:
-        value = variable.value if isinstance(variable, nnx.Variable) else variable
-        size = itemsize if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype.itemsize
-        if layout == "replicated" or not isinstance(variable, nnx.Variable):
-            total += value.size * size
-            continue
-        spec = logical_to_spec(variable_axes(variable), value.shape, mesh, rules)
-        shard = NamedSharding(mesh, spec).shard_shape(value.shape)
-        total += math.prod(shard) * size
+    variables = jax.tree.leaves(
+        decode_shardings(params, mesh, layout), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    values = jax.tree.leaves(params)
+    for value, variable in zip(values, variables, strict=True):
+        floating = jnp.issubdtype(value.dtype, jnp.floating)
+        size = itemsize if floating else value.dtype.itemsize
+        total += math.prod(variable.value.shard_shape(value.shape)) * size
     return total
 
 
@@ -451,6 +447,10 @@ def decode_shardings(tree, mesh: Mesh, layout: str):
         tree,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+# ---------------------------------------------------------------------------
+# Data parallelism: per-device code over a data-parallel mesh, and its collectives.
 
 
 def row_parallel(mesh: Mesh | None, rows: int) -> bool:
