@@ -237,21 +237,30 @@ def _itemsize(dtype) -> int:
 def kv_cache_bytes(plan: Plan) -> int:
     """Per-device KV cache of the rollout (a temporary of that program), from the model config.
 
-        layers × 2 × rows per device × (P + T) × kv heads per device × head_dim × itemsize
+        layers × 2 × (row slots per device) × kv heads per device × head_dim × itemsize
         × models sampled (2 when the reference is sampled too)
 
-    Rows (N = B·G) split over data × fsdp and kv heads over tensor when they divide.
+    Row slots: N = B·G rows of P + T slots, or with a shared prompt
+    (`sampling.shared_prompt`, G > 1) B prompts of P slots plus N rows of T. Rows and
+    prompts split over data × fsdp, and kv heads over tensor, when they divide.
     """
     cfg, mc, mesh = plan.config, plan.model_config, plan.mesh
-    n = cfg.train.prompts_per_step * cfg.rl.group_size
+    b, g = cfg.train.prompts_per_step, cfg.rl.group_size
+    p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
     row_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = n // row_ways if n % row_ways == 0 else n
+
+    def per_device(rows: int) -> int:
+        return rows // row_ways if rows % row_ways == 0 else rows
+
+    if cfg.sampling.shared_prompt and g > 1:
+        slots = per_device(b) * p + per_device(b * g) * t
+    else:
+        slots = per_device(b * g) * (p + t)
     heads = mc.num_kv_heads
     heads = heads // mesh.shape["tensor"] if heads % mesh.shape["tensor"] == 0 else heads
-    length = cfg.sampling.max_prompt_length + cfg.sampling.max_new_tokens
     n_models = 2 if cfg.rl.samples_reference else 1
     itemsize = jnp.dtype(mc.compute_dtype).itemsize
-    return mc.num_layers * 2 * rows * length * heads * mc.head_dim * itemsize * n_models
+    return mc.num_layers * 2 * slots * heads * mc.head_dim * itemsize * n_models
 
 
 def decode_copies(plan: Plan) -> tuple[str, int]:
@@ -526,17 +535,20 @@ def device_peaks(device: jax.Device) -> tuple[float, float, float] | None:
     return None
 
 
-def ideal_decode_bytes(plan: Plan, kv_slots: float) -> float:
+def ideal_decode_bytes(plan: Plan, completion_slots: float) -> float:
     """Bytes one device must read per decode step at best: its share (1/devices) of every
-    decoded model's weights in the compute dtype, and of their caches' `kv_slots` filled
-    slots for every row."""
+    decoded model's weights in the compute dtype, and of their caches: each prompt's P
+    slots once (its G rows share them) and `completion_slots` filled slots of every row."""
     cfg, mc = plan.config, plan.model_config
     itemsize = jnp.dtype(mc.compute_dtype).itemsize
     n_models = 2 if cfg.rl.samples_reference else 1
     weights = sum(x.size for x in jax.tree.leaves(plan.state.params)) * itemsize
-    rows = cfg.train.prompts_per_step * cfg.rl.group_size
-    per_slot = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * itemsize * rows
-    return n_models * (weights + per_slot * kv_slots) / plan.mesh.devices.size
+    prompts = cfg.train.prompts_per_step
+    slots = (
+        prompts * cfg.sampling.max_prompt_length + prompts * cfg.rl.group_size * completion_slots
+    )
+    per_slot = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * itemsize
+    return n_models * (weights + per_slot * slots) / plan.mesh.devices.size
 
 
 @dataclasses.dataclass
@@ -636,8 +648,9 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
     """Per decode step per device, at the loop's average read (`sampling.mean_read_slots`):
     XLA's bytes accessed and FLOPs (straight-line between the first and last segment's
     kv_len), the collectives' bytes, the ideal bytes (`ideal_decode_bytes` at the average
-    fill P + T/2), bytes per added cache slot against the ideal's, and the one-time reshard
-    collectives. Estimates from the compiled programs, not measurements.
+    fill: each prompt's P once, T/2 per row), bytes per added cache slot against the
+    ideal's, and the one-time reshard collectives. Estimates from the compiled programs,
+    not measurements.
     """
     cfg = plan.config
     p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
@@ -655,7 +668,7 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
         if missing or len(kv) == 1
         else (steps[kv[-1]].bytes_accessed - steps[kv[0]].bytes_accessed) / (kv[-1] - kv[0])
     )
-    ideal_slot = ideal_decode_bytes(plan, 1) - ideal_decode_bytes(plan, 0)
+    ideal_slot = ideal_decode_bytes(plan, 1) - ideal_decode_bytes(plan, 0)  # one slot per row
     reshard = decode.reshard.collectives
     return {
         "kv_len": kv,
@@ -664,7 +677,7 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
         if missing
         else _at({k: r.bytes_accessed for k, r in steps.items()}, mean),
         "bytes_accessed_by_kv_len": {k: r.bytes_accessed for k, r in steps.items()},
-        "ideal_bytes": ideal_decode_bytes(plan, p + t / 2),
+        "ideal_bytes": ideal_decode_bytes(plan, t / 2),
         "bytes_per_slot": slope,
         "ideal_bytes_per_slot": ideal_slot,
         "flops": None if missing else _at({k: r.flops for k, r in steps.items()}, mean),

@@ -59,6 +59,11 @@ class SamplerSettings:
         reaches top_p (always ≥ 1 token).
       top_k: keep the k most likely tokens.
       min_p: drop tokens whose probability is below min_p × the most likely one's.
+      shared_prompt: with several samples per prompt, the decode cache keeps each prompt's
+        keys and values once and a step reads them once for its G rows
+        (`models.transformer.SharedPrompt`); False copies them into every row's cache
+        (G times the prompt's cache memory and reads). Either way the same attention:
+        the tokens agree up to fp32 rounding.
     """
 
     max_new_tokens: int = 512
@@ -66,6 +71,7 @@ class SamplerSettings:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    shared_prompt: bool = True
 
     def __post_init__(self):
         check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "≥ 1")
@@ -233,7 +239,8 @@ class DecodeState:
       step: the next step to draw (tokens [:, step] are written by it).
       tokens, logprobs: per model, int32 / f32 [N, T] buffers (pad / 0 past the step).
       done: per model, bool[N]: the row has emitted EOS.
-      caches: per model, its `KVCache` of P + T slots.
+      caches: per model, its `KVCache` of P + T slots (the P of a shared prompt once per
+        prompt).
       positions: int32[N] position id of the next token.
     """
 
@@ -246,10 +253,11 @@ class DecodeState:
 
 
 def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config: SamplingConfig):
-    """Prefill one model's cache once per prompt, then repeat it `num_samples` times.
+    """Prefill one model's cache once per prompt, for `num_samples` rows per prompt.
 
     The prompt runs through the model's memory-bounded forward; its keys and values
-    then become the first P slots of a P + max_new_tokens cache.
+    then become the prompt part of a P + max_new_tokens cache: kept once per prompt
+    (`settings.shared_prompt`) or repeated into each row's first P slots.
     """
     p = input_ids_BxP.shape[1]
     hidden, prefix = model.forward(input_ids_BxP, positions_BxP, mask_BxP, return_kv=True)
@@ -257,7 +265,10 @@ def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config:
     last_logits = jnp.repeat(last_logits, config.num_samples, axis=0)
     prefix = prefix.replace(repeats=config.num_samples)
     cache = cache_from_prefix(
-        prefix, p + config.settings.max_new_tokens, model.config.compute_dtype
+        prefix,
+        p + config.settings.max_new_tokens,
+        model.config.compute_dtype,
+        share=config.settings.shared_prompt,
     )
     return last_logits, cache
 

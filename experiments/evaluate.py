@@ -256,8 +256,10 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
             default, shown = None, f"the task's, or {DEFAULT_MAX_NEW_TOKENS}"
         else:
             default = shown = getattr(evaluation.PAPER_SAMPLING, name)
+        # A bool setting is --NAME / --noNAME; `type=bool` would read "False" as True.
+        kind = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
         p.add_argument(
-            f"--{name}", type=kind, default=default, help=f"SamplerSettings.{name} ({shown})"
+            f"--{name}", **kind, default=default, help=f"SamplerSettings.{name} ({shown})"
         )
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from aapo_jax import models, sampling, sharding
+from aapo_jax.models import transformer
 from tests import hf_fixtures
 
 PARITY_ATOL = 1e-4
@@ -167,6 +168,41 @@ def test_cache_prefill_and_decode_equal_full_forward(checkpoints):
     np.testing.assert_allclose(
         np.concatenate(steps, axis=1) * mask[..., None], full * mask[..., None], atol=1e-5
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_shared_prompt_cache_decodes_as_the_repeated_one(checkpoints, dtype):
+    """`cache_from_prefix(share=True)` keeps each prompt's keys and values once for its
+    rows; decode steps over it (read by the whole group in one matmul) give the hidden
+    states of the cache that repeats the prompt into every row, in fp32 and in bf16 (fp32
+    accumulation), whatever bound `kv_len` the loop passes."""
+    model = models.load_hf_checkpoint(checkpoints["qwen2"][0], dtype=dtype)
+    ids, mask = _batch(8)
+    g, steps = 3, 4
+    positions = models.positions_from_mask(mask)
+    _, prefix = model.forward(ids, positions, mask, return_kv=True)
+    prefix = prefix.replace(repeats=g)
+    size = WIDTH + steps
+    repeated = transformer.cache_from_prefix(prefix, size)
+    shared = transformer.cache_from_prefix(prefix, size, share=True)
+    assert shared.prompt.k[0].shape[0] == ids.shape[0] and shared.size == steps
+    assert shared.prompt_length == WIDTH and int(shared.index) == 0
+    assert repeated.prompt is None and repeated.size == size
+    rng = np.random.default_rng(1)
+    position = jnp.repeat(jnp.sum(mask, axis=1), g)[:, None]
+    live = jnp.ones_like(position, bool)
+    for t in range(steps):
+        token = jnp.asarray(
+            rng.integers(3, hf_fixtures.TINY["vocab_size"], (ids.shape[0] * g, 1)), jnp.int32
+        )
+        kv_len = WIDTH + t + 1 if t % 2 else None
+        a, repeated = model.decode(token, position + t, live, repeated, kv_len=kv_len)
+        b, shared = model.decode(token, position + t, live, shared, kv_len=kv_len)
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol
+        )
+    assert int(shared.index) == steps and bool(np.asarray(shared.mask_BxS).all())
 
 
 def test_remat_gives_same_logits_and_grads(checkpoints):

@@ -93,9 +93,10 @@ def test_report_numbers_are_consistent(planned):
     assert 2 * b["params"] <= b["optimizer"] <= 2 * b["params"] + 64
     assert b["reference"] == b["params"]
 
-    # KV cache: layers × 2 × rows per device × (P + T) × kv heads × head_dim × 4 B × 2 models.
+    # KV cache: layers × 2 × slots per device × kv heads × head_dim × 4 B × 2 models, the
+    # slots of a shared prompt (one of 8 prompts, P = 8) and of its rows' own T = 4.
     rows = 8 * 2 // 8
-    assert b["kv_cache"] == 2 * 2 * rows * (8 + 4) * 2 * 16 * 4 * 2
+    assert b["kv_cache"] == 2 * 2 * (1 * 8 + rows * 4) * 2 * 16 * 4 * 2
     assert programs["rollout"].temp_bytes >= b["kv_cache"]
 
     assert set(report["compile_s"]) == {"rollout", "update"}
@@ -180,12 +181,13 @@ def test_one_decode_step_reports_its_bytes_collectives_and_ideal(decode_planned)
         # (XLA:CPU copies a cache slice shorter than the buffer: there bytes may fall.)
         assert 0 < min(lo, hi) <= summary["bytes_accessed"] <= max(lo, hi)
         assert summary["bytes_per_slot"] == pytest.approx((hi - lo) / 512)
-        # Ideal: 1/8 of both models' fp32 weights + the cache's P + T/2 slots for 16 rows.
+        # Ideal: 1/8 of both models' fp32 weights + the cache: each of the 8 prompts' P = 8
+        # slots once, T/2 = 512 slots of each of the 16 rows.
         n_params = sum(x.size for x in jax.tree.leaves(plan.state.params))
-        per_slot = 2 * 2 * 2 * 16 * 4 * 16  # layers × (k, v) × kv heads × head_dim × 4 B × rows
-        assert summary["ideal_bytes_per_slot"] == pytest.approx(2 * per_slot / 8)
+        per_slot = 2 * 2 * 2 * 16 * 4  # layers × (k, v) × kv heads × head_dim × 4 B
+        assert summary["ideal_bytes_per_slot"] == pytest.approx(2 * per_slot * 16 / 8)
         assert summary["ideal_bytes"] == pytest.approx(
-            2 * (n_params * 4 + per_slot * (8 + 512)) / 8
+            2 * (n_params * 4 + per_slot * (8 * 8 + 16 * 512)) / 8
         )
         assert summary["flops"] > 0
         # CPU devices have no peaks: no roofline.
@@ -287,8 +289,9 @@ def test_entry_point_json_and_exit_status(model_dir, tmp_path):
         "kv_cache",
         "temporaries",
     }
-    # G = 4: twice the rows of the in-process plan, 4 rows per device.
-    assert report["per_device_bytes"]["kv_cache"] == 2 * 2 * 4 * 12 * 2 * 16 * 4 * 2
+    # G = 4: twice the rows of the in-process plan, 4 rows per device (T = 4 slots each)
+    # and one shared prompt (P = 8).
+    assert report["per_device_bytes"]["kv_cache"] == 2 * 2 * (8 + 4 * 4) * 2 * 16 * 4 * 2
     assert report["collective_bytes"]["update"]["all-gather"] > 0
     assert "compiling update" in proc.stderr
     assert "does not fit" in proc.stderr and "--config.mesh." in proc.stderr

@@ -399,10 +399,11 @@ def _decode_loop_gathers(models_on_mesh, ids, mask, keys, config, mesh) -> list[
 
 @pytest.mark.parametrize("layout", ["sharded", "replicated", "tensor"])
 def test_decode_layouts_match_one_device_and_move_no_weights_in_the_loop(checkpoints, qwen, layout):
-    """On an fsdp mesh of 8 devices (XLA-partitioned), each decode layout gives one device's
-    tokens and log-probs (to fp tolerance). From the copies ("replicated"; "tensor": the
-    MLP and the vocabulary split over all 8) the decode loop gathers no weights; from the
-    training layout ("sharded") it gathers them on every step."""
+    """On an fsdp mesh of 8 devices (XLA-partitioned), each decode layout over a shared
+    prompt gives the tokens and log-probs (to fp tolerance) of one device whose cache
+    repeats the prompt per row. From the copies ("replicated"; "tensor": the MLP and the
+    vocabulary split over all 8) the decode loop gathers no weights; from the training
+    layout ("sharded") it gathers them on every step."""
     other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
     mesh = sharding.make_mesh(data=2, fsdp=4)
     ids, mask = _prompts(12, lengths=(9, 3, 6, 1, 12, 2, 7, 5))
@@ -410,7 +411,8 @@ def test_decode_layouts_match_one_device_and_move_no_weights_in_the_loop(checkpo
     keys = list(jax.random.split(jax.random.key(8)))
     models_on_mesh = [sharding.shard_model(m, mesh) for m in (qwen, other)]
     base = sampling.SamplingConfig(settings, eos_token_ids=(4,), num_samples=2)
-    alone = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=base)
+    repeated = dataclasses.replace(base, settings=_repeated_prompt(settings))
+    alone = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=repeated)
     config = dataclasses.replace(base, decode_weights=layout)
     out = sampling.generate_many(models_on_mesh, ids, mask, rngs=keys, config=config, mesh=mesh)
     for a, b in zip(alone, out, strict=True):
@@ -425,6 +427,53 @@ def test_decode_layouts_match_one_device_and_move_no_weights_in_the_loop(checkpo
         # Activations only: far less than one layer's MLP weights per step.
         mlp = 3 * qwen.config.hidden_size * qwen.config.intermediate_size * 4
         assert max(gathers) < mlp, gathers
+
+
+def _repeated_prompt(settings):
+    return dataclasses.replace(settings, shared_prompt=False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_shared_prompt_gives_the_repeated_prompts_tokens(checkpoints, qwen, temperature):
+    """G rows that read their prompt's keys and values once (the default) draw the tokens,
+    log-probs and lengths of rows that each hold a copy, for every model family; the
+    decode cache keeps the prompt once per prompt."""
+    ids, mask = _prompts(14)
+    kw = dict(rng=jax.random.key(3), max_new_tokens=T, temperature=temperature, num_samples=3)
+    for family in ("qwen2", "llama3", "qwen2_tied_mqa"):
+        model = qwen if family == "qwen2" else models.load_hf_checkpoint(checkpoints[family])
+        shared = sampling.generate(model, ids, mask, eos_token_id=4, **kw)
+        repeated = sampling.generate(model, ids, mask, eos_token_id=4, shared_prompt=False, **kw)
+        np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+        np.testing.assert_array_equal(np.asarray(shared.lengths), np.asarray(repeated.lengths))
+        np.testing.assert_allclose(
+            np.asarray(shared.logprobs), np.asarray(repeated.logprobs), atol=1e-5
+        )
+    config = sampling.SamplingConfig(sampling.SamplerSettings(max_new_tokens=T), num_samples=3)
+    state, _ = sampling.start_decode([qwen], ids, mask, [jax.random.key(0)], config)
+    (cache,) = state.caches
+    assert cache.prompt.k[0].shape[0] == ids.shape[0] and cache.k[0].shape[0] == 3 * ids.shape[0]
+    assert cache.size == T and cache.prompt_length == ids.shape[1]
+
+
+def test_a_shared_prompt_whose_rows_span_devices(checkpoints, qwen):
+    """4 prompts × G = 6 rows over 8 devices (the 1.5B paper setting's split: a prompt's
+    rows on two devices, the prompts themselves not divisible by 8), tensor decode copies:
+    one device's tokens with the prompt repeated per row."""
+    other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    ids, mask = _prompts(15, lengths=(9, 3, 12, 5))
+    settings = sampling.SamplerSettings(max_new_tokens=T, temperature=1.0)
+    keys = list(jax.random.split(jax.random.key(10)))
+    base = sampling.SamplingConfig(settings, eos_token_ids=(4,), num_samples=6)
+    repeated = dataclasses.replace(base, settings=_repeated_prompt(settings))
+    alone = sampling.generate_many([qwen, other], ids, mask, rngs=keys, config=repeated)
+    pair = [sharding.shard_model(m, mesh) for m in (qwen, other)]
+    config = dataclasses.replace(base, decode_weights="tensor")
+    out = sampling.generate_many(pair, ids, mask, rngs=keys, config=config, mesh=mesh)
+    for a, b in zip(alone, out, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
 
 
 def test_the_tensor_layout_splits_the_mlp_and_vocabulary_over_every_device(qwen):

@@ -41,10 +41,19 @@ class KVCache:
     v: tuple[Float[Array, "B K S Dh"], ...]
     mask_BxS: Bool[Array, "B S"]
     index: Int[Array, ""]
+    # A prompt stored once for the rows that continue it; the buffers above then hold
+    # each row's own slots only (slot 0 is the first token after the prompt).
+    prompt: SharedPrompt | None = None
 
     @property
     def size(self) -> int:
+        """The row's own slots (the prompt's too, unless it is a `SharedPrompt`)."""
         return self.mask_BxS.shape[1]
+
+    @property
+    def prompt_length(self) -> int:
+        """P of a `SharedPrompt` (read before the own slots), else 0."""
+        return 0 if self.prompt is None else self.prompt.length
 
     def repeat_rows(self, repeats: int) -> KVCache:
         """Every row repeated `repeats` times (rows b·repeats + r): one prefill, G continuations."""
@@ -56,6 +65,24 @@ class KVCache:
             v=tuple(map(repeat, self.v)),
             mask_BxS=repeat(self.mask_BxS),
         )
+
+
+@flax.struct.dataclass
+class SharedPrompt:
+    """Keys and values of B' prompts, each stored once for the `repeats` decode rows that
+    continue it (rows b·repeats + r): a decode step reads each prompt's P slots once per
+    group, not once per row. Per layer, in the cache's layouts: keys [B', K, Dh, P],
+    values [B', K, P, Dh]; `mask_BxP` marks real prompt tokens.
+    """
+
+    k: tuple[Float[Array, "B K Dh P"], ...]
+    v: tuple[Float[Array, "B K P Dh"], ...]
+    mask_BxP: Bool[Array, "B P"]
+    repeats: int = flax.struct.field(pytree_node=False, default=1)
+
+    @property
+    def length(self) -> int:
+        return self.mask_BxP.shape[1]
 
 
 @flax.struct.dataclass
@@ -97,25 +124,46 @@ def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None
     )
 
 
-def cache_from_prefix(prefix: PrefixKV, cache_size: int, dtype=None) -> KVCache:
-    """A decode cache of `cache_size` slots holding a prefilled prompt (index = P).
+def cache_from_prefix(
+    prefix: PrefixKV, cache_size: int, dtype=None, *, share: bool = False
+) -> KVCache:
+    """A decode cache of `cache_size` slots (the prompt's included) after a prefilled prompt.
 
     One relayout of the prompt's keys and values (`forward(..., return_kv=True)`) into
-    the cache's per-layer, head-major, transposed-key layout; the slots after P are empty.
+    the cache's per-layer, head-major, transposed-key layout. Without `share` (or with
+    one row per prompt) they fill the first P slots of every row's buffers, repeated
+    `prefix.repeats` times, and the slots after P are empty (index = P). With `share`
+    they are a `SharedPrompt` kept once per prompt, and each row's buffers hold only its
+    `cache_size` − P own slots, all empty (index = 0): the same attention, with the
+    prompt's keys and values stored and read once per group.
     """
     p = prefix.k.shape[2]
     if cache_size < p:
         raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {p}.")
     dtype = prefix.k.dtype if dtype is None else dtype
+    keys = tuple(k.transpose(0, 2, 3, 1).astype(dtype) for k in prefix.k)  # [B', K, Dh, P]
+    values = tuple(v.transpose(0, 2, 1, 3).astype(dtype) for v in prefix.v)  # [B', K, P, Dh]
+    mask = prefix.mask_BxP.astype(bool)
+    if share and prefix.repeats > 1:
+        own = cache_size - p
+
+        def empty(x, axis):
+            # Zeros padded from an empty slice: inside `shard_map` they vary over the
+            # devices as the prompt does, as a loop carry must.
+            x = jnp.repeat(jax.lax.slice_in_dim(x, 0, 0, axis=axis), prefix.repeats, axis=0)
+            return jnp.pad(x, [(0, own if d == axis else 0) for d in range(x.ndim)])
+
+        return KVCache(
+            k=tuple(empty(k, 3) for k in keys),
+            v=tuple(empty(v, 2) for v in values),
+            mask_BxS=empty(mask, 1),
+            index=jnp.zeros((), jnp.int32),
+            prompt=SharedPrompt(k=keys, v=values, mask_BxP=mask, repeats=prefix.repeats),
+        )
     pad = cache_size - p
-    keys = tuple(
-        jnp.pad(k.transpose(0, 2, 3, 1).astype(dtype), [(0, 0)] * 3 + [(0, pad)]) for k in prefix.k
-    )
-    values = tuple(
-        jnp.pad(v.transpose(0, 2, 1, 3).astype(dtype), [(0, 0)] * 2 + [(0, pad), (0, 0)])
-        for v in prefix.v
-    )
-    mask = jnp.pad(prefix.mask_BxP.astype(bool), ((0, 0), (0, pad)))
+    keys = tuple(jnp.pad(k, [(0, 0)] * 3 + [(0, pad)]) for k in keys)
+    values = tuple(jnp.pad(v, [(0, 0)] * 2 + [(0, pad), (0, 0)]) for v in values)
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
     cache = KVCache(k=keys, v=values, mask_BxS=mask, index=jnp.asarray(p, jnp.int32))
     return cache.repeat_rows(prefix.repeats)
 
@@ -258,6 +306,7 @@ def cached_attention(
     new_k_BxLxKxDh: Array,
     new_v_BxLxKxDh: Array,
     new_visible_BxLxL: Array,
+    prompt: tuple[Array, Array, Array] | None = None,
 ) -> Array:
     """Dense attention of L new queries over a cache's earlier slots and the L new entries.
 
@@ -267,6 +316,11 @@ def cached_attention(
     first would copy it. Scores are accumulated in fp32 and masked with a large finite
     negative; the probabilities are cast to the compute dtype for the value matmuls. The
     cache is never upcast: below fp32 it is read by dots in its own dtype.
+
+    `prompt`: a `SharedPrompt` layer's (keys [B', K, Dh, P], values [B', K, P, Dh],
+    visible [B', P]), before every other slot, for rows b·R + r (R = B / B'). Each
+    prompt's slots are read once by its group's R rows together (one matmul with R·H/K
+    query rows per kv head) and join the same softmax.
     """
     b, seq_len, h, dh = q_BxLxHxDh.shape
     kv_heads = keys_BxKxDhxS.shape[1]
@@ -292,7 +346,22 @@ def cached_attention(
     scale = np.float32(1 / math.sqrt(dh))
     old = jnp.where(old_visible_BxS[:, None, None, None], old * scale, _MASK_VALUE)
     new = jnp.where(new_visible_BxLxL[:, None, None], new * scale, _MASK_VALUE)
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
+    scores = [old, new]
+    if prompt is not None:
+        prompt_keys, prompt_values, prompt_visible = prompt
+        groups = prompt_keys.shape[0]
+        by_group, by_row = _prompt_group_layout(b, groups, kv_heads, group, seq_len)
+        shared = jnp.einsum(
+            "bkqd,bkdp->bkqp",
+            by_group(q.transpose(0, 2, 3, 1, 4)),
+            prompt_keys.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        visible = jnp.repeat(prompt_visible, b // groups, axis=0)[:, None, None, None]
+        scores.insert(0, jnp.where(visible, by_row(shared) * scale, _MASK_VALUE))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    if prompt is not None:
+        p_shared, probs = jnp.split(probs, [prompt_keys.shape[-1]], axis=-1)
     p_old, p_new = probs[..., : old.shape[-1]], probs[..., old.shape[-1] :]
     if reduce_in_fp32:
         out = jnp.sum(p_old[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, :, :, None]
@@ -303,7 +372,32 @@ def cached_attention(
     out = out + jnp.einsum(
         "bkglm,bmkd->bkgld", p_new.astype(dtype), new_v, preferred_element_type=jnp.float32
     )
+    if prompt is not None:
+        out = out + by_row(
+            jnp.einsum(
+                "bkqp,bkpd->bkqd",
+                by_group(p_shared.astype(dtype)),
+                prompt_values.astype(dtype),
+                preferred_element_type=jnp.float32,
+            )
+        )
     return out.transpose(0, 3, 1, 2, 4).reshape(b, seq_len, h, dh).astype(dtype)
+
+
+def _prompt_group_layout(rows: int, groups: int, kv_heads: int, group: int, length: int):
+    """Maps between per-row [N, K, g, L, X] and per-prompt [B', K, R·g·L, X] (N = B'·R rows
+    b·R + r): a prompt's R rows side by side as one matmul's query rows."""
+    repeats = rows // groups
+
+    def by_group(x):
+        x = x.reshape(groups, repeats, kv_heads, group, length, x.shape[-1])
+        return x.transpose(0, 2, 1, 3, 4, 5).reshape(groups, kv_heads, -1, x.shape[-1])
+
+    def by_row(x):
+        x = x.reshape(groups, kv_heads, repeats, group, length, x.shape[-1])
+        return x.transpose(0, 2, 1, 3, 4, 5).reshape(rows, kv_heads, group, length, x.shape[-1])
+
+    return by_group, by_row
 
 
 class MLP(nnx.Module):
@@ -491,11 +585,12 @@ class Transformer(nnx.Module):
     ) -> tuple[Array, KVCache]:
         """Hidden states [B, L, D] of new tokens written into `cache` at `cache.index`.
 
-        Each layer attends over the first `kv_len` slots of its cache (default: all)
-        plus its new keys and values, which are written into the cache after the
-        layer scan, in place for a donated or loop-carried cache: a decode loop that
-        knows how far the cache is filled passes a bound, so a step reads only the
-        filled part. Dense attention: meant for decode steps (L = 1) and short writes.
+        Each layer attends over the first `kv_len` slots of its cache (default: all; a
+        `SharedPrompt`'s P slots count, read once per group) plus its new keys and values,
+        which are written into the cache after the layer scan, in place for a donated or
+        loop-carried cache: a decode loop that knows how far the cache is filled passes a
+        bound, so a step reads only the filled part. Dense attention: meant for decode
+        steps (L = 1) and short writes.
         `layers` (from `unstacked_layers`, made once outside the decode loop): each scan
         step runs layer i as branch i of a `switch` over its own weights, which XLA:CPU
         reads where they lie instead of copying layer i's slice of the stacked weights.
@@ -504,12 +599,14 @@ class Transformer(nnx.Module):
         should count every layer: XLA counts a loop body once).
         """
         cfg = self.config
-        kv_len = cache.size if kv_len is None else kv_len
+        shared = cache.prompt
+        # The bound counts the prompt's slots whether each row holds them or they are shared.
+        own = cache.size if kv_len is None else kv_len - cache.prompt_length
         length = tokens_BxL.shape[1]
         index = cache.index
         # Every slot before the write index that holds a real token; the new tokens
         # see each other causally (and always themselves).
-        old_visible = cache.mask_BxS[:, :kv_len] & (jnp.arange(kv_len) < index)[None]
+        old_visible = cache.mask_BxS[:, :own] & (jnp.arange(own) < index)[None]
         new_visible = visibility(jnp.arange(length), mask_BxL.astype(bool))
         rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
 
@@ -517,9 +614,10 @@ class Transformer(nnx.Module):
             # Layer i's buffers, read where they lie: `switch` passes them by reference,
             # where a scan input or a dynamic index into stacked buffers is a copy.
             def over(j):
-                keys, values = cache.k[j][..., :kv_len], cache.v[j][:, :, :kv_len]
+                keys, values = cache.k[j][..., :own], cache.v[j][:, :, :own]
+                prompt = None if shared is None else (shared.k[j], shared.v[j], shared.mask_BxP)
                 return lambda *qkv: cached_attention(
-                    qkv[0], keys, values, old_visible, qkv[1], qkv[2], new_visible
+                    qkv[0], keys, values, old_visible, qkv[1], qkv[2], new_visible, prompt
                 )
 
             if isinstance(i, int):  # an unrolled layer: its buffers directly
@@ -569,7 +667,7 @@ class Transformer(nnx.Module):
         keys = tuple(write(c, n, (0, 0, 0, index)) for c, n in zip(cache.k, new_k, strict=True))
         values = tuple(write(c, n, (0, 0, index, 0)) for c, n in zip(cache.v, new_v, strict=True))
         mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL.astype(bool), (0, index))
-        new_cache = KVCache(k=keys, v=values, mask_BxS=mask, index=index + length)
+        new_cache = cache.replace(k=keys, v=values, mask_BxS=mask, index=index + length)
         return self.final_norm(x), new_cache
 
     def in_compute_dtype(self) -> Transformer:
