@@ -477,6 +477,43 @@ def _forward_flops(mc: models.ModelConfig, tokens: float, keys: float, logits: f
     )
 
 
+def update_layout(plan: Plan) -> tuple[int, int, int]:
+    """(rows each update micro-batch set decides for, micro-batches k, prompt group G or 1):
+    how `train_step.make_train_step` splits the plan's rows. On a data-parallel mesh each
+    device splits its own rows (and picks its own bucket lengths); otherwise all rows are
+    one set, split over the devices that divide them."""
+    cfg, mesh = plan.config, plan.mesh
+    b, g = cfg.train.prompts_per_step, cfg.rl.group_size
+    n, row_tokens = b * g, cfg.sampling.max_prompt_length + cfg.sampling.max_new_tokens
+    if sharding.row_parallel(mesh, b):
+        n, ways = n // mesh.devices.size, 1
+    else:
+        ways = train_step_lib.row_ways(mesh, n)
+    k, prompt_group = train_step_lib.micro_batch_plan(cfg.rl, cfg.optim, n, row_tokens, ways)
+    return n, k, prompt_group
+
+
+def expected_update_length(plan: Plan, *, draws: int = 512, seed: int = 0) -> float:
+    """The completion length an update row computes on, averaged, when completion lengths
+    are independent and uniform on 1..T (mean ≈ T/2, the useful FLOPs' assumption).
+
+    With `optim.length_buckets` ≤ 1 that is T. Otherwise the rows are sorted into the
+    micro-batches by length (in units of the prompt group the update keeps whole) and each
+    micro-batch runs at the shortest bucket length holding its longest row
+    (`train_step.by_length`): a Monte Carlo mean over `draws` batches, fixed `seed`.
+    """
+    cfg = plan.config
+    t, buckets = cfg.sampling.max_new_tokens, cfg.optim.length_buckets
+    if buckets <= 1:
+        return float(t)
+    n, k, unit = update_layout(plan)
+    lengths = np.random.default_rng(seed).integers(1, t + 1, (draws, n // unit, unit))
+    units = np.sort(lengths.max(axis=-1), axis=-1)  # the sort_by_length order
+    longest = units.reshape(draws, k, -1).max(axis=-1)  # per micro-batch
+    cuts = np.asarray(train_step_lib.length_buckets(t, buckets))
+    return float(cuts[np.searchsorted(cuts, longest)].mean())
+
+
 def model_flops(plan: Plan) -> dict[str, float]:
     """Analytic FLOPs of one step over all devices, from the model config (2 per multiply-add).
 
@@ -485,26 +522,41 @@ def model_flops(plan: Plan) -> dict[str, float]:
     each costs 2·n·(layer weights) + 4·n·c·layers·H·Dh, plus 2·n·V·D for the tokens
     whose logits are taken. Rollout, per model sampled: prefill B·P prompt tokens
     (c ≈ P/2), decode N·T tokens (c ≈ P + T/2, every row running the whole budget: an
-    upper bound). Update: the same forward over prompts once per group and completions,
-    ×3 for the backward, +1 forward with remat "full", +1 for the reference log-probs.
-    `update_useful`: the update's work on real tokens only, at a mean completion of T/2
-    (the prompts' P, a forward + backward, and the reference forward only when the loss
-    needs it): the numerator of the update's useful / executed FLOPs.
+    upper bound). Update: the same forward over the prompts (once per group when the
+    micro-batches keep groups whole, else once per row: `update_layout`) and the
+    completions at their executed length (`expected_update_length`: T, or the bucket
+    lengths of `optim.length_buckets`), ×3 for the backward, +1 forward with remat
+    "full", +1 for the reference log-probs. `update_useful`: the update's work on real
+    tokens only, at a mean completion of T/2 (each prompt's P once, a forward + backward,
+    and the reference forward only when the loss needs it): the numerator of the update's
+    useful / executed FLOPs. `update_padding`: the executed passes' FLOPs on padding (the
+    completions past their real T/2, on average).
     """
     mc, cfg = plan.model_config, plan.config
     b, g = cfg.train.prompts_per_step, cfg.rl.group_size
     p, t, n = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens, b * g
 
-    def one_pass(t):
-        return _forward_flops(mc, b * p, p / 2, 0) + _forward_flops(mc, n * t, p + t / 2, n * t)
+    def one_pass(t, prompt_rows=b):
+        prompts = _forward_flops(mc, prompt_rows * p, p / 2, 0)
+        return prompts + _forward_flops(mc, n * t, p + t / 2, n * t)
 
+    _, _, prompt_group = update_layout(plan)
+    update_rows = n // prompt_group
+    executed = expected_update_length(plan)
     sampled = 2 if cfg.rl.samples_reference else 1
     passes = 3 + (1 if cfg.model.remat == "full" else 0)
     passes += 1 if cfg.rl.computes_reference_logprobs else 0
     useful = 3 + (1 if cfg.rl.needs_reference_logprobs else 0)
-    out = {"rollout": sampled * one_pass(t), "update": passes * one_pass(t)}
+    out = {
+        "rollout": sampled * one_pass(t),
+        "update": passes * one_pass(executed, update_rows),
+        "update_completion_length": executed,
+    }
     out["total"] = out["rollout"] + out["update"]
     out["update_useful"] = useful * one_pass(t / 2)
+    out["update_padding"] = passes * (
+        one_pass(executed, update_rows) - one_pass(t / 2, update_rows)
+    )
     return out
 
 
@@ -697,8 +749,9 @@ def roofline_estimate(plan: Plan, decode_step: dict[str, Any]) -> dict[str, Any]
     physical floor, on the device's peaks (`device_peaks`; None for a kind without them).
 
     rollout_s = T × the slowest of (bytes accessed / HBM, FLOPs / peak, collectives /
-    inter-chip) per decode step; update_s = the update's executed FLOPs (`model_flops`,
-    rows padded to P + T) / devices / peak. floor_s = T × ideal bytes / HBM + the update's
+    inter-chip) per decode step; update_s = the update's executed FLOPs (`model_flops`:
+    completions at their expected executed length, T without `optim.length_buckets`) /
+    devices / peak. floor_s = T × ideal bytes / HBM + the update's
     useful FLOPs / devices / peak. Prefill and host time are left out of both. An
     estimate: the ratio step_s / floor_s is what a change to the rollout is judged by.
     """
@@ -728,6 +781,7 @@ def roofline_estimate(plan: Plan, decode_step: dict[str, Any]) -> dict[str, Any]
         "ratio": (rollout_s + update_s) / floor_s,
         "decode_step_bound": bound,
         "update_useful_flops_fraction": flops["update_useful"] / flops["update"],
+        "update_padding_flops_fraction": flops["update_padding"] / flops["update"],
         "device_peaks": {"flops": peak, "hbm_bytes_per_s": hbm, "interchip_bytes_per_s": ici},
     }
 

@@ -37,7 +37,11 @@ class OptimConfig:
     The update splits a step's rows into micro-batches whose loss sums add up to the
     exact global token mean: `micro_batch_tokens` > 0 bounds the (prompt + completion)
     tokens each device holds per micro-batch (`train_step.micro_batch_count`), else
-    there are `grad_accum_steps` of them. Set one or the other.
+    there are `grad_accum_steps` of them. Set one or the other. `length_buckets` > 1 sorts
+    the rows by completion length into the micro-batches and cuts each micro-batch to the
+    shortest of `length_buckets` lengths T·i/n that holds its rows
+    (`train_step.by_length`): the same gradient, computed on about the real tokens rather
+    than every row padded to T, at the cost of compiling one update branch per length.
     """
 
     learning_rate: float = 1e-6
@@ -53,6 +57,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
     micro_batch_tokens: int = 0
+    length_buckets: int = 1
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "> 0")
@@ -76,6 +81,12 @@ class OptimConfig:
             "optim.micro_batch_tokens",
             self.micro_batch_tokens,
             "≥ 0 (0 = use grad_accum_steps)",
+        )
+        _check(
+            self.length_buckets >= 1,
+            "optim.length_buckets",
+            self.length_buckets,
+            "≥ 1 (1 = every micro-batch spans the whole budget)",
         )
         _check(
             self.micro_batch_tokens == 0 or self.grad_accum_steps == 1,

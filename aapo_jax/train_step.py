@@ -194,6 +194,59 @@ def split_micro_batches(rows: Rows, k: int, ways: int) -> Rows:
     return jax.tree.map(split, rows)
 
 
+def sort_by_length(rows: Rows, unit: int, k: int, ways: int) -> Rows:
+    """`rows` reordered so that `split_micro_batches(rows, k, ways)`'s micro-batch j holds
+    the j-th shortest units of rows on every device: rows of like length train together,
+    and each micro-batch's longest row bounds its `length_buckets` length.
+
+    A unit is `unit` consecutive rows (a prompt's group when micro-batches keep groups
+    whole, else one row) ranked by its longest completion; units keep their rows' order.
+    The loss is a sum over rows, so the order changes only the summation order.
+    """
+    n = rows.completion_ids.shape[0]
+    lengths = jnp.sum(rows.completion_mask.astype(jnp.int32), axis=1).reshape(-1, unit)
+    order = jnp.argsort(jnp.max(lengths, axis=1), stable=True)  # shortest unit first
+    # Sorted unit s goes to micro-batch s // (ways·per_block), device (s // per_block) % ways.
+    per_block = n // (k * ways * unit)
+    order = order.reshape(k, ways, per_block).swapaxes(0, 1).reshape(-1)
+    row_order = (order[:, None] * unit + jnp.arange(unit)).reshape(-1)
+    return jax.tree.map(lambda x: x[row_order], rows)
+
+
+def length_buckets(max_new_tokens: int, buckets: int) -> tuple[int, ...]:
+    """The completion lengths an update micro-batch is cut to: T·i / buckets, i = 1..buckets."""
+    return tuple(-(-max_new_tokens * i // buckets) for i in range(1, buckets + 1))
+
+
+def truncate_completions(mb: Rows, length: int) -> Rows:
+    """The micro-batch's first `length` completion tokens (exact when no row is longer)."""
+    return mb.replace(
+        completion_ids=mb.completion_ids[:, :length],
+        completion_mask=mb.completion_mask[:, :length],
+    )
+
+
+def by_length(fn: Callable, max_new_tokens: int, buckets: int) -> Callable:
+    """`fn(params, mb)` run on the micro-batch cut to the shortest of `length_buckets` that
+    holds its longest completion: one branch of a `switch` per length, so an update computes
+    on about the real tokens rather than every row padded to T. The causal model's log-probs
+    of the kept tokens do not depend on the cut padding, so the results are `fn`'s on the
+    whole micro-batch. `buckets` ≤ 1: `fn` itself."""
+    if buckets <= 1:
+        return fn
+    lengths = length_buckets(max_new_tokens, buckets)
+
+    def cut(length):
+        return lambda params, mb: fn(params, truncate_completions(mb, length))
+
+    def run(params, mb: Rows):
+        longest = jnp.max(jnp.sum(mb.completion_mask.astype(jnp.int32), axis=1))
+        index = jnp.searchsorted(jnp.asarray(lengths), longest)  # the first length ≥ longest
+        return jax.lax.switch(index, [cut(n) for n in lengths], params, mb)
+
+    return run
+
+
 def row_logprobs(
     rl: RLConfig, graphdef: nnx.GraphDef, weights: nnx.State, mb: Rows, prompt_group: int
 ) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
@@ -361,10 +414,11 @@ def scorer_metrics(
     return metrics
 
 
-def micro_batch_plan(rl: RLConfig, optim: OptimConfig, rows: Rows, ways: int) -> tuple[int, int]:
-    """(k micro-batches, prompt group kept whole per micro-batch: G or 1) for these rows."""
-    n = rows.completion_ids.shape[0]
-    row_tokens = rows.prompt_ids.shape[1] + rows.completion_ids.shape[1]
+def micro_batch_plan(
+    rl: RLConfig, optim: OptimConfig, n: int, row_tokens: int, ways: int
+) -> tuple[int, int]:
+    """(k micro-batches, prompt group kept whole per micro-batch: G or 1) for `n` rows of
+    `row_tokens` (prompt + completion) tokens split over `ways` devices."""
     k = micro_batch_count(
         n,
         row_tokens,
@@ -397,7 +451,10 @@ def make_train_step(
     (`accumulate_gradients`), so the gradient is that of the exact global mean
     (`apply_gradients`). Each micro-batch runs every prompt through the model once for
     its G completions, and the reference's log-probs too when the loss or the `kl`
-    metric needs them. Jit it yourself (donate the state).
+    metric needs them. With `optim.length_buckets` > 1 the rows are first sorted by
+    completion length into the micro-batches (`sort_by_length`) and each micro-batch is
+    cut to the shortest bucket length that holds it (`by_length`): the same loss and
+    gradient, computed on about the real tokens. Jit it yourself (donate the state).
 
     On a data-parallel `mesh` (`sharding.row_parallel`: parameters replicated) the
     step runs per device over its own prompts' rows (`sharding.data_parallel`), and
@@ -417,8 +474,13 @@ def make_train_step(
         rows = step_rows(rl, rollout, sharding.own_rows(advantages_BxG, axis).reshape(-1))
         # Devices that split each micro-batch's rows: none inside `data_parallel` (its rows
         # are this device's), else data × fsdp when they divide the rows.
-        ways = 1 if axis is not None else _row_ways(mesh, rows.completion_ids.shape[0])
-        k, prompt_group = micro_batch_plan(rl, optim, rows, ways)
+        n, completion_len = rows.completion_ids.shape
+        ways = 1 if axis is not None else row_ways(mesh, n)
+        k, prompt_group = micro_batch_plan(
+            rl, optim, n, rows.prompt_ids.shape[1] + completion_len, ways
+        )
+        if optim.length_buckets > 1:
+            rows = sort_by_length(rows, prompt_group, k, ways)
         micro = split_micro_batches(rows, k, ways)
         loss_and_grad = jax.value_and_grad(
             functools.partial(
@@ -427,9 +489,11 @@ def make_train_step(
             has_aux=True,
         )
 
-        def grad_fn(params, mb):
+        def grad_at_length(params, mb):
             ref_logp = reference_logprobs(rl, graphdef, state.ref_params, mb, prompt_group)
             return loss_and_grad(params, mb, ref_logp)
+
+        grad_fn = by_length(grad_at_length, completion_len, optim.length_buckets)
 
         # On a data-parallel mesh this device's gradients and sums stay its own until the
         # psum below.
@@ -460,7 +524,7 @@ def make_train_step(
     return train_step
 
 
-def _row_ways(mesh: Mesh | None, rows: int) -> int:
+def row_ways(mesh: Mesh | None, rows: int) -> int:
     """data × fsdp of `mesh` when it divides `rows` (how XLA splits them), else 1."""
     if mesh is None:
         return 1

@@ -25,7 +25,8 @@ bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per pr
 decode_step (per decode step per device at the loop's average read: bytes_accessed,
 ideal_bytes, collective_bytes, bytes_per_slot, flops, reshard_collective_bytes: from one
 decode step compiled on its own; --nodecode_step skips it), estimate (roofline seconds
-per RL step: step_s, floor_s, ratio, update_useful_flops_fraction; None on CPU), advice.
+per RL step: step_s, floor_s, ratio, update_useful_flops_fraction,
+update_padding_flops_fraction; None on CPU), advice.
 Exits with status 1 when a program does not fit, naming the knob to turn, and 2
 when one fails to compile for another reason (its traceback on stderr; the other program
 is still planned). XLA:CPU's temporaries over-state (no buffer reuse across the program):
@@ -148,8 +149,10 @@ def print_table(report: dict) -> None:
     model = report["model_flops"]
     print(
         f"  model FLOPs per step, all devices: rollout {model['rollout'] / 1e12:.1f} T (upper "
-        f"bound), update {model['update'] / 1e12:.1f} T; XLA's TFLOP column counts each loop "
-        "body once"
+        f"bound), update {model['update'] / 1e12:.1f} T (completions at "
+        f"{model['update_completion_length']:.0f} tokens a row, "
+        f"{model['update_padding'] / 1e12:.1f} T on padding); XLA's TFLOP column counts each "
+        "loop body once"
     )
 
 
@@ -183,7 +186,8 @@ def print_decode_step(report: dict) -> None:
             f"  estimated RL step {e['step_s']:.1f} s (rollout {e['rollout_s']:.1f} s, "
             f"{e['decode_step_bound']}-bound; update {e['update_s']:.1f} s), floor "
             f"{e['floor_s']:.1f} s: {e['ratio']:.1f}× the floor; update useful/executed "
-            f"FLOPs {e['update_useful_flops_fraction']:.0%}"
+            f"FLOPs {e['update_useful_flops_fraction']:.0%}, on padding "
+            f"{e['update_padding_flops_fraction']:.0%}"
         )
 
 

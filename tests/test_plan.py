@@ -234,6 +234,41 @@ def test_roofline_estimate_against_the_floor(decode_planned, monkeypatch):
     assert 0 < e["update_useful_flops_fraction"] < 0.6
 
 
+def test_length_buckets_cut_the_planned_update(model_dir):
+    """16 rows over 8 devices, one row per device per micro-batch (k = 2), 4 buckets of
+    T = 4: the micro-batch of the 8 shortest rows runs at their longest, the other at the
+    longest of all. The planner's mean executed length is that expectation for uniform
+    lengths (order statistics of 16 draws from 1..4, exactly), and the update's FLOPs and
+    padding fall with it."""
+    c = tiny_plan_config(model_dir)
+    plain = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    c.optim.micro_batch_tokens = 8 + 4
+    c.optim.length_buckets = 4
+    plan = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    assert aot.update_layout(plan) == (16, 2, 1)
+    assert aot.update_layout(plain) == (16, 1, 2)  # a device's 2 rows: one group, kept whole
+
+    def at_most(x, j):  # P(the j-th smallest of 16 draws from 1..4 is ≤ x)
+        q = x / 4
+        return sum(math.comb(16, i) * q**i * (1 - q) ** (16 - i) for i in range(j, 17))
+
+    def mean(j):
+        return sum(x * (at_most(x, j) - at_most(x - 1, j)) for x in range(1, 5))
+
+    want = (mean(8) + mean(16)) / 2
+    got = aot.expected_update_length(plan, draws=20_000)
+    assert got == pytest.approx(want, abs=0.02) and got < 4
+    assert aot.expected_update_length(plain) == 4
+    cut, padded = aot.model_flops(plan), aot.model_flops(plain)
+    assert cut["update_completion_length"] == pytest.approx(aot.expected_update_length(plan))
+    assert cut["update_padding"] < padded["update_padding"]
+    assert cut["update_useful"] == padded["update_useful"]
+    # One row per micro-batch splits the groups, so every row runs its prompt: with P = 8
+    # against the ≈ 1 completion token a row the cut saves, the cut update costs more here.
+    # The planner counts both, so a config's trade shows in its numbers.
+    assert cut["update"] > padded["update"]
+
+
 def test_too_little_memory_names_the_knob(planned_sharded):
     plan, programs = planned_sharded
     update = programs["update"]

@@ -552,6 +552,91 @@ def test_token_budget_micro_batches_on_a_mesh_match_one_device():
         np.testing.assert_allclose(a, b, atol=1e-7)
 
 
+def test_sort_by_length_puts_like_lengths_in_one_micro_batch():
+    """Micro-batch j of `split_micro_batches` holds the j-th shortest units on every device
+    (units: groups of G rows, kept in order, or single rows), and every row once."""
+    rng = np.random.default_rng(0)
+    n, t = 16, 9
+    lengths = rng.integers(0, t + 1, n)
+    mask = np.arange(t)[None] < lengths[:, None]
+    rows = train_step.Rows(
+        prompt_ids=jnp.zeros((n, 2), jnp.int32),
+        prompt_mask=jnp.ones((n, 2), bool),
+        completion_ids=jnp.asarray(np.arange(n)[:, None] * np.ones((1, t), int), jnp.int32),
+        completion_mask=jnp.asarray(mask),
+        advantages=jnp.arange(n, dtype=jnp.float32),
+    )
+    for unit, k, ways in ((1, 4, 2), (1, 2, 4), (4, 2, 2), (2, 1, 2)):
+        sorted_rows = train_step.sort_by_length(rows, unit, k, ways)
+        ids = np.asarray(sorted_rows.completion_ids[:, 0])
+        assert sorted(ids) == list(range(n))
+        np.testing.assert_array_equal(np.asarray(sorted_rows.advantages), ids)
+        micro = train_step.split_micro_batches(sorted_rows, k, ways)
+        longest = np.asarray(micro.completion_mask).sum(-1).reshape(k, -1, unit).max(-1)
+        # Every unit of micro-batch j is no longer than every unit of micro-batch j + 1.
+        assert all(longest[j].max() <= longest[j + 1].min() for j in range(k - 1)), longest
+        # Units stay whole and in order.
+        assert (ids.reshape(-1, unit) % unit == np.arange(unit)).all()
+    assert train_step.length_buckets(3584, 4) == (896, 1792, 2688, 3584)
+    assert train_step.length_buckets(5, 2) == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "rl_cfg,k",
+    [
+        (REINFORCE, 1),
+        (REINFORCE, 8),
+        (dataclasses.replace(REINFORCE, loss_aggregation="per_prompt_token_mean"), 2),
+        (dataclasses.replace(REINFORCE, loss_aggregation="seq_mean_token_sum"), 4),
+        (configs.RLConfig(algorithm="grpo", group_size=G, hparams={"kl_beta": 0.04}), 2),
+    ],
+    ids=["token_mean", "token_mean_k8", "per_prompt", "dr_grpo_sum", "grpo_kl"],
+)
+def test_length_buckets_give_the_same_update(rl_cfg, k):
+    """Rows sorted by length into micro-batches, each cut to its bucket length (5 buckets of
+    T = 5: one per length), give one padded batch's loss, metrics and update, with the
+    reference forward cut the same way (GRPO's KL)."""
+    batch = _scored(seed=3, eos=5)
+    lengths = np.asarray(batch.policy.lengths)
+    assert lengths.min() < T and (lengths == T).any()  # short rows to cut, and full ones
+    results = []
+    for optim in (
+        LINEAR_ADAM,
+        dataclasses.replace(LINEAR_ADAM, grad_accum_steps=k, length_buckets=5),
+    ):
+        rl_cfg, optim, tx, graphdef, state, _ = _setup(rl_cfg, optim)
+        step = jax.jit(train_step.make_train_step(rl_cfg, optim, graphdef, tx))
+        results.append(step(state, batch))
+    (s1, m1), (sb, mb) = results
+    assert abs(float(m1["loss"])) > 1e-3
+    assert set(mb) == set(m1)
+    for name in m1:
+        np.testing.assert_allclose(float(mb[name]), float(m1[name]), rtol=1e-5, atol=1e-7)
+    for a, b in zip(_leaves(sb.params), _leaves(s1.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 1), (4, 1, 1)], ids=["fsdp", "data_parallel"])
+def test_length_buckets_on_a_mesh_match_one_device(mesh_shape):
+    """On an fsdp mesh (one bucket per micro-batch for all devices) and a data-parallel one
+    (each device cuts its own rows), a 2-row budget with length buckets gives one device's
+    padded update."""
+    batch = _scored(seed=3, eos=5)
+    rl_cfg, optim, tx, graphdef, state, _ = _setup(REINFORCE, LINEAR_ADAM)
+    expected, m1 = jax.jit(train_step.make_train_step(rl_cfg, optim, graphdef, tx))(state, batch)
+    budget = dataclasses.replace(LINEAR_ADAM, micro_batch_tokens=2 * (P + T), length_buckets=5)
+    mesh = sharding.make_mesh(*mesh_shape)
+    rl_cfg, optim, tx, graphdef, state, shardings = _setup(REINFORCE, budget, mesh=mesh)
+    rows = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
+    step = train_step.make_train_step(rl_cfg, optim, graphdef, tx, mesh=mesh)
+    lowered = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None))
+    got, m4 = lowered(state, jax.device_put(batch, rows))
+    for name in ("loss", "grad_norm", "entropy"):
+        assert float(m4[name]) == pytest.approx(float(m1[name]), rel=1e-5), name
+    for a, b in zip(_leaves(expected.params), _leaves(got.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+
+
 def test_fp32_masters_take_a_1e_6_step_that_bf16_weights_round_away():
     """bf16 compute, AdamW at lr 1e-6: the fp32 masters move, bf16-stored weights do not.
 
