@@ -534,24 +534,6 @@ def test_micro_batch_count_fits_the_token_budget_and_keeps_groups_whole():
         count(16, 10, budget=20, ways=5)
 
 
-def test_token_budget_micro_batches_on_a_mesh_match_one_device():
-    """4 devices split 16 rows; a 2-row budget makes 2 micro-batches of each device's rows."""
-    batch = _scored()
-    rl_cfg, optim, tx, graphdef, state, _ = _setup(REINFORCE, LINEAR_ADAM)
-    expected, m1 = jax.jit(train_step.make_train_step(rl_cfg, optim, graphdef, tx))(state, batch)
-    budget = dataclasses.replace(LINEAR_ADAM, micro_batch_tokens=2 * (P + T))
-    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=1)
-    rl_cfg, optim, tx, graphdef, state, shardings = _setup(REINFORCE, budget, mesh=mesh)
-    rows = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
-    step = train_step.make_train_step(rl_cfg, optim, graphdef, tx, mesh=mesh)
-    lowered = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None))
-    got, m4 = lowered(state, jax.device_put(batch, rows))
-    for name in ("loss", "grad_norm", "entropy"):
-        assert float(m4[name]) == pytest.approx(float(m1[name]), rel=1e-5), name
-    for a, b in zip(_leaves(expected.params), _leaves(got.params), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-7)
-
-
 def test_sort_by_length_puts_like_lengths_in_one_micro_batch():
     """Micro-batch j of `split_micro_batches` holds the j-th shortest units on every device
     (units: groups of G rows, kept in order, or single rows), and every row once."""
@@ -616,15 +598,22 @@ def test_length_buckets_give_the_same_update(rl_cfg, k):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 4, 1), (4, 1, 1)], ids=["fsdp", "data_parallel"])
-def test_length_buckets_on_a_mesh_match_one_device(mesh_shape):
-    """On an fsdp mesh (one bucket per micro-batch for all devices) and a data-parallel one
-    (each device cuts its own rows), a 2-row budget with length buckets gives one device's
-    padded update."""
+@pytest.mark.parametrize(
+    "mesh_shape,buckets",
+    [((1, 4, 1), 1), ((1, 4, 1), 5), ((4, 1, 1), 5)],
+    ids=["fsdp", "fsdp_length_buckets", "data_parallel_length_buckets"],
+)
+def test_token_budget_micro_batches_on_a_mesh_match_one_device(mesh_shape, buckets):
+    """4 devices split 16 rows; a 2-row budget makes 2 micro-batches of each device's rows.
+    With length buckets the rows are sorted by length first and each micro-batch is cut: on
+    an fsdp mesh to one length for all devices, on a data-parallel one per device. Each
+    gives one device's padded update."""
     batch = _scored(seed=3, eos=5)
     rl_cfg, optim, tx, graphdef, state, _ = _setup(REINFORCE, LINEAR_ADAM)
     expected, m1 = jax.jit(train_step.make_train_step(rl_cfg, optim, graphdef, tx))(state, batch)
-    budget = dataclasses.replace(LINEAR_ADAM, micro_batch_tokens=2 * (P + T), length_buckets=5)
+    budget = dataclasses.replace(
+        LINEAR_ADAM, micro_batch_tokens=2 * (P + T), length_buckets=buckets
+    )
     mesh = sharding.make_mesh(*mesh_shape)
     rl_cfg, optim, tx, graphdef, state, shardings = _setup(REINFORCE, budget, mesh=mesh)
     rows = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
