@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from aapo_jax import configs, models, rl_step, rollout, sampling, sharding
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
-from aapo_jax.hlo import collective_bytes
+from aapo_jax.hlo import collective_bytes, staging_bytes
 from aapo_jax.optim import make_optimizer
 from aapo_jax.types import PromptBatch, Rollout, TrainState
 
@@ -309,6 +309,7 @@ class ProgramReport:
     fits: bool | None = None
     flops: float | None = None
     bytes_accessed: float | None = None
+    staging_bytes: int | None = None  # `hlo.staging_bytes`
     collectives: dict[str, Any] | None = None
     error: str | None = None
     available_bytes: int | None = None  # the device memory XLA's error states
@@ -380,7 +381,9 @@ def _compile(name: str, jitted, args, log: Callable[[str], None], *, use_peak: b
         - (report.alias_bytes or 0)
     )
     report.total_bytes = (use_peak and report.peak_bytes) or report.sum_bytes
-    report.collectives = collective_bytes(compiled.as_text())
+    text = compiled.as_text()
+    report.collectives = collective_bytes(text)
+    report.staging_bytes = staging_bytes(text)
     return compiled, report
 
 
@@ -699,10 +702,11 @@ def _at(values: dict[int, float], x: float) -> float:
 def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any]:
     """Per decode step per device, at the loop's average read (`sampling.mean_read_slots`):
     XLA's bytes accessed and FLOPs (straight-line between the first and last segment's
-    kv_len), the collectives' bytes, the ideal bytes (`ideal_decode_bytes` at the average
-    fill: each prompt's P once, T/2 per row), bytes per added cache slot against the
-    ideal's, and the one-time reshard collectives. Estimates from the compiled programs,
-    not measurements.
+    kv_len) and the on-chip staging copies among them (`hlo.staging_bytes`: XLA:TPU counts
+    each as an access on top of the reads that follow), the collectives' bytes, the ideal
+    bytes (`ideal_decode_bytes` at the average fill: each prompt's P once, T/2 per row),
+    bytes per added cache slot against the ideal's, and the one-time reshard collectives.
+    Estimates from the compiled programs, not measurements.
     """
     cfg = plan.config
     p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
@@ -729,6 +733,9 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
         if missing
         else _at({k: r.bytes_accessed for k, r in steps.items()}, mean),
         "bytes_accessed_by_kv_len": {k: r.bytes_accessed for k, r in steps.items()},
+        "staging_bytes": None
+        if missing
+        else _at({k: r.staging_bytes or 0 for k, r in steps.items()}, mean),
         "ideal_bytes": ideal_decode_bytes(plan, t / 2),
         "bytes_per_slot": slope,
         "ideal_bytes_per_slot": ideal_slot,

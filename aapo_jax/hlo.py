@@ -1,4 +1,5 @@
-"""Collective traffic of a compiled XLA module, read from its HLO text (`compiled.as_text()`)."""
+"""Collective traffic and on-chip staging of a compiled XLA module, read from its HLO text
+(`compiled.as_text()`)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,34 @@ def shape_bytes(shape_text: str) -> int:
             continue
         count = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
         total += count * bits // 8
+    return total
+
+
+# An array in on-chip memory: memory space 1 in its layout (XLA:TPU's VMEM), e.g.
+# bf16[12,4,128,3072]{3,2,1,0:T(8,128)(2,1)S(1)}.
+_ON_CHIP = re.compile(r"\b[a-z]+[0-9a-z]*\[[\d,]*\]\{[^}]*S\(1\)\}")
+
+
+def staging_bytes(hlo_text: str) -> int:
+    """Bytes a compiled module copies into on-chip memory (memory space 1: TPU VMEM) by
+    asynchronous copies (`copy-start` whose destination is there), each counted once.
+
+    XLA:TPU prefetches weights and cache slices into VMEM before the ops that read them;
+    its cost analysis counts such a copy as bytes read and written on top of the reads
+    that follow, although the HBM traffic is the one read. This is the size of those
+    copies, to read `bytes_accessed` beside. 0 where the backend stages nothing (CPU).
+    """
+    computations, _ = _parse_hlo(hlo_text)
+    total = 0
+    for computation in computations.values():
+        for inst in computation.insts.values():
+            if inst.opcode != "copy-start":
+                continue
+            # (destination, source, context): the first array of the tuple is the copy.
+            first = _ARRAY.search(inst.shape)
+            on_chip = _ON_CHIP.search(inst.shape)
+            if first is not None and on_chip is not None and on_chip.start() == first.start():
+                total += shape_bytes(on_chip.group(0))
     return total
 
 

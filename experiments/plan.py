@@ -23,7 +23,8 @@ temporaries, other_state}, compile_s {rollout, update}, flops (XLA's, per device
 once), model_flops (analytic, all devices), collective_bytes {program: {kind:
 bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
 decode_step (per decode step per device at the loop's average read: bytes_accessed,
-ideal_bytes, collective_bytes, bytes_per_slot, flops, reshard_collective_bytes: from one
+staging_bytes, ideal_bytes, collective_bytes, bytes_per_slot, flops,
+reshard_collective_bytes: from one
 decode step compiled on its own; --nodecode_step skips it), estimate (roofline seconds
 per RL step: step_s, floor_s, ratio, update_useful_flops_fraction,
 update_padding_flops_fraction; None on CPU), advice.
@@ -172,7 +173,8 @@ def print_decode_step(report: dict) -> None:
     )
     print(
         f"  bytes accessed {_gib(d['bytes_accessed'])} GiB, ideal {_gib(d['ideal_bytes'])} GiB "
-        f"({d['bytes_accessed'] / d['ideal_bytes']:.1f}×); per added cache slot "
+        f"({d['bytes_accessed'] / d['ideal_bytes']:.1f}×; on-chip staging copies "
+        f"{_gib(d['staging_bytes'])} GiB); per added cache slot "
         f"{mib(d['bytes_per_slot'])} MiB, ideal {mib(d['ideal_bytes_per_slot'])} MiB"
     )
     coll = ", ".join(f"{k} {_gib(v)}" for k, v in (d["collectives"] or {}).items() if v)

@@ -190,6 +190,7 @@ def test_one_decode_step_reports_its_bytes_collectives_and_ideal(decode_planned)
             2 * (n_params * 4 + per_slot * (8 * 8 + 16 * 512)) / 8
         )
         assert summary["flops"] > 0
+        assert summary["staging_bytes"] == 0  # XLA:CPU has no on-chip memory space
         # CPU devices have no peaks: no roofline.
         assert aot.roofline_estimate(plan, summary) is None
     replicated, sharded = summaries["replicated"], summaries["sharded"]
@@ -451,6 +452,32 @@ def test_an_async_collective_split_into_a_chain_of_fusions_counts_once():
     assert out["unknown_trip_count_loops"] == [
         {"loop": "decode", "bytes_per_iteration": {"all-gather": 2 * gathered}}
     ]
+
+
+STAGING_HLO = """
+HloModule staged
+
+%layer (w: bf16[64,128]) -> bf16[64,128] {
+  %w = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %in = (bf16[64,128]{1,0:S(1)}, bf16[64,128]{1,0}, u32[]{:S(2)}) copy-start(%w)
+  ROOT %ready = bf16[64,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%in)
+}
+
+ENTRY %main (a: bf16[64,128], c: f32[4,256]) -> bf16[64,128] {
+  %a = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %c = f32[4,256]{1,0:T(4,128)S(1)} parameter(1)
+  %back = (f32[4,256]{1,0:T(4,128)}, f32[4,256]{1,0:T(4,128)S(1)}, u32[]{:S(2)}) copy-start(%c)
+  %prefetch = (f32[4,256]{1,0:T(4,128)S(1)}, f32[4,256]{1,0:T(4,128)}, u32[]{:S(2)}) copy-start(%c)
+  ROOT %out = bf16[64,128]{1,0} call(%a), to_apply=%layer
+}
+"""
+
+
+def test_staging_bytes_counts_copies_into_on_chip_memory():
+    """Copies whose destination (the tuple's first array) is in memory space 1, in every
+    computation, once each; a copy out of on-chip memory, and CPU HLO, count nothing."""
+    assert hlo.staging_bytes(STAGING_HLO) == 64 * 128 * 2 + 4 * 256 * 4
+    assert hlo.staging_bytes(HLO) == 0
 
 
 def test_shape_bytes_and_resource_exhausted_messages():
