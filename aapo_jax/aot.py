@@ -751,16 +751,20 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
     }
 
 
-def roofline_estimate(plan: Plan, decode_step: dict[str, Any]) -> dict[str, Any] | None:
-    """Seconds per RL step from the compiled decode step and the update's FLOPs, beside the
-    physical floor, on the device's peaks (`device_peaks`; None for a kind without them).
+def roofline_estimate(
+    plan: Plan, decode_step: dict[str, Any], update_collective_bytes: float | None = None
+) -> dict[str, Any] | None:
+    """Seconds per RL step from the compiled decode step and the update, beside the physical
+    floor, on the device's peaks (`device_peaks`; None for a kind without them).
 
     rollout_s = T × the slowest of (bytes accessed / HBM, FLOPs / peak, collectives /
-    inter-chip) per decode step; update_s = the update's executed FLOPs (`model_flops`:
-    completions at their expected executed length, T without `optim.length_buckets`) /
-    devices / peak. floor_s = T × ideal bytes / HBM + the update's
-    useful FLOPs / devices / peak. Prefill and host time are left out of both. An
-    estimate: the ratio step_s / floor_s is what a change to the rollout is judged by.
+    inter-chip) per decode step; update_s = the slower of the update's executed FLOPs
+    (`model_flops`: completions at their expected executed length, T without
+    `optim.length_buckets`) / devices / peak and its `update_collective_bytes` per device /
+    inter-chip (the compiled update's, e.g. FSDP's weight gathers, once per micro-batch).
+    floor_s = T × ideal bytes / HBM + the update's useful FLOPs / devices / peak. Prefill
+    and host time are left out of both. An estimate: the ratio step_s / floor_s is what a
+    change to the rollout or the update is judged by.
     """
     device = plan.mesh.devices.flat[0]
     peaks = device_peaks(device)
@@ -778,11 +782,17 @@ def roofline_estimate(plan: Plan, decode_step: dict[str, Any]) -> dict[str, Any]
     per_step = seconds[bound]
     flops = model_flops(plan)
     rollout_s = t * per_step
-    update_s = flops["update"] / devices / peak
+    update = {
+        "flops": flops["update"] / devices / peak,
+        "collectives": (update_collective_bytes or 0.0) / ici,
+    }
+    update_bound = max(update, key=update.get)
+    update_s = update[update_bound]
     floor_s = t * decode_step["ideal_bytes"] / hbm + flops["update_useful"] / devices / peak
     return {
         "rollout_s": rollout_s,
         "update_s": update_s,
+        "update_bound": update_bound,
         "step_s": rollout_s + update_s,
         "floor_s": floor_s,
         "ratio": (rollout_s + update_s) / floor_s,
@@ -878,7 +888,19 @@ def memory_report(
         },
     }
     report["decode_step"] = None if decode is None else decode_step_summary(plan, decode)
-    report["estimate"] = None if decode is None else roofline_estimate(plan, report["decode_step"])
+    update = programs.get("update")
+    update_collectives = (
+        None if update is None or update.collectives is None else update.collectives["bytes"]
+    )
+    report["estimate"] = (
+        None
+        if decode is None
+        else roofline_estimate(
+            plan,
+            report["decode_step"],
+            None if update_collectives is None else sum(update_collectives.values()),
+        )
+    )
     report["advice"] = advice(report, plan)
     return report
 

@@ -164,7 +164,8 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     a `while` body count times the loop's trip count (`known_trip_count`, or a counter
     condition `i < N`; nested loops multiply); a loop whose trip count the HLO does not
     give (e.g. a decode loop that stops at EOS) counts once, and is listed with its
-    collectives per iteration.
+    collectives per iteration. A `conditional` counts its heaviest branch only (one branch
+    runs; e.g. the update's length buckets).
 
     Args:
       hlo_text: `compiled.as_text()`.
@@ -176,6 +177,8 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     computations, entry = _parse_hlo(hlo_text)
     # computation -> [(callee, multiplier, the while's name when its trip count is unknown)]
     calls: dict[str, list[tuple[str, int, str | None]]] = {name: [] for name in computations}
+    # computation -> the branch lists of its conditionals: one branch runs per execution.
+    branches: dict[str, list[list[str]]] = {name: [] for name in computations}
     for name, comp in computations.items():
         for inst_name, inst in comp.insts.items():
             trip, unknown = 1, None
@@ -185,7 +188,11 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
             callees = [c for _, c in _CALLEE.findall(inst.rest)]
             for _, group in _CALLEE_LIST.findall(inst.rest):
                 callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-            calls[name] += [(c, trip, unknown) for c in callees if c in computations]
+            callees = [c for c in callees if c in computations]
+            if inst.opcode == "conditional":
+                branches[name].append(callees)
+            else:
+                calls[name] += [(c, trip, unknown) for c in callees]
 
     def local(name: str) -> dict[tuple, tuple[str, int]]:
         return {
@@ -197,7 +204,13 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     @functools.cache
     def subtree(name: str) -> tuple[tuple[tuple, tuple[str, int]], ...]:
         total = local(name)
-        for callee, trip, _ in calls[name]:
+        # A conditional moves what its heaviest branch moves (an upper bound per execution).
+        chosen = [
+            max(group, key=lambda b: sum(v for _, (_, v) in subtree(b)))
+            for group in branches[name]
+            if group
+        ]
+        for callee, trip, _ in [*calls[name], *((b, 1, None) for b in chosen)]:
             for key, (kind, value) in subtree(callee):
                 if key in total and key[0] == "chain":  # one async collective's pieces
                     total[key] = (kind, max(total[key][1], trip * value))

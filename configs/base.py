@@ -75,8 +75,7 @@ def paper_config(
     Shared, as the authors' TRL 0.16 runs: G=6, 16 prompts/step, 100 steps, lr 1e-6 with
     transformers' warmup (from lr 0 over ceil(ratio · steps) steps), seed 42, top_k 50,
     training log-probs at the sampling temperature, over-long prompts cut on the left;
-    plus fp32 masters with bf16 compute and remat, and an update over length-sorted
-    micro-batches of one row per device.
+    plus fp32 masters with bf16 compute and remat.
     """
     args = parse_arg(arg, algo="aapo", variant="full")
     if args["variant"] not in ("full", "tiny"):
@@ -107,11 +106,6 @@ def paper_config(
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "full"
-    # The update on about the real tokens: one row per device per micro-batch, the rows
-    # sorted by completion length and each micro-batch cut to the shortest of 4 lengths
-    # that holds it (the same gradient as one padded batch).
-    c.optim.micro_batch_tokens = max_prompt + max_completion
-    c.optim.length_buckets = 4
     customize(c)
     spec = algorithms.get_algorithm(args["algo"], field="algo")
     own = {k: v for k, v in (hparams or {}).items() if k in spec.hparams}

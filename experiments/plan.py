@@ -186,7 +186,8 @@ def print_decode_step(report: dict) -> None:
     if e is not None:
         print(
             f"  estimated RL step {e['step_s']:.1f} s (rollout {e['rollout_s']:.1f} s, "
-            f"{e['decode_step_bound']}-bound; update {e['update_s']:.1f} s), floor "
+            f"{e['decode_step_bound']}-bound; update {e['update_s']:.1f} s, "
+            f"{e['update_bound']}-bound), floor "
             f"{e['floor_s']:.1f} s: {e['ratio']:.1f}× the floor; update useful/executed "
             f"FLOPs {e['update_useful_flops_fraction']:.0%}, on padding "
             f"{e['update_padding_flops_fraction']:.0%}"

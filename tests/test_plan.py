@@ -227,6 +227,11 @@ def test_roofline_estimate_against_the_floor(decode_planned, monkeypatch):
     )
     assert e["rollout_s"] == pytest.approx(1024 * per_step)
     assert e["update_s"] == pytest.approx(flops["update"] / 8 / 1e12)
+    assert e["update_bound"] == "flops"
+    # The update's collectives over the inter-chip bandwidth when they take longer.
+    slow = aot.roofline_estimate(plan, summary, update_collective_bytes=1e12)
+    assert slow["update_bound"] == "collectives" and slow["update_s"] == pytest.approx(100.0)
+    assert slow["floor_s"] == pytest.approx(e["floor_s"])
     assert e["step_s"] == pytest.approx(e["rollout_s"] + e["update_s"])
     floor = 1024 * summary["ideal_bytes"] / 1e11 + flops["update_useful"] / 8 / 1e12
     assert e["floor_s"] == pytest.approx(floor) and e["ratio"] == pytest.approx(e["step_s"] / floor)
@@ -471,6 +476,38 @@ ENTRY %main (a: bf16[64,128], c: f32[4,256]) -> bf16[64,128] {
   ROOT %out = bf16[64,128]{1,0} call(%a), to_apply=%layer
 }
 """
+
+
+BRANCHES_HLO = """
+HloModule buckets
+
+%short (p: bf16[2,8]) -> bf16[2,8] {
+  %p = bf16[2,8]{1,0} parameter(0)
+  %g = bf16[16,8]{1,0} all-gather(%p), channel_id=1, dimensions={0}
+  ROOT %s = bf16[2,8]{1,0} slice(%g), slice={[0:2], [0:8]}
+}
+
+%long (p: bf16[2,8]) -> bf16[2,8] {
+  %p = bf16[2,8]{1,0} parameter(0)
+  %g = bf16[16,8]{1,0} all-gather(%p), channel_id=2, dimensions={0}
+  %h = bf16[16,8]{1,0} all-gather(%p), channel_id=3, dimensions={0}
+  ROOT %s = bf16[2,8]{1,0} slice(%h), slice={[0:2], [0:8]}
+}
+
+ENTRY %main (i: s32[], a: bf16[2,8]) -> bf16[2,8] {
+  %i = s32[] parameter(0)
+  %a = bf16[2,8]{1,0} parameter(1)
+  ROOT %c = bf16[2,8]{1,0} conditional(%i, %a, %a), branch_computations={%short, %long}
+}
+"""
+
+
+def test_a_conditional_counts_its_heaviest_branch():
+    """One branch of a `switch` runs per execution (the update's length buckets): the
+    count is the heaviest branch's, not the sum of all."""
+    out = hlo.collective_bytes(BRANCHES_HLO)
+    assert out["bytes"]["all-gather"] == 2 * 16 * 8 * 2
+    assert out["count"]["all-gather"] == 3
 
 
 def test_staging_bytes_counts_copies_into_on_chip_memory():
