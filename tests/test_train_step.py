@@ -566,13 +566,11 @@ def test_sort_by_length_puts_like_lengths_in_one_micro_batch():
 @pytest.mark.parametrize(
     "rl_cfg,k",
     [
-        (REINFORCE, 1),
         (REINFORCE, 8),
-        (dataclasses.replace(REINFORCE, loss_aggregation="per_prompt_token_mean"), 2),
         (dataclasses.replace(REINFORCE, loss_aggregation="seq_mean_token_sum"), 4),
         (configs.RLConfig(algorithm="grpo", group_size=G, hparams={"kl_beta": 0.04}), 2),
     ],
-    ids=["token_mean", "token_mean_k8", "per_prompt", "dr_grpo_sum", "grpo_kl"],
+    ids=["token_mean", "dr_grpo_sum", "grpo_kl"],
 )
 def test_length_buckets_give_the_same_update(rl_cfg, k):
     """Rows sorted by length into micro-batches, each cut to its bucket length (5 buckets of
