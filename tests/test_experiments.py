@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from aapo_jax import metrics
-from experiments import bench_decode_bandwidth, compare
+from experiments import bench_decode_bandwidth, bench_shared_prompt, compare
 from tests.helpers import REPO
 
 
@@ -176,3 +176,17 @@ def test_decode_bandwidth_benchmark_runs(capsys):
         assert row["decode_step_s"] > 0 and row["bandwidth_bytes_per_s"] > 0
         assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] / row["decode_step_s"])
     assert result["stream_bandwidth_bytes_per_s"] > 0
+
+
+def test_shared_prompt_benchmark_runs(capsys):
+    """Both paths timed side by side: the same tokens, the shared cache smaller by the G − 1
+    prompt copies it does not hold."""
+    args = "--size=tiny --prompts=8 --group=2 --prompt_len=8 --new_tokens=3 --reps=1 --json"
+    bench_shared_prompt.main(args.split())
+    result = json.loads(capsys.readouterr().out)
+    assert result["ratio"] > 0 and result["shared_tokens_per_s"] > 0
+    assert result["tokens_equal_rows"] == 1.0
+    shared, repeated = result["cache_mib"]["shared"], result["cache_mib"]["repeated"]
+    # Per model: 8 prompts × 8 slots once against 16 rows × 8; both hold 16 rows × 3 own.
+    # (The masks and write indices add a few bytes to each.)
+    assert shared / repeated == pytest.approx((8 * 8 + 16 * 3) / (16 * (8 + 3)), rel=1e-3)
