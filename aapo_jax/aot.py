@@ -247,10 +247,9 @@ def kv_cache_bytes(plan: Plan) -> int:
     cfg, mc, mesh = plan.config, plan.model_config, plan.mesh
     b, g = cfg.train.prompts_per_step, cfg.rl.group_size
     p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
-    row_ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def per_device(rows: int) -> int:
-        return rows // row_ways if rows % row_ways == 0 else rows
+        return rows // train_step_lib.row_ways(mesh, rows)
 
     if cfg.sampling.shared_prompt and g > 1:
         slots = per_device(b) * p + per_device(b * g) * t
@@ -550,16 +549,15 @@ def model_flops(plan: Plan) -> dict[str, float]:
     passes = 3 + (1 if cfg.model.remat == "full" else 0)
     passes += 1 if cfg.rl.computes_reference_logprobs else 0
     useful = 3 + (1 if cfg.rl.needs_reference_logprobs else 0)
+    update_pass = one_pass(executed, update_rows)
     out = {
         "rollout": sampled * one_pass(t),
-        "update": passes * one_pass(executed, update_rows),
+        "update": passes * update_pass,
         "update_completion_length": executed,
     }
     out["total"] = out["rollout"] + out["update"]
     out["update_useful"] = useful * one_pass(t / 2)
-    out["update_padding"] = passes * (
-        one_pass(executed, update_rows) - one_pass(t / 2, update_rows)
-    )
+    out["update_padding"] = passes * (update_pass - one_pass(t / 2, update_rows))
     return out
 
 
@@ -888,17 +886,12 @@ def memory_report(
         },
     }
     report["decode_step"] = None if decode is None else decode_step_summary(plan, decode)
-    update = programs.get("update")
-    update_collectives = (
-        None if update is None or update.collectives is None else update.collectives["bytes"]
-    )
+    update_collectives = report["collective_bytes"].get("update")
     report["estimate"] = (
         None
         if decode is None
         else roofline_estimate(
-            plan,
-            report["decode_step"],
-            None if update_collectives is None else sum(update_collectives.values()),
+            plan, report["decode_step"], update_collectives and sum(update_collectives.values())
         )
     )
     report["advice"] = advice(report, plan)

@@ -33,13 +33,12 @@ from experiments import bench_common
 def _cache_bytes(model, ids, mask, config) -> int:
     import jax
 
-    from aapo_jax import sampling
+    from aapo_jax import aot, sampling
 
     def start(ids, mask):
         return sampling.start_decode([model], ids, mask, [jax.random.key(0)], config)[0]
 
-    state = jax.eval_shape(start, ids, mask)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.caches))
+    return aot.tree_bytes_per_device(jax.eval_shape(start, ids, mask).caches)
 
 
 def run(

@@ -24,10 +24,9 @@ once), model_flops (analytic, all devices), collective_bytes {program: {kind:
 bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
 decode_step (per decode step per device at the loop's average read: bytes_accessed,
 staging_bytes, ideal_bytes, collective_bytes, bytes_per_slot, flops,
-reshard_collective_bytes: from one
-decode step compiled on its own; --nodecode_step skips it), estimate (roofline seconds
-per RL step: step_s, floor_s, ratio, update_useful_flops_fraction,
-update_padding_flops_fraction; None on CPU), advice.
+reshard_collective_bytes: from one decode step compiled on its own; --nodecode_step skips
+it), estimate (roofline seconds per RL step: step_s, floor_s, ratio, update_bound,
+update_useful_flops_fraction, update_padding_flops_fraction; None on CPU), advice.
 Exits with status 1 when a program does not fit, naming the knob to turn, and 2
 when one fails to compile for another reason (its traceback on stderr; the other program
 is still planned). XLA:CPU's temporaries over-state (no buffer reuse across the program):
