@@ -630,4 +630,10 @@ def refused_resume_changes(changes: Mapping[str, tuple]) -> dict[str, tuple]:
 
 def experiment_config(config: Any) -> ExperimentConfig:
     """Validate an ml_collections ConfigDict (or dict) into a frozen `ExperimentConfig`."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if isinstance(config, Mapping) and "train" in config:
+        # `optim.total_steps` follows `train.steps` (`LINKED_FIELDS`) but is validated first,
+        # with `optim`: check the loop first so that a bad run length is named as it was set.
+        from_mapping(TrainLoopConfig, config["train"], prefix="train")
     return from_mapping(ExperimentConfig, config)

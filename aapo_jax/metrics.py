@@ -57,6 +57,20 @@ def keep_through(step: int) -> Callable[[Mapping[str, Any]], bool]:
     return keep
 
 
+def replace_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and `os.replace`.
+
+    A reader, or a run killed mid-write, finds the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def rewrite_rows(path: str | os.PathLike, keep: Callable[[Mapping[str, Any]], bool]) -> int:
     """Keep only the JSONL rows for which `keep(row)` holds, replacing the file atomically.
 
@@ -76,9 +90,7 @@ def rewrite_rows(path: str | os.PathLike, keep: Callable[[Mapping[str, Any]], bo
             kept.append(line)
         elif line.strip():
             dropped += 1
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    replace_text(path, "".join(f"{line}\n" for line in kept))
     return dropped
 
 
@@ -203,16 +215,20 @@ def plot_metrics(
     *,
     title: str | None = None,
 ) -> Path:
-    """One panel per metric against step, saved as a PNG. Missing keys are skipped."""
-    import matplotlib
+    """One panel per metric against step, saved as a PNG. Missing keys are skipped.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a `Figure` with its own Agg canvas, not through pyplot, so that the caller's
+    matplotlib backend (a notebook's inline one) stays as it was.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     if not keys:
         raise ValueError(f"none of the metrics to plot were logged: {list(keys)}")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(keys), 3.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         steps, values = zip(*points, strict=True)
@@ -226,7 +242,6 @@ def plot_metrics(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
     return out_path
 
 
@@ -259,5 +274,5 @@ def write_summary(
             plots.append(name)
     plot_metrics(rows, OVERVIEW_KEYS, workdir / "training.png", title=title)
     summary["plots"] = [*plots, "training.png"]
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    replace_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary

@@ -167,15 +167,15 @@ def table(results: list[dict]) -> str:
 
 def plot(results: list[dict], out: Path) -> None:
     """Per G: final accuracy ± 95% CI per variant (top) and mean reward curves (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     groups = sorted({r["group"] for r in results})
     names = compare.in_run_order(results, "variant")
-    fig, axes = plt.subplots(2, len(groups), figsize=(6 * len(groups), 7), squeeze=False)
+    fig = Figure(figsize=(6 * len(groups), 7))
+    FigureCanvasAgg(fig)  # not pyplot: the caller's backend stays as it was
+    axes = fig.subplots(2, len(groups), squeeze=False)
     for col, group in enumerate(groups):
         top, bottom = axes[0][col], axes[1][col]
         for i, name in enumerate(names):
@@ -201,7 +201,6 @@ def plot(results: list[dict], out: Path) -> None:
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def run(

@@ -139,14 +139,14 @@ def outcome_cells(rs: list[dict], stat) -> list[str]:
 
 def plot(results: list[dict], out: Path) -> None:
     """One panel per G: mean training-reward curve per algorithm (band = ± std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     groups = sorted({r["group"] for r in results})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(groups), 3.6))
+    FigureCanvasAgg(fig)  # not pyplot: the caller's backend stays as it was
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         for algo in in_run_order(results):
             curves = [
@@ -173,7 +173,6 @@ def plot(results: list[dict], out: Path) -> None:
     fig.suptitle(f"quickstart: {' vs '.join(in_run_order(results))} (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -281,6 +281,42 @@ def sampler_settings(args: argparse.Namespace):
         raise ValueError(str(e).replace("config field sampling.", "--")) from None
 
 
+# Files of which a Hugging Face checkpoint directory's tokenizer has at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def is_training_workdir(model: str | Path) -> bool:
+    """Whether --model is a training workdir (True) or a Hugging Face checkpoint (False).
+
+    Raises:
+      ValueError: neither, naming --model and what it should hold (found before anything
+        loads, rather than as a tokenizer error from transformers).
+    """
+    directory = Path(model)
+    if (directory / "checkpoints").is_dir():
+        return True
+    has_config = (directory / "config.json").is_file()
+    has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
+    if has_config and has_tokenizer:
+        return False
+    if not directory.exists():
+        found = "does not exist"
+    elif not directory.is_dir():
+        found = "is not a directory"
+    else:
+        missing = [
+            name
+            for name, present in (("config.json", has_config), ("tokenizer file", has_tokenizer))
+            if not present
+        ]
+        found = f"is a directory with no checkpoints/, no {', no '.join(missing)}"
+    raise ValueError(
+        f"--model={model} {found}; expected a training --workdir (with a "
+        "checkpoints/ directory) or a Hugging Face checkpoint directory (config.json, "
+        f"safetensors weights and a tokenizer: one of {', '.join(TOKENIZER_FILES)})."
+    )
+
+
 def make_mesh(shape: tuple[int, int, int]):
     """The (data, fsdp, tensor) mesh of --mesh on this machine's devices."""
     from aapo_jax import sharding
@@ -301,8 +337,9 @@ def run(args: argparse.Namespace) -> dict:
     from aapo_jax.data.tokenize import load_tokenizer
 
     source = str(args.model)
+    workdir = is_training_workdir(args.model)
     mesh = make_mesh(args.mesh)
-    if (Path(args.model) / "checkpoints").is_dir():  # a training workdir
+    if workdir:
         from aapo_jax import trainer
 
         model, config = trainer.load_trained_model(args.model, mesh=mesh)

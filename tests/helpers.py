@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -98,3 +99,17 @@ def trained_steps(workdir: Path) -> list[int]:
         except json.JSONDecodeError:  # a row being written
             pass
     return [r["step"] for r in rows if "loss" in r]
+
+
+@contextlib.contextmanager
+def matplotlib_backend(name: str):
+    """matplotlib's backend set to `name` for the block (restored after): a plot written
+    inside must leave it so, as a notebook's inline backend must survive a training run."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use(name)
+    try:
+        yield
+    finally:
+        matplotlib.use(before)

@@ -11,11 +11,13 @@ import json
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import pytest
 
 from aapo_jax import advantages, algorithms, losses, metrics
 from experiments import ablate
+from tests.helpers import matplotlib_backend
 
 REWARDS = jnp.array([0.0, 0.15, 1.0])  # differences 0.15 (inside), ±0.85 and ±1 (clipped)
 THETA = jnp.array([0.3, -0.5, 0.1])
@@ -183,7 +185,9 @@ def test_table_and_plot(tmp_path):
     )
     assert lines[3] == "| constant | 2 | 1 | 35.0 ± 0.0 | +5.0 ± 0.0 | 0.300 ± 0.000 | +0.020 |"
     assert lines[4] == "| margin_0_0 | 4 | 1 | 33.0 ± 0.0 | +3.0 ± 0.0 | 0.300 ± 0.000 | – |"
-    ablate.plot(results, tmp_path / "ablate.png")
+    with matplotlib_backend("svg"):
+        ablate.plot(results, tmp_path / "ablate.png")
+        assert matplotlib.get_backend() == "svg"
     assert (tmp_path / "ablate.png").stat().st_size > 1000
 
 

@@ -215,6 +215,24 @@ def test_one_epoch_resolves_from_the_prompt_count(local_assets):
         configs.experiment_config(c)
 
 
+@pytest.mark.parametrize("steps", [0, -2])
+def test_bad_run_length_is_named_as_set(steps):
+    """`--config.train.steps=0` also sets the linked `optim.total_steps`, validated first;
+    the error names the flag the user set, and the values it takes."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["train", f"--config={CONFIG_DIR / 'quickstart.py'}", f"--config.train.steps={steps}"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, flag_values=values, lock_config=True, sys_argv=argv
+    )
+    values(argv)
+    assert values.config.optim.total_steps == steps
+    with pytest.raises(ValueError, match=rf"train\.steps={steps} is invalid: expected ≥ 1 \(or -1"):
+        configs.experiment_config(values.config)
+
+
 def test_simplerl_parquet_row_gives_the_authors_prompt_string(local_assets):
     from aapo_jax.data import pipeline, sources, tokenize
 

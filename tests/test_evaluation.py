@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 import time
 
 import jax.numpy as jnp
@@ -344,3 +345,26 @@ def test_paper_flag_sets_the_authors_protocol_and_gold(tmp_path):
         evaluate.parse_args(["--model=M", "--task=gym:chain_sum", "--paper=aime24"])
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model=M", f"--task={task}", "--paper=gsm8k"])
+
+
+def test_model_that_is_neither_a_workdir_nor_a_checkpoint_is_named(tiny_model_dir, tmp_path):
+    """--model must be a training workdir or a Hugging Face checkpoint with its tokenizer;
+    anything else fails before loading (not in transformers' tokenizer fallbacks)."""
+    from experiments import evaluate
+
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (weights_only / name).write_bytes((tiny_model_dir / name).read_bytes())
+    for directory, lacks in [
+        (tmp_path, "no checkpoints/, no config.json, no tokenizer file"),
+        (weights_only, "no checkpoints/, no tokenizer file"),
+        (tmp_path / "absent", "does not exist"),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"--model={re.escape(str(directory))} .*{lacks}; expected a trai"
+        ):
+            evaluate.main([f"--model={directory}", "--n=0"])
+    assert not evaluate.is_training_workdir(tiny_model_dir)
+    (tmp_path / "checkpoints").mkdir()
+    assert evaluate.is_training_workdir(tmp_path)

@@ -7,11 +7,12 @@ import shlex
 import subprocess
 import sys
 
+import matplotlib
 import pytest
 
 from aapo_jax import metrics
 from experiments import bench_decode_bandwidth, bench_shared_prompt, compare
-from tests.helpers import REPO
+from tests.helpers import REPO, matplotlib_backend
 
 
 def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):
@@ -21,7 +22,8 @@ def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):
     monkeypatch.setenv("AAPO_NOTEBOOK_STEPS", "2")
     monkeypatch.setenv("AAPO_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The backend Jupyter and Colab give a notebook: a training run must leave it in place.
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     notebook = nbformat.read(REPO / "experiments" / "quickstart.ipynb", as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
@@ -35,6 +37,12 @@ def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):
     )
     assert "final_eval_accuracy" in outputs
     assert (tmp_path / "run" / "summary.json").exists()
+    plot_cell, completions_cell = (
+        c for c in notebook.cells if "metrics.read" in c.source or "SAMPLES_FILE" in c.source
+    )
+    assert any("image/png" in o.get("data", {}) for o in plot_cell.outputs)
+    printed = "".join(o.get("text", "") for o in completions_cell.outputs)
+    assert printed.startswith("step 2: "), printed
 
 
 def readme_block(first_line: str, language: str = "python") -> str:
@@ -149,7 +157,9 @@ def test_compare_table_and_plot(tmp_path):
     lines = text.splitlines()
     assert lines[2] == "| aapo | 2 | 2 | 41.0 ± 1.4 | +11.0 ± 1.4 | 0.375 ± 0.035 | 0.50 ± 0.00 |"
     assert lines[3].startswith("| grpo | 2 | 1 | 35.0 ± 0.0 | +5.0 ± 0.0 |")
-    compare.plot(results, tmp_path / "compare.png")
+    with matplotlib_backend("svg"):
+        compare.plot(results, tmp_path / "compare.png")
+        assert matplotlib.get_backend() == "svg"
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 

@@ -119,6 +119,18 @@ def test_import_export_import_is_bit_exact(checkpoints, tmp_path):
         np.testing.assert_array_equal(src[k], out[k])
 
 
+@pytest.mark.parametrize("max_shard_size", [5 * 1024**3, 30_000])
+def test_exported_weights_have_the_mode_of_a_plain_file(tiny_model_dir, tmp_path, max_shard_size):
+    """safetensors writes 0600 files; the export's weights are as readable as its config."""
+    model = models.load_hf_checkpoint(tiny_model_dir)
+    models.save_hf_checkpoint(model, tmp_path, max_shard_size=max_shard_size)
+    (tmp_path / "plain").write_text("")
+    mode = (tmp_path / "plain").stat().st_mode
+    weights = sorted(tmp_path.glob("*.safetensors"))
+    assert (len(weights) > 1) == (max_shard_size == 30_000)
+    assert {f.name: oct(f.stat().st_mode) for f in weights} == {f.name: oct(mode) for f in weights}
+
+
 def test_causality(checkpoints):
     model = models.load_hf_checkpoint(checkpoints["qwen2"][0])
     ids, mask = _batch(2)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -374,6 +375,18 @@ def _iter_hf_tensors(model: Transformer, dtype) -> Iterator[tuple[str, np.ndarra
         yield entry.hf_name, np.ascontiguousarray(entry.to_hf(value).astype(dtype))
 
 
+def _save_shard(tensors: dict[str, np.ndarray], file: Path) -> None:
+    """`safetensors` `save_file`, leaving `file` with the mode a file made by `open()` gets.
+
+    safetensors makes its files private (mode 0600). An empty file created first gets the
+    mode the process's umask gives (read without changing the umask), which is then applied.
+    """
+    file.touch()
+    mode = stat.S_IMODE(file.stat().st_mode)
+    save_file(tensors, file, metadata={"format": "pt"})
+    file.chmod(mode)
+
+
 def save_hf_checkpoint(
     model: Transformer,
     path: str | os.PathLike,
@@ -422,7 +435,7 @@ def save_hf_checkpoint(
     weight_map = {}
     for file, shard in zip(names, shards, strict=True):
         chunk = dict(next(tensors) for _ in shard)
-        save_file(chunk, path / file, metadata={"format": "pt"})
+        _save_shard(chunk, path / file)
         weight_map.update(dict.fromkeys(chunk, file))
         del chunk
     if len(shards) > 1:
