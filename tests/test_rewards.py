@@ -2,9 +2,11 @@
 
 import functools
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from aapo_jax.rewards import (
     GOLD_UNPARSABLE,
     KILLED,
     TIMEOUTS,
+    RewardContractError,
     RewardScorer,
     accuracy,
     accuracy_boxed_gold,
@@ -59,6 +62,47 @@ def _crashing_reward(completions, *, answers, **kwargs):
     if any("crash" in c for c in completions):
         os._exit(3)
     return np.ones(len(completions), np.float32)
+
+
+HANG_S = 60.0  # a stuck reward: far past every timeout_s here
+
+
+def _sleeps_on_hang(completions, *, answers, **kwargs):
+    """1.0 for each completion, but 'hang' sleeps for HANG_S first."""
+    if "hang" in completions:
+        time.sleep(HANG_S)
+    return np.ones(len(completions), np.float32)
+
+
+def _spins_on_hang(completions, *, answers, **kwargs):
+    """1.0 for each completion, but 'hang' spins in a pure-Python loop for HANG_S first."""
+    end = time.monotonic() + HANG_S
+    while "hang" in completions and time.monotonic() < end:
+        pass
+    return np.ones(len(completions), np.float32)
+
+
+def _swallows_on_hang(completions, *, answers, **kwargs):
+    """Like `_sleeps_on_hang`, but swallowing every Exception while it sleeps."""
+    end = time.monotonic() + HANG_S
+    while "hang" in completions and time.monotonic() < end:
+        try:
+            time.sleep(0.1)
+        except Exception:
+            pass
+    return np.ones(len(completions), np.float32)
+
+
+def _hangs_on_warmup(completions, *, answers, **kwargs):
+    """1.0 for each completion, but the scorer's warm-up call never returns."""
+    if list(completions) == ["warmup"]:
+        time.sleep(3600)
+    return np.ones(len(completions), np.float32)
+
+
+def _returns(value, completions, *, answers, **kwargs):
+    """A host reward that returns `value`, whatever it is asked."""
+    return value
 
 
 def _one(fn, completion, gold, **kwargs):
@@ -318,6 +362,84 @@ def test_scorer_in_process_soft_timeout():
     assert stats[TIMEOUTS] == 1
 
 
+@pytest.mark.parametrize("reward", [_sleeps_on_hang, _spins_on_hang, _swallows_on_hang])
+def test_scorer_in_process_bounds_each_sample(reward):
+    """num_workers=0 on the main thread: a stuck sample (asleep, spinning, or swallowing every
+    Exception) times out after timeout_s, the others are scored, the SIGUSR1 handler is back."""
+    before = signal.getsignal(signal.SIGUSR1)
+    scorer = RewardScorer({"stuck": (reward, 1.0)}, timeout_s=1, num_workers=0, failure_value=-1)
+    start = time.monotonic()
+    result = scorer.score(["a", "hang", "b"], ["1"] * 3)
+    assert time.monotonic() - start < 1 + SLACK_S
+    np.testing.assert_array_equal(result.rewards, [1.0, -1.0, 1.0])
+    assert (result.stats[TIMEOUTS], result.stats[ERRORS]) == (1, 0)
+    np.testing.assert_array_equal(result.flags[TIMEOUTS], [0.0, 1.0, 0.0])
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_scorer_in_process_bounds_each_sample_off_the_main_thread():
+    scorer = RewardScorer(_sleeps_on_hang, timeout_s=1, num_workers=0, failure_value=-1)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(scorer.score(["hang", "a"], ["1"] * 2)))
+    start = time.monotonic()
+    thread.start()
+    thread.join(HANG_S)
+    assert time.monotonic() - start < 1 + SLACK_S
+    np.testing.assert_array_equal(results[0].rewards, [-1.0, 1.0])
+    assert results[0].stats[TIMEOUTS] == 1
+
+
+def test_scorer_in_process_deadline_races():
+    """Samples that finish around their deadline: a late watchdog signal never escapes."""
+    rng = random.Random(0)
+    durations = [rng.uniform(0.015, 0.025) for _ in range(60)]
+
+    def reward(completions, *, answers, **kwargs):
+        time.sleep(durations[int(completions[0])])
+        return [1.0]
+
+    before = signal.getsignal(signal.SIGUSR1)
+    scorer = RewardScorer(reward, timeout_s=0.02, num_workers=0)
+    result = scorer.score([str(i) for i in range(len(durations))], ["1"] * len(durations))
+    assert result.stats[TIMEOUTS] + result.rewards.sum() == len(durations)
+    assert result.stats[TIMEOUTS] > 0  # those of 20 ms or more, at least
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.ones(2, np.float32), ["yes"], ["1.0"], "1.0", np.float32(1.0), [None], np.ones((1, 1))],
+    ids=["wrong_shape", "list_of_str", "numeric_str_in_list", "str", "scalar", "none", "2d"],
+)
+def test_scorer_raises_on_a_broken_reward_contract(value):
+    scorer = RewardScorer(
+        {"ok": (format_reward, 1.0), "my_reward": (functools.partial(_returns, value), 1.0)},
+        num_workers=0,
+    )
+    with pytest.raises(RewardContractError, match=r"reward 'my_reward' returned .* real numbers"):
+        scorer.score(["a"], ["1"])
+    assert issubclass(RewardContractError, TypeError)
+
+
+def test_pool_raises_on_a_broken_reward_contract():
+    reward = functools.partial(_returns, ["1.0"])
+    with RewardScorer({"my_reward": (reward, 1.0)}, num_workers=1) as scorer:
+        with pytest.raises(RewardContractError, match=r"'my_reward' returned a list of str"):
+            scorer.score(["a", "b"], ["1", "1"])
+        assert scorer.worker_pids == []  # dropped: the next call starts afresh
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "errors"),
+    [([1], 1.0, 0), ([True], 1.0, 0), ((0.5,), 0.5, 0), (np.ones(1), 1.0, 0), ([np.nan], 0, 1)],
+)
+def test_scorer_accepts_real_numbers(value, expected, errors):
+    scorer = RewardScorer(functools.partial(_returns, value), num_workers=0)
+    out, stats = scorer(["a"], ["1"])
+    np.testing.assert_array_equal(out, [expected])
+    assert stats[ERRORS] == errors  # a non-finite reward stays a per-sample error
+
+
 def test_scorer_rejects_unpicklable_rewards():
     with pytest.raises(ValueError, match="worker process"):
         RewardScorer(lambda completions, **kw: np.zeros(len(completions)), num_workers=1)
@@ -410,6 +532,15 @@ def test_pool_replaces_a_worker_killed_from_outside(victim):
         np.testing.assert_array_equal(out, [1.0] * 4)
         assert stats[ERRORS] == 0 and stats[TIMEOUTS] == 0 and stats[CRASHED] == 1
         assert pid not in scorer.worker_pids and len(scorer.worker_pids) == 2
+
+
+def test_pool_names_a_reward_whose_warmup_hangs(monkeypatch):
+    monkeypatch.setattr(rewards.scorer, "WARMUP_ALLOWANCE_S", 2.0)  # the default is 10 s
+    with RewardScorer({"slow_start": (_hangs_on_warmup, 1.0)}, timeout_s=1, num_workers=1) as s:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"'slow_start'.* warm-up .* within 3.0 s"):
+            s.score(["a"], ["1"])
+        assert time.monotonic() - start < 30.0  # start-up (imports) + 3 s; not startup_timeout_s
 
 
 # -- token rewards -----------------------------------------------------------------------------

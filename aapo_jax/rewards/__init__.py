@@ -23,6 +23,7 @@ from aapo_jax.rewards.base import (
     GOLD_UNPARSABLE,
     TIMEOUTS,
     HostReward,
+    RewardContractError,
     record,
 )
 from aapo_jax.rewards.combine import WeightedSum, weighted_sum
@@ -97,6 +98,7 @@ __all__ = [
     "TIMEOUTS",
     "GymReward",
     "HostReward",
+    "RewardContractError",
     "RewardScorer",
     "ScoreResult",
     "WeightedSum",

@@ -1,5 +1,6 @@
 """The host reward signature, the stats counters rewards may bump, and small shared helpers."""
 
+import reprlib
 from collections.abc import MutableMapping, Sequence
 from typing import Any, Protocol
 
@@ -21,7 +22,8 @@ class HostReward(Protocol):
     `entries`, `completion_lengths`, ...) and scalars (`max_completion_length`, ...) arrive as
     keyword arguments, so every reward must accept `**kwargs` and ignore what it does not use.
     The keyword `stats`, when given, is a mutable mapping the reward may bump counters in
-    (`record(stats, GOLD_UNPARSABLE)`); it is reserved for that.
+    (`record(stats, GOLD_UNPARSABLE)`); it is reserved for that. The return value must be N real
+    numbers, a list or an f32[N] array (`check_rewards` holds the scorer to it).
     """
 
     def __call__(
@@ -50,3 +52,49 @@ def check_batch(completions: Sequence[str], answers: Sequence[str]) -> int:
 def as_rewards(values: Sequence[float]) -> np.ndarray:
     """f32[N] from a list of floats."""
     return np.asarray(values, dtype=np.float32).reshape(-1)
+
+
+class RewardContractError(TypeError):
+    """A host reward returned something other than N real numbers for N completions.
+
+    A bug in the reward, not a property of one sample: `RewardScorer.score` raises it rather than
+    scoring the batch with `failure_value`.
+    """
+
+
+def check_rewards(name: str, values: Any, n: int) -> np.ndarray:
+    """f32[N] from what host reward `name` returned for N completions.
+
+    Real numbers are bool / int / float values; strings (even "1.0", which NumPy would convert),
+    objects and any shape other than (N,) (a scalar for one completion included) break the
+    contract. Non-finite values pass: they are a per-sample matter for the caller.
+
+    Raises:
+      RewardContractError: naming the reward, what it returned and what was expected.
+    """
+    try:
+        array = np.asarray(values)
+    except Exception:  # ragged nesting, or an object NumPy cannot read
+        array = None
+    if array is not None and array.dtype.kind in "biuf" and array.shape == (n,):
+        return array.astype(np.float32)
+    completions = "completion" if n == 1 else "completions"
+    raise RewardContractError(
+        f"reward {name!r} returned {_describe(values)} for {n} {completions}; a host reward "
+        "must return N real numbers (a list or an f32[N] array)"
+    )
+
+
+def _describe(values: Any) -> str:
+    """E.g. "a list of str (length 1, ['1.0'])": the type, element types or dtype, length or
+    shape and a short repr of `values`."""
+    short = reprlib.repr(values)
+    if isinstance(values, (list, tuple)):
+        items = " and ".join(sorted({type(v).__name__ for v in values})) or "nothing"
+        return f"a {type(values).__name__} of {items} (length {len(values)}, {short})"
+    if isinstance(values, np.ndarray):
+        return f"an array of {values.dtype} (shape {values.shape}, {short})"
+    if values is None:
+        return "None"
+    kind = type(values).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({short})"

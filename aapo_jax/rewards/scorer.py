@@ -18,15 +18,26 @@ from typing import Any
 
 import numpy as np
 
-from aapo_jax.rewards.base import ERRORS, GOLD_UNPARSABLE, TIMEOUTS, HostReward
+from aapo_jax.rewards import deadline as deadline_lib
+from aapo_jax.rewards.base import (
+    ERRORS,
+    GOLD_UNPARSABLE,
+    TIMEOUTS,
+    HostReward,
+    RewardContractError,
+    check_rewards,
+)
 from aapo_jax.rewards.combine import WeightedSum
 
 log = logging.getLogger(__name__)
 
 # Why processes: math-verify's timeouts use signal.alarm (main thread only), and a CPU-bound sympy
 # call (`\boxed{9^{9^{9^{9}}}}` vs 42) cannot be interrupted from another thread; a process can
-# always be killed. Protocol, one duplex pipe per worker: READY once, then chunks of samples in,
-# one answer per sample out as soon as it is scored. The parent's deadline for a worker is "last
+# always be killed. Protocol, one duplex pipe per worker: STARTED (imports and unpickling done),
+# WARMING <name> before each component's warm-up call, READY; then chunks of samples in, one
+# answer per sample out as soon as it is scored, or CONTRACT <message> (and the worker exits)
+# when a reward breaks the return contract. The parent's deadline for a worker is
+# startup_timeout_s until STARTED, timeout_s + WARMUP_ALLOWANCE_S per warm-up call, then "last
 # answer (or dispatch) + timeout_s", so chunks amortise IPC without loosening the per-sample
 # bound; at a deadline the chunk's unanswered head is the stuck sample, the rest is re-queued.
 # Never 'fork': the parent has JAX loaded and is multithreaded.
@@ -34,7 +45,16 @@ log = logging.getLogger(__name__)
 KILLED = "killed"  # workers killed at a deadline
 CRASHED = "crashed"  # workers that died on their own while scoring (their sample: an error)
 
+# A worker's warm-up call of each component may take this much longer than timeout_s: the first
+# call of a reward pays its lazy imports (math-verify with sympy, reasoning-gym: a few seconds).
+WARMUP_ALLOWANCE_S = 10.0
+
+# Control messages from a worker, as tuples (tag, ...); a sample's answer starts with its index.
+_STARTED = "started"
+_WARMING = "warming"
 _READY = "ready"
+_CONTRACT = "contract"
+_WARMUP_CALL = "fn(['warmup'], answers=['0'])"
 _RESERVED_KWARGS = ("stats",)
 _MAX_CHUNK = 32
 
@@ -103,24 +123,26 @@ def _score_sample(
     shared_kwargs: Mapping[str, Any],
     failure_value: float,
 ) -> tuple[tuple[float, ...], dict[str, int], str | None]:
-    """Scores one sample with every component; an exception gives failure_value and an error."""
+    """Scores one sample with every component; an exception gives failure_value and an error.
+
+    Raises:
+      RewardContractError: a component returned something other than one real number.
+    """
     flags: dict[str, int] = {}
     values = []
     first_error = None
     for name, (fn, _) in components.items():
         try:
-            out = np.asarray(
-                fn([completion], answers=[answer], stats=flags, **shared_kwargs, **sample_kwargs),
-                dtype=np.float32,
-            ).reshape(-1)
-            if out.shape != (1,):
-                raise ValueError(f"returned shape {out.shape} for one completion")
-            value = float(out[0])
-            if not math.isfinite(value):
-                raise ValueError(f"returned a non-finite reward {value}")
+            out = fn([completion], answers=[answer], stats=flags, **shared_kwargs, **sample_kwargs)
         except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        else:
+            # Outside the try: a broken contract is the reward's bug, not this sample's error.
+            value = float(check_rewards(name, out, 1)[0])
+            error = None if math.isfinite(value) else f"returned a non-finite reward {value}"
+        if error:
             flags[ERRORS] = flags.get(ERRORS, 0) + 1
-            first_error = first_error or f"reward {name!r}: {type(e).__name__}: {e}"[:500]
+            first_error = first_error or f"reward {name!r}: {error}"[:500]
             value = failure_value
         values.append(value)
     return tuple(values), flags, first_error
@@ -145,21 +167,20 @@ def _check_sendable(name: str, fn: HostReward) -> None:
         )
 
 
-def _warmup(components: Components) -> None:
-    # Triggers lazy imports (math-verify, reasoning-gym) before READY, so that the first real
-    # sample is not charged ~1 s of imports against its deadline. Failures are expected here.
-    for fn, _ in components.values():
+def _worker_main(conn: Connection, components: Components, failure_value: float) -> None:
+    """Worker process: STARTED, a warm-up call of each component, READY, then answer each sample
+    of each chunk as it is scored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    conn.send((_STARTED,))  # the rewards are unpickled (their modules imported) by now
+    # The warm-up triggers lazy imports (math-verify, reasoning-gym) before READY, so that the
+    # first real sample is not charged them against its deadline. Failures are expected here.
+    for name, (fn, _) in components.items():
+        conn.send((_WARMING, name))
         try:
             fn(["warmup"], answers=["0"])
         except Exception:
             pass
-
-
-def _worker_main(conn: Connection, components: Components, failure_value: float) -> None:
-    """Worker process loop: READY, then answer each sample of each chunk as it is scored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    _warmup(components)
-    conn.send(_READY)
+    conn.send((_READY,))
     while True:
         try:
             message = conn.recv()
@@ -169,9 +190,13 @@ def _worker_main(conn: Connection, components: Components, failure_value: float)
             return
         shared_kwargs, tasks = message
         for index, completion, answer, sample_kwargs in tasks:
-            values, flags, error = _score_sample(
-                components, completion, answer, sample_kwargs, shared_kwargs, failure_value
-            )
+            try:
+                values, flags, error = _score_sample(
+                    components, completion, answer, sample_kwargs, shared_kwargs, failure_value
+                )
+            except RewardContractError as e:
+                conn.send((_CONTRACT, str(e)))  # the parent raises it and drops the workers
+                return
             conn.send((index, values, flags, error))
 
 
@@ -179,7 +204,9 @@ def _worker_main(conn: Connection, components: Components, failure_value: float)
 class _Worker:
     process: Any  # multiprocessing.process.BaseProcess
     conn: Connection
-    deadline: float  # time.monotonic(); startup deadline until ready
+    deadline: float  # time.monotonic(); the start-up / warm-up deadline until ready
+    started: bool = False  # start-up done (imports, unpickling the rewards)
+    warming: str | None = None  # the component whose warm-up call runs
     ready: bool = False
     pending: collections.deque = dataclasses.field(default_factory=collections.deque)
 
@@ -233,6 +260,12 @@ class _Batch:
             self.errors.append(error)
         self.remaining -= 1
 
+    def fail(self, index: int, *events: str) -> None:
+        """Leaves sample `index` at failure_value (its prefilled row) and counts its events."""
+        self.remaining -= 1
+        for key in events:
+            self.flag(index, key)
+
     def fail_head(self, worker: _Worker, reason: str, error: str | None = None) -> None:
         """Fails the sample a lost worker was scoring (the head of its chunk); re-queues the rest.
 
@@ -240,10 +273,7 @@ class _Batch:
         """
         if not worker.pending:
             return
-        index = worker.pending.popleft()  # its row keeps failure_value
-        self.remaining -= 1
-        self.flag(index, reason)
-        self.flag(index, TIMEOUTS if reason == KILLED else ERRORS)
+        self.fail(worker.pending.popleft(), reason, TIMEOUTS if reason == KILLED else ERRORS)
         if error:
             self.errors.append(error)
         self.queue.extendleft(reversed(worker.pending))
@@ -268,10 +298,23 @@ class RewardScorer:
     A sample that runs past `timeout_s` gets `failure_value` for every component and counts in
     `stats["timeouts"]`; its worker is killed and a new one started (in the background). A
     component that raises gets `failure_value` and counts in `stats["errors"]`; math-verify's own
-    (soft) timeouts inside the workers also count in `timeouts`.
+    (soft) timeouts inside the workers also count in `timeouts`. A component that returns
+    anything but one real number per completion (a string, a wrong shape) is a bug in the reward:
+    `score` raises `RewardContractError` naming it.
 
-    `num_workers=0` scores in the calling thread: exceptions are still caught, but the only time
-    bound is math-verify's signal.alarm one, and only in the main thread. For tests / debugging.
+    Before a new worker reports ready it calls each component once, `fn(['warmup'],
+    answers=['0'])`, to pay its lazy imports; that call may take `timeout_s +
+    WARMUP_ALLOWANCE_S`, past which `score` raises a RuntimeError naming the component.
+
+    `num_workers=0` scores in the calling thread, for tests / debugging, with the same
+    `timeout_s` bound per sample. On the main thread a watchdog thread interrupts the sample at
+    its deadline with a signal (SIGUSR1, whose handler the scorer borrows during the call; never
+    SIGALRM, which math-verify's own timeouts use there), raising an exception a reward's `except
+    Exception` cannot catch. That stops sleeps and pure-Python loops (sympy included), not a C
+    call that never returns to Python (a runaway regex), nor a reward that catches BaseException.
+    Off the main thread, where signals cannot be delivered (and math-verify's timeouts are off),
+    each sample runs in a helper thread that is abandoned, still running, at its deadline: a
+    thread cannot be killed. Worker processes have neither limit.
 
     With workers, `score` may run in a background thread (to overlap with device work); calls
     are serialised. Workers use the 'spawn' start method, which re-imports the main script in
@@ -285,7 +328,8 @@ class RewardScorer:
       failure_value: reward of each component of a sample that timed out or raised.
       chunk_size: samples per message to a worker; None picks ~N / (4 · num_workers), ≤ 32.
       start_method: multiprocessing start method, 'spawn' or 'forkserver' (never 'fork': JAX).
-      startup_timeout_s: how long a new worker may take to import and warm up.
+      startup_timeout_s: how long a new worker may take to start (import its modules, unpickle
+        the rewards); each component's warm-up call then has timeout_s + WARMUP_ALLOWANCE_S.
     """
 
     def __init__(
@@ -436,12 +480,24 @@ class RewardScorer:
         return ScoreResult(rewards, components, stats, first_error, dict(batch.flags))
 
     def _score_in_process(self, batch: _Batch) -> None:
-        while batch.queue:
-            index, completion, answer, sample_kwargs = batch.task(batch.queue.popleft())
-            row, flags, error = _score_sample(
-                self.components, completion, answer, sample_kwargs, batch.shared, self.failure_value
-            )
-            batch.finish(index, row, flags, error)
+        with deadline_lib.for_this_thread(self.timeout_s) as deadline:
+            while batch.queue:
+                index, completion, answer, sample_kwargs = batch.task(batch.queue.popleft())
+                scored = deadline.run(
+                    functools.partial(
+                        _score_sample,
+                        self.components,
+                        completion,
+                        answer,
+                        sample_kwargs,
+                        batch.shared,
+                        self.failure_value,
+                    )
+                )
+                if scored is None:  # like a killed worker's sample: its partial results are lost
+                    batch.fail(index, TIMEOUTS)
+                else:
+                    batch.finish(index, *scored)
 
     def _score_in_pool(self, batch: _Batch) -> None:
         while len(self._workers) < self.num_workers:
@@ -479,8 +535,10 @@ class RewardScorer:
         try:
             while worker.conn.poll():
                 message = worker.conn.recv()
-                if message == _READY:
-                    worker.ready = True
+                if message[0] == _CONTRACT:
+                    raise RewardContractError(message[1])
+                if not worker.ready:
+                    self._start_up(worker, message)
                     continue
                 index, row, flags, error = message
                 expected = worker.pending.popleft()
@@ -495,6 +553,11 @@ class RewardScorer:
                     batch.counts[CRASHED] += 1
                     self._replace(worker)
                     return
+                if worker.started:
+                    raise RuntimeError(
+                        f"reward worker died in the warm-up call {_WARMUP_CALL} of reward "
+                        f"{worker.warming!r} (exit code {worker.process.exitcode})"
+                    ) from None
                 raise RuntimeError(
                     f"reward worker died while starting (exit code {worker.process.exitcode}); "
                     "see its traceback above. Are the reward functions importable in a fresh "
@@ -503,6 +566,19 @@ class RewardScorer:
             batch.fail_head(worker, CRASHED, "a reward worker process died while scoring")
             self._replace(worker)
 
+    def _start_up(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        """Follows a new worker through STARTED, WARMING <name> ... and READY."""
+        if message[0] == _STARTED:
+            worker.started = True
+            worker.deadline = time.monotonic() + self.timeout_s + WARMUP_ALLOWANCE_S
+        elif message[0] == _WARMING:
+            worker.warming = message[1]
+            worker.deadline = time.monotonic() + self.timeout_s + WARMUP_ALLOWANCE_S
+        elif message[0] == _READY:
+            worker.ready, worker.warming = True, None
+        else:
+            raise RuntimeError(f"reward worker sent {message!r} before it was ready")
+
     def _enforce_deadlines(self, batch: _Batch) -> None:
         now = time.monotonic()
         for worker in list(self._workers):
@@ -510,7 +586,17 @@ class RewardScorer:
                 continue  # in time, or its answer is already waiting in the pipe
             if not worker.ready:
                 _kill(worker)
-                raise RuntimeError(f"reward worker did not start within {self.startup_timeout_s} s")
+                if worker.started:
+                    raise RuntimeError(
+                        f"reward {worker.warming!r}: its warm-up call {_WARMUP_CALL} did not "
+                        f"return within {self.timeout_s + WARMUP_ALLOWANCE_S} s (timeout_s + "
+                        f"WARMUP_ALLOWANCE_S); the worker had finished starting up. A host reward "
+                        "must return (or raise) promptly for any completion, 'warmup' included"
+                    )
+                raise RuntimeError(
+                    f"reward worker did not start within {self.startup_timeout_s} s "
+                    "(startup_timeout_s: importing its modules and unpickling the rewards)"
+                )
             if worker.pending:
                 batch.fail_head(worker, KILLED)
                 self._replace(worker)
