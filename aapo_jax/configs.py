@@ -403,6 +403,11 @@ class RewardConfig:
     timeout_s: float = 5.0
     num_workers: int = 2
     eval_name: str = ""  # the 0/1 verifier for eval accuracy; default: names[0] (host)
+    # Stop the run (keeping the last checkpoint) when more than `max_failed_fraction` of a
+    # step's samples failed in scoring (timed out or raised) for `max_failed_steps` steps
+    # in a row; 0 steps = never.
+    max_failed_fraction: float = 0.5
+    max_failed_steps: int = 3
 
     def __post_init__(self):
         _check(len(self.names) >= 1, "reward.names", self.names, "at least one reward")
@@ -435,6 +440,18 @@ class RewardConfig:
         _check_host_reward("reward.eval_name", self.eval_name)
         _check(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "> 0")
         _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "≥ 0")
+        _check(
+            0.0 <= self.max_failed_fraction < 1.0,
+            "reward.max_failed_fraction",
+            self.max_failed_fraction,
+            "in [0, 1)",
+        )
+        _check(
+            self.max_failed_steps >= 0,
+            "reward.max_failed_steps",
+            self.max_failed_steps,
+            "≥ 0 (0 = never stop)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -595,6 +612,8 @@ RESUMABLE_CHANGES = (
     "train.max_consecutive_skips",
     "reward.timeout_s",
     "reward.num_workers",
+    "reward.max_failed_fraction",
+    "reward.max_failed_steps",
 )
 
 

@@ -206,6 +206,7 @@ class HostScorer:
     ):
         self.tokenizer = tokenizer
         self.examples = list(examples)
+        self.first_error: str | None = None  # the last call's first reward error, for logs
         self.mesh = mesh
         self.scorer = rewards.RewardScorer(
             host_reward(config.names, config.weights),
@@ -231,11 +232,13 @@ class HostScorer:
         mine = process_rows(rollout, b * g)
         examples = [self.examples[int(i)] for i in mine.prompts.index]
         result = self._score(mine.policy, examples, g)
+        self.first_error = result.first_error
         scored = {"rewards": result.rewards.reshape(b, g)}
         components = {f"reward/{k}": v.reshape(b, g) for k, v in result.components.items()}
         counts = {f"reward/{k}": _flags(result, k, b, g) for k in COUNTED}
         if mine.reference is not None:
             ref = self._score(mine.reference, examples, g)
+            self.first_error = self.first_error or ref.first_error
             scored["ref_rewards"] = ref.rewards.reshape(b, g)
             counts.update({f"ref_reward/{k}": _flags(ref, k, b, g) for k in REFERENCE_COUNTED})
         scored["reward_components"] = components

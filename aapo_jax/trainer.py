@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from aapo_jax import checkpoint as checkpoint_lib
 from aapo_jax import (
     configs,
     evaluation,
+    lock,
     models,
     plugins,
     rewards,
@@ -46,6 +49,26 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 class ResumeError(ValueError):
     """A workdir's checkpoint cannot continue under this run's config or train state."""
+
+
+class RewardFailureError(RuntimeError):
+    """Most of the samples failed in reward scoring for `reward.max_failed_steps` steps."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGTERM or SIGINT: the run stops at once (the last checkpoint is kept).
+
+    Attributes:
+      signum: the signal's number (the process conventionally exits with 128 + signum).
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} received twice: stopped at once")
+
+
+# Signals that finish the current step, save and return; a second one stops at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def check_before_loading(config: ExperimentConfig) -> None:
@@ -82,12 +105,18 @@ class Trainer:
     Each step is `rl_step.make_rl_step` of the three stages: with a token reward one
     jitted program; with host rewards the jitted sampler, the time-bounded
     `rollout.HostScorer` on this process's rows, and the jitted train step. Resumes
-    automatically from the newest checkpoint in `workdir/checkpoints`; SIGTERM finishes
-    the current step, saves and returns.
+    automatically from the newest checkpoint in `workdir/checkpoints` that restores and
+    verifies (an unusable one is named, set aside, and the previous one used). SIGTERM or
+    SIGINT finishes the current step, saves and returns; a second one stops at once
+    (`Interrupted`), keeping the last checkpoint.
+
+    The process holds the workdir's lock (`lock.WorkdirLock`) from construction to
+    `close()`: a second run in the same workdir is refused (`lock.WorkdirBusyError`).
 
     `imports`: the plugin modules (`--import`) the run's algorithm or rewards come from;
     they are recorded with every checkpoint so that `load_trained_model` can re-import
-    them.
+    them. `started`: when this process's work began (seconds since the epoch; default
+    now), for `summary.json`'s `wall_seconds`.
     """
 
     def __init__(
@@ -96,22 +125,35 @@ class Trainer:
         workdir: str | os.PathLike,
         *,
         imports: tuple[str, ...] = (),
+        started: float | None = None,
     ):
         self.config = cfg = config
         self.imports = tuple(imports)
         self.workdir = Path(workdir)
         check_before_loading(cfg)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = checkpoint_lib.Checkpointer(
-            self.workdir / "checkpoints",
-            max_to_keep=cfg.train.keep_checkpoints,
-            save_reference=cfg.rl.reference != "frozen",
-        )
+        self.lock = lock.WorkdirLock(self.workdir, jax.process_index())
+        self.scorer = self.eval_scorer = self.clock = None
         try:
+            self.checkpointer = checkpoint_lib.Checkpointer(
+                self.workdir / "checkpoints",
+                max_to_keep=cfg.train.keep_checkpoints,
+                save_reference=cfg.rl.reference != "frozen",
+            )
             self.config_changes = self._check_resume()
-        except Exception:
-            self.checkpointer.close()
+            # From the process's start, imports included; it ticks in the background
+            # until the loop takes over, so a process killed while loading counts too.
+            self.clock = WallClock(
+                self.workdir / WALL_FILE,
+                enabled=jax.process_index() == 0,
+                background=True,
+                start=started,
+            )
+            self._build(cfg)
+        except BaseException:
+            self.close()
             raise
+
+    def _build(self, cfg: ExperimentConfig) -> None:
         self._saving = None
         self.mesh = sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
         self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
@@ -140,6 +182,9 @@ class Trainer:
             cfg.reward.eval_name, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers
         )
         self._stop = False
+        self._interrupting = threading.Event()  # a second stop signal arrived
+        self._interrupted = threading.Event()  # its `Interrupted` reached `run`
+        self._failed_in_a_row = 0
 
     def _check_resume(self) -> list[dict]:
         """The config changes of every resume so far (checkpoint meta + this one's).
@@ -147,10 +192,10 @@ class Trainer:
         A change outside `configs.RESUMABLE_CHANGES` raises `ResumeError` listing the
         fields, unless `train.allow_config_change`; the allowed ones are logged.
         """
-        step = self.checkpointer.latest_step()
-        if step is None:
+        newest = self.checkpointer.newest_meta()
+        if newest is None:
             return []
-        meta = self.checkpointer.read_meta(step)
+        step, meta = newest
         current = _jsonable(dataclasses.asdict(self.config))
         changes = configs.config_changes(meta["config"], current)
         # A one-epoch run saved its resolved step count; -1 again is the same run.
@@ -332,38 +377,98 @@ class Trainer:
         )
 
     def _restore(self) -> dict | None:
-        step = self.checkpointer.latest_step()
-        if step is None:
-            return None
         try:
-            state, data_state, meta = self.checkpointer.restore(self.state, step)
-        except (ValueError, KeyError, TypeError) as e:
-            mismatch = checkpoint_lib.describe_mismatch(self.checkpointer, self.state, step)
+            restored = self.checkpointer.restore_newest(self.state)
+        except checkpoint_lib.StateMismatchError as e:
             raise ResumeError(
-                f"the checkpoint in {self.checkpointer.directory} (step {step}) does not fit "
-                f"this run's train state: {mismatch or e}. It was written for another model "
-                "or optimizer: use a new --workdir, or point model.path and optim at what "
-                "the checkpoint was trained with."
+                f"the checkpoint in {self.checkpointer.directory} does not fit this run's "
+                f"train state: {e}. It was written for another model or optimizer: use a new "
+                "--workdir, or point model.path and optim at what the checkpoint was trained "
+                "with."
             ) from e
+        if restored is None:
+            return None
+        state, data_state, meta = restored
         self.state = jax.device_put(state, self.state_shardings)
         self.loader.set_state(data_state)
         logger.info("resumed from step %d in %s", int(state.step), self.workdir)
         return meta["initial_eval"]
 
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
-        logger.warning("SIGTERM: finishing the current step, then saving and exiting.")
+    def _on_stop_signal(self, signum, frame):
+        del frame
+        name = signal.Signals(signum).name
+        if self._interrupted.is_set():  # already on its way out
+            return
+        if self._stop:
+            if not self._interrupting.is_set():
+                self._interrupt_signal = signum
+                self._interrupting.set()
+                self._unraisable_hook = sys.unraisablehook
+                sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
+                threading.Thread(target=self._repeat_signal, args=(signum,), daemon=True).start()
+            raise Interrupted(signum)
+        logger.warning(
+            "%s: finishing the current step, then saving and exiting (send it again to stop "
+            "at once, keeping the last checkpoint).",
+            name,
+        )
         self._stop = True
+
+    def _raise_if_interrupted(self) -> None:
+        """Raises `Interrupted` if a second stop signal came (its exception may have been
+        dropped where it was raised), so that no further step or save starts."""
+        if self._interrupting.is_set():
+            raise Interrupted(self._interrupt_signal)
+
+    def _repeat_signal(self, signum: int) -> None:
+        """Sends `signum` again every half second until `Interrupted` has reached `run`: a
+        handler's exception raised inside a garbage-collector callback or a `__del__` is
+        dropped (quietly, `_quiet_interrupts`)."""
+        while not self._interrupted.wait(0.5):
+            os.kill(os.getpid(), signum)
+
+    def _check_reward_failures(self, step: int, metrics: dict) -> bool:
+        """Whether this step's scoring mostly failed; raises `RewardFailureError` when that
+        has lasted `reward.max_failed_steps` steps."""
+        cfg = self.config.reward
+        if self.scorer is None or not cfg.max_failed_steps:
+            return False
+        n = self.config.train.prompts_per_step * self.config.rl.group_size
+        failed, scored = 0.0, 0
+        for prefix in ("reward/", "ref_reward/"):
+            if f"{prefix}{rewards.ERRORS}" in metrics:
+                failed += float(metrics[f"{prefix}{rewards.TIMEOUTS}"])
+                failed += float(metrics[f"{prefix}{rewards.ERRORS}"])
+                scored += n
+        fraction = min(1.0, failed / max(scored, 1))
+        self._failed_in_a_row = (
+            self._failed_in_a_row + 1 if fraction > cfg.max_failed_fraction else 0
+        )
+        if self._failed_in_a_row and self._failed_in_a_row >= cfg.max_failed_steps:
+            raise RewardFailureError(
+                f"reward scoring failed (timed out or raised) on more than "
+                f"{cfg.max_failed_fraction:.0%} of the samples for {self._failed_in_a_row} steps "
+                f"in a row (steps {step - self._failed_in_a_row + 1}–{step}; this one: "
+                f"{fraction:.0%}) with reward.names={list(cfg.names)}: first error: "
+                f"{self.scorer.first_error or 'none (timeouts)'}. Stopping "
+                f"(reward.max_failed_fraction={cfg.max_failed_fraction}, "
+                f"reward.max_failed_steps={cfg.max_failed_steps}); the last checkpoint (step "
+                f"{self.checkpointer.latest_step()}) is kept. Fix the reward, or raise "
+                "reward.timeout_s, before resuming."
+            )
+        return self._failed_in_a_row > 0
 
     def run(self, *, progress: bool = True) -> dict[str, Any]:
         """Train for `train.steps` steps (minus those already done); returns the summary."""
         from tqdm.auto import tqdm
 
         cfg = self.config
-        clock = WallClock(self.workdir / WALL_FILE, enabled=jax.process_index() == 0)
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        clock = self.clock
+        previous = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS}
         writer = None
+        bar = tqdm(total=cfg.train.steps, desc=cfg.name, disable=not progress)
         try:
+            bar.set_postfix_str("restoring the newest checkpoint", refresh=True)
             initial_eval = self._restore()
             step = int(self.state.step)
             writer = metrics_lib.MetricWriter(
@@ -376,15 +481,19 @@ class Trainer:
                 resume_step=step if initial_eval is not None else -1,
             )
             skipped_in_a_row = 0
+            bar.update(step)
             if initial_eval is None:
+                bar.set_postfix_str("evaluating the initial policy", refresh=True)
                 initial_eval = self.evaluate()
                 writer.write_scalars(0, initial_eval)
-            bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.name, disable=not progress)
             last_eval = initial_eval
+            if step < cfg.train.steps:
+                bar.set_postfix_str("compiling and running the first step", refresh=True)
             while step < cfg.train.steps and not self._stop:
                 t0 = time.perf_counter()
                 batch = next(self.loader)
                 metrics, scored = self.step(batch)
+                self._raise_if_interrupted()
                 seconds = time.perf_counter() - t0
                 step += 1
                 metrics["step_seconds"] = seconds
@@ -400,6 +509,11 @@ class Trainer:
                         f"(step {self.checkpointer.latest_step()}) is kept: lower "
                         "optim.learning_rate or check the rewards and data before resuming."
                     )
+                try:
+                    rewards_failed = self._check_reward_failures(step, metrics)
+                except RewardFailureError:
+                    writer.write_scalars(step, metrics)
+                    raise
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
@@ -408,7 +522,12 @@ class Trainer:
                 if cfg.train.samples_every and step % cfg.train.samples_every == 0:
                     writer.write_samples(step, self.sample_logs(batch, scored))
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    self.save(step, initial_eval)
+                    if rewards_failed:  # not a state worth resuming from
+                        logger.warning(
+                            "step %d: most rewards failed; its checkpoint is not written.", step
+                        )
+                    else:
+                        self.save(step, initial_eval)
                 clock.tick()
                 bar.update(1)
                 bar.set_postfix(
@@ -418,6 +537,7 @@ class Trainer:
                 )
             bar.close()
             if self._stop:
+                self._raise_if_interrupted()
                 if self.checkpointer.latest_step() != step:
                     self.save(step, initial_eval)
                 self._wait_for_save()
@@ -432,8 +552,16 @@ class Trainer:
             writer.flush()
             self._wait_for_save()
             return self._summary(initial_eval, final_eval, step, clock)
+        except Interrupted:
+            self._interrupted.set()
+            raise
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            self._interrupted.set()
+            if self._interrupting.is_set():
+                sys.unraisablehook = self._unraisable_hook
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            bar.close()
             clock.tick(force=True)
             if writer is not None:
                 writer.close()
@@ -468,28 +596,68 @@ class Trainer:
         return metrics_lib.write_summary(self.workdir, summary, title=cfg.name)
 
     def close(self) -> None:
-        """Stops the reward workers and waits for the last checkpoint."""
-        for scorer in (self.scorer, self.eval_scorer):
-            if scorer is not None:
-                scorer.close()
-        self.checkpointer.close()
+        """Stops the reward workers, waits for the last checkpoint, releases the workdir."""
+        try:
+            for scorer in (self.scorer, self.eval_scorer):
+                if scorer is not None:
+                    scorer.close()
+            if self.clock is not None:
+                self.clock.stop()
+            if getattr(self, "checkpointer", None) is not None:
+                self.checkpointer.close()
+        finally:
+            self.lock.release()
+
+
+def process_start_time() -> float | None:
+    """When this process started (seconds since the epoch), from /proc on Linux; None
+    where that cannot be read."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class WallClock:
     """This process's wall seconds, kept beside those of earlier processes in a JSON file.
 
-    A run killed and resumed N times is N + 1 processes, each recorded from its start;
-    `total()` sums them all (up to each one's last `tick`, at most `every_s` before it
-    died). Only the enabled (first) process writes.
+    A run killed and resumed N times is N + 1 processes, each recorded from `start`
+    (default: now; `experiments.train` passes `process_start_time()`, so that imports
+    and model loading count); `total()` sums them all (up to each one's last `tick`, at
+    most `every_s` before it died). With `background`, a thread ticks every `every_s`
+    until `stop()`. Only the enabled (first) process writes.
     """
 
-    def __init__(self, path: Path, *, enabled: bool = True, every_s: float = 5.0):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        enabled: bool = True,
+        every_s: float = 5.0,
+        background: bool = False,
+        start: float | None = None,
+    ):
         self.path, self.enabled, self.every_s = path, enabled, every_s
-        self.start = time.time()
+        self.start = time.time() if start is None else start
         self._written = 0.0
+        self._lock = threading.Lock()
         previous = json.loads(path.read_text()) if path.exists() else []
         self._earlier = [float(s) for s in previous]
         self.tick(force=True)  # this process counts, even if it dies before its next tick
+        self._stopped = threading.Event()
+        if background and enabled:
+            threading.Thread(target=self._tick_until_stopped, daemon=True).start()
+
+    def _tick_until_stopped(self) -> None:
+        while not self._stopped.wait(self.every_s):
+            self.tick()
+
+    def stop(self) -> None:
+        """Stops the background ticks, after a last one."""
+        self._stopped.set()
+        self.tick(force=True)
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -499,16 +667,28 @@ class WallClock:
         now = self.elapsed()
         if not self.enabled or (not force and now - self._written < self.every_s):
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps([*self._earlier, round(now, 3)]))
-        os.replace(tmp, self.path)
-        self._written = now
+        with self._lock:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps([*self._earlier, round(now, 3)]))
+            os.replace(tmp, self.path)
+            self._written = now
 
     def total(self) -> float:
         return sum(self._earlier) + self.elapsed()
 
     def processes(self) -> int:
         return len(self._earlier) + 1
+
+
+def _quiet_interrupts(hook):
+    """`sys.unraisablehook` that drops an `Interrupted` raised where Python cannot pass it
+    on (a garbage-collector callback); the signal is sent again (`_repeat_signal`)."""
+
+    def quiet(unraisable):
+        if not isinstance(unraisable.exc_value, Interrupted):
+            hook(unraisable)
+
+    return quiet
 
 
 def _jsonable(value: Any) -> Any:
@@ -530,14 +710,21 @@ def load_trained_model(
     are imported first, so that its algorithm and rewards are registered. Shape-first: the
     model and train state are built abstractly from the run's config and the checkpoint's
     `config.json` (no weights are read from the source checkpoint), and the checkpoint is
-    restored straight onto `mesh`'s shardings (default: the first device).
+    restored straight onto `mesh`'s shardings (default: the first device). Without
+    `step`, a newest checkpoint that does not restore or verify is named in a warning and
+    the previous one is used (the workdir is not changed).
 
     Raises:
       plugins.PluginError: a recorded plugin module cannot be imported (named).
     """
     directory = Path(workdir) / "checkpoints"
     with checkpoint_lib.Checkpointer(directory) as meta_reader:
-        meta = meta_reader.read_meta(step)
+        if step is not None:
+            meta = meta_reader.read_meta(step)
+        elif (newest := meta_reader.newest_meta()) is not None:
+            meta = newest[1]
+        else:
+            raise FileNotFoundError(f"no checkpoint in {directory}.")
     plugins.import_modules(
         meta.get("imports", []), context=f"the run in {workdir} was trained with it"
     )
@@ -559,7 +746,10 @@ def load_trained_model(
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings
         )
-        state, _, _ = checkpointer.restore(target, step)
+        if step is None:
+            state, _, _ = checkpointer.restore_newest(target, set_aside=False)
+        else:
+            state, _, _ = checkpointer.restore(target, step)
     finally:
         checkpointer.close()
     return nnx.merge(graphdef, state.params), config
@@ -570,11 +760,12 @@ def train(
     workdir: str | os.PathLike,
     *,
     imports: tuple[str, ...] = (),
+    started: float | None = None,
     **kwargs,
 ) -> dict[str, Any]:
-    """Build a `Trainer` (with the plugin modules `imports` recorded), run it, close it;
-    returns the summary dict."""
-    trainer = Trainer(config, workdir, imports=imports)
+    """Build a `Trainer` (with the plugin modules `imports` recorded and `started` its
+    clock's start), run it, close it; returns the summary dict."""
+    trainer = Trainer(config, workdir, imports=imports, started=started)
     try:
         return trainer.run(**kwargs)
     finally:

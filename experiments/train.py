@@ -6,20 +6,22 @@ Override any field from the command line, e.g. `--config.train.steps=50
 --config.rl.hparams.margin_low=0.1`; switch algorithms with the config's argument
 (`--config=configs/quickstart.py:algo=grpo`). `--import=my_module` (repeatable) imports your
 own module first, e.g. one that registers an algorithm or a reward. Re-running with the same
---workdir resumes from its newest checkpoint; SIGTERM saves a checkpoint and exits. On
+--workdir resumes from its newest checkpoint; SIGTERM or Ctrl-C finishes the step, saves a
+checkpoint and exits (a second one stops at once). One run per --workdir: a second is refused. On
 several hosts, run the same command with `--distributed` on each
 (docs/reproducing-the-paper.md).
 """
 
 import json
 import logging
+import sys
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from aapo_jax import configs, plugins, sharding, trainer
+from aapo_jax import configs, lock, plugins, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 _IMPORTS = flags.DEFINE_multi_string(plugins.FLAG, [], plugins.FLAG_HELP)
@@ -64,9 +66,22 @@ def main(argv):
             process_id=_PROCESS_ID.value,
         )
     config = configs.experiment_config(_CONFIG.value)
-    summary = trainer.train(
-        config, _WORKDIR.value, imports=tuple(_IMPORTS.value), progress=_PROGRESS.value
-    )
+    try:
+        summary = trainer.train(
+            config,
+            _WORKDIR.value,
+            imports=tuple(_IMPORTS.value),
+            progress=_PROGRESS.value,
+            started=trainer.process_start_time(),
+        )
+    except lock.WorkdirBusyError as e:
+        sys.exit(f"error: {e}")
+    except trainer.Interrupted as e:
+        print(f"{e}; the last checkpoint is kept and the same command resumes.", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal
+        print("interrupted before training began; nothing was saved.", file=sys.stderr)
+        sys.exit(130)
     print(json.dumps(summary, indent=2))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,24 @@ def digit_fraction(completions, *, answers, **kwargs):
     )
 
 
+def hangs(completions, *, answers, **kwargs):
+    """A host reward that never returns (an unbounded call in a user's reward)."""
+    del completions, answers, kwargs
+    time.sleep(10_000)
+
+
+def always_raises(completions, *, answers, **kwargs):
+    """A host reward that fails on every sample (a broken dependency, say)."""
+    del completions, answers, kwargs
+    raise ConnectionError("the grading service is down")
+
+
+def returns_strings(completions, *, answers, **kwargs):
+    """A host reward that breaks the contract: strings, not numbers."""
+    del answers, kwargs
+    return ["1.0" for _ in completions]
+
+
 def low_token_share(tokens, mask, targets, target_len):
     """A token reward that varies on a random model: the share of completion tokens below 16."""
     import jax.numpy as jnp
@@ -205,10 +224,14 @@ def low_token_share(tokens, mask, targets, target_len):
 
 
 def register_test_rewards() -> None:
-    """Register `digit_fraction` (host) and `low_token_share` (token) as rewards by name,
-    since configs validate reward names."""
+    """Register `digit_fraction` (host), the faulty host rewards `hangs`, `always_raises`
+    and `returns_strings`, and `low_token_share` (token) as rewards by name, since configs
+    validate reward names."""
     from aapo_jax import rewards
     from aapo_jax.rewards import tokens
 
     rewards.HOST_REWARDS["digit_fraction"] = digit_fraction
+    rewards.HOST_REWARDS["hangs"] = hangs
+    rewards.HOST_REWARDS["always_raises"] = always_raises
+    rewards.HOST_REWARDS["returns_strings"] = returns_strings
     tokens.TOKEN_REWARDS["low_token_share"] = low_token_share

@@ -1,19 +1,29 @@
 """Reliability: exact resume after kill -9, config checks on resume, faults that name their fix."""
 
+import dataclasses
 import errno
 import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from aapo_jax import checkpoint, configs, data, metrics, models, trainer
+from aapo_jax import checkpoint, configs, data, lock, metrics, models, rewards, trainer
+from aapo_jax.types import TrainState
 from tests import hf_fixtures
-from tests.helpers import tiny_config, train_process, trained_steps, wait_for
+from tests.helpers import REPO, tiny_config, train_process, trained_steps, wait_for
 
 
 def _kill_when(proc: subprocess.Popen, ready) -> None:
@@ -247,3 +257,261 @@ def test_config_changes_and_which_refuse_a_resume():
     assert changes == {"rl.group_size": (8, 4), "train.steps": (10, 20)}
     assert configs.refused_resume_changes(changes) == {"rl.group_size": (8, 4)}
     assert configs.config_changes({"a": (1, 2)}, {"a": [1, 2]}) == {}  # JSON lists vs tuples
+
+
+# -- one run per workdir -------------------------------------------------------------------
+
+
+def test_the_workdir_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom aapo_jax import lock\n"
+            f"held = lock.WorkdirLock({str(tmp_path)!r})\nprint('held', flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(lock.WorkdirBusyError) as info:
+            lock.WorkdirLock(tmp_path)
+        message = str(info.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+        assert str(tmp_path) in message and "--workdir" in message
+        lock.WorkdirLock(tmp_path, process_index=1).release()  # another process's own file
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait()
+    with lock.WorkdirLock(tmp_path) as held:
+        assert held.held
+        with pytest.raises(lock.WorkdirBusyError, match=r"\(this process\)"):
+            lock.WorkdirLock(tmp_path)
+    lock.WorkdirLock(tmp_path).release()  # released on exit from the block
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_run_is_intact(
+    tiny_model_dir, tmp_path
+):
+    config_files = {}
+    for seed, steps in ((0, 500), (1, 15)):
+        config_files[seed] = tmp_path / f"seed{seed}.py"
+        config_files[seed].write_text(
+            "from tests.helpers import tiny_config\n\n\n"
+            f"def get_config():\n    return tiny_config({str(tiny_model_dir)!r}, steps={steps}, "
+            f"seed={seed}, checkpoint_every=3)\n"
+        )
+    workdir = tmp_path / "wd"
+    first = train_process(config_files[0], workdir)
+    wait_for(first, lambda: bool(trained_steps(workdir)))
+    second = train_process(config_files[1], workdir)
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode != 0
+    assert f"pid {first.pid} on host {socket.gethostname()}" in output, output
+    assert "Traceback" not in output, output
+    assert first.poll() is None  # still training, untouched
+    first.send_signal(signal.SIGTERM)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and '"interrupted": true' in output, output
+    steps = trained_steps(workdir)
+    assert steps == list(range(1, len(steps) + 1))
+    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == steps[-1]
+    assert len(json.loads((workdir / trainer.WALL_FILE).read_text())) == 1
+
+
+# -- verified restores ---------------------------------------------------------------------
+
+
+def _damage(step_dir: Path, how: str) -> None:
+    data = sorted(
+        (f for f in (step_dir / "state").rglob("*") if f.is_file() and "/d/" in str(f)),
+        key=lambda f: f.stat().st_size,
+    )[-1]  # the largest data file
+    if how == "overwritten":
+        with data.open("r+b") as f:
+            f.seek(data.stat().st_size // 2)
+            f.write(np.random.default_rng(0).bytes(4096))
+    elif how == "truncated":
+        os.truncate(data, data.stat().st_size // 2)
+    elif how == "no manifest":
+        for manifest in step_dir.rglob("manifest.ocdbt"):
+            manifest.unlink()
+    elif how == "no meta":
+        shutil.rmtree(step_dir / "meta")
+    elif how == "empty":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """8 steps with a checkpoint every 2, uninterrupted."""
+    workdir = tmp_path_factory.mktemp("straight")
+    c = tiny_config(tiny_model_dir, steps=8, checkpoint_every=2, keep_checkpoints=4)
+    trainer.train(configs.experiment_config(c), workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("how", ["overwritten", "truncated", "no manifest", "no meta", "empty"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(
+    tiny_model_dir, straight_run, tmp_path, how, caplog
+):
+    # The run died after its step-6 checkpoint, which was then damaged on disk.
+    workdir = Path(shutil.copytree(straight_run, tmp_path / "wd"))
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    _damage(workdir / "checkpoints" / "6", how)
+    c = tiny_config(tiny_model_dir, steps=8, checkpoint_every=2, keep_checkpoints=4)
+    with caplog.at_level(logging.WARNING, logger="aapo_jax"):
+        summary = trainer.train(configs.experiment_config(c), workdir)
+    warned = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert f"step-6 checkpoint in {workdir / 'checkpoints'}" in warned[0]
+    reason = {
+        "overwritten": "reading it failed|its data differ from what was saved",
+        "truncated": "reading it failed",
+        "no manifest": "reading it failed",
+        "no meta": "its meta item",
+        "empty": "its meta item",
+    }[how]
+    assert re.search(reason, warned[0]) and "trying step 4" in warned[0], warned[0]
+    assert summary["steps"] == 8
+    assert [r["step"] for r in metrics.read_metrics(workdir) if "loss" in r] == list(range(1, 9))
+    assert (workdir / checkpoint.UNUSABLE_DIR / "6").is_dir()
+    for a, b in zip(_params(straight_run), _params(workdir), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _state(value: float):
+    params = {"w": jax.numpy.full((4, 3), value, jax.numpy.float32)}
+    tx = optax.adam(1e-3)
+    return TrainState(
+        step=jax.numpy.int32(0),
+        params=params,
+        opt_state=tx.init(params),
+        ref_params=None,
+        rng=jax.random.key(0),
+        skipped_updates=jax.numpy.int32(0),
+    )
+
+
+def test_fingerprints_catch_changed_bytes_and_rotation_keeps_the_verified_checkpoint(tmp_path):
+    state = _state(1.0)
+    tree = checkpoint._to_saveable(state)
+    print_ = checkpoint.Fingerprint.of(tree)
+    assert not print_.non_finite and print_.mismatch(print_.checksums) == ""
+    for changed in (2.0, 0.0):
+        other = checkpoint.Fingerprint.of(checkpoint._to_saveable(_state(changed)))
+        assert "params/w" in other.mismatch(print_.checksums)
+    swapped = state.params["w"].at[0, 0].set(2.0).at[1, 0].set(0.0)  # same sum, moved
+    moved = checkpoint.Fingerprint.of({**tree, "params": {"w": swapped}})
+    assert moved.mismatch(print_.checksums)
+
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=2, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, state, data={}, meta={"config": {}})
+        ckpt.restore_newest(state)
+        assert ckpt.verified_step == 3
+        for step in (4, 5, 6):  # newer, never read back: step 3 stays
+            ckpt.save(step, state, data={}, meta={"config": {}})
+        assert ckpt.all_steps() == [3, 5, 6]
+        poisoned = state.replace(params={"w": state.params["w"].at[0, 0].set(np.nan)})
+        with pytest.raises(FloatingPointError, match=r"step-7 state: params/w hold a NaN"):
+            ckpt.save(7, poisoned, data={}, meta={"config": {}})
+        assert ckpt.all_steps() == [3, 5, 6]
+
+
+def test_a_restored_non_finite_state_is_refused_for_the_previous_checkpoint(tmp_path, monkeypatch):
+    state = _state(1.0)
+    poisoned = state.replace(params={"w": state.params["w"].at[2, 1].set(np.inf)})
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=3, async_save=False) as ckpt:
+        ckpt.save(1, state, data={"at": 1}, meta={"config": {}})
+        real = checkpoint.Fingerprint.of
+        # Written by a version that saved anything (its fingerprint says finite).
+        monkeypatch.setattr(
+            checkpoint.Fingerprint,
+            "of",
+            classmethod(lambda cls, tree: dataclasses.replace(real(tree), non_finite=())),
+        )
+        ckpt.save(2, poisoned, data={"at": 2}, meta={"config": {}})
+        monkeypatch.undo()
+        restored, data_state, _ = ckpt.restore_newest(state)
+    assert data_state == {"at": 1} and ckpt.unusable[2] == "params/w hold a NaN or inf"
+    np.testing.assert_array_equal(restored.params["w"], state.params["w"])
+
+
+# -- rewards that hang, break their contract or always fail --------------------------------
+
+
+def _faulty_reward_config(model_dir, reward: str, **train):
+    c = tiny_config(model_dir, **train)
+    c.reward.names = (reward,)
+    c.reward.timeout_s = 0.5
+    c.train.prompts_per_step = 2
+    c.rl.group_size = 2
+    return c
+
+
+def test_an_in_process_hanging_reward_is_bounded_and_signals_stop_the_run(tiny_model_dir, tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from tests.test_reliability import _faulty_reward_config\n\n\n"
+        "def get_config():\n"
+        f"    c = _faulty_reward_config({str(tiny_model_dir)!r}, 'hangs', steps=500)\n"
+        "    c.reward.max_failed_steps = 0  # scored 0 every time, on purpose\n"
+        "    return c\n"
+    )
+    workdir = tmp_path / "wd"
+    # One SIGTERM: the step in progress ends (each sample bounded by 0.5 s), is saved, exit 0.
+    proc = train_process(config_file, workdir)
+    wait_for(proc, lambda: len(trained_steps(workdir)) >= 1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and '"interrupted": true' in output, output
+    saved = checkpoint.Checkpointer(workdir / "checkpoints").latest_step()
+    assert saved >= 1 and json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    # Twice (SIGTERM, then Ctrl-C): at once, the last checkpoint kept, no traceback.
+    proc = train_process(config_file, workdir)
+    wait_for(proc, lambda: max(trained_steps(workdir), default=0) > saved)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 10
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert "SIGINT received twice" in output and "Traceback" not in output, output
+    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() >= saved
+
+
+def test_a_reward_of_the_wrong_type_fails_at_its_first_call_naming_it(tiny_model_dir, tmp_path):
+    c = _faulty_reward_config(tiny_model_dir, "returns_strings", steps=3)
+    with pytest.raises(rewards.RewardContractError, match="'returns_strings'"):
+        trainer.train(configs.experiment_config(c), tmp_path)
+    assert not [r for r in metrics.read_metrics(tmp_path) if "loss" in r]
+
+
+def test_a_reward_that_fails_on_every_sample_stops_the_run(tiny_model_dir, tmp_path):
+    c = _faulty_reward_config(tiny_model_dir, "always_raises", steps=8, checkpoint_every=1)
+    c.reward.max_failed_steps = 2
+    with pytest.raises(trainer.RewardFailureError) as info:
+        trainer.train(configs.experiment_config(c), tmp_path)
+    message = str(info.value)
+    assert "2 steps in a row (steps 1–2" in message and "'always_raises'" in message
+    assert "ConnectionError: the grading service is down" in message
+    assert "reward.max_failed_steps=2" in message
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == []
+    assert [r["step"] for r in metrics.read_metrics(tmp_path) if "loss" in r] == [1, 2]
+
+
+def test_wall_seconds_count_from_the_process_start():
+    probe = (
+        "import time\ntime.sleep(1.5)\nfrom aapo_jax import trainer\n"
+        "print(time.time() - trainer.process_start_time())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert 1.5 <= float(out.stdout) < 120
