@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,7 @@ class Checkpointer:
                 raise FileNotFoundError("its meta or data item is missing")
         except Exception as e:  # every read failure is reported with its step
             error = _reason(e)
+            _quiet_abandoned_reads()
         error = _first_error_everywhere(error)
         if error:
             raise CheckpointError(step, self.directory, f"reading it failed: {error}")
@@ -493,6 +495,36 @@ def _reason(error: BaseException) -> str:
     for noise in (" See full TensorStore details", " [tensorstore_spec"):  # pages of JSON
         line = line.split(noise)[0]
     return f"{type(error).__name__}: {line[:300]}".rstrip(": ")
+
+
+def _is_abandoned_read(error: BaseException | None, where: object = None) -> bool:
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    read = getattr(where, "__qualname__", "").startswith("_read_array")
+    return closed_loop or read
+
+
+def _quiet_abandoned_reads() -> None:
+    """Once orbax has given up on a damaged checkpoint, its other reads still in flight end
+    later on a closed event loop, each printing a traceback (hundreds of lines that bury the
+    warning). From then on, drop those and only those; everything else still prints."""
+    if getattr(sys.unraisablehook, "_aapo_quiet", False):
+        return
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def quiet_unraisable(u):
+        if not _is_abandoned_read(u.exc_value, u.object):
+            unraisable(u)
+
+    def quiet_excepthook(kind, error, tb):
+        if not _is_abandoned_read(error):
+            excepthook(kind, error, tb)
+
+    def quiet_log(record: logging.LogRecord) -> bool:  # asyncio's "never retrieved"
+        return "_read_array" not in record.getMessage()
+
+    quiet_unraisable._aapo_quiet = True
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    logging.getLogger("asyncio").addFilter(quiet_log)
 
 
 def _first_error_everywhere(error: str | None) -> str | None:

@@ -313,12 +313,15 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_run_is_intact(
     assert f"pid {first.pid} on host {socket.gethostname()}" in output, output
     assert "Traceback" not in output, output
     assert first.poll() is None  # still training, untouched
+    # Two stop signals: at once (no further step or save), one line, no traceback.
     first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGINT)
     output, _ = first.communicate(timeout=120)
-    assert first.returncode == 0 and '"interrupted": true' in output, output
+    assert first.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT), output
+    assert "received twice: stopped at once" in output and "Traceback" not in output, output
     steps = trained_steps(workdir)
     assert steps == list(range(1, len(steps) + 1))
-    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == steps[-1]
+    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() <= steps[-1]
     assert len(json.loads((workdir / trainer.WALL_FILE).read_text())) == 1
 
 
@@ -346,41 +349,42 @@ def _damage(step_dir: Path, how: str) -> None:
         step_dir.mkdir()
 
 
-@pytest.fixture(scope="module")
-def straight_run(tiny_model_dir, tmp_path_factory) -> Path:
-    """8 steps with a checkpoint every 2, uninterrupted."""
-    workdir = tmp_path_factory.mktemp("straight")
-    c = tiny_config(tiny_model_dir, steps=8, checkpoint_every=2, keep_checkpoints=4)
-    trainer.train(configs.experiment_config(c), workdir)
-    return workdir
-
-
-@pytest.mark.parametrize("how", ["overwritten", "truncated", "no manifest", "no meta", "empty"])
-def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(
-    tiny_model_dir, straight_run, tmp_path, how, caplog
+def test_damaged_newest_checkpoints_are_named_set_aside_and_the_previous_one_resumes(
+    tiny_model_dir, tmp_path, caplog
 ):
-    # The run died after its step-6 checkpoint, which was then damaged on disk.
-    workdir = Path(shutil.copytree(straight_run, tmp_path / "wd"))
-    shutil.rmtree(workdir / "checkpoints" / "8")
-    _damage(workdir / "checkpoints" / "6", how)
-    c = tiny_config(tiny_model_dir, steps=8, checkpoint_every=2, keep_checkpoints=4)
+    c = tiny_config(tiny_model_dir, steps=8, checkpoint_every=1, keep_checkpoints=8)
+    straight = tmp_path / "straight"
+    trainer.train(configs.experiment_config(c), straight)
+    # The newest four checkpoints damaged, each its own way (and an empty step directory):
+    # the resumed run names each, falls back to step 3 and ends where the straight one did.
+    workdir = Path(shutil.copytree(straight, tmp_path / "wd"))
+    damage = {8: "empty", 7: "overwritten", 6: "truncated", 5: "no manifest", 4: "no meta"}
+    for step, how in damage.items():
+        _damage(workdir / "checkpoints" / str(step), how)
     with caplog.at_level(logging.WARNING, logger="aapo_jax"):
         summary = trainer.train(configs.experiment_config(c), workdir)
     warned = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
-    assert len(warned) == 1, caplog.text
-    assert f"step-6 checkpoint in {workdir / 'checkpoints'}" in warned[0]
-    reason = {
+    reasons = {
+        "empty": "its meta item",
         "overwritten": "reading it failed|its data differ from what was saved",
         "truncated": "reading it failed",
         "no manifest": "reading it failed",
-        "no meta": "its meta item",
-        "empty": "its meta item",
-    }[how]
-    assert re.search(reason, warned[0]) and "trying step 4" in warned[0], warned[0]
+        "no meta": 'Item "meta" was not found',
+    }
+    assert len(warned) == len(damage), caplog.text
+    for message, (step, how) in zip(warned, damage.items(), strict=True):
+        assert f"step-{step} checkpoint in {workdir / 'checkpoints'}" in message, message
+        assert re.search(reasons[how], message) and f"trying step {step - 1}" in message, message
+    assert sorted(int(p.name) for p in (workdir / checkpoint.UNUSABLE_DIR).iterdir()) == [
+        4,
+        5,
+        6,
+        7,
+        8,
+    ]
     assert summary["steps"] == 8
     assert [r["step"] for r in metrics.read_metrics(workdir) if "loss" in r] == list(range(1, 9))
-    assert (workdir / checkpoint.UNUSABLE_DIR / "6").is_dir()
-    for a, b in zip(_params(straight_run), _params(workdir), strict=True):
+    for a, b in zip(_params(straight), _params(workdir), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -454,7 +458,9 @@ def _faulty_reward_config(model_dir, reward: str, **train):
     return c
 
 
-def test_an_in_process_hanging_reward_is_bounded_and_signals_stop_the_run(tiny_model_dir, tmp_path):
+def test_an_in_process_hanging_reward_is_bounded_and_sigterm_stops_the_run(
+    tiny_model_dir, tmp_path
+):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
         "from tests.test_reliability import _faulty_reward_config\n\n\n"
@@ -464,26 +470,14 @@ def test_an_in_process_hanging_reward_is_bounded_and_signals_stop_the_run(tiny_m
         "    return c\n"
     )
     workdir = tmp_path / "wd"
-    # One SIGTERM: the step in progress ends (each sample bounded by 0.5 s), is saved, exit 0.
     proc = train_process(config_file, workdir)
-    wait_for(proc, lambda: len(trained_steps(workdir)) >= 1)
-    proc.send_signal(signal.SIGTERM)
+    wait_for(proc, lambda: len(trained_steps(workdir)) >= 1)  # steps end: each sample ≤ 0.5 s
+    proc.send_signal(signal.SIGTERM)  # the step in progress ends, is saved, exit 0
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and '"interrupted": true' in output, output
-    saved = checkpoint.Checkpointer(workdir / "checkpoints").latest_step()
-    assert saved >= 1 and json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-    # Twice (SIGTERM, then Ctrl-C): at once, the last checkpoint kept, no traceback.
-    proc = train_process(config_file, workdir)
-    wait_for(proc, lambda: max(trained_steps(workdir), default=0) > saved)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    start = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
-    assert time.monotonic() - start < 10
-    assert proc.returncode == 128 + signal.SIGINT, output
-    assert "SIGINT received twice" in output and "Traceback" not in output, output
-    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() >= saved
+    assert "8/8 samples timed out" in output or "4/4 samples timed out" in output, output
+    steps = trained_steps(workdir)
+    assert checkpoint.Checkpointer(workdir / "checkpoints").latest_step() == steps[-1]
 
 
 def test_a_reward_of_the_wrong_type_fails_at_its_first_call_naming_it(tiny_model_dir, tmp_path):
