@@ -329,17 +329,17 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_run_is_intact(
 
 
 def _damage(step_dir: Path, how: str) -> None:
-    data = sorted(
-        (f for f in (step_dir / "state").rglob("*") if f.is_file() and "/d/" in str(f)),
-        key=lambda f: f.stat().st_size,
-    )[-1]  # the largest data file
-    if how == "overwritten":
-        with data.open("r+b") as f:
-            f.seek(data.stat().st_size // 2)
-            f.write(np.random.default_rng(0).bytes(4096))
-    elif how == "truncated":
-        os.truncate(data, data.stat().st_size // 2)
-    elif how == "no manifest":
+    # Every data file of the state: one file may hold only bytes that no array reads.
+    data = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    for f in data:
+        size = f.stat().st_size
+        if how == "overwritten":  # 4 KiB of noise from the middle on
+            with f.open("r+b") as out:
+                out.seek(size // 2)
+                out.write(np.random.default_rng(0).bytes(4096))
+        elif how == "truncated":
+            os.truncate(f, size // 2)
+    if how == "no manifest":
         for manifest in step_dir.rglob("manifest.ocdbt"):
             manifest.unlink()
     elif how == "no meta":
