@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from aapo_jax import (
     lock,
     models,
     plugins,
+    process,
     rewards,
     rl_step,
     rollout,
@@ -37,6 +34,7 @@ from aapo_jax.configs import ExperimentConfig
 from aapo_jax.data import pipeline, sources
 from aapo_jax.data.tokenize import decode_completions
 from aapo_jax.optim import make_optimizer
+from aapo_jax.process import WallClock
 from aapo_jax.types import PromptBatch, Rollout
 
 logger = logging.getLogger(__name__)
@@ -53,22 +51,6 @@ class ResumeError(ValueError):
 
 class RewardFailureError(RuntimeError):
     """Most of the samples failed in reward scoring for `reward.max_failed_steps` steps."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """A second SIGTERM or SIGINT: the run stops at once (the last checkpoint is kept).
-
-    Attributes:
-      signum: the signal's number (the process conventionally exits with 128 + signum).
-    """
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"{signal.Signals(signum).name} received twice: stopped at once")
-
-
-# Signals that finish the current step, save and return; a second one stops at once.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def check_before_loading(config: ExperimentConfig) -> None:
@@ -108,7 +90,7 @@ class Trainer:
     automatically from the newest checkpoint in `workdir/checkpoints` that restores and
     verifies (an unusable one is named, set aside, and the previous one used). SIGTERM or
     SIGINT finishes the current step, saves and returns; a second one stops at once
-    (`Interrupted`), keeping the last checkpoint.
+    (`process.Interrupted`), keeping the last checkpoint.
 
     The process holds the workdir's lock (`lock.WorkdirLock`) from construction to
     `close()`: a second run in the same workdir is refused (`lock.WorkdirBusyError`).
@@ -181,9 +163,6 @@ class Trainer:
         self.eval_scorer = evaluation.make_scorer(
             cfg.reward.eval_name, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers
         )
-        self._stop = False
-        self._interrupting = threading.Event()  # a second stop signal arrived
-        self._interrupted = threading.Event()  # its `Interrupted` reached `run`
         self._failed_in_a_row = 0
 
     def _check_resume(self) -> list[dict]:
@@ -394,39 +373,6 @@ class Trainer:
         logger.info("resumed from step %d in %s", int(state.step), self.workdir)
         return meta["initial_eval"]
 
-    def _on_stop_signal(self, signum, frame):
-        del frame
-        name = signal.Signals(signum).name
-        if self._interrupted.is_set():  # already on its way out
-            return
-        if self._stop:
-            if not self._interrupting.is_set():
-                self._interrupt_signal = signum
-                self._interrupting.set()
-                self._unraisable_hook = sys.unraisablehook
-                sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
-                threading.Thread(target=self._repeat_signal, args=(signum,), daemon=True).start()
-            raise Interrupted(signum)
-        logger.warning(
-            "%s: finishing the current step, then saving and exiting (send it again to stop "
-            "at once, keeping the last checkpoint).",
-            name,
-        )
-        self._stop = True
-
-    def _raise_if_interrupted(self) -> None:
-        """Raises `Interrupted` if a second stop signal came (its exception may have been
-        dropped where it was raised), so that no further step or save starts."""
-        if self._interrupting.is_set():
-            raise Interrupted(self._interrupt_signal)
-
-    def _repeat_signal(self, signum: int) -> None:
-        """Sends `signum` again every half second until `Interrupted` has reached `run`: a
-        handler's exception raised inside a garbage-collector callback or a `__del__` is
-        dropped (quietly, `_quiet_interrupts`)."""
-        while not self._interrupted.wait(0.5):
-            os.kill(os.getpid(), signum)
-
     def _check_reward_failures(self, step: int, metrics: dict) -> bool:
         """Whether this step's scoring mostly failed; raises `RewardFailureError` when that
         has lasted `reward.max_failed_steps` steps."""
@@ -464,103 +410,99 @@ class Trainer:
 
         cfg = self.config
         clock = self.clock
-        previous = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS}
         writer = None
         bar = tqdm(total=cfg.train.steps, desc=cfg.name, disable=not progress)
-        try:
-            bar.set_postfix_str("restoring the newest checkpoint", refresh=True)
-            initial_eval = self._restore()
-            step = int(self.state.step)
-            writer = metrics_lib.MetricWriter(
-                self.workdir,
-                enabled=jax.process_index() == 0,
-                tensorboard=cfg.train.tensorboard,
-                wandb_project=cfg.train.wandb_project or None,
-                run_name=cfg.name,
-                config=_jsonable(dataclasses.asdict(cfg)),
-                resume_step=step if initial_eval is not None else -1,
-            )
-            skipped_in_a_row = 0
-            bar.update(step)
-            if initial_eval is None:
-                bar.set_postfix_str("evaluating the initial policy", refresh=True)
-                initial_eval = self.evaluate()
-                writer.write_scalars(0, initial_eval)
-            last_eval = initial_eval
-            if step < cfg.train.steps:
-                bar.set_postfix_str("compiling and running the first step", refresh=True)
-            while step < cfg.train.steps and not self._stop:
-                t0 = time.perf_counter()
-                batch = next(self.loader)
-                metrics, scored = self.step(batch)
-                self._raise_if_interrupted()
-                seconds = time.perf_counter() - t0
-                step += 1
-                metrics["step_seconds"] = seconds
-                metrics["tokens_per_s"] = float(metrics["completion_tokens"]) / seconds
-                skipped_in_a_row = skipped_in_a_row + 1 if metrics["update_skipped"] else 0
-                limit = cfg.train.max_consecutive_skips
-                if limit and skipped_in_a_row >= limit:
-                    writer.write_scalars(step, metrics)
-                    raise FloatingPointError(
-                        f"{skipped_in_a_row} updates in a row (steps {step - skipped_in_a_row + 1}"
-                        f"–{step}) had a non-finite loss or gradient and were skipped "
-                        f"(train.max_consecutive_skips={limit}); stopping. The last checkpoint "
-                        f"(step {self.checkpointer.latest_step()}) is kept: lower "
-                        "optim.learning_rate or check the rewards and data before resuming."
-                    )
-                try:
-                    rewards_failed = self._check_reward_failures(step, metrics)
-                except RewardFailureError:
-                    writer.write_scalars(step, metrics)
-                    raise
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    last_eval = self.evaluate()
-                    metrics.update(last_eval)
-                if step % cfg.train.log_every == 0 or "eval/accuracy" in metrics:
-                    writer.write_scalars(step, metrics)
-                if cfg.train.samples_every and step % cfg.train.samples_every == 0:
-                    writer.write_samples(step, self.sample_logs(batch, scored))
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    if rewards_failed:  # not a state worth resuming from
-                        logger.warning(
-                            "step %d: most rewards failed; its checkpoint is not written.", step
-                        )
-                    else:
-                        self.save(step, initial_eval)
-                clock.tick()
-                bar.update(1)
-                bar.set_postfix(
-                    reward=f"{float(metrics['reward_mean']):.3f}",
-                    acc=f"{last_eval['eval/accuracy']:.3f}",
-                    sps=f"{1.0 / seconds:.2f}",
+        stop = process.StopSignals()
+        try:  # the signals' handlers are put back before the clean-up below
+            with stop:
+                bar.set_postfix_str("restoring the newest checkpoint", refresh=True)
+                initial_eval = self._restore()
+                step = int(self.state.step)
+                writer = metrics_lib.MetricWriter(
+                    self.workdir,
+                    enabled=jax.process_index() == 0,
+                    tensorboard=cfg.train.tensorboard,
+                    wandb_project=cfg.train.wandb_project or None,
+                    run_name=cfg.name,
+                    config=_jsonable(dataclasses.asdict(cfg)),
+                    resume_step=step if initial_eval is not None else -1,
                 )
-            bar.close()
-            if self._stop:
-                self._raise_if_interrupted()
+                skipped_in_a_row = 0
+                bar.update(step)
+                if initial_eval is None:
+                    bar.set_postfix_str("evaluating the initial policy", refresh=True)
+                    initial_eval = self.evaluate()
+                    writer.write_scalars(0, initial_eval)
+                last_eval = initial_eval
+                if step < cfg.train.steps:
+                    bar.set_postfix_str("compiling and running the first step", refresh=True)
+                while step < cfg.train.steps and not stop.requested:
+                    t0 = time.perf_counter()
+                    batch = next(self.loader)
+                    metrics, scored = self.step(batch)
+                    stop.check()
+                    seconds = time.perf_counter() - t0
+                    step += 1
+                    metrics["step_seconds"] = seconds
+                    metrics["tokens_per_s"] = float(metrics["completion_tokens"]) / seconds
+                    skipped_in_a_row = skipped_in_a_row + 1 if metrics["update_skipped"] else 0
+                    limit = cfg.train.max_consecutive_skips
+                    if limit and skipped_in_a_row >= limit:
+                        writer.write_scalars(step, metrics)
+                        first = step - skipped_in_a_row + 1
+                        raise FloatingPointError(
+                            f"{skipped_in_a_row} updates in a row (steps {first}–{step}) had a "
+                            "non-finite loss or gradient and were skipped "
+                            f"(train.max_consecutive_skips={limit}); stopping. The last "
+                            f"checkpoint (step {self.checkpointer.latest_step()}) is kept: lower "
+                            "optim.learning_rate or check the rewards and data before resuming."
+                        )
+                    try:
+                        rewards_failed = self._check_reward_failures(step, metrics)
+                    except RewardFailureError:
+                        writer.write_scalars(step, metrics)
+                        raise
+                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                        last_eval = self.evaluate()
+                        metrics.update(last_eval)
+                    if step % cfg.train.log_every == 0 or "eval/accuracy" in metrics:
+                        writer.write_scalars(step, metrics)
+                    if cfg.train.samples_every and step % cfg.train.samples_every == 0:
+                        writer.write_samples(step, self.sample_logs(batch, scored))
+                    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                        if rewards_failed:  # not a state worth resuming from
+                            logger.warning(
+                                "step %d: most rewards failed; its checkpoint is not written.", step
+                            )
+                        else:
+                            self.save(step, initial_eval)
+                    clock.tick()
+                    bar.update(1)
+                    bar.set_postfix(
+                        reward=f"{float(metrics['reward_mean']):.3f}",
+                        acc=f"{last_eval['eval/accuracy']:.3f}",
+                        sps=f"{1.0 / seconds:.2f}",
+                    )
+                bar.close()
+                if stop.requested:
+                    stop.check()
+                    if self.checkpointer.latest_step() != step:
+                        self.save(step, initial_eval)
+                    self._wait_for_save()
+                    return {"interrupted": True, "steps": step}
+                final_eval = (
+                    self.evaluate() if step > 0 and last_eval is initial_eval else last_eval
+                )
+                if final_eval is not last_eval or not cfg.train.eval_every:
+                    writer.write_scalars(step, final_eval)
                 if self.checkpointer.latest_step() != step:
                     self.save(step, initial_eval)
+                if cfg.train.export_hf:
+                    self._export_hf()
+                writer.flush()
                 self._wait_for_save()
-                return {"interrupted": True, "steps": step}
-            final_eval = self.evaluate() if step > 0 and last_eval is initial_eval else last_eval
-            if final_eval is not last_eval or not cfg.train.eval_every:
-                writer.write_scalars(step, final_eval)
-            if self.checkpointer.latest_step() != step:
-                self.save(step, initial_eval)
-            if cfg.train.export_hf:
-                self._export_hf()
-            writer.flush()
-            self._wait_for_save()
-            return self._summary(initial_eval, final_eval, step, clock)
-        except Interrupted:
-            self._interrupted.set()
-            raise
+                return self._summary(initial_eval, final_eval, step, clock)
         finally:
-            self._interrupted.set()
-            if self._interrupting.is_set():
-                sys.unraisablehook = self._unraisable_hook
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             bar.close()
             clock.tick(force=True)
             if writer is not None:
@@ -607,88 +549,6 @@ class Trainer:
                 self.checkpointer.close()
         finally:
             self.lock.release()
-
-
-def process_start_time() -> float | None:
-    """When this process started (seconds since the epoch), from /proc on Linux; None
-    where that cannot be read."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-class WallClock:
-    """This process's wall seconds, kept beside those of earlier processes in a JSON file.
-
-    A run killed and resumed N times is N + 1 processes, each recorded from `start`
-    (default: now; `experiments.train` passes `process_start_time()`, so that imports
-    and model loading count); `total()` sums them all (up to each one's last `tick`, at
-    most `every_s` before it died). With `background`, a thread ticks every `every_s`
-    until `stop()`. Only the enabled (first) process writes.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        enabled: bool = True,
-        every_s: float = 5.0,
-        background: bool = False,
-        start: float | None = None,
-    ):
-        self.path, self.enabled, self.every_s = path, enabled, every_s
-        self.start = time.time() if start is None else start
-        self._written = 0.0
-        self._lock = threading.Lock()
-        previous = json.loads(path.read_text()) if path.exists() else []
-        self._earlier = [float(s) for s in previous]
-        self.tick(force=True)  # this process counts, even if it dies before its next tick
-        self._stopped = threading.Event()
-        if background and enabled:
-            threading.Thread(target=self._tick_until_stopped, daemon=True).start()
-
-    def _tick_until_stopped(self) -> None:
-        while not self._stopped.wait(self.every_s):
-            self.tick()
-
-    def stop(self) -> None:
-        """Stops the background ticks, after a last one."""
-        self._stopped.set()
-        self.tick(force=True)
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def tick(self, force: bool = False) -> None:
-        """Record the elapsed time (at most every `every_s` seconds unless `force`)."""
-        now = self.elapsed()
-        if not self.enabled or (not force and now - self._written < self.every_s):
-            return
-        with self._lock:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps([*self._earlier, round(now, 3)]))
-            os.replace(tmp, self.path)
-            self._written = now
-
-    def total(self) -> float:
-        return sum(self._earlier) + self.elapsed()
-
-    def processes(self) -> int:
-        return len(self._earlier) + 1
-
-
-def _quiet_interrupts(hook):
-    """`sys.unraisablehook` that drops an `Interrupted` raised where Python cannot pass it
-    on (a garbage-collector callback); the signal is sent again (`_repeat_signal`)."""
-
-    def quiet(unraisable):
-        if not isinstance(unraisable.exc_value, Interrupted):
-            hook(unraisable)
-
-    return quiet
 
 
 def _jsonable(value: Any) -> Any:

@@ -21,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from aapo_jax import configs, lock, plugins, sharding, trainer
+from aapo_jax import configs, lock, plugins, process, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 _IMPORTS = flags.DEFINE_multi_string(plugins.FLAG, [], plugins.FLAG_HELP)
@@ -72,11 +72,11 @@ def main(argv):
             _WORKDIR.value,
             imports=tuple(_IMPORTS.value),
             progress=_PROGRESS.value,
-            started=trainer.process_start_time(),
+            started=process.process_start_time(),
         )
     except lock.WorkdirBusyError as e:
         sys.exit(f"error: {e}")
-    except trainer.Interrupted as e:
+    except process.Interrupted as e:
         print(f"{e}; the last checkpoint is kept and the same command resumes.", file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal

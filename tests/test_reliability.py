@@ -502,8 +502,8 @@ def test_a_reward_that_fails_on_every_sample_stops_the_run(tiny_model_dir, tmp_p
 
 def test_wall_seconds_count_from_the_process_start():
     probe = (
-        "import time\ntime.sleep(1.5)\nfrom aapo_jax import trainer\n"
-        "print(time.time() - trainer.process_start_time())"
+        "import time\ntime.sleep(1.5)\nfrom aapo_jax import process\n"
+        "print(time.time() - process.process_start_time())"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
