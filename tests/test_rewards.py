@@ -317,6 +317,12 @@ def test_weighted_sum():
         weighted_sum({"format": (format_reward, float("nan"))})
     with pytest.raises(ValueError, match="at least one"):
         weighted_sum({})
+    # Its components are held to the scorer's contract: N real numbers, named when not.
+    for broken in (lambda c, **kw: ["1.0"] * len(c), lambda c, **kw: np.zeros(len(c) + 1)):
+        with pytest.raises(RewardContractError, match="reward 'broken' returned"):
+            weighted_sum({"format": (format_reward, 1.0), "broken": (broken, 1.0)})(
+                completions, answers=answers
+            )
 
 
 def test_registry():

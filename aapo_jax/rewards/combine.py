@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from aapo_jax.rewards.base import HostReward, check_batch
+from aapo_jax.rewards.base import HostReward, check_batch, check_rewards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +45,15 @@ class WeightedSum:
     def evaluate(
         self, completions: Sequence[str], *, answers: Sequence[str], **kwargs: Any
     ) -> dict[str, np.ndarray]:
-        """Each component's unweighted f32[N] rewards, by name."""
+        """Each component's unweighted f32[N] rewards, by name.
+
+        Raises:
+          RewardContractError: a component returned other than N real numbers (named).
+        """
         n = check_batch(completions, answers)
         out = {}
         for name, (fn, _) in self.components.items():
-            values = np.asarray(fn(completions, answers=answers, **kwargs), dtype=np.float32)
-            if values.shape != (n,):
-                raise ValueError(f"reward {name!r} returned shape {values.shape}, expected ({n},)")
-            out[name] = values
+            out[name] = check_rewards(name, fn(completions, answers=answers, **kwargs), n)
         return out
 
     def __call__(
