@@ -85,11 +85,14 @@ def _fingerprint_arrays(tree) -> tuple[Any, Any]:
     return jax.tree.map(_checksum, tree), jax.tree.map(_finite, tree)
 
 
+def _leaf_path(path) -> str:
+    """A leaf's path as `params/layers/attn/q_kernel`: a live state's leaves sit in NNX
+    variables (`.../value`), the saved metadata's do not."""
+    return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+
+
 def _leaf_paths(tree) -> list[str]:
-    return [
-        jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
-        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
+    return [_leaf_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +130,16 @@ class Fingerprint:
 
 @dataclasses.dataclass
 class _KeepNewestAnd:
-    """Orbax preservation policy: the newest `n` checkpoints, and every step in `protected`
-    (the last checkpoint verified by a restore, while the newer ones are unverified)."""
+    """Orbax preservation policy: the newest `n` checkpoints, and step `verified` (the last
+    checkpoint verified by a restore, while the newer ones are unverified)."""
 
     n: int
-    protected: set[int] = dataclasses.field(default_factory=set)
+    verified: int | None = None
 
     def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
         del context
         newest = sorted(c.step for c in checkpoints)[-self.n :]
-        return [c.step in newest or c.step in self.protected for c in checkpoints]
+        return [c.step in newest or c.step == self.verified for c in checkpoints]
 
 
 def _abstract(tree):
@@ -157,9 +160,8 @@ def _stored_part(checkpointer: Checkpointer, target: TrainState) -> dict:
 
 def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    # A live state's leaves sit in NNX variables (`.../value`); the saved metadata's do not.
     return {
-        jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value"): (
+        _leaf_path(path): (
             tuple(leaf.shape),
             str(jax.numpy.dtype(leaf.dtype)),
         )
@@ -258,7 +260,7 @@ class Checkpointer:
     @property
     def verified_step(self) -> int | None:
         """The checkpoint this process restored and verified (kept by rotation), if any."""
-        return max(self._policy.protected, default=None)
+        return self._policy.verified
 
     def save(
         self, step: int, state: TrainState, *, data: dict, meta: dict, force: bool = True
@@ -387,7 +389,7 @@ class Checkpointer:
                 continue
             if set_aside:
                 self._set_aside([s for s in self.unusable if s > step])
-                self._policy.protected = {step}
+                self._policy.verified = step
             return restored
         reasons = "; ".join(f"step {s}: {self.unusable[s]}" for s in reversed(steps))
         raise CheckpointError(

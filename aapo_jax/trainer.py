@@ -114,7 +114,7 @@ class Trainer:
         self.workdir = Path(workdir)
         check_before_loading(cfg)
         self.lock = lock.WorkdirLock(self.workdir, jax.process_index())
-        self.scorer = self.eval_scorer = self.clock = None
+        self.scorer = self.eval_scorer = self.clock = self.checkpointer = None
         try:
             self.checkpointer = checkpoint_lib.Checkpointer(
                 self.workdir / "checkpoints",
@@ -545,7 +545,7 @@ class Trainer:
                     scorer.close()
             if self.clock is not None:
                 self.clock.stop()
-            if getattr(self, "checkpointer", None) is not None:
+            if self.checkpointer is not None:
                 self.checkpointer.close()
         finally:
             self.lock.release()
