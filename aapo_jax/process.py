@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from aapo_jax import metrics
+
 logger = logging.getLogger(__name__)
 
 # Signals that finish the current step, save and return; a second one stops at once.
@@ -159,9 +161,7 @@ class WallClock:
         if not self.enabled or (not force and now - self._written < self.every_s):
             return
         with self._lock:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps([*self._earlier, round(now, 3)]))
-            os.replace(tmp, self.path)
+            metrics.replace_text(self.path, json.dumps([*self._earlier, round(now, 3)]))
             self._written = now
 
     def total(self) -> float:
