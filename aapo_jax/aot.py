@@ -76,6 +76,22 @@ def plan_config(
     return configs.resolve_epoch_steps(config, 100 * config.train.prompts_per_step)
 
 
+def topology_chips(topology: str) -> int:
+    """The chip count of a TPU topology name ("v5e:1x1" → 1, "v5p:2x2x2" → 8).
+
+    Raises:
+      ValueError: the name is not `<generation>:<AxBxC...>` (named).
+    """
+    _, _, shape = topology.partition(":")
+    try:
+        return math.prod(int(n) for n in shape.split("x"))
+    except ValueError:
+        raise ValueError(
+            f"--topology={topology!r}: expected <generation>:<chips per axis>, e.g. v5e:1x1, "
+            "v5e:2x4 or v5p:2x2x2."
+        ) from None
+
+
 def target_devices(topology: str | None = None) -> list[jax.Device]:
     """libtpu's compile-only devices of a TPU topology (e.g. "v5e:2x4"), else the local ones.
 
@@ -92,8 +108,12 @@ def target_devices(topology: str | None = None) -> list[jax.Device]:
         )
     from jax.experimental import topologies
 
+    kwargs = {}
+    if topology_chips(topology) == 1:
+        # One chip: libtpu's default host (2x2x1 chips) does not divide it; name it.
+        kwargs["chips_per_host_bounds"] = (1, 1, 1)
     try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
     except Exception as e:
         if "lockfile" not in str(e):
             raise
@@ -167,7 +187,7 @@ def abstract_inputs(
         kwargs["attention"] = attention
     hf = models.read_hf_config(config.model.path)
     abstract_model = models.abstract_hf_model(config.model.path, **kwargs)
-    graphdef, params = nnx.split(abstract_model)
+    graphdef, params, base = models.split_trained(abstract_model)
     tx = make_optimizer(config.optim)
     state = train_step_lib.abstract_train_state(
         params,
@@ -175,8 +195,10 @@ def abstract_inputs(
         config.rl,
         seed=config.train.seed,
         reference_dtype=config.model.reference_storage(config.rl.reference),
+        base=base,
     )
-    shardings = sharding.tree_shardings(state, params, mesh)
+    variables = params if base is None else nnx.merge_state(params, base)
+    shardings = sharding.tree_shardings(state, variables, mesh)
     b, p = config.train.prompts_per_step, config.sampling.max_prompt_length
     prompt_sharding = _rows_or_replicated(mesh, (b, p))
     prompts = PromptBatch(
@@ -234,7 +256,7 @@ def _itemsize(dtype) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def kv_cache_bytes(plan: Plan) -> int:
+def kv_cache_bytes(plan: Plan, prompts: int | None = None) -> int:
     """Per-device KV cache of the rollout (a temporary of that program), from the model config.
 
         layers × 2 × (row slots per device) × kv heads per device × head_dim × itemsize
@@ -242,24 +264,29 @@ def kv_cache_bytes(plan: Plan) -> int:
 
     Row slots: N = B·G rows of P + T slots, or with a shared prompt
     (`sampling.shared_prompt`, G > 1) B prompts of P slots plus N rows of T. Rows and
-    prompts split over data × fsdp, and kv heads over tensor, when they divide.
+    prompts split over data × fsdp, and kv heads over tensor, when they divide
+    (`rollout.kv_cache_bytes`). `prompts`: B (default: train.prompts_per_step).
     """
-    cfg, mc, mesh = plan.config, plan.model_config, plan.mesh
-    b, g = cfg.train.prompts_per_step, cfg.rl.group_size
-    p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
+    cfg = plan.config
+    b = cfg.train.prompts_per_step if prompts is None else prompts
+    return rollout.kv_cache_bytes(
+        cfg.rl, cfg.sampling, plan.model_config, plan.mesh, b, cfg.sampling.max_prompt_length
+    )
 
-    def per_device(rows: int) -> int:
-        return rows // train_step_lib.row_ways(mesh, rows)
 
-    if cfg.sampling.shared_prompt and g > 1:
-        slots = per_device(b) * p + per_device(b * g) * t
-    else:
-        slots = per_device(b * g) * (p + t)
-    heads = mc.num_kv_heads
-    heads = heads // mesh.shape["tensor"] if heads % mesh.shape["tensor"] == 0 else heads
-    n_models = 2 if cfg.rl.samples_reference else 1
-    itemsize = jnp.dtype(mc.compute_dtype).itemsize
-    return mc.num_layers * 2 * slots * heads * mc.head_dim * itemsize * n_models
+def decode_passes(plan: Plan) -> int:
+    """The rollout's sequential decode passes under `sampling.kv_budget_gib`
+    (`rollout.decode_passes`; ValueError naming that field when one prompt exceeds it)."""
+    cfg = plan.config
+    return rollout.decode_passes(
+        cfg.rl,
+        cfg.sampling,
+        plan.model_config,
+        plan.mesh,
+        cfg.train.prompts_per_step,
+        cfg.sampling.max_prompt_length,
+        kv_budget_gib=cfg.sampling.kv_budget_gib,
+    )
 
 
 def decode_copies(plan: Plan) -> tuple[str, int]:
@@ -270,7 +297,7 @@ def decode_copies(plan: Plan) -> tuple[str, int]:
     return rollout.decode_copies(
         cfg.rl,
         cfg.sampling.decode_weights,
-        plan.state.params,
+        plan.state,
         plan.model_config.compute_dtype,
         plan.mesh,
         cfg.train.prompts_per_step,
@@ -450,10 +477,12 @@ def compile_programs(
 
 
 def state_bytes(plan: Plan) -> dict[str, int]:
-    """Per-device bytes of the train state's parts: params, optimizer, reference, other."""
+    """Per-device bytes of the train state's parts: params (the trained ones: the adapters
+    under LoRA), the frozen LoRA base (0 without), optimizer, reference, other."""
     s = plan.state
     return {
         "params": tree_bytes_per_device(s.params),
+        "frozen_base": tree_bytes_per_device(s.base) if s.base is not None else 0,
         "optimizer": tree_bytes_per_device(s.opt_state),
         "reference": tree_bytes_per_device(s.ref_params) if s.ref_params is not None else 0,
         "other_state": tree_bytes_per_device((s.step, s.rng, s.skipped_updates)),
@@ -595,7 +624,9 @@ def ideal_decode_bytes(plan: Plan, completion_slots: float) -> float:
     cfg, mc = plan.config, plan.model_config
     itemsize = jnp.dtype(mc.compute_dtype).itemsize
     n_models = 2 if cfg.rl.samples_reference else 1
-    weights = sum(x.size for x in jax.tree.leaves(plan.state.params)) * itemsize
+    weights = sum(x.size for x in jax.tree.leaves(plan.state.policy_weights())) * itemsize
+    if plan.state.base is not None:  # LoRA: the policy and the reference read one base
+        n_models = 1
     prompts = cfg.train.prompts_per_step
     slots = (
         prompts * cfg.sampling.max_prompt_length + prompts * cfg.rl.group_size * completion_slots
@@ -815,7 +846,8 @@ def memory_report(
     total = max over programs of the program's `total_bytes` (XLA's peak, else arguments
     + temporaries + outputs − aliased); a program XLA refused counts what its error says
     it needs. `temporaries` is the binding
-    (largest) program's; the KV cache (`kv_cache_bytes`) is part of the rollout's
+    (largest) program's; the KV cache (`kv_cache_bytes`, of one of the `decode_passes`
+    passes the rollout decodes in under `sampling.kv_budget_gib`) is part of the rollout's
     temporaries. `flops` is XLA's cost analysis (per device) summed over programs (None
     when a program has none): it counts each `while` body once, so `model_flops`
     (analytic, all devices) is given too.
@@ -843,10 +875,12 @@ def memory_report(
     binding = max(programs.values(), key=lambda p: p.total_bytes)
     cfg, device = plan.config, plan.mesh.devices.flat[0]
     layout, copies = decode_copies(plan)
+    passes = decode_passes(plan)
+    kv_per_pass = kv_cache_bytes(plan, cfg.train.prompts_per_step // passes)
     per_device = {
         "total": binding.total_bytes,
         **state_bytes(plan),
-        "kv_cache": kv_cache_bytes(plan),
+        "kv_cache": kv_per_pass,
         "decode_weights": copies,
         "temporaries": binding.temp_bytes,
     }
@@ -861,6 +895,8 @@ def memory_report(
         "mesh": dict(plan.mesh.shape),
         "attention": plan.model_config.attention,
         "decode_layout": layout,
+        "decode_passes": passes,
+        "kv_cache_per_pass_bytes": kv_per_pass,
         "device_memory_bytes": int(device_memory),
         "device_memory_source": memory_source,
         "fits": all(fits.values()),
@@ -929,7 +965,7 @@ def advice(report: dict[str, Any], plan: Plan) -> str:
     if report["fits"]:
         return ""
     b, progs, cfg = report["per_device_bytes"], report["programs"], plan.config
-    state = b["params"] + b["optimizer"] + b["reference"]
+    state = b["params"] + b["frozen_base"] + b["optimizer"] + b["reference"]
     have = report["device_memory_bytes"]
     mesh_hint = (
         "shard it over more devices (--config.mesh.fsdp / --config.mesh.tensor) or a "
@@ -966,7 +1002,8 @@ def advice(report: dict[str, Any], plan: Plan) -> str:
             lines.append(
                 f"rollout: the KV cache ({b['kv_cache'] / GiB:.2f} GiB) dominates: split its "
                 "rows over more devices (--config.mesh.data / --config.mesh.fsdp, a bigger "
-                "--topology) or sample fewer --config.train.prompts_per_step."
+                "--topology), decode in passes under a budget (--config.sampling.kv_budget_gib) "
+                "or sample fewer --config.train.prompts_per_step."
             )
         else:
             lines.append(f"rollout: the state ({state / GiB:.2f} GiB) dominates: {mesh_hint}.")

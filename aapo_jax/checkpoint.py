@@ -357,6 +357,7 @@ class Checkpointer:
             ref_params=tree["ref_params"] if saved_ref else target.ref_params,
             rng=jax.random.wrap_key_data(tree["rng"]),
             skipped_updates=tree["skipped_updates"],
+            base=target.base,  # frozen LoRA base: never saved, the target's own
         )
         return state, dict(restored.data), meta
 

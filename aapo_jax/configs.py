@@ -15,6 +15,7 @@ from aapo_jax.data.sources import DataConfig
 from aapo_jax.fields import check as _check
 from aapo_jax.fields import choice, from_mapping
 from aapo_jax.fields import unused as _unused
+from aapo_jax.models import lora as lora_lib
 from aapo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from aapo_jax.sampling import SamplerSettings
 
@@ -263,10 +264,16 @@ class RolloutSettings(SamplerSettings):
     on every decode step: least memory). "auto": "tensor" on a mesh that splits the
     weights, "replicated" on a data-parallel one, when the copies fit
     `sharding.DECODE_WEIGHTS_SHARE` of a device's memory, else "sharded".
+    kv_budget_gib: GiB per device for the decode KV caches of every decoded model (the
+    policy's, and the reference's when it is sampled). 0: one decode pass over all of a
+    step's prompts. > 0: the prompts each device decodes are split into the fewest equal
+    sequential passes whose caches fit (`sampling.decode_passes`), inside the same
+    program; the same tokens, slower by the passes' repeated weight reads.
     """
 
     max_prompt_length: int = 512
     decode_weights: Literal["auto", "sharded", "replicated", "tensor"] = "auto"
+    kv_budget_gib: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -274,6 +281,12 @@ class RolloutSettings(SamplerSettings):
             self.max_prompt_length >= 1, "sampling.max_prompt_length", self.max_prompt_length, "≥ 1"
         )
         _check(self.temperature > 0, "sampling.temperature", self.temperature, "> 0 for RL")
+        _check(
+            self.kv_budget_gib >= 0,
+            "sampling.kv_budget_gib",
+            self.kv_budget_gib,
+            "≥ 0 (0: one pass)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,9 +344,30 @@ class ModelSource:
     attention: str = choice("auto", ATTENTION_IMPLEMENTATIONS)
     attention_block: int = 512
     scan_unroll: int = 1  # layers per forward layer-scan iteration; -1: all (tiny CPU models)
+    # LoRA (`models.lora`): rank > 0 trains low-rank adapters on the projections that
+    # `lora_targets` (a regex over paths such as "layers/attn/q_kernel") matches; the
+    # rest of the model is frozen in `dtype` (or nf4 with lora_base_qtype="nf4": QLoRA,
+    # one scale per `lora_tile_size` inputs), stored once, and the reference is that base
+    # with the adapters off. Only the adapters are trained, held by AdamW and checkpointed.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: the rank (the adapters' scale alpha / r is 1)
+    lora_targets: str = lora_lib.DEFAULT_TARGETS
+    lora_base_qtype: str = choice("", lora_lib.BASE_QTYPES)
+    lora_tile_size: int = 64
 
     def __post_init__(self):
         fields.check_choices(self, "model")
+        _check(self.lora_rank >= 0, "model.lora_rank", self.lora_rank, "≥ 0 (0: no LoRA)")
+        _check(self.lora_alpha >= 0, "model.lora_alpha", self.lora_alpha, "≥ 0 (0: the rank)")
+        _check(self.lora_tile_size >= 1, "model.lora_tile_size", self.lora_tile_size, "≥ 1")
+        _check(
+            not self.lora_base_qtype or self.lora_rank > 0,
+            "model.lora_base_qtype",
+            self.lora_base_qtype,
+            "'' unless model.lora_rank > 0 (it quantizes a LoRA model's frozen base)",
+        )
+        if self.lora_rank:
+            lora_lib.targeted(self.lora_targets)
         _check(bool(self.path), "model.path", self.path, "a local Hugging Face checkpoint dir")
         _check(self.attention_block >= 1, "model.attention_block", self.attention_block, "≥ 1")
         _check(
@@ -352,6 +386,11 @@ class ModelSource:
             attention=self.attention,
             attention_block=self.attention_block,
             scan_unroll=self.scan_unroll,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_targets=self.lora_targets,
+            lora_base_qtype=self.lora_base_qtype,
+            lora_tile_size=self.lora_tile_size,
         )
 
     def reference_storage(self, reference: str) -> str:
@@ -547,6 +586,13 @@ class ExperimentConfig:
             f"a run name whose placeholders are among {sorted('{' + k + '}' for k in values)}",
         )
         object.__setattr__(self, "name", self.name.format(**values))
+        _check(
+            not self.model.lora_rank or self.rl.reference == "frozen",
+            "rl.reference",
+            self.rl.reference,
+            "'frozen' with LoRA (model.lora_rank > 0): the reference is the base model with "
+            "the adapters off",
+        )
 
 
 # Fields that are one setting in the ml_collections config (`default_config`): overriding the

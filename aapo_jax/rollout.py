@@ -20,10 +20,12 @@ from jax.sharding import Mesh
 from jaxtyping import Array
 
 from aapo_jax import rewards, sampling, sharding
-from aapo_jax.configs import RewardConfig, RLConfig
+from aapo_jax.configs import RewardConfig, RLConfig, RolloutSettings
 from aapo_jax.data.sources import Example
 from aapo_jax.data.tokenize import decode_completions
+from aapo_jax.models.config import ModelConfig
 from aapo_jax.sampling import SamplerSettings
+from aapo_jax.train_step import row_ways
 from aapo_jax.types import PromptBatch, Rollout, TrainState
 
 SampleFn = Callable[[TrainState, PromptBatch], Rollout]
@@ -50,8 +52,12 @@ def make_sampler(
     `sharding.DECODE_LAYOUTS`) says where the decode loop reads the weights: copies made
     once per rollout, split over the devices by hidden units ("tensor") or whole on each
     ("replicated"), or the training layout ("sharded"); see `decode_copies`.
+    With `settings` a `configs.RolloutSettings` whose `kv_budget_gib` is > 0, each device
+    decodes its prompts in the fewest sequential passes whose KV caches fit that budget
+    (`decode_passes`); plain `SamplerSettings` decode in one pass.
     """
     config = sampling_config(rl, settings, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    budget = settings.kv_budget_gib if isinstance(settings, RolloutSettings) else 0.0
 
     def sample(state: TrainState, prompts: PromptBatch) -> Rollout:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -60,12 +66,15 @@ def make_sampler(
         layout, _ = decode_copies(
             rl,
             decode_weights,
-            state.params,
+            state,
             models[0].config.compute_dtype,
             mesh,
             prompts.ids.shape[0],
         )
-        config_here = dataclasses.replace(config, decode_weights=layout)
+        passes = decode_passes(
+            rl, settings, models[0].config, mesh, *prompts.ids.shape, kv_budget_gib=budget
+        )
+        config_here = dataclasses.replace(config, decode_weights=layout, passes=passes)
         # One decode loop advances both models (outputs equal two separate loops).
         outs = sampling.generate_tokens_many(
             models,
@@ -97,22 +106,73 @@ def sampling_config(
 def sampled_models(rl: RLConfig, graphdef: nnx.GraphDef, state: TrainState) -> tuple:
     """The models a rollout decodes: the policy, and the reference when the algorithm samples
     it (AAPO), without gradient."""
-    policy = nnx.merge(graphdef, state.params)
+    policy = nnx.merge(graphdef, *state.policy_weights())
     if not rl.samples_reference:
         return (policy,)
-    return policy, nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params))
+    return policy, nnx.merge(graphdef, *jax.lax.stop_gradient(state.reference_weights()))
 
 
 def decode_copies(
-    rl: RLConfig, decode_weights: str, params, compute_dtype, mesh: Mesh | None, prompts: int
+    rl: RLConfig,
+    decode_weights: str,
+    state: TrainState,
+    compute_dtype,
+    mesh: Mesh | None,
+    prompts: int,
 ) -> tuple[str, int]:
     """(layout, per-device bytes) of the weights the rollout's decode loop reads
     (`sampling.decode_copies` for every decoded model: the policy, and the reference when
-    sampled). The sampler and the planner decide with this."""
-    n_models = 2 if rl.samples_reference else 1
+    sampled; with LoRA both read one base). The sampler and the planner decide with this."""
+    n_models = 2 if rl.samples_reference and state.base is None else 1
     return sampling.decode_copies(
-        decode_weights, params, compute_dtype, mesh, prompts, n_models=n_models
+        decode_weights, state.policy_weights(), compute_dtype, mesh, prompts, n_models=n_models
     )
+
+
+def kv_cache_bytes(
+    rl: RLConfig,
+    settings: SamplerSettings,
+    model_config: ModelConfig,
+    mesh: Mesh | None,
+    prompts: int,
+    prompt_len: int,
+) -> int:
+    """Per-device bytes of the rollout's decode KV caches for `prompts` prompts of
+    `prompt_len` tokens (`sampling.kv_cache_bytes`): G rows each, for every decoded model
+    (the reference's too when sampled); prompts and rows split over data × fsdp, kv heads
+    over tensor, where those divide them. The sampler and the planner size with this."""
+    rows = prompts * rl.group_size
+    heads = model_config.num_kv_heads
+    tensor = 1 if mesh is None else mesh.shape["tensor"]
+    return sampling.kv_cache_bytes(
+        model_config,
+        prompts=prompts // row_ways(mesh, prompts),
+        rows=rows // row_ways(mesh, rows),
+        prompt_len=prompt_len,
+        max_new_tokens=settings.max_new_tokens,
+        shared_prompt=settings.shared_prompt,
+        kv_heads=heads // tensor if heads % tensor == 0 else heads,
+        models=2 if rl.samples_reference else 1,
+    )
+
+
+def decode_passes(
+    rl: RLConfig,
+    settings: SamplerSettings,
+    model_config: ModelConfig,
+    mesh: Mesh | None,
+    prompts: int,
+    prompt_len: int,
+    *,
+    kv_budget_gib: float,
+) -> int:
+    """The rollout's sequential decode passes (`SamplingConfig.passes`) under a per-device
+    KV budget (`sampling.kv_budget_gib`, 0: one pass): `sampling.decode_passes` of the
+    prompts each device decodes and one prompt's caches per device (`kv_cache_bytes` of
+    one prompt on each of the devices that split the prompts)."""
+    ways = row_ways(mesh, prompts)
+    per_prompt = kv_cache_bytes(rl, settings, model_config, mesh, ways, prompt_len)
+    return sampling.decode_passes(prompts // ways, per_prompt, round(kv_budget_gib * sharding.GiB))
 
 
 def make_token_scorer(reward_fn: rewards.TokenReward) -> ScoreFn:

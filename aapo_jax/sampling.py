@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, Float, Int
 from aapo_jax import sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
 from aapo_jax.fields import check
+from aapo_jax.models.config import ModelConfig
 from aapo_jax.models.transformer import Transformer, cache_from_prefix, positions_from_mask
 
 _NEG_INF = -jnp.inf
@@ -95,7 +96,10 @@ class SamplingConfig:
     on a mesh, "sharded" decodes from the models as given; "replicated" and "tensor" from
     copies in the compute dtype made once per call, whole on every device or split by
     `sharding.DECODE_TENSOR_RULES`, so that the decode loop moves no weights between
-    devices (`sharding.decode_layout` picks it for the rollout).
+    devices (`sharding.decode_layout` picks it for the rollout). `passes` > 1 decodes the
+    prompts (each device's own, on a data-parallel mesh) in that many sequential passes of
+    equal size inside the one program, so that only one pass's KV caches are alive at a
+    time (`decode_passes` picks it from a memory budget); the tokens are those of one pass.
     """
 
     settings: SamplerSettings
@@ -103,10 +107,13 @@ class SamplingConfig:
     pad_token_id: int = 0
     num_samples: int = 1
     decode_weights: str = "sharded"
+    passes: int = 1
 
     def __post_init__(self):
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}.")
+        if self.passes < 1:
+            raise ValueError(f"passes must be ≥ 1, got {self.passes}.")
         if self.decode_weights not in sharding.DECODE_LAYOUTS:
             raise ValueError(
                 f"decode_weights={self.decode_weights!r}: expected one of "
@@ -296,6 +303,71 @@ def mean_read_slots(prompt_len: int, max_new_tokens: int) -> float:
     return prompt_len + reads / max(steps, 1)
 
 
+def kv_cache_bytes(
+    model_config: ModelConfig,
+    *,
+    prompts: int,
+    rows: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    shared_prompt: bool,
+    kv_heads: int | None = None,
+    models: int = 1,
+) -> int:
+    """Bytes of the decode KV caches of `prompts` prompts continued by `rows` rows.
+
+        models × layers × 2 (K and V) × slots × kv_heads × head_dim × itemsize (compute dtype)
+
+    slots = prompts·P + rows·T with a shared prompt (`cache_from_prefix(..., share=True)`:
+    a prompt's P slots once for its rows, each row its own T), else rows·(P + T). The
+    planner and `decode_passes` both size the caches with this; `kv_heads` (default: the
+    model's) is what one device holds when they are split.
+    """
+    if shared_prompt:
+        slots = prompts * prompt_len + rows * max_new_tokens
+    else:
+        slots = rows * (prompt_len + max_new_tokens)
+    heads = model_config.num_kv_heads if kv_heads is None else kv_heads
+    itemsize = jnp.dtype(model_config.compute_dtype).itemsize
+    return models * model_config.num_layers * 2 * slots * heads * model_config.head_dim * itemsize
+
+
+def decode_passes(prompts_per_device: int, bytes_per_prompt: int, budget_bytes: int) -> int:
+    """The fewest sequential decode passes whose KV caches fit a per-device budget.
+
+    The smallest divisor p of `prompts_per_device` with (prompts_per_device / p) ×
+    `bytes_per_prompt` ≤ `budget_bytes` (`SamplingConfig.passes`). A budget ≤ 0 is no
+    budget: one pass.
+
+    Args:
+      prompts_per_device: the prompts one device decodes (B over the devices that split them).
+      bytes_per_prompt: one prompt's decode KV caches on a device, its G rows and every
+        decoded model's included (`kv_cache_bytes`).
+      budget_bytes: the per-device budget (`sampling.kv_budget_gib`).
+
+    Returns:
+      The number of passes p ≥ 1.
+
+    Raises:
+      ValueError naming `sampling.kv_budget_gib` when one prompt alone exceeds the budget.
+    """
+    if budget_bytes <= 0:
+        return 1
+    check(
+        bytes_per_prompt <= budget_bytes,
+        "sampling.kv_budget_gib",
+        budget_bytes / sharding.GiB,
+        f"≥ {bytes_per_prompt / sharding.GiB:.4g} GiB (0: one pass): one prompt's decode KV "
+        f"caches (its G rows, every decoded model) need {bytes_per_prompt} bytes per device",
+    )
+    return next(
+        p
+        for p in range(1, prompts_per_device + 1)
+        if prompts_per_device % p == 0
+        and prompts_per_device // p * bytes_per_prompt <= budget_bytes
+    )
+
+
 def _step_uniforms(uniforms_TxN: Array | None, step: Array) -> Array | None:
     if uniforms_TxN is None:
         return None
@@ -429,6 +501,70 @@ def _decode(
         completion_output(tokens, logprobs, eos)
         for tokens, logprobs in zip(state.tokens, state.logprobs, strict=True)
     )
+
+
+def _row_blocks(mesh: Mesh | None, prompts: int, passes: int) -> int:
+    """The data × fsdp blocks XLA splits `prompts` rows into, when each block splits into
+    `passes` equal slices; else 1."""
+    if mesh is None:
+        return 1
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    return ways if prompts % (ways * passes) == 0 else 1
+
+
+def _split_passes(x: Array, passes: int, blocks: int, axis: int = 0) -> Array:
+    """[..., R, ...] (rows on `axis`) → [passes, ..., R / passes, ...]: pass j holds the j-th
+    of `passes` consecutive slices of each of the `blocks` equal row blocks (rows b·G + g
+    of a prompt stay together and in order)."""
+    x = jnp.moveaxis(x, axis, 0)
+    r = x.shape[0]
+    x = x.reshape(blocks, passes, r // (blocks * passes), *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1).reshape(passes, r // passes, *x.shape[3:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+
+def _join_passes(x: Array, blocks: int) -> Array:
+    """The inverse of `_split_passes` on axis 0: [passes, R / passes, ...] → [R, ...]."""
+    passes, chunk = x.shape[:2]
+    x = x.reshape(passes, blocks, chunk // blocks, *x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape(passes * chunk, *x.shape[3:])
+
+
+def _decode_in_passes(
+    models: Sequence[Transformer],
+    input_ids_BxP: Array,
+    attention_mask_BxP: Array,
+    uniforms: Sequence[Array | None],
+    config: SamplingConfig,
+    blocks: int,
+) -> tuple[SamplerOutput, ...]:
+    """`_decode` over `config.passes` equal parts of the prompts, one after the other.
+
+    One `lax.map` iteration per pass: a pass's caches are temporaries of its iteration,
+    so only one pass's are alive at a time. Each row keeps its uniforms, so the tokens
+    are those of one pass; each pass's loop stops when its own rows are done.
+    """
+    passes = config.passes
+    if passes == 1:
+        return _decode(models, input_ids_BxP, attention_mask_BxP, uniforms, config)
+    b = input_ids_BxP.shape[0]
+    if b % passes:
+        raise ValueError(
+            f"SamplingConfig.passes={passes} must divide the {b} prompts decoded here "
+            "(a device's own on a data-parallel mesh)."
+        )
+    split = functools.partial(_split_passes, passes=passes, blocks=blocks)
+    parts = (
+        split(input_ids_BxP),
+        split(attention_mask_BxP),
+        tuple(None if u is None else split(u, axis=1) for u in uniforms),
+    )
+
+    def one_pass(part):
+        return _decode(models, *part, config)
+
+    outs = jax.lax.map(one_pass, parts)
+    return jax.tree.map(functools.partial(_join_passes, blocks=blocks), outs)
 
 
 def decode_models(
@@ -578,6 +714,10 @@ def generate_tokens_many(
     one device's (up to fp32 rounding of the logits: each device's matmuls see fewer
     rows; log-probs agree to ~1e-6). XLA:CPU runs a small op on one core, so one
     device per core (`sharding.use_cpu_devices`) is how this loop uses them all.
+
+    With `config.passes` = p > 1 each device's prompts are decoded in p sequential passes
+    of B/p prompts (one `lax.map` iteration each), holding one pass's caches at a time:
+    the same tokens, log-probs up to fp32 rounding.
     """
     if len(models) != len(rngs):
         raise ValueError(f"got {len(models)} models but {len(rngs)} rng keys.")
@@ -585,8 +725,10 @@ def generate_tokens_many(
     models = decode_models(models, config, mesh, input_ids_BxP.shape[0])
 
     def local(axis, models, ids, mask, uniforms):
-        del axis  # each device's loop needs no collective
-        return _decode(models, ids, mask, uniforms, config)
+        # Each device's loop needs no collective. Outside `shard_map` XLA splits the rows
+        # over data × fsdp blocks: every pass then takes a slice of each block.
+        blocks = 1 if axis is not None else _row_blocks(mesh, ids.shape[0], config.passes)
+        return _decode_in_passes(models, ids, mask, uniforms, config, blocks)
 
     # NNX modules are pytrees: every device gets the whole (replicated) models.
     decode = sharding.data_parallel(

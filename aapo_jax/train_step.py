@@ -31,17 +31,22 @@ from aapo_jax.types import Rollout, TrainState
 StepFn = Callable[[TrainState, Rollout], tuple[TrainState, dict]]
 
 
-def _init_state(params: nnx.State, tx, rl: RLConfig, seed: int, reference_dtype) -> TrainState:
+def _init_state(
+    params: nnx.State, base: nnx.State | None, tx, rl: RLConfig, seed: int, reference_dtype
+) -> TrainState:
     def reference_copy(p):  # the reference starts as a copy of the initial weights
         return jnp.array(p, dtype=reference_dtype or p.dtype, copy=True)
 
+    # With LoRA the reference is the frozen base with the adapters off: no copy.
+    copy_reference = rl.uses_reference and base is None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        ref_params=jax.tree.map(reference_copy, params) if rl.uses_reference else None,
+        ref_params=jax.tree.map(reference_copy, params) if copy_reference else None,
         rng=jax.random.key(seed),
         skipped_updates=jnp.zeros((), jnp.int32),
+        base=base,
     )
 
 
@@ -52,14 +57,15 @@ def abstract_train_state(
     *,
     seed: int = 0,
     reference_dtype=None,
+    base: nnx.State | None = None,
 ) -> TrainState:
     """The train state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), computing nothing.
 
-    `params` may be abstract too (e.g. `nnx.split(nnx.eval_shape(...))[1]`).
-    `reference_dtype`: as in `init_train_state`.
+    `params` (and `base`) may be abstract too (e.g. `nnx.split(nnx.eval_shape(...))[1]`).
+    `reference_dtype`, `base`: as in `init_train_state`.
     """
     init = functools.partial(_init_state, tx=tx, rl=rl, seed=seed, reference_dtype=reference_dtype)
-    return jax.eval_shape(init, params)
+    return jax.eval_shape(init, params, base)
 
 
 def init_train_state(
@@ -70,12 +76,15 @@ def init_train_state(
     seed: int,
     mesh: Mesh | None = None,
     reference_dtype=None,
+    base: nnx.State | None = None,
 ) -> tuple[TrainState, object]:
     """The initial train state, built shape-first straight onto its shardings.
 
     The params are the trained masters (their dtype is the optimizer's too);
     `reference_dtype` (default: theirs) stores the reference copy, e.g. bf16 for a
     frozen reference that only ever runs bf16 forwards (`ModelSource.reference_storage`).
+    `base`: with LoRA, the frozen rest of the model (`params` are then the adapters); it
+    becomes `TrainState.base` as it is, and no reference copy is made.
 
     `abstract_train_state` → a sharding per leaf (`sharding.tree_shardings`: AdamW's
     moments and the reference copy follow their parameter) → ONE jitted init with
@@ -89,12 +98,14 @@ def init_train_state(
     """
     init = functools.partial(_init_state, tx=tx, rl=rl, seed=seed, reference_dtype=reference_dtype)
     if mesh is None:
-        return jax.jit(init, donate_argnums=0)(params), None
-    param_shardings = sharding.tree_shardings(params, params, mesh)
-    params = sharding.put(params, param_shardings)  # a no-op for params already placed
-    abstract = jax.eval_shape(init, params)
-    shardings = sharding.tree_shardings(abstract, params, mesh)
-    state = jax.jit(init, donate_argnums=0, out_shardings=shardings)(params)
+        return jax.jit(init, donate_argnums=(0, 1))(params, base), None
+    variables = params if base is None else nnx.merge_state(params, base)
+    params, base = sharding.put(
+        (params, base), sharding.tree_shardings((params, base), variables, mesh)
+    )  # a no-op for weights already placed
+    abstract = jax.eval_shape(init, params, base)
+    shardings = sharding.tree_shardings(abstract, variables, mesh)
+    state = jax.jit(init, donate_argnums=(0, 1), out_shardings=shardings)(params, base)
     return state, shardings
 
 
@@ -248,11 +259,16 @@ def by_length(fn: Callable, max_new_tokens: int, buckets: int) -> Callable:
 
 
 def row_logprobs(
-    rl: RLConfig, graphdef: nnx.GraphDef, weights: nnx.State, mb: Rows, prompt_group: int
+    rl: RLConfig,
+    graphdef: nnx.GraphDef,
+    weights: tuple[nnx.State, ...],
+    mb: Rows,
+    prompt_group: int,
 ) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
-    """(log π, entropy) of a micro-batch's completion tokens under `weights`."""
+    """(log π, entropy) of a micro-batch's completion tokens under the model of `weights`
+    (the states `nnx.merge(graphdef, *weights)` takes)."""
     return completion_logprobs(
-        nnx.merge(graphdef, weights),
+        nnx.merge(graphdef, *weights),
         mb.prompt_ids,
         mb.prompt_mask,
         mb.completion_ids,
@@ -271,10 +287,13 @@ def micro_batch_loss(
     rl: RLConfig,
     graphdef: nnx.GraphDef,
     prompt_group: int,
+    base: nnx.State | None = None,
 ) -> tuple[Array, tuple[Array, dict[str, Array]]]:
     """The micro-batch's loss sum, and (its denominator, metric sums): the function whose
-    gradient the update takes. One KL serves the loss's penalty and the `kl` metric."""
-    logp, entropy = row_logprobs(rl, graphdef, params, mb, prompt_group)
+    gradient the update takes (with LoRA `params` are the adapters and `base` the frozen
+    rest). One KL serves the loss's penalty and the `kl` metric."""
+    weights = (params,) if base is None else (params, jax.lax.stop_gradient(base))
+    logp, entropy = row_logprobs(rl, graphdef, weights, mb, prompt_group)
     kl = None
     if ref_logp is not None:
         kl = losses.kl_divergence(logp, ref_logp, mb.completion_mask, rl.kl_estimator)
@@ -289,15 +308,21 @@ def micro_batch_loss(
 
 
 def reference_logprobs(
-    rl: RLConfig, graphdef: nnx.GraphDef, ref_params: nnx.State | None, mb: Rows, prompt_group: int
+    rl: RLConfig,
+    graphdef: nnx.GraphDef,
+    ref_weights: tuple[nnx.State, ...] | None,
+    mb: Rows,
+    prompt_group: int,
 ) -> Array | None:
     """log π_ref of the micro-batch when the loss or the `kl` metric needs it, else None.
 
-    Outside the differentiated function: nothing of it is kept for the backward pass.
+    `ref_weights`: `TrainState.reference_weights()`. Outside the differentiated function:
+    nothing of it is kept for the backward pass.
     """
     if not rl.computes_reference_logprobs:
         return None
-    ref_logp, _ = row_logprobs(rl, graphdef, jax.lax.stop_gradient(ref_params), mb, prompt_group)
+    ref_weights = jax.lax.stop_gradient(ref_weights)
+    ref_logp, _ = row_logprobs(rl, graphdef, ref_weights, mb, prompt_group)
     return jax.lax.stop_gradient(ref_logp)
 
 
@@ -484,13 +509,18 @@ def make_train_step(
         micro = split_micro_batches(rows, k, ways)
         loss_and_grad = jax.value_and_grad(
             functools.partial(
-                micro_batch_loss, rl=rl, graphdef=graphdef, prompt_group=prompt_group
+                micro_batch_loss,
+                rl=rl,
+                graphdef=graphdef,
+                prompt_group=prompt_group,
+                base=state.base,
             ),
             has_aux=True,
         )
 
         def grad_at_length(params, mb):
-            ref_logp = reference_logprobs(rl, graphdef, state.ref_params, mb, prompt_group)
+            ref_weights = state.reference_weights()
+            ref_logp = reference_logprobs(rl, graphdef, ref_weights, mb, prompt_group)
             return loss_and_grad(params, mb, ref_logp)
 
         grad_fn = by_length(grad_at_length, completion_len, optim.length_buckets)

@@ -140,7 +140,10 @@ class Trainer:
         self.mesh = sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
         self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         model = models.load_hf_checkpoint(
-            cfg.model.path, mesh=self.mesh, **cfg.model.model_kwargs()
+            cfg.model.path,
+            mesh=self.mesh,
+            adapter_seed=cfg.train.seed,
+            **cfg.model.model_kwargs(),
         )
         self.eos = sampling.eos_ids(model.config.eos_token_id, self.tokenizer.eos_token_id)
         self.pad = int(self.tokenizer.pad_token_id)
@@ -149,7 +152,7 @@ class Trainer:
         self.config = cfg = configs.resolve_epoch_steps(cfg, self.num_train_prompts)
 
         tx = make_optimizer(cfg.optim)
-        self.graphdef, params = nnx.split(model)
+        self.graphdef, params, base = models.split_trained(model)
         del model  # its weights now belong to the train state
         self.state, self.state_shardings = train_step_lib.init_train_state(
             params,
@@ -158,6 +161,7 @@ class Trainer:
             seed=cfg.train.seed,
             mesh=self.mesh,
             reference_dtype=cfg.model.reference_storage(cfg.rl.reference),
+            base=base,
         )
         self._build_stages(tx)
         self.eval_scorer = evaluation.make_scorer(
@@ -305,7 +309,7 @@ class Trainer:
         """Greedy accuracy on the eval split (score ≥ 1 under `reward.eval_name`)."""
         cfg = self.config
         report = evaluation.evaluate(
-            nnx.merge(self.graphdef, self.state.params),
+            nnx.merge(self.graphdef, *self.state.policy_weights()),
             self.tokenizer,
             self.eval_examples,
             scorer=self.eval_scorer,
@@ -510,10 +514,13 @@ class Trainer:
             self.checkpointer.wait()
 
     def _export_hf(self) -> None:
-        params = sharding.to_host(self.state.params)  # collective: all processes
+        weights = sharding.to_host(self.state.policy_weights())  # collective: all processes
         if jax.process_index() == 0:
-            models.save_hf_checkpoint(nnx.merge(self.graphdef, params), self.workdir / "hf")
+            model = nnx.merge(self.graphdef, *weights)
+            models.save_hf_checkpoint(model, self.workdir / "hf")  # adapters merged in
             self.tokenizer.save_pretrained(self.workdir / "hf")
+            if model.config.lora_rank:
+                models.save_peft_adapters(model, self.workdir / "adapter", self.config.model.path)
 
     def _summary(self, initial_eval, final_eval, steps, clock: WallClock) -> dict[str, Any]:
         cfg = self.config
@@ -569,7 +576,8 @@ def load_trained_model(
     The plugin modules the run was trained with (`--import`, recorded with the checkpoint)
     are imported first, so that its algorithm and rewards are registered. Shape-first: the
     model and train state are built abstractly from the run's config and the checkpoint's
-    `config.json` (no weights are read from the source checkpoint), and the checkpoint is
+    `config.json` (no weights are read from the source checkpoint, except a LoRA run's
+    frozen base, which its checkpoints do not hold), and the checkpoint is
     restored straight onto `mesh`'s shardings (default: the first device). Without
     `step`, a newest checkpoint that does not restore or verify is named in a warning and
     the previous one is used (the workdir is not changed).
@@ -593,26 +601,36 @@ def load_trained_model(
         directory, save_reference=config.rl.reference != "frozen"
     )
     try:
-        abstract_model = models.abstract_hf_model(config.model.path, **config.model.model_kwargs())
-        graphdef, params = nnx.split(abstract_model)
         mesh = mesh if mesh is not None else sharding.make_mesh(data=1, fsdp=1, tensor=1)
+        base = None
+        if config.model.lora_rank:
+            # The checkpoint holds the adapters; the frozen base is the run's source model.
+            model = models.load_hf_checkpoint(
+                config.model.path, mesh=mesh, **config.model.model_kwargs()
+            )
+        else:
+            model = models.abstract_hf_model(config.model.path, **config.model.model_kwargs())
+        graphdef, params, base = models.split_trained(model)
+        del model
         target = train_step_lib.abstract_train_state(
             params,
             make_optimizer(config.optim),
             config.rl,
             reference_dtype=config.model.reference_storage(config.rl.reference),
+            base=base,
         )
         shardings = sharding.tree_shardings(target, params, mesh)
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings
         )
+        target = target.replace(base=base)
         if step is None:
             state, _, _ = checkpointer.restore_newest(target, set_aside=False)
         else:
             state, _, _ = checkpointer.restore(target, step)
     finally:
         checkpointer.close()
-    return nnx.merge(graphdef, state.params), config
+    return nnx.merge(graphdef, *state.policy_weights()), config
 
 
 def train(

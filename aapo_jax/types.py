@@ -7,12 +7,19 @@ import optax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from aapo_jax.models import lora
 from aapo_jax.sampling import SamplerOutput
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes. `ref_params` is None when no reference is used."""
+    """Everything a step reads and writes. `ref_params` is None when no reference is used.
+
+    With LoRA (`ModelConfig.lora_rank` > 0) `params` holds only the adapters (what trains,
+    what AdamW and the checkpoints hold), `base` the frozen rest of the model, stored once
+    and never checkpointed, and `ref_params` is None: the reference is the base with the
+    adapters off. Without LoRA `base` is None.
+    """
 
     step: Int[Array, ""]
     params: nnx.State
@@ -20,6 +27,19 @@ class TrainState:
     ref_params: nnx.State | None
     rng: Array
     skipped_updates: Int[Array, ""]
+    base: nnx.State | None = None
+
+    def policy_weights(self, params: nnx.State | None = None) -> tuple[nnx.State, ...]:
+        """The states `nnx.merge(graphdef, *...)` takes for the policy (`params` in place of
+        the state's own, e.g. inside a gradient)."""
+        params = self.params if params is None else params
+        return (params,) if self.base is None else (params, self.base)
+
+    def reference_weights(self) -> tuple[nnx.State, ...] | None:
+        """The states of the reference model: its copy, or the base with the adapters off."""
+        if self.base is not None:
+            return (lora.adapters_off(self.params), self.base)
+        return None if self.ref_params is None else (self.ref_params,)
 
 
 @flax.struct.dataclass

@@ -17,8 +17,11 @@ config leaves empty get placeholders (`aot.PLACEHOLDER_DATA`): no data is read.
 can then be planned).
 
 Prints a table (GiB per device) or, with --json, one JSON object: fits, devices,
-device_kind, device_memory_bytes, decode_layout, per_device_bytes {total, params,
-optimizer, reference, kv_cache, decode_weights (the rollout's decode copies),
+device_kind, device_memory_bytes, decode_layout, decode_passes and kv_cache_per_pass_bytes
+(the rollout's sequential decode passes under sampling.kv_budget_gib and the KV caches of
+one), per_device_bytes {total, params (the trained ones: LoRA's adapters), frozen_base (LoRA's
+base, stored once; 0 without LoRA), optimizer, reference, kv_cache (one pass's),
+decode_weights (the rollout's decode copies),
 temporaries, other_state}, compile_s {rollout, update}, flops (XLA's, per device, each loop body
 once), model_flops (analytic, all devices), collective_bytes {program: {kind:
 bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
@@ -105,9 +108,14 @@ def print_table(report: dict) -> None:
         f"({report['device_memory_source']}); attention: {report['attention']}; decode "
         f"weights: {report['decode_layout']}"
     )
+    print(
+        f"decode passes: {report['decode_passes']} (KV caches per pass: "
+        f"{_gib(report['kv_cache_per_pass_bytes'])} GiB per device)"
+    )
     print(f"{'per device':<22}{'GiB':>10}")
     for key in (
         "params",
+        "frozen_base",
         "optimizer",
         "reference",
         "other_state",
@@ -209,6 +217,10 @@ def main(argv):
     memory, source = sharding.device_memory_bytes(devices[0], _DEVICE_MEMORY_GB.value)
     attention = aot.target_attention(config, devices[0].platform) if _TOPOLOGY.value else None
     plan = aot.abstract_inputs(config, devices, attention=attention)
+    try:
+        aot.decode_passes(plan)  # a KV budget below one prompt's caches: before compiling
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     log = lambda message: print(message, file=sys.stderr, flush=True)
     log(f"planning {config.name} on {len(devices)} × {devices[0].device_kind}")
     programs = aot.compile_programs(plan, log=log)

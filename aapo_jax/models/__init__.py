@@ -7,7 +7,9 @@ from aapo_jax.models.hf import (
     load_hf_checkpoint,
     read_hf_config,
     save_hf_checkpoint,
+    save_peft_adapters,
 )
+from aapo_jax.models.lora import merged, split_trained
 from aapo_jax.models.transformer import (
     KVCache,
     Transformer,
@@ -26,7 +28,10 @@ __all__ = [
     "config_from_hf",
     "init_cache",
     "load_hf_checkpoint",
+    "merged",
     "positions_from_mask",
     "read_hf_config",
     "save_hf_checkpoint",
+    "save_peft_adapters",
+    "split_trained",
 ]

@@ -7,6 +7,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from aapo_jax.models import lora as lora_lib
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 # How the backward pass of the layer scan recomputes: "none" keeps every layer's
 # activations, "full" keeps only each layer's input, "dots" also keeps the
@@ -69,6 +71,13 @@ class ModelConfig:
     attention: str = "auto"
     attention_block: int = 512
     scan_unroll: int = 1
+    # LoRA (`models.lora`): rank 0 is full fine-tuning. The base is then frozen in the
+    # compute dtype (or nf4), the adapters train in `param_dtype`.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: the rank (scale 1)
+    lora_targets: str = lora_lib.DEFAULT_TARGETS
+    lora_base_qtype: str = ""  # "" or "nf4" (QLoRA)
+    lora_tile_size: int = 64
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # the older boolean spelling
@@ -120,6 +129,45 @@ class ModelConfig:
                 f"ModelConfig.scan_unroll must be -1 (every layer) or a positive int, got "
                 f"{self.scan_unroll!r}."
             )
+
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(
+                f"ModelConfig.lora_rank must be an int ≥ 0 (0: no LoRA), got {self.lora_rank!r}."
+            )
+        if self.lora_alpha < 0:
+            raise ValueError(f"ModelConfig.lora_alpha must be ≥ 0, got {self.lora_alpha!r}.")
+        if self.lora_base_qtype not in lora_lib.BASE_QTYPES:
+            raise ValueError(
+                f"ModelConfig.lora_base_qtype={self.lora_base_qtype!r}; expected one of "
+                f"{lora_lib.BASE_QTYPES}."
+            )
+        if self.lora_base_qtype and not self.lora_rank:
+            raise ValueError(
+                f"ModelConfig.lora_base_qtype={self.lora_base_qtype!r} quantizes the frozen "
+                "base of a LoRA model: set lora_rank > 0 too."
+            )
+        if not isinstance(self.lora_tile_size, int) or self.lora_tile_size < 1:
+            raise ValueError(
+                f"ModelConfig.lora_tile_size must be a positive int, got {self.lora_tile_size!r}."
+            )
+        if self.lora_rank:
+            lora_lib.targeted(self.lora_targets)  # names the field when it matches nothing
+
+    @property
+    def lora_paths(self) -> tuple[str, ...]:
+        """The projections that carry adapters (none without LoRA)."""
+        return lora_lib.targeted(self.lora_targets) if self.lora_rank else ()
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / r, the adapters' output scale."""
+        return (self.lora_alpha or self.lora_rank) / max(self.lora_rank, 1)
+
+    @property
+    def base_weight_dtype(self) -> jnp.dtype:
+        """Storage of the non-adapter weights: frozen in the compute dtype under LoRA, else
+        the trained masters' `param_dtype`."""
+        return self.compute_dtype if self.lora_rank else self.weight_dtype
 
     @property
     def layers_per_scan_step(self) -> int:

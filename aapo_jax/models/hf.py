@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from aapo_jax import sharding as sharding_lib
+from aapo_jax.models import lora as lora_lib
 from aapo_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
 from aapo_jax.models.transformer import Transformer
 
@@ -28,7 +29,17 @@ logger = logging.getLogger(__name__)
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 # ModelConfig fields that describe how we run a checkpoint, not the checkpoint.
-_RUNTIME_FIELDS = ("remat", "attention", "attention_block", "scan_unroll")
+_RUNTIME_FIELDS = (
+    "remat",
+    "attention",
+    "attention_block",
+    "scan_unroll",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "lora_base_qtype",
+    "lora_tile_size",
+)
 # Tensors some exporters keep that carry no weights of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -296,6 +307,7 @@ def load_hf_checkpoint(
     param_dtype=None,
     mesh: Mesh | None = None,
     rules=sharding_lib.LOGICAL_RULES,
+    adapter_seed: int = 0,
     **runtime: Any,
 ) -> Transformer:
     """Load a Qwen2 / Llama-3 Hugging Face checkpoint directory as an NNX `Transformer`.
@@ -305,7 +317,10 @@ def load_hf_checkpoint(
     with `mesh`, their sharding — the host never holds two full copies. A layer's
     tensor goes onto the devices as its slice of the stacked parameter; the slices
     are stacked on the devices once every layer's is there. `runtime`: `remat`,
-    `attention`, `attention_block`, `scan_unroll` (see `ModelConfig`).
+    `attention`, `attention_block`, `scan_unroll` and the `lora_*` fields (see
+    `ModelConfig`). With LoRA the checkpoint is the frozen base (in the compute dtype, or
+    quantized to nf4 slice by slice as it arrives) and the adapters start fresh from
+    `adapter_seed` (B = 0: the model computes the base exactly).
 
     Raises:
       ValueError: unsupported model_type or rope type, a missing, unexpected or
@@ -343,7 +358,9 @@ def load_hf_checkpoint(
                         f"expected {entry.hf_shape} from config.json."
                     )
                 variable = _at(state, entry.path)
-                value = np.ascontiguousarray(entry.to_ours(tensor.astype(variable.value.dtype)))
+                quantized = _scale_of(state, entry.path) is not None
+                dtype = config.compute_dtype if quantized else variable.value.dtype
+                value = np.ascontiguousarray(entry.to_ours(tensor.astype(dtype)))
                 target = _at(shardings, entry.path).value if shardings is not None else None
                 if entry.layer is None:
                     variable.value = jax.device_put(value, target)
@@ -355,10 +372,42 @@ def load_hf_checkpoint(
                     if len(slices) == config.num_layers:
                         target = _at(shardings, entry.path).value if shardings is not None else None
                         ordered = [slices[i] for i in range(config.num_layers)]
-                        variable.value = _stack(ordered, target)
+                        if quantized:  # QLoRA: nf4 codes and scales, straight from the slices
+                            scale = _scale_of(state, entry.path)
+                            scale_target = (
+                                _at(shardings, entry.path[:-1])[f"{entry.path[-1]}_scale"].value
+                                if shardings is not None
+                                else None
+                            )
+                            variable.value, scale.value = _stack_quantized(
+                                ordered, config.lora_tile_size, (target, scale_target)
+                            )
+                        else:
+                            variable.value = _stack(ordered, target)
                         del layer_slices[entry.path], ordered, slices
                 del tensor, value
+    if config.lora_rank:
+        adapters = nnx.filter_state(state, nnx.LoRAParam)
+        targets = nnx.filter_state(shardings, nnx.LoRAParam) if shardings is not None else None
+        fresh = lora_lib.initial_adapters(adapters, adapter_seed, targets)
+        state = nnx.merge_state(state, fresh)
     return nnx.merge(graphdef, state)
+
+
+def _scale_of(state: nnx.State, path: tuple[str | int, ...]):
+    """The nf4 scale variable beside kernel `path`, or None when it is stored as it is."""
+    parent = _at(state, path[:-1])
+    return parent[f"{path[-1]}_scale"] if f"{path[-1]}_scale" in parent else None
+
+
+def _stack_quantized(slices: list[jax.Array], tile: int, shardings) -> tuple[jax.Array, jax.Array]:
+    """(nf4 codes, scales) of one stacked kernel from its per-layer slices."""
+
+    def stack(*xs):
+        q = lora_lib.quantize(jnp.stack(xs), tile)
+        return q.qvalue, q.scale
+
+    return jax.jit(stack, out_shardings=shardings)(*slices)
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +445,10 @@ def save_hf_checkpoint(
 ) -> None:
     """Write config.json + safetensors that `transformers.AutoModelForCausalLM` loads.
 
+    A LoRA model is written merged (`models.merged`: W + A B · alpha / r, nf4 codes
+    dequantized), as the plain checkpoint transformers loads; `save_peft_adapters` writes
+    the adapters alone.
+
     Args:
       model: the model to export.
       path: output directory (created).
@@ -407,6 +460,7 @@ def save_hf_checkpoint(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    model = lora_lib.merged(model)
     dtype = jnp.dtype(model.config.param_dtype if dtype is None else dtype)
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
     config_cls = (
@@ -441,3 +495,62 @@ def save_hf_checkpoint(
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (path / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+
+
+# The Hugging Face module of each projection an adapter can target.
+_PEFT_MODULES = {
+    "layers/attn/q_kernel": "self_attn.q_proj",
+    "layers/attn/k_kernel": "self_attn.k_proj",
+    "layers/attn/v_kernel": "self_attn.v_proj",
+    "layers/attn/o_kernel": "self_attn.o_proj",
+    "layers/mlp/gate_kernel": "mlp.gate_proj",
+    "layers/mlp/up_kernel": "mlp.up_proj",
+    "layers/mlp/down_kernel": "mlp.down_proj",
+}
+
+
+def save_peft_adapters(
+    model: Transformer, path: str | os.PathLike, base_model: str | os.PathLike = ""
+) -> None:
+    """Write a LoRA model's adapters alone as PEFT does: `adapter_model.safetensors` (fp32
+    `base_model.model.model.layers.{i}.<module>.lora_A.weight` [r, in] and `lora_B.weight`
+    [out, r]) and `adapter_config.json` (r, lora_alpha, target_modules, the base model).
+
+    PEFT adds B A · lora_alpha / r to each targeted weight [out, in], which is our
+    x A B · alpha / r; inputs and outputs are flattened in the checkpoint's order.
+
+    Raises:
+      ValueError: the model has no adapters.
+    """
+    config = model.config
+    if not config.lora_rank:
+        raise ValueError("save_peft_adapters: the model has no adapters (lora_rank is 0).")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = nnx.state(model, nnx.LoRAParam)
+    tensors = {}
+    for target in config.lora_paths:
+        keys = target.split("/")
+        module = _at(state, keys[:-1])
+        a = np.asarray(jax.device_get(module[f"{keys[-1]}_lora_a"].value), np.float32)
+        b = np.asarray(jax.device_get(module[f"{keys[-1]}_lora_b"].value), np.float32)
+        for i in range(config.num_layers):
+            name = f"base_model.model.model.layers.{i}.{_PEFT_MODULES[target]}"
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    _save_shard(tensors, path / "adapter_model.safetensors")
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model),
+        "r": config.lora_rank,
+        "lora_alpha": config.lora_alpha or config.lora_rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted({_PEFT_MODULES[t].split(".")[-1] for t in config.lora_paths}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")

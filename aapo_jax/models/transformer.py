@@ -15,7 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from aapo_jax import sharding as sharding_lib
-from aapo_jax.models import attention
+from aapo_jax.models import attention, lora
 from aapo_jax.models.config import ModelConfig
 
 # A large finite negative instead of -inf keeps masked scores out of NaN territory.
@@ -246,7 +246,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int = 0):
         self.eps = config.rms_norm_eps
         self.scale = _param(
-            rngs, (config.hidden_size,), ("norm",), config.weight_dtype, "ones", stack
+            rngs, (config.hidden_size,), ("norm",), config.base_weight_dtype, "ones", stack
         )
 
     def __call__(self, x: Array) -> Array:
@@ -265,7 +265,7 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int = 0):
         d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        dt = config.weight_dtype
+        dt = config.base_weight_dtype
         self.config = config
         p = functools.partial(_param, rngs, dtype=dt, stack=stack)
         self.q_kernel = p((d, h, dh), ("embed", "q_heads", "head_dim"))
@@ -278,9 +278,11 @@ class Attention(nnx.Module):
             self.v_bias = p((k, dh), ("kv_heads", "head_dim"), init="zeros")
         if config.o_bias:
             self.o_bias = p((d,), ("embed",), init="zeros")
+        lora.quantize_base(self, "layers/attn", config)
+        lora.add_adapters(self, "layers/attn", config, rngs, stack)
 
-    def _project(self, x, kernel, bias_name):
-        y = dense(x, kernel.value.astype(x.dtype))
+    def _project(self, x, name, bias_name):
+        y = lora.project(self, x, name)
         if self.config.qkv_bias:
             y = y + getattr(self, bias_name).value.astype(x.dtype)
         return y
@@ -288,11 +290,11 @@ class Attention(nnx.Module):
     def __call__(
         self, x_BxLxD: Array, rope: tuple[Array, Array], attend: AttendFn
     ) -> tuple[Array, Any]:
-        q = apply_rope(self._project(x_BxLxD, self.q_kernel, "q_bias"), rope)
-        k = apply_rope(self._project(x_BxLxD, self.k_kernel, "k_bias"), rope)
-        v = self._project(x_BxLxD, self.v_kernel, "v_bias")
+        q = apply_rope(self._project(x_BxLxD, "q_kernel", "q_bias"), rope)
+        k = apply_rope(self._project(x_BxLxD, "k_kernel", "k_bias"), rope)
+        v = self._project(x_BxLxD, "v_kernel", "v_bias")
         out, aux = attend(q, k, v)
-        y = dense(out.astype(x_BxLxD.dtype), self.o_kernel.value.astype(x_BxLxD.dtype), n_in=2)
+        y = lora.project(self, out.astype(x_BxLxD.dtype), "o_kernel", n_in=2)
         if self.config.o_bias:
             y = y + self.o_bias.value.astype(y.dtype)
         return y, aux
@@ -404,7 +406,7 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int = 0):
-        d, f, dt = config.hidden_size, config.intermediate_size, config.weight_dtype
+        d, f, dt = config.hidden_size, config.intermediate_size, config.base_weight_dtype
         self.config = config
         p = functools.partial(_param, rngs, dtype=dt, stack=stack)
         self.gate_kernel = p((d, f), ("embed", "mlp"))
@@ -414,10 +416,12 @@ class MLP(nnx.Module):
             self.gate_bias = p((f,), ("mlp",), init="zeros")
             self.up_bias = p((f,), ("mlp",), init="zeros")
             self.down_bias = p((d,), ("embed",), init="zeros")
+        lora.quantize_base(self, "layers/mlp", config)
+        lora.add_adapters(self, "layers/mlp", config, rngs, stack)
 
     def __call__(self, x_BxLxD: Array) -> Array:
         def project(x, name):
-            y = dense(x, getattr(self, f"{name}_kernel").value.astype(x.dtype))
+            y = lora.project(self, x, f"{name}_kernel")
             if self.config.mlp_bias:
                 y = y + getattr(self, f"{name}_bias").value.astype(x.dtype)
             return y
@@ -472,7 +476,10 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = _param(
-            rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config.weight_dtype
+            rngs,
+            (config.vocab_size, config.hidden_size),
+            ("vocab", "embed"),
+            config.base_weight_dtype,
         )
         self.layers = DecoderLayer(config, rngs=rngs, stack=config.num_layers)
         self.final_norm = RMSNorm(config, rngs=rngs)
@@ -481,7 +488,7 @@ class Transformer(nnx.Module):
                 rngs,
                 (config.hidden_size, config.vocab_size),
                 ("embed", "vocab"),
-                config.weight_dtype,
+                config.base_weight_dtype,
             )
 
     def lm_head_kernel(self) -> Float[Array, "D V"]:
