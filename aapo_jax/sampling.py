@@ -576,7 +576,8 @@ def decode_models(
     compute dtype (cast once here rather than on every decode step), placed in that layout
     (`sharding.decode_shardings`: one collective per weight, here, none in the loop). On a
     data-parallel mesh for `prompts` rows (`sharding.row_parallel`) the per-device loop
-    gets whole weights anyway: only the cast. "sharded": the models as given.
+    gets whole weights anyway: only the cast. "sharded": the models as given. Weights the
+    models share (a LoRA base) are cast and placed once.
     """
     models = tuple(models)
     if config.decode_weights == "sharded" or mesh is None:
@@ -585,10 +586,19 @@ def decode_models(
     if sharding.row_parallel(mesh, prompts):
         return models
 
+    # A LoRA policy and its reference (the base with the adapters off) hold the same base
+    # arrays: each is placed once and both models read that one copy.
+    placed: dict[int, tuple[Array, Array]] = {}
+
+    def place_one(x, target):
+        if id(x) not in placed:  # the array is kept with its copy, so its id stays its own
+            placed[id(x)] = (x, jax.lax.with_sharding_constraint(x, target))
+        return placed[id(x)][1]
+
     def place(model):
         graphdef, state = nnx.split(model)
         shardings = sharding.decode_shardings(state, mesh, config.decode_weights)
-        return nnx.merge(graphdef, jax.lax.with_sharding_constraint(state, shardings))
+        return nnx.merge(graphdef, jax.tree.map(place_one, state, shardings))
 
     return tuple(place(model) for model in models)
 

@@ -59,6 +59,28 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
     config.name += "-tiny"
 
 
+def apply_lora(config: ml_collections.ConfigDict, rank: int, base: str = "bf16") -> None:
+    """`lora=R` (and `base=nf4`) of a paper config: rank-R adapters on every attention and
+    MLP projection with alpha = R (scale 1), the base frozen in bf16 (or nf4: QLoRA),
+    10× the full fine-tuning learning rate (LoRA's usual ratio at equal step count), and
+    update micro-batches of at most 4 full-length rows per device (one chip holds a whole
+    step's rows)."""
+    if base not in ("bf16", "nf4"):
+        raise ValueError(f"config argument base={base!r}; valid: bf16, nf4 (QLoRA)")
+    if not rank:
+        if base != "bf16":
+            raise ValueError("config argument base=nf4 quantizes a LoRA base: add lora=RANK")
+        return
+    config.model.lora_rank = rank
+    config.model.lora_alpha = float(rank)
+    config.model.lora_base_qtype = "nf4" if base == "nf4" else ""
+    config.optim.learning_rate *= 10
+    # One chip holds every row of a step: micro-batches of at most 4 full-length rows.
+    rows = config.sampling.max_prompt_length + config.sampling.max_new_tokens
+    config.optim.micro_batch_tokens = 4 * rows
+    config.name += f"-lora{rank}" + ("-nf4" if base == "nf4" else "")
+
+
 def paper_config(
     arg: str | None,
     *,
@@ -75,9 +97,9 @@ def paper_config(
     Shared, as the authors' TRL 0.16 runs: G=6, 16 prompts/step, 100 steps, lr 1e-6 with
     transformers' warmup (from lr 0 over ceil(ratio · steps) steps), seed 42, top_k 50,
     training log-probs at the sampling temperature, over-long prompts cut on the left;
-    plus fp32 masters with bf16 compute and remat.
+    plus fp32 masters with bf16 compute and remat. `lora=R`, `base=nf4`: `apply_lora`.
     """
-    args = parse_arg(arg, algo="aapo", variant="full")
+    args = parse_arg(arg, algo="aapo", variant="full", lora="0", base="bf16")
     if args["variant"] not in ("full", "tiny"):
         raise ValueError(f"unknown variant {args['variant']!r}; valid: full, tiny")
     c = base_config()
@@ -107,6 +129,7 @@ def paper_config(
     c.model.param_dtype = "float32"
     c.model.remat = "full"
     customize(c)
+    apply_lora(c, int(args["lora"]), args["base"])
     spec = algorithms.get_algorithm(args["algo"], field="algo")
     own = {k: v for k, v in (hparams or {}).items() if k in spec.hparams}
     set_algorithm(c, args["algo"], **own)

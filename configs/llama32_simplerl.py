@@ -16,7 +16,7 @@ from configs.base import parse_arg, simplerl_config
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg, size="1b", algo="aapo", variant="full")
+    args = parse_arg(arg, size="1b", algo="aapo", variant="full", lora="0", base="bf16")
     if args["size"] not in ("1b", "3b"):
         raise ValueError(f"size={args['size']!r}; valid: 1b, 3b")
     rest = ",".join(f"{k}={v}" for k, v in args.items() if k != "size")

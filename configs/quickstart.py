@@ -9,7 +9,8 @@ reward and reports greedy accuracy on 500 held-out problems before and after,
 in `summary.json` and plots in the workdir. About 2 minutes on 2 idle CPU cores.
 
 Arguments: `algo=NAME` (a name in `aapo_jax.algorithms.ALGORITHMS`: aapo, grpo,
-dr_grpo, rloo, reinforce), `group=G` (samples per prompt), `seed=S`,
+dr_grpo, rloo, reinforce), `group=G` (samples per prompt), `seed=S`, `lora=R` (rank-R
+adapters instead of full fine-tuning, lr 1e-3: 0.35 → 0.45 held-out, against 0.47 full),
 `variant=full|tiny` (tiny: 2 steps on 8 eval problems, for CI).
 """
 
@@ -25,7 +26,7 @@ def quickstart_dir() -> str:
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg, algo="aapo", group="8", seed="0", variant="full")
+    args = parse_arg(arg, algo="aapo", group="8", seed="0", variant="full", lora="0")
     task = json.loads((resources.files("aapo_jax") / "assets/quickstart/task.json").read_text())
     c = base_config()
     c.name = "quickstart-{algorithm}-G{group_size}-s{seed}"  # filled in when validated
@@ -55,6 +56,10 @@ def get_config(arg: str | None = None):
     c.reward.num_workers = 0  # the chain_sum scorer is an integer compare: nothing can hang
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     set_algorithm(c, args["algo"])
+    if int(args["lora"]):  # adapters only: a larger step (measured: 1e-3 at rank 16)
+        c.model.lora_rank = int(args["lora"])
+        c.optim.learning_rate = 1e-3
+        c.name += "-lora{}".format(args["lora"])
     if args["variant"] == "tiny":
         apply_tiny(c)
         c.sampling.max_prompt_length = task["max_prompt_length"]

@@ -1,6 +1,7 @@
 """LoRA and QLoRA: adapters on the stacked projections, the frozen base, export, training."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -264,3 +265,59 @@ def test_lora_rl_steps_move_only_adapters_and_an_8_device_mesh_matches_one():
             assert step_8[name] == pytest.approx(step_1[name], rel=1e-4, abs=1e-6), name
     for a, b in zip(p1, p8, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_the_decode_layout_places_a_shared_lora_base_once():
+    from tests import test_train_step as ts
+
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    model = models.Transformer(ts.TINY.replace(lora_rank=RANK), rngs=nnx.Rngs(0))
+    graphdef, adapters, base = models.split_trained(model)
+    config = sampling.SamplingConfig(sampling.SamplerSettings(), decode_weights="tensor")
+
+    def decoded(adapters, base):
+        policy = nnx.merge(graphdef, adapters, base)
+        reference = nnx.merge(graphdef, lora.adapters_off(adapters), base)
+        return sampling.decode_models((policy, reference), config, mesh, prompts=1)
+
+    eqns = jax.make_jaxpr(decoded)(adapters, base).eqns
+    placed = sum(e.primitive.name == "sharding_constraint" for e in eqns)
+    # Every base weight and adapter A once (fp32 here: no cast makes a new array), and each
+    # model's B (the reference's are zeros): 36, where a copy per model would be 58.
+    n_adapters = len(jax.tree.leaves(adapters))
+    assert placed == len(jax.tree.leaves(base)) + n_adapters + n_adapters // 2
+
+
+def test_the_planner_counts_a_lora_base_once_and_no_reference(tmp_path):
+    from aapo_jax import aot
+    from tests.helpers import tiny_plan_config
+    from tests.test_plan import write_model
+
+    c = tiny_plan_config(write_model(tmp_path / "model"))
+    c.model.lora_rank = RANK
+    plan = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    b = aot.state_bytes(plan)
+    mc = plan.model_config
+    per_layer = sum(  # A [in, r] + B [r, out] of every projection, fp32
+        RANK * (i + o)
+        for i, o in (
+            (mc.hidden_size, mc.num_heads * mc.head_dim),
+            (mc.hidden_size, mc.num_kv_heads * mc.head_dim),
+            (mc.hidden_size, mc.num_kv_heads * mc.head_dim),
+            (mc.num_heads * mc.head_dim, mc.hidden_size),
+            (mc.hidden_size, mc.intermediate_size),
+            (mc.hidden_size, mc.intermediate_size),
+            (mc.intermediate_size, mc.hidden_size),
+        )
+    )
+    leaves = jax.tree.leaves(plan.state.params)
+    assert sum(math.prod(x.shape) * 4 for x in leaves) == per_layer * mc.num_layers * 4
+    # Split like their kernels: an A whose kernel's input is the embedding over fsdp.
+    a = plan.state.params["layers"]["mlp"]["up_kernel_lora_a"].value
+    assert len(a.sharding.device_set) == 8 and a.sharding.spec[1] == "fsdp"
+    assert b["params"] < per_layer * mc.num_layers * 4
+    devices = jax.device_count()
+    assert 2 * b["params"] <= b["optimizer"] <= 2 * b["params"] + 64  # moments of adapters
+    assert b["reference"] == 0  # the base with the adapters off
+    # The whole model's weights once, in the compute dtype (fp32 in this config).
+    assert b["frozen_base"] * devices == pytest.approx(mc.num_params * 4, rel=0.05)

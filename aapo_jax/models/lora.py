@@ -79,18 +79,22 @@ def add_adapters(module: nnx.Module, prefix: str, config, rngs: nnx.Rngs, stack:
         parent, name = path.rsplit("/", 1)
         if parent != prefix:
             continue
-        shape = getattr(module, name).value.shape[1:]  # after the layer axis (nf4 codes too)
+        kernel = getattr(module, name)
+        shape = kernel.value.shape[1:]  # after the layer axis (nf4 codes too)
         n_in = PROJECTIONS[path]
+        # Split like the kernel's first input and first output axis (as qwix does).
+        axes = kernel.get_metadata().get("logical_axes") or (None,) * (len(shape) + 1)
+        a_axes, b_axes = ("layers", axes[1], None), ("layers", None, axes[1 + n_in])
         fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
         keys = jax.random.split(rngs.params(), stack)
         a = jax.vmap(lambda k, fi=fan_in: initializers.he_uniform()(k, (fi, r), jnp.float32))(keys)
         setattr(
             module,
             f"{name}_lora_a",
-            nnx.LoRAParam(a.astype(dtype), logical_axes=("layers", None, None)),
+            nnx.LoRAParam(a.astype(dtype), logical_axes=a_axes),
         )
         b = jnp.zeros((stack, r, fan_out), dtype)
-        setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, logical_axes=("layers", None, None)))
+        setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, logical_axes=b_axes))
 
 
 def initial_adapters(adapters: nnx.State, seed: int, shardings: nnx.State | None = None):
