@@ -23,6 +23,16 @@ the same steps on one device are timed after them in the same run (`1dev ms`).
 `--scan_unroll` is the model's `scan_unroll`: -1 (default) unrolls the forward's layer scan,
 what the quickstart's tiny model runs with on CPU; 1 times the rolled scan of the
 paper configs, whose per-layer weight slices XLA:CPU copies before each matmul.
+
+`--lora_rank` (default 16; 0 skips it) times the AAPO step of the same model with LoRA
+adapters on its attention and MLP projections (`ModelConfig.lora_rank`), in the same
+round of alternation as the two full fine-tuning steps (`lora.step_s` against
+`aapo.step_s`). The step's sampling is not cheaper under LoRA (the forward still runs
+every base weight, plus the adapters), so the update alone is timed too: the full and the
+LoRA `train_step.make_train_step` alternated on one fixed scored rollout (`lora.update_s`
+against `lora.full_update_s`). The LoRA model's frozen base holds the full model's
+weights and its B adapters start at zero, so both start as the same policy; with EOS off
+every row decodes the full budget, so both steps generate the same number of tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 8, 4, 16, 32
 # Algorithms of `aapo_jax.algorithms.ALGORITHMS` and the hyper-parameters set for this
 # workload (GRPO with the KL penalty, so its step runs the reference forward).
 ALGORITHMS = {"aapo": {}, "grpo": {"kl_beta": 0.04}}
+# The LoRA variant of the AAPO step, timed beside the full steps.
+LORA = "aapo_lora"
 
 
 def step_flops(config, rl) -> float:
@@ -62,10 +74,31 @@ def step_flops(config, rl) -> float:
     return float(samplers * (prefill + decode) + update + reference_forward)
 
 
-def build_steps(size: str, mesh=None, scan_unroll: int = -1):
+def lora_model(config, rank: int):
+    """The benchmark model with rank-`rank` adapters whose frozen base holds the full
+    model's weights (both from `nnx.Rngs(0)`): with B = 0 it is the same policy."""
+    import jax
+    from flax import nnx
+
+    from aapo_jax import models
+
+    full = models.Transformer(config, rngs=nnx.Rngs(0))
+    lora_config = config.replace(lora_rank=rank)
+    model = models.Transformer(lora_config, rngs=nnx.Rngs(0))
+    # The adapters' draws shift the rng stream, so the base is copied, not re-drawn; it is
+    # stored in the compute dtype under LoRA.
+    dtype = lora_config.base_weight_dtype
+    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(full, nnx.Param)))
+    return model
+
+
+def build_steps(size: str, mesh=None, scan_unroll: int = -1, lora_rank: int = 0):
     """Jitted AAPO and GRPO steps, their states and the prompt batch for one model size.
 
-    With a `mesh`, states are replicated on it and the prompt rows split over it.
+    Each entry holds the one-program RL step (`step`) and its update alone (`update`,
+    `train_step.make_train_step` on a scored rollout), both jitted over the same state.
+    With `lora_rank` > 0 a LoRA AAPO entry (`LORA`) of the same model is added. With a
+    `mesh`, states are replicated on it and the prompt rows split over it.
     """
     import jax
     import jax.numpy as jnp
@@ -87,15 +120,22 @@ def build_steps(size: str, mesh=None, scan_unroll: int = -1):
         targets=jax.random.randint(jax.random.key(2), (PROMPTS, 4), 3, config.vocab_size),
         target_len=jnp.full((PROMPTS,), 4, jnp.int32),
     )
-    out = {}
-    for name, hparams in ALGORITHMS.items():
+
+    def entry(name: str, model) -> dict:
         rl_cfg = configs.RLConfig(
-            algorithm=name, hparams=tuple(hparams.items()), group_size=GROUP, kl_metric=False
+            algorithm=name,
+            hparams=tuple(ALGORITHMS[name].items()),
+            group_size=GROUP,
+            kl_metric=False,
         )
         tx = make_optimizer(optim)
-        graphdef, params = nnx.split(models.Transformer(config, rngs=nnx.Rngs(0)))
+        # Without LoRA every weight trains (base None); with it the adapters do.
+        graphdef, params, base = models.split_trained(model)
+        trained = sum(x.size for x in jax.tree.leaves(params))
         # With a mesh the state is placed on it (replicated: a data-parallel mesh).
-        state, shardings = train_step.init_train_state(params, tx, rl_cfg, seed=0, mesh=mesh)
+        state, shardings = train_step.init_train_state(
+            params, tx, rl_cfg, seed=0, mesh=mesh, base=base
+        )
         fn = rl_step.make_token_rl_step(
             rl_cfg,
             optim,
@@ -107,56 +147,101 @@ def build_steps(size: str, mesh=None, scan_unroll: int = -1):
             pad_token_id=0,
             mesh=mesh,
         )
+        update = train_step.make_train_step(rl_cfg, optim, graphdef, tx, mesh=mesh)
         # Inputs carry their shardings; the state keeps its own.
-        step = jax.jit(fn, out_shardings=(shardings, None, None), donate_argnums=0)
-        out[name] = dict(step=step, state=state, rl=rl_cfg)
+        return dict(
+            step=jax.jit(fn, out_shardings=(shardings, None, None), donate_argnums=0),
+            update=jax.jit(update, out_shardings=(shardings, None), donate_argnums=0),
+            state=state,
+            rl=rl_cfg,
+            trained_params=trained,
+        )
+
+    out = {name: entry(name, models.Transformer(config, rngs=nnx.Rngs(0))) for name in ALGORITHMS}
+    if lora_rank:
+        out[LORA] = entry("aapo", lora_model(config, lora_rank))
     if mesh is not None:
         prompts = sharding.shard_batch(prompts, mesh)
     return config, out, prompts
 
 
-def _alternate(steps: dict, prompts, reps: int) -> None:
-    """Warm up every step (`compile_s`), then run them in turn `reps` times (`times`)."""
+def _alternate(steps: dict, inputs, reps: int, fn: str = "step") -> None:
+    """Warm up every entry's `fn` on `inputs`, then run them in turn `reps` times.
+
+    Each entry gets `{fn}_compile_s` (the warm-up), `{fn}_times` and `{fn}_out` (what its
+    last call returned besides the state: the metrics, and for a step its rollout).
+    """
     import jax
 
-    for entry in steps.values():
+    def call(entry) -> float:
         start = time.perf_counter()
-        entry["state"], metrics, _ = entry["step"](entry["state"], prompts)
-        jax.block_until_ready(metrics)
-        entry["compile_s"] = time.perf_counter() - start
-        entry["times"] = []
+        entry["state"], *entry[f"{fn}_out"] = entry[fn](entry["state"], inputs)
+        jax.block_until_ready(entry[f"{fn}_out"][0])  # the metrics
+        return time.perf_counter() - start
+
+    for entry in steps.values():
+        entry[f"{fn}_compile_s"] = call(entry)
+        entry[f"{fn}_times"] = []
     for _ in range(reps):
         for entry in steps.values():
-            start = time.perf_counter()
-            entry["state"], metrics, _ = entry["step"](entry["state"], prompts)
-            jax.block_until_ready(metrics)
-            entry["times"].append(time.perf_counter() - start)
+            entry[f"{fn}_times"].append(call(entry))
 
 
-def time_size(size: str, reps: int, mesh=None, scan_unroll: int = -1) -> dict:
+def time_lora(steps: dict, reps: int, rank: int) -> dict:
+    """The LoRA AAPO step against the full one, and their updates alone alternated `reps`
+    times on the full step's last scored rollout (the same tokens and rewards for both)."""
+    full, lora = steps["aapo"], steps[LORA]
+    rollout = full["step_out"][1]
+    pair = {"aapo": full, LORA: lora}
+    _alternate(pair, rollout, reps, fn="update")
+    step_s = statistics.median(lora["step_times"])
+    full_step_s = statistics.median(full["step_times"])
+    update_s = statistics.median(lora["update_times"])
+    full_update_s = statistics.median(full["update_times"])
+    return {
+        "rank": rank,
+        "trained_params": lora["trained_params"],
+        "full_trained_params": full["trained_params"],
+        "step_s": step_s,
+        "full_step_s": full_step_s,
+        "step_ratio": step_s / full_step_s,
+        "compile_s": lora["step_compile_s"],
+        "update_s": update_s,
+        "full_update_s": full_update_s,
+        "update_ratio": update_s / full_update_s,
+    }
+
+
+def time_size(size: str, reps: int, mesh=None, scan_unroll: int = -1, lora_rank: int = 0) -> dict:
     """Warm up both steps, then alternate them `reps` times; median seconds per step.
 
+    With `lora_rank` > 0 the LoRA AAPO step takes its turn in the same alternation, and
+    then the full and LoRA updates alone are alternated (`time_lora`, under "lora").
     With a `mesh`, the same two steps on one device are timed next, the same way
     (`one_device_step_s`): after the mesh's, not interleaved with them, because
     switching between the two sets of buffers and programs slows both.
     """
-    config, steps, prompts = build_steps(size, mesh, scan_unroll)
+    config, steps, prompts = build_steps(size, mesh, scan_unroll, lora_rank)
     _alternate(steps, prompts, reps)
+    lora = time_lora(steps, reps, lora_rank) if lora_rank else None
     if mesh is not None:
         _, alone, alone_prompts = build_steps(size, None, scan_unroll)
         _alternate(alone, alone_prompts, reps)
     result = {"size": size, "params": config.num_params}
-    for name, entry in steps.items():
-        seconds = statistics.median(entry["times"])
+    for name in ALGORITHMS:
+        entry = steps[name]
+        seconds = statistics.median(entry["step_times"])
         generated = PROMPTS * GROUP * NEW_TOKENS * (2 if entry["rl"].samples_reference else 1)
         result[name] = {
             "step_s": seconds,
-            "compile_s": entry["compile_s"],
+            "compile_s": entry["step_compile_s"],
             "generated_tokens_per_s": generated / seconds,
             "gflops": step_flops(config, entry["rl"]) / seconds / 1e9,
         }
         if mesh is not None:
-            result[name]["one_device_step_s"] = statistics.median(alone[name]["times"])
+            result[name]["one_device_step_s"] = statistics.median(alone[name]["step_times"])
+    if lora is not None:
+        result["lora"] = lora
     return result
 
 
@@ -177,15 +262,22 @@ def main(argv: list[str] | None = None) -> None:
         default=-1,
         help="layers per layer-scan iteration (-1: all, the tiny-CPU setting; 1: rolled)",
     )
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        default=16,
+        help="LoRA rank of the AAPO step timed beside the full one (0: skip it)",
+    )
     args = parser.parse_args(argv)
 
     mesh = bench_common.data_mesh(args.devices)  # before any JAX work
     import jax
 
     calibration = bench_common.matmul_calibration([(PROMPTS * GROUP, 128), (PROMPTS * GROUP, 512)])
-    sizes = [time_size("tiny", args.reps, mesh, args.scan_unroll)]
+    sizes = [time_size("tiny", args.reps, mesh, args.scan_unroll, args.lora_rank)]
     if not args.skip_medium:
-        sizes.append(time_size("medium", max(3, args.reps // 5), mesh, args.scan_unroll))
+        medium_reps = max(3, args.reps // 5)
+        sizes.append(time_size("medium", medium_reps, mesh, args.scan_unroll, args.lora_rank))
     square = calibration["square_1024"]
     result = {
         "aapo_step_s": sizes[0]["aapo"]["step_s"],
@@ -201,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if not args.skip_medium:
         result["medium_aapo_fraction_of_calibration"] = sizes[1]["aapo"]["gflops"] / square
+    if args.lora_rank:
+        result["lora"] = sizes[0]["lora"]  # the tiny workload's, as aapo_step_s
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -218,6 +312,23 @@ def main(argv: list[str] | None = None) -> None:
                 f"{entry['size']:8} {entry['params']:>11,} {name:5} {1000 * r['step_s']:8.1f} "
                 f"{r['generated_tokens_per_s']:10.0f} {r['gflops']:8.1f} "
                 f"{100 * r['gflops'] / square:9.0f}% {r['compile_s']:9.1f} {alone:8.1f}"
+            )
+    if args.lora_rank:
+        print(
+            f"LoRA rank {args.lora_rank} against full fine-tuning, AAPO ({result['devices']} "
+            "devices; update: train_step alone on one fixed scored rollout)"
+        )
+        print(
+            f"{'size':8} {'trained':>11} {'of':>11} {'full ms':>8} {'LoRA ms':>8} {'ratio':>6} "
+            f"{'full upd':>8} {'LoRA upd':>8} {'ratio':>6}"
+        )
+        for entry in sizes:
+            r = entry["lora"]
+            print(
+                f"{entry['size']:8} {r['trained_params']:>11,} {r['full_trained_params']:>11,} "
+                f"{1000 * r['full_step_s']:8.1f} {1000 * r['step_s']:8.1f} "
+                f"{r['step_ratio']:6.2f} {1000 * r['full_update_s']:8.1f} "
+                f"{1000 * r['update_s']:8.1f} {r['update_ratio']:6.2f}"
             )
     if result["devices"] > 1:
         print("1dev ms: the same step on one device, timed after the others in this run.")

@@ -15,16 +15,17 @@ from experiments import bench_decode_bandwidth, bench_shared_prompt, compare
 from tests.helpers import REPO, matplotlib_backend
 
 
-def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):
+def execute_notebook(name: str, monkeypatch, **env: str):
+    """Run experiments/NAME as Jupyter would, with the AAPO_NOTEBOOK_* `env`; the executed
+    notebook and its code cells' printed text."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("AAPO_NOTEBOOK_ARG", "variant=tiny")
-    monkeypatch.setenv("AAPO_NOTEBOOK_STEPS", "2")
-    monkeypatch.setenv("AAPO_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    for key, value in env.items():
+        monkeypatch.setenv(f"AAPO_NOTEBOOK_{key}", value)
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # The backend Jupyter and Colab give a notebook: a training run must leave it in place.
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    notebook = nbformat.read(REPO / "experiments" / "quickstart.ipynb", as_version=4)
+    notebook = nbformat.read(REPO / "experiments" / name, as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
     )
@@ -35,14 +36,46 @@ def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):
         if cell.cell_type == "code"
         for o in cell.outputs
     )
+    return notebook, outputs
+
+
+def has_image(cell) -> bool:
+    return any("image/png" in o.get("data", {}) for o in cell.outputs)
+
+
+def test_notebook_executes_on_the_tiny_config(tmp_path, monkeypatch):
+    notebook, outputs = execute_notebook(
+        "quickstart.ipynb",
+        monkeypatch,
+        ARG="variant=tiny",
+        STEPS="2",
+        WORKDIR=str(tmp_path / "run"),
+    )
     assert "final_eval_accuracy" in outputs
     assert (tmp_path / "run" / "summary.json").exists()
     plot_cell, completions_cell = (
         c for c in notebook.cells if "metrics.read" in c.source or "SAMPLES_FILE" in c.source
     )
-    assert any("image/png" in o.get("data", {}) for o in plot_cell.outputs)
+    assert has_image(plot_cell)
     printed = "".join(o.get("text", "") for o in completions_cell.outputs)
     assert printed.startswith("step 2: "), printed
+
+
+def test_one_chip_notebook_executes_in_tiny_mode(tmp_path, monkeypatch):
+    """The one-chip LoRA notebook on the quickstart's tiny model: planned on the local
+    device, trained, plotted, and its adapters exported in PEFT's format."""
+    run = tmp_path / "run"
+    notebook, outputs = execute_notebook(
+        "one_chip_lora.ipynb", monkeypatch, TINY="1", STEPS="2", WORKDIR=str(run)
+    )
+    assert "decode passes: 1" in outputs and "fits: " in outputs
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    assert (run / "hf" / "config.json").exists()
+    (plot_cell,) = (c for c in notebook.cells if "metrics.read" in c.source)
+    assert has_image(plot_cell)
+    assert f"python -m experiments.evaluate --model={run} --task=quickstart" in outputs
 
 
 def readme_block(first_line: str, language: str = "python") -> str:

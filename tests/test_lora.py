@@ -177,7 +177,7 @@ def test_a_lora_run_trains_only_adapters_and_resumes_bit_identically_after_kill9
     config_file.write_text(
         "from tests.helpers import tiny_config, train_process, trained_steps, wait_for\n\n\n"
         "def get_config():\n"
-        f"    c = tiny_config({str(tiny_model_dir)!r}, steps=6, checkpoint_every=2, "
+        f"    c = tiny_config({str(tiny_model_dir)!r}, steps=4, checkpoint_every=2, "
         "export_hf=True)\n"
         f"    c.model.lora_rank = {RANK}\n"
         "    c.optim.learning_rate = 1e-2\n"
@@ -321,3 +321,26 @@ def test_the_planner_counts_a_lora_base_once_and_no_reference(tmp_path):
     assert b["reference"] == 0  # the base with the adapters off
     # The whole model's weights once, in the compute dtype (fp32 in this config).
     assert b["frozen_base"] * devices == pytest.approx(mc.num_params * 4, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "module", ["r1_distill_1p5b_openrs", "qwen25_math_7b_simplerl", "llama32_simplerl"]
+)
+def test_paper_configs_take_lora_and_nf4_arguments(module):
+    import importlib
+
+    get_config = importlib.import_module(f"configs.{module}").get_config
+    full = get_config()
+    c = get_config("lora=64,base=nf4")
+    for one in (c, full):  # validation only: nothing is read
+        one.model.path = "/ckpt"
+        one.data.path = "/data/train." + ("jsonl" if one.data.source == "jsonl" else "parquet")
+    config = configs.experiment_config(c)
+    assert config.model.lora_rank == 64 and config.model.lora_alpha == 64.0
+    assert config.model.lora_base_qtype == "nf4" and config.name.endswith("-lora64-nf4")
+    assert config.optim.learning_rate == pytest.approx(10 * full.optim.learning_rate)
+    rows = config.sampling.max_prompt_length + config.sampling.max_new_tokens
+    assert config.optim.micro_batch_tokens == 4 * rows
+    assert configs.experiment_config(full).model.lora_rank == 0
+    with pytest.raises(ValueError, match="lora=RANK"):
+        get_config("base=nf4")
