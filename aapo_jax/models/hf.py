@@ -404,8 +404,7 @@ def _stack_quantized(slices: list[jax.Array], tile: int, shardings) -> tuple[jax
     """(nf4 codes, scales) of one stacked kernel from its per-layer slices."""
 
     def stack(*xs):
-        q = lora_lib.quantize(jnp.stack(xs), tile)
-        return q.qvalue, q.scale
+        return lora_lib.quantize(jnp.stack(xs), tile)
 
     return jax.jit(stack, out_shardings=shardings)(*slices)
 
