@@ -99,6 +99,8 @@ SPECIAL = {
     "model.tokenizer_path": ("/tok", {}),
     "model.scan_unroll": (2, {}),
     "model.reference_dtype": ("bfloat16", {}),
+    "model.lora_base_qtype": ("nf4", {"model.lora_rank": 8}),
+    "model.lora_targets": ("layers/attn/.*", {"model.lora_rank": 8}),
     "data.source": ("jsonl", {"data.path": "train.jsonl", "data.name": ""}),
     "data.name": ("basic_arithmetic", {}),
     "data.path": ("train.jsonl", {"data.source": "jsonl", "data.name": ""}),

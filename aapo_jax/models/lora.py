@@ -161,8 +161,10 @@ def quantize(kernel: jax.Array, tile: int, scale_dtype=jnp.float32) -> tuple[jax
 
 def dequantize(packed: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     """The kernel of `quantize`'s (packed codes, scales), in `dtype`."""
-    codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
-    codes = codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1]).astype(jnp.uint4)
+    # A bitcast (low nibble first), not shifts and masks: XLA may hoist elementwise work on
+    # each layer's slice out of the layer scan, unpacking every layer's codes at once.
+    codes = jax.lax.bitcast_convert_type(packed, jnp.uint4)
+    codes = codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
     return qwix.dequantize(QArray(codes, scale.astype(dtype), None, "nf4")).astype(dtype)
 
 
