@@ -153,9 +153,7 @@ def test_qlora_nf4_base_is_within_the_stated_tolerance_of_the_float_base():
     base = _load(model_dir)
     model = _load(model_dir, lora_rank=RANK, lora_base_qtype="nf4")
     attn = nnx.state(model, nnx.Param)["layers"]["attn"]
-    # Two nf4 codes a byte, whatever layout XLA picks for its arguments.
-    q = attn["q_kernel"].value
-    assert q.dtype == jnp.uint8 and q.shape[-1] == model.config.head_dim // 2
+    assert attn["q_kernel"].value.dtype == jnp.uint4
     assert attn["q_kernel_scale"].value.shape[1] == model.config.hidden_size // 64
     rng = np.random.default_rng(0)
     ids, mask = hf_fixtures.left_padded_batch(rng, [30, 20, 12, 30], 30, base.config.vocab_size)
@@ -342,7 +340,9 @@ def test_paper_configs_take_lora_and_nf4_arguments(module):
     assert config.model.lora_base_qtype == "nf4" and config.name.endswith("-lora64-nf4")
     assert config.optim.learning_rate == pytest.approx(10 * full.optim.learning_rate)
     rows = config.sampling.max_prompt_length + config.sampling.max_new_tokens
-    assert config.optim.micro_batch_tokens == 4 * rows
+    assert config.optim.micro_batch_tokens == 2 * rows and config.sampling.kv_budget_gib == 4.5
     assert configs.experiment_config(full).model.lora_rank == 0
+    plain = get_config("lora=64")
+    assert plain.optim.micro_batch_tokens == 4 * rows and plain.sampling.kv_budget_gib == 0
     with pytest.raises(ValueError, match="lora=RANK"):
         get_config("base=nf4")

@@ -404,7 +404,8 @@ def _stack_quantized(slices: list[jax.Array], tile: int, shardings) -> tuple[jax
     """(nf4 codes, scales) of one stacked kernel from its per-layer slices."""
 
     def stack(*xs):
-        return lora_lib.quantize(jnp.stack(xs), tile)
+        q = lora_lib.quantize(jnp.stack(xs), tile)
+        return q.qvalue, q.scale
 
     return jax.jit(stack, out_shardings=shardings)(*slices)
 

@@ -9,10 +9,8 @@ like the weights, `{name}_lora_a` [Ly, in, r] (He-uniform, as qwix's `LoraRule`)
 so freshly initialised adapters give the base model's outputs exactly, and a reference
 "with the adapters off" is the same model with every B zeroed (`adapters_off`). With
 `ModelConfig.lora_base_qtype = "nf4"` each targeted W is stored as qwix's nf4 codes
-(`{name}` holds them packed two to a byte, uint8 [Ly, in..., out... / 2], so that every
-program keeps them at 4 bits whatever layout XLA picks for a uint4 argument) and a scale per
-`lora_tile_size` inputs per output (`{name}_scale`), dequantized layer by layer inside the
-forward's layer scan.
+(`{name}` holds uint4 [Ly, in..., out...]) and a scale per `lora_tile_size` inputs per
+output (`{name}_scale`), dequantized layer by layer inside the forward's layer scan.
 """
 
 from __future__ import annotations
@@ -82,9 +80,7 @@ def add_adapters(module: nnx.Module, prefix: str, config, rngs: nnx.Rngs, stack:
         if parent != prefix:
             continue
         kernel = getattr(module, name)
-        shape = kernel.value.shape[1:]  # after the layer axis
-        if f"{name}_scale" in vars(module):  # nf4 codes: two to a byte on the last axis
-            shape = (*shape[:-1], 2 * shape[-1])
+        shape = kernel.value.shape[1:]  # after the layer axis (nf4 codes too)
         n_in = PROJECTIONS[path]
         # Split like the kernel's first input and first output axis (as qwix does).
         axes = kernel.get_metadata().get("logical_axes") or (None,) * (len(shape) + 1)
@@ -138,34 +134,20 @@ def quantize_base(module: nnx.Module, prefix: str, config) -> None:
             continue
         variable = getattr(module, name)
         axes = variable.get_metadata().get("logical_axes")
-        codes, scale = quantize(variable.value, config.lora_tile_size)
-        setattr(module, name, nnx.Param(codes, logical_axes=axes))
+        q = quantize(variable.value, config.lora_tile_size)
+        setattr(module, name, nnx.Param(q.qvalue, logical_axes=axes))
         scale_axes = None if axes is None else (axes[0], None, *axes[2:])
-        setattr(module, f"{name}_scale", nnx.Param(scale, logical_axes=scale_axes))
+        setattr(module, f"{name}_scale", nnx.Param(q.scale, logical_axes=scale_axes))
 
 
-def quantize(kernel: jax.Array, tile: int, scale_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """(packed codes, scales): qwix's nf4 codes of a stacked kernel [Ly, in, out...], two to a
-    byte along the last axis (uint8 [..., out_last / 2]), and one scale per `tile` inputs
-    (the contraction axis 1) per layer and output, as QLoRA's blockwise absmax."""
-    if kernel.shape[-1] % 2:
-        raise ValueError(f"nf4 packs two codes a byte: the last axis of {kernel.shape} is odd.")
+def quantize(kernel: jax.Array, tile: int, scale_dtype=jnp.float32) -> QArray:
+    """qwix nf4 codes of a stacked kernel [Ly, in, out...]: one scale per `tile` inputs (the
+    contraction axis 1) per layer and output, as QLoRA's blockwise absmax."""
     axes = tuple(i for i in range(kernel.ndim) if i != 1)
     tile = min(tile, kernel.shape[1])
-    q = qwix.quantize(
+    return qwix.quantize(
         kernel, "nf4", channelwise_axes=axes, tiled_axes={1: tile}, scale_dtype=scale_dtype
     )
-    codes = q.qvalue.astype(jnp.uint8)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4), q.scale
-
-
-def dequantize(packed: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """The kernel of `quantize`'s (packed codes, scales), in `dtype`."""
-    # A bitcast (low nibble first), not shifts and masks: XLA may hoist elementwise work on
-    # each layer's slice out of the layer scan, unpacking every layer's codes at once.
-    codes = jax.lax.bitcast_convert_type(packed, jnp.uint4)
-    codes = codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
-    return qwix.dequantize(QArray(codes, scale.astype(dtype), None, "nf4")).astype(dtype)
 
 
 def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
@@ -174,7 +156,7 @@ def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
     scale = getattr(module, f"{name}_scale", None)
     if scale is None:
         return stored.astype(dtype)
-    return dequantize(stored, scale.value, dtype)
+    return qwix.dequantize(QArray(stored, scale.value.astype(dtype), None, "nf4")).astype(dtype)
 
 
 def project(module: nnx.Module, x: jax.Array, name: str, n_in: int = 1) -> jax.Array:
@@ -210,7 +192,9 @@ def merged_kernel(module_state, name: str, config) -> jax.Array:
     (a dict of Variables): the weight a merged export writes."""
     stored = module_state[name].value
     if f"{name}_scale" in module_state:
-        w = dequantize(stored, module_state[f"{name}_scale"].value, jnp.float32)
+        w = qwix.dequantize(
+            QArray(stored, module_state[f"{name}_scale"].value.astype(jnp.float32), None, "nf4")
+        )
     else:
         w = stored.astype(jnp.float32)
     if f"{name}_lora_a" not in module_state:
