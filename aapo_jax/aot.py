@@ -247,13 +247,16 @@ def tree_bytes_per_device(tree) -> int:
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += math.prod(shape) * _itemsize(leaf.dtype)
-    return total
+    return math.ceil(total)
 
 
-def _itemsize(dtype) -> int:
+def _itemsize(dtype) -> float:
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return 8  # threefry key data: 2 × uint32
-    return jnp.dtype(dtype).itemsize
+    dtype = jnp.dtype(dtype)
+    if dtype.name in ("int4", "uint4"):  # nf4 codes: two to a byte on TPU, as XLA counts them
+        return 0.5
+    return dtype.itemsize
 
 
 def kv_cache_bytes(plan: Plan, prompts: int | None = None) -> int:
