@@ -559,8 +559,10 @@ def model_flops(plan: Plan) -> dict[str, float]:
     upper bound). Update: the same forward over the prompts (once per group when the
     micro-batches keep groups whole, else once per row: `update_layout`) and the
     completions at their executed length (`expected_update_length`: T, or the bucket
-    lengths of `optim.length_buckets`), ×3 for the backward, +1 forward with remat
-    "full", +1 for the reference log-probs. `update_useful`: the update's work on real
+    lengths of `optim.length_buckets`), ×3 for the backward (×2 with LoRA: the frozen
+    base's weight gradients are not computed; the adapters' FLOPs and attention's own
+    gradients, which stay ×3, are left out), +1 forward with remat "full", +1 for the
+    reference log-probs. `update_useful`: the update's work on real
     tokens only, at a mean completion of T/2 (each prompt's P once, a forward + backward,
     and the reference forward only when the loss needs it): the numerator of the update's
     useful / executed FLOPs. `update_padding`: the executed passes' FLOPs on padding (the
@@ -578,9 +580,10 @@ def model_flops(plan: Plan) -> dict[str, float]:
     update_rows = n // prompt_group
     executed = expected_update_length(plan)
     sampled = 2 if cfg.rl.samples_reference else 1
-    passes = 3 + (1 if cfg.model.remat == "full" else 0)
+    forward_and_backward = 2 if mc.lora_rank else 3
+    passes = forward_and_backward + (1 if cfg.model.remat == "full" else 0)
     passes += 1 if cfg.rl.computes_reference_logprobs else 0
-    useful = 3 + (1 if cfg.rl.needs_reference_logprobs else 0)
+    useful = forward_and_backward + (1 if cfg.rl.needs_reference_logprobs else 0)
     update_pass = one_pass(executed, update_rows)
     out = {
         "rollout": sampled * one_pass(t),

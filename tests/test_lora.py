@@ -321,6 +321,12 @@ def test_the_planner_counts_a_lora_base_once_and_no_reference(tmp_path):
     assert b["reference"] == 0  # the base with the adapters off
     # The whole model's weights once, in the compute dtype (fp32 in this config).
     assert b["frozen_base"] * devices == pytest.approx(mc.num_params * 4, rel=0.05)
+    # No weight gradients for the base: a forward and a backward of activations only.
+    c.model.lora_rank = 0
+    full = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    lora_flops, full_flops = aot.model_flops(plan), aot.model_flops(full)
+    assert lora_flops["rollout"] == full_flops["rollout"]
+    assert lora_flops["update"] == pytest.approx(full_flops["update"] * 2 / 3)
 
 
 @pytest.mark.parametrize(
