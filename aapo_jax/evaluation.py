@@ -45,15 +45,16 @@ PAPER_QUERY_TEMPLATE = (
 )
 PAPER_SAMPLING = SamplerSettings(max_new_tokens=32768, temperature=0.6, top_p=0.95)
 PAPER_SAMPLES = 1
-# Per benchmark, the gold column and the verifier that parses it as the authors' lighteval
-# tasks do: expressions for AIME24 / AMC23, LaTeX on the worked `solution` for MATH-500 /
-# Minerva, LaTeX on `answer` for OlympiadBench.
+# Per benchmark, as the authors' lighteval tasks read it: the question column, the gold
+# column and the verifier that parses the gold (expressions for AIME24 / AMC23, LaTeX on the
+# worked `solution` for MATH-500 / Minerva, LaTeX on `answer` for OlympiadBench, whose
+# question is `question`: its files carry other text columns too, so nothing is guessed).
 PAPER_BENCHMARKS = {
-    "aime24": ("answer", "lighteval_expr_gold"),
-    "amc23": ("answer", "lighteval_expr_gold"),
-    "math500": ("solution", "lighteval_latex_gold"),
-    "minerva": ("solution", "lighteval_latex_gold"),
-    "olympiadbench": ("answer", "lighteval_latex_gold"),
+    "aime24": ("problem", "answer", "lighteval_expr_gold"),
+    "amc23": ("problem", "answer", "lighteval_expr_gold"),
+    "math500": ("problem", "solution", "lighteval_latex_gold"),
+    "minerva": ("problem", "solution", "lighteval_latex_gold"),
+    "olympiadbench": ("question", "answer", "lighteval_latex_gold"),
 }
 
 

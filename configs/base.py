@@ -100,7 +100,8 @@ def paper_config(
 
     Shared, as the authors' TRL 0.16 runs: G=6, 16 prompts/step, 100 steps, lr 1e-6 with
     transformers' warmup (from lr 0 over ceil(ratio · steps) steps), seed 42, top_k 50,
-    training log-probs at the sampling temperature, over-long prompts cut on the left;
+    training log-probs at the sampling temperature, over-long prompts cut on the left (the
+    SimpleRL configs drop them instead, as the authors' data_utils does);
     plus fp32 masters with bf16 compute and remat. `lora=R`, `base=nf4`: `apply_lora`.
     """
     args = parse_arg(arg, algo="aapo", variant="full", lora="0", base="bf16")
@@ -120,7 +121,7 @@ def paper_config(
     c.rl.logprob_temperature = temperature  # TRL >= 0.16 divides training logits by it
     # TRL 0.16 with one prompt's G rows per device: a token mean per prompt, then the mean.
     c.rl.loss_aggregation = "per_prompt_token_mean"
-    c.prompt.overlong = "truncate_left"  # TRL: prompt_ids[:, -max_prompt_length:]
+    c.prompt.overlong = "truncate_left"  # TRL: prompt_ids[:, -max_prompt_length:] (open-rs)
     c.train.prompts_per_step = 16
     c.train.steps = 100
     c.train.seed = 42
@@ -156,6 +157,8 @@ def _simplerl(c: ml_collections.ConfigDict) -> None:
     c.data.answer_key = "target"
     c.prompt.use_chat_template = False
     c.prompt.system_prompt = ""
+    # The authors' SimpleRL data_utils keeps only prompts of ≤ max_prompt_length tokens.
+    c.prompt.overlong = "drop"
     c.train.steps = -1  # one epoch over the training file (TRL max_steps=-1)
     c.train.checkpoint_every = 25  # their save_steps
 

@@ -8,7 +8,7 @@
 `get_config("variant=tiny")` is a 2-step CPU smoke run of the same file.
 Authors' settings (their code, TRL 0.16.1 defaults where their YAML is silent):
 lr 1e-6 constant after 3% warmup from 0, G=6, 16 prompts/step, prompt ≤ 1024 (longer
-ones cut on the left), completion ≤ 3072, temperature 1.0, top_p 1.0, top_k 50,
+ones dropped, as their data_utils does), completion ≤ 3072, temperature 1.0, top_p 1.0, top_k 50,
 seed 42, checkpoints every 25 steps, scale_rewards False, boxed-answer accuracy
 (math-verify, the bare gold wrapped in \\boxed{}). Data: the SimpleRL-Zoo parquet as
 released, its `instruction` chat turn's content used as the prompt string as is (no

@@ -21,7 +21,8 @@ Tasks, each with the host reward (`aapo_jax.rewards.get_host_reward`) that verif
   authors' whole protocol in one flag: one sample per problem at temperature 0.6, top_p 0.95,
   up to 32768 new tokens, no greedy pass, the query template in the chat template, and
   lighteval's extraction with the benchmark's gold column and format
-  (`evaluation.PAPER_BENCHMARKS`; verifiers `lighteval_expr_gold` / `lighteval_latex_gold`).
+  (`evaluation.PAPER_BENCHMARKS`: the question and gold columns pinned per benchmark;
+  verifiers `lighteval_expr_gold` / `lighteval_latex_gold`).
 
 `--import=my_module` (repeatable) imports your own module first, e.g. one that registers the
 reward a training run used; a training --workdir re-imports the modules it was trained with.
@@ -125,12 +126,12 @@ def load_task(args: argparse.Namespace, tokenizer) -> Task:
             if args.template is not None
             else evaluation.paper_prompt_fn(tokenizer, use_chat_template=chat)
         )
-        answer_key, verifier = None, "accuracy_boxed_gold"
+        question_key, answer_key, verifier = None, None, "accuracy_boxed_gold"
         if args.paper:
-            answer_key, verifier = evaluation.PAPER_BENCHMARKS[args.paper]
+            question_key, answer_key, verifier = evaluation.PAPER_BENCHMARKS[args.paper]
         return Task(
             name=args.task if not args.paper else f"{args.paper}:{args.task}",
-            examples=read_records(args.task, answer_key=answer_key),
+            examples=read_records(args.task, question_key=question_key, answer_key=answer_key),
             prompt_fn=prompt_fn,
             verifier=verifier,
             extract_fn=evaluation.math_extract_fn,

@@ -127,7 +127,6 @@ _SHARED = {
     "optim.warmup_style": "transformers",
     "sampling.top_k": 50,
     "sampling.top_p": 1.0,
-    "prompt.overlong": "truncate_left",
     "rl.loss_aggregation": "per_prompt_token_mean",
 }
 _SIMPLERL = {
@@ -148,6 +147,7 @@ _SIMPLERL = {
     "data.answer_key": "target",
     "prompt.use_chat_template": False,
     "prompt.system_prompt": "",
+    "prompt.overlong": "drop",  # their data_utils filters to ≤ max_prompt_length
 }
 AUTHORS = {
     "r1_distill_1p5b_openrs": {
@@ -169,6 +169,7 @@ AUTHORS = {
         "data.question_key": "problem",
         "data.answer_key": "solution",
         "prompt.use_chat_template": True,
+        "prompt.overlong": "truncate_left",  # TRL's prompt_ids[:, -max_prompt_length:]
     },
     "qwen25_math_7b_simplerl": _SIMPLERL,
     "llama32_simplerl": _SIMPLERL,

@@ -341,6 +341,13 @@ def test_paper_flag_sets_the_authors_protocol_and_gold(tmp_path):
     flags = ["--model=M", f"--task={task}", "--paper=amc23", "--max_new_tokens=9"]
     kept = evaluate.parse_args(flags)
     assert kept.max_new_tokens == 9
+    # OlympiadBench's question is `question`, though its rows may carry a `problem` too.
+    olympiad = tmp_path / "olympiadbench.jsonl"
+    row = {"problem": "other text", "question": "What is 2+2?", "answer": "$4$"}
+    olympiad.write_text(json.dumps(row) + "\n")
+    flags = ["--model=M", f"--task={olympiad}", "--paper=olympiadbench"]
+    (example,) = evaluate.load_task(evaluate.parse_args(flags), _tokenizer()).examples
+    assert (example.question, example.answer) == ("What is 2+2?", "$4$")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model=M", "--task=gym:chain_sum", "--paper=aime24"])
     with pytest.raises(SystemExit):
