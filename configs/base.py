@@ -153,7 +153,9 @@ def _simplerl(c: ml_collections.ConfigDict) -> None:
     # ready-made prompt string (chat markup included), used without a template or system
     # prompt; the gold is `target`.
     c.data.source = "parquet"
-    c.data.question_key = "instruction"
+    # The authors' code renames the released parquet's `prompt` to `instruction`; a file
+    # may carry either (a one-turn chat list whose content is the prompt string).
+    c.data.question_key = "instruction|prompt"
     c.data.answer_key = "target"
     c.prompt.use_chat_template = False
     c.prompt.system_prompt = ""

@@ -143,7 +143,7 @@ _SIMPLERL = {
     "rl.hparams.scale_rewards": False,
     "reward.names": ("accuracy_boxed_gold",),
     "data.source": "parquet",
-    "data.question_key": "instruction",
+    "data.question_key": "instruction|prompt",
     "data.answer_key": "target",
     "prompt.use_chat_template": False,
     "prompt.system_prompt": "",
@@ -256,6 +256,30 @@ def test_simplerl_parquet_row_gives_the_authors_prompt_string(local_assets):
     for prompt in encoded:
         assert prompt.text in gold  # the instruction's content, byte for byte
         assert prompt.example.answer == gold[prompt.text]
+
+
+def test_simplerl_file_may_name_its_prompt_column_prompt_or_instruction(local_assets, tmp_path):
+    from aapo_jax.data import sources
+
+    table = pq.read_table(local_assets[1]["parquet"])
+    names = table.column_names
+    renamed = tmp_path / "released.parquet"  # the released file, before the authors' rename
+    pq.write_table(
+        table.rename_columns(["prompt" if n == "instruction" else n for n in names]), renamed
+    )
+    c = _with_paths(_module("qwen25_math_7b_simplerl").get_config(), local_assets)
+    c.data.eval_size = 8
+    want, _ = sources.load_splits(configs.experiment_config(c).data)
+    c.data.path = str(renamed)
+    got, _ = sources.load_splits(configs.experiment_config(c).data)
+    assert [e.question for e in got] == [e.question for e in want]
+    neither = tmp_path / "neither.parquet"
+    pq.write_table(
+        table.rename_columns(["text" if n == "instruction" else n for n in names]), neither
+    )
+    c.data.path = str(neither)
+    with pytest.raises(ValueError, match=r"no column 'instruction\|prompt'.*columns present"):
+        sources.load_splits(configs.experiment_config(c).data)
 
 
 def test_one_epoch_run_trains_for_the_prompts_it_has(local_assets, tmp_path):

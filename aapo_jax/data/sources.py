@@ -110,10 +110,13 @@ def _missing_key_error(where: str, key: str, role: str, columns) -> ValueError:
 
 
 def _pick_key(where: str, columns, key: str | None, candidates: tuple[str, ...], role: str) -> str:
+    """The column of `role`: `key` ("a|b": the first of those present), else the first
+    present of `candidates`; the error names the columns present."""
     if key is not None:
-        if key not in columns:
-            raise _missing_key_error(where, key, role, columns)
-        return key
+        for name in key.split("|"):
+            if name in columns:
+                return name
+        raise _missing_key_error(where, key, role, columns)
     for candidate in candidates:
         if candidate in columns:
             return candidate
@@ -215,8 +218,8 @@ def read_records(
 
     Args:
       path: the file.
-      question_key: the question column; None picks the first present of
-        `QUESTION_KEYS` ("problem", "question", "prompt").
+      question_key: the question column, or alternatives "a|b" (the first present);
+        None picks the first present of `QUESTION_KEYS` ("problem", "question", "prompt").
       answer_key: the gold-answer column; None picks the first present of
         `ANSWER_KEYS` ("gt_answer", "answer", "solution"), so a file with both
         `answer` and `solution` uses `answer`.
@@ -344,8 +347,8 @@ class DataConfig:
     train_size, eval_size: exact sizes for reasoning-gym; upper bounds (the
       first rows, in stored order) for files and TFDS. eval_size may be 0.
     seed: the reasoning-gym seed / the hold-out permutation seed.
-    question_key, answer_key: column names for files and TFDS; None
-      auto-detects (see `read_records`).
+    question_key, answer_key: column names for files and TFDS ("a|b": the first of those
+      present); None auto-detects (see `read_records`).
     """
 
     source: str = fields.choice("reasoning_gym", SOURCES)
