@@ -197,8 +197,7 @@ def abstract_inputs(
         reference_dtype=config.model.reference_storage(config.rl.reference),
         base=base,
     )
-    variables = params if base is None else nnx.merge_state(params, base)
-    shardings = sharding.tree_shardings(state, variables, mesh)
+    shardings = sharding.tree_shardings(state, train_step_lib.model_variables(params, base), mesh)
     b, p = config.train.prompts_per_step, config.sampling.max_prompt_length
     prompt_sharding = _rows_or_replicated(mesh, (b, p))
     prompts = PromptBatch(
@@ -446,6 +445,7 @@ def compile_programs(
         pad_token_id=plan.pad_token_id,
         mesh=mesh,
         decode_weights=cfg.sampling.decode_weights,
+        kv_budget_gib=cfg.sampling.kv_budget_gib,
     )
     # keep_unused: the whole state stays in memory while sampling (the optimizer moments
     # too), so it counts among the rollout's arguments.
@@ -629,10 +629,8 @@ def ideal_decode_bytes(plan: Plan, completion_slots: float) -> float:
     slots once (its G rows share them) and `completion_slots` filled slots of every row."""
     cfg, mc = plan.config, plan.model_config
     itemsize = jnp.dtype(mc.compute_dtype).itemsize
-    n_models = 2 if cfg.rl.samples_reference else 1
+    n_models = rollout.decoded_weight_sets(cfg.rl, plan.state)
     weights = sum(x.size for x in jax.tree.leaves(plan.state.policy_weights())) * itemsize
-    if plan.state.base is not None:  # LoRA: the policy and the reference read one base
-        n_models = 1
     prompts = cfg.train.prompts_per_step
     slots = (
         prompts * cfg.sampling.max_prompt_length + prompts * cfg.rl.group_size * completion_slots

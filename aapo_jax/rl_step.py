@@ -54,6 +54,7 @@ def make_stages(
     pad_token_id: int,
     mesh: Mesh | None = None,
     decode_weights: str = "auto",
+    kv_budget_gib: float = 0.0,
 ) -> tuple[rollout.SampleFn, train_step.StepFn]:
     """(stage 1, stage 3) of one configuration: `rollout.make_sampler` and
     `train_step.make_train_step`, un-jitted, for the trainer, the planner and
@@ -66,6 +67,7 @@ def make_stages(
         pad_token_id=pad_token_id,
         mesh=mesh,
         decode_weights=decode_weights,
+        kv_budget_gib=kv_budget_gib,
     )
     return sample, train_step.make_train_step(rl, optim, graphdef, tx, mesh=mesh)
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array
 
 from aapo_jax import rewards, sampling, sharding
-from aapo_jax.configs import RewardConfig, RLConfig, RolloutSettings
+from aapo_jax.configs import RewardConfig, RLConfig
 from aapo_jax.data.sources import Example
 from aapo_jax.data.tokenize import decode_completions
 from aapo_jax.models.config import ModelConfig
@@ -41,6 +41,7 @@ def make_sampler(
     pad_token_id: int,
     mesh: Mesh | None = None,
     decode_weights: str = "auto",
+    kv_budget_gib: float = 0.0,
 ) -> SampleFn:
     """`sample(state, prompts) -> Rollout`: G completions per prompt from the policy.
 
@@ -52,12 +53,10 @@ def make_sampler(
     `sharding.DECODE_LAYOUTS`) says where the decode loop reads the weights: copies made
     once per rollout, split over the devices by hidden units ("tensor") or whole on each
     ("replicated"), or the training layout ("sharded"); see `decode_copies`.
-    With `settings` a `configs.RolloutSettings` whose `kv_budget_gib` is > 0, each device
-    decodes its prompts in the fewest sequential passes whose KV caches fit that budget
-    (`decode_passes`); plain `SamplerSettings` decode in one pass.
+    `kv_budget_gib` (`sampling.kv_budget_gib`) > 0: each device decodes its prompts in the
+    fewest sequential passes whose KV caches fit that budget (`decode_passes`); 0: one pass.
     """
     config = sampling_config(rl, settings, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    budget = settings.kv_budget_gib if isinstance(settings, RolloutSettings) else 0.0
 
     def sample(state: TrainState, prompts: PromptBatch) -> Rollout:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -72,7 +71,7 @@ def make_sampler(
             prompts.ids.shape[0],
         )
         passes = decode_passes(
-            rl, settings, models[0].config, mesh, *prompts.ids.shape, kv_budget_gib=budget
+            rl, settings, models[0].config, mesh, *prompts.ids.shape, kv_budget_gib=kv_budget_gib
         )
         config_here = dataclasses.replace(config, decode_weights=layout, passes=passes)
         # One decode loop advances both models (outputs equal two separate loops).
@@ -123,10 +122,20 @@ def decode_copies(
     """(layout, per-device bytes) of the weights the rollout's decode loop reads
     (`sampling.decode_copies` for every decoded model: the policy, and the reference when
     sampled; with LoRA both read one base). The sampler and the planner decide with this."""
-    n_models = 2 if rl.samples_reference and state.base is None else 1
     return sampling.decode_copies(
-        decode_weights, state.policy_weights(), compute_dtype, mesh, prompts, n_models=n_models
+        decode_weights,
+        state.policy_weights(),
+        compute_dtype,
+        mesh,
+        prompts,
+        n_models=decoded_weight_sets(rl, state),
     )
+
+
+def decoded_weight_sets(rl: RLConfig, state: TrainState) -> int:
+    """How many models' weights the rollout decodes from: the policy's, and the reference's
+    when it is sampled, unless (LoRA) the reference is the policy's own base."""
+    return 2 if rl.samples_reference and state.base is None else 1
 
 
 def kv_cache_bytes(

@@ -99,7 +99,7 @@ def init_train_state(
     init = functools.partial(_init_state, tx=tx, rl=rl, seed=seed, reference_dtype=reference_dtype)
     if mesh is None:
         return jax.jit(init, donate_argnums=(0, 1))(params, base), None
-    variables = params if base is None else nnx.merge_state(params, base)
+    variables = model_variables(params, base)
     params, base = sharding.put(
         (params, base), sharding.tree_shardings((params, base), variables, mesh)
     )  # a no-op for weights already placed
@@ -107,6 +107,13 @@ def init_train_state(
     shardings = sharding.tree_shardings(abstract, variables, mesh)
     state = jax.jit(init, donate_argnums=(0, 1), out_shardings=shardings)(params, base)
     return state, shardings
+
+
+def model_variables(params: nnx.State, base: nnx.State | None) -> nnx.State:
+    """Every weight of the model in one state: the trained `params`, and a LoRA model's
+    frozen `base` when there is one (what `sharding.tree_shardings` reads the train state's
+    shardings from)."""
+    return params if base is None else nnx.merge_state(params, base)
 
 
 def update_reference(rl: RLConfig, step: Array, params: nnx.State, ref: nnx.State | None):

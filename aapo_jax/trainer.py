@@ -216,6 +216,7 @@ class Trainer:
             pad_token_id=self.pad,
             mesh=self.mesh,
             decode_weights=cfg.sampling.decode_weights,
+            kv_budget_gib=cfg.sampling.kv_budget_gib,
         )
         # Inputs arrive sharded (`sharding.shard_batch`); the state keeps its shardings.
         if cfg.reward.kind == "token":

@@ -95,7 +95,9 @@ def test_make_sampler_decodes_in_the_passes_its_budget_needs(pair, monkeypatch):
     outs = []
     for budget in (0.0, whole / 2 / sharding.GiB):
         settings = configs.RolloutSettings(max_new_tokens=T, kv_budget_gib=budget)
-        sample = rollout.make_sampler(rl_cfg, settings, graphdef, eos_token_id=EOS, pad_token_id=0)
+        sample = rollout.make_sampler(
+            rl_cfg, settings, graphdef, eos_token_id=EOS, pad_token_id=0, kv_budget_gib=budget
+        )
         outs.append(jax.jit(sample)(state, prompts))
     assert seen == [1, 2]
     _assert_same(*((o.policy, o.reference) for o in outs))

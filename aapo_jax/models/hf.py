@@ -358,8 +358,8 @@ def load_hf_checkpoint(
                         f"expected {entry.hf_shape} from config.json."
                     )
                 variable = _at(state, entry.path)
-                quantized = _scale_of(state, entry.path) is not None
-                dtype = config.compute_dtype if quantized else variable.value.dtype
+                scale = _scale_of(state, entry.path)  # nf4: read as floats, quantized below
+                dtype = variable.value.dtype if scale is None else config.compute_dtype
                 value = np.ascontiguousarray(entry.to_ours(tensor.astype(dtype)))
                 target = _at(shardings, entry.path).value if shardings is not None else None
                 if entry.layer is None:
@@ -372,8 +372,7 @@ def load_hf_checkpoint(
                     if len(slices) == config.num_layers:
                         target = _at(shardings, entry.path).value if shardings is not None else None
                         ordered = [slices[i] for i in range(config.num_layers)]
-                        if quantized:  # QLoRA: nf4 codes and scales, straight from the slices
-                            scale = _scale_of(state, entry.path)
+                        if scale is not None:  # QLoRA: codes and scales from the slices
                             scale_target = (
                                 _at(shardings, entry.path[:-1])[f"{entry.path[-1]}_scale"].value
                                 if shardings is not None
@@ -497,16 +496,15 @@ def save_hf_checkpoint(
         (path / SAFE_INDEX).write_text(json.dumps(index, indent=2))
 
 
-# The Hugging Face module of each projection an adapter can target.
-_PEFT_MODULES = {
-    "layers/attn/q_kernel": "self_attn.q_proj",
-    "layers/attn/k_kernel": "self_attn.k_proj",
-    "layers/attn/v_kernel": "self_attn.v_proj",
-    "layers/attn/o_kernel": "self_attn.o_proj",
-    "layers/mlp/gate_kernel": "mlp.gate_proj",
-    "layers/mlp/up_kernel": "mlp.up_proj",
-    "layers/mlp/down_kernel": "mlp.down_proj",
-}
+def _hf_modules(config: ModelConfig) -> dict[str, str]:
+    """Our projection path ("layers/attn/q_kernel") → its Hugging Face module in a layer
+    ("self_attn.q_proj"), read off `weight_table`."""
+    prefix = "model.layers.0."
+    return {
+        "/".join(e.path): e.hf_name.removeprefix(prefix).removesuffix(".weight")
+        for e in weight_table(config)
+        if e.layer == 0 and "/".join(e.path) in lora_lib.PROJECTIONS
+    }
 
 
 def save_peft_adapters(
@@ -528,6 +526,7 @@ def save_peft_adapters(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = nnx.state(model, nnx.LoRAParam)
+    modules = _hf_modules(config)
     tensors = {}
     for target in config.lora_paths:
         keys = target.split("/")
@@ -535,7 +534,7 @@ def save_peft_adapters(
         a = np.asarray(jax.device_get(module[f"{keys[-1]}_lora_a"].value), np.float32)
         b = np.asarray(jax.device_get(module[f"{keys[-1]}_lora_b"].value), np.float32)
         for i in range(config.num_layers):
-            name = f"base_model.model.model.layers.{i}.{_PEFT_MODULES[target]}"
+            name = f"base_model.model.model.layers.{i}.{modules[target]}"
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
     _save_shard(tensors, path / "adapter_model.safetensors")
@@ -546,7 +545,7 @@ def save_peft_adapters(
         "r": config.lora_rank,
         "lora_alpha": config.lora_alpha or config.lora_rank,
         "lora_dropout": 0.0,
-        "target_modules": sorted({_PEFT_MODULES[t].split(".")[-1] for t in config.lora_paths}),
+        "target_modules": sorted({modules[t].split(".")[-1] for t in config.lora_paths}),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

@@ -86,15 +86,17 @@ def add_adapters(module: nnx.Module, prefix: str, config, rngs: nnx.Rngs, stack:
         axes = kernel.get_metadata().get("logical_axes") or (None,) * (len(shape) + 1)
         a_axes, b_axes = ("layers", axes[1], None), ("layers", None, axes[1 + n_in])
         fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
-        keys = jax.random.split(rngs.params(), stack)
-        a = jax.vmap(lambda k, fi=fan_in: initializers.he_uniform()(k, (fi, r), jnp.float32))(keys)
-        setattr(
-            module,
-            f"{name}_lora_a",
-            nnx.LoRAParam(a.astype(dtype), logical_axes=a_axes),
-        )
+        a = _stacked_a(rngs.params(), (stack, fan_in, r), dtype)
+        setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, logical_axes=a_axes))
         b = jnp.zeros((stack, r, fan_out), dtype)
         setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, logical_axes=b_axes))
+
+
+def _stacked_a(key: jax.Array, shape: tuple[int, int, int], dtype) -> jax.Array:
+    """A fresh A [Ly, in, r]: each layer's He-uniform (fan-in = in) from its own key."""
+    layer_keys = jax.random.split(key, shape[0])
+    draw = initializers.he_uniform()
+    return jax.vmap(lambda k: draw(k, shape[1:], jnp.float32))(layer_keys).astype(dtype)
 
 
 def initial_adapters(adapters: nnx.State, seed: int, shardings: nnx.State | None = None):
@@ -105,12 +107,7 @@ def initial_adapters(adapters: nnx.State, seed: int, shardings: nnx.State | None
     def make(path, leaf, key):
         if _is_b(path):
             return jnp.zeros(leaf.shape, leaf.dtype)
-        # [Ly, in, r]: each layer's A from its own key, fan-in = in.
-        one = initializers.he_uniform()
-        layer_keys = jax.random.split(key, leaf.shape[0])
-        return jax.vmap(lambda k: one(k, leaf.shape[1:], jnp.float32))(layer_keys).astype(
-            leaf.dtype
-        )
+        return _stacked_a(key, leaf.shape, leaf.dtype)
 
     def build():
         keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -152,11 +149,15 @@ def quantize(kernel: jax.Array, tile: int, scale_dtype=jnp.float32) -> QArray:
 
 def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
     """Kernel `name` of `module` in `dtype`: the stored weight, or its nf4 codes dequantized."""
-    stored = getattr(module, name).value
     scale = getattr(module, f"{name}_scale", None)
+    return _float_kernel(getattr(module, name).value, None if scale is None else scale.value, dtype)
+
+
+def _float_kernel(stored: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+    """A stored kernel in `dtype`: as it is, or (with its nf4 `scale`) dequantized."""
     if scale is None:
         return stored.astype(dtype)
-    return qwix.dequantize(QArray(stored, scale.value.astype(dtype), None, "nf4")).astype(dtype)
+    return qwix.dequantize(QArray(stored, scale.astype(dtype), None, "nf4")).astype(dtype)
 
 
 def project(module: nnx.Module, x: jax.Array, name: str, n_in: int = 1) -> jax.Array:
@@ -190,13 +191,8 @@ def _is_b(path) -> bool:
 def merged_kernel(module_state, name: str, config) -> jax.Array:
     """fp32 W + A B · alpha / r of kernel `name` ([Ly, in..., out...]) from a module's state
     (a dict of Variables): the weight a merged export writes."""
-    stored = module_state[name].value
-    if f"{name}_scale" in module_state:
-        w = qwix.dequantize(
-            QArray(stored, module_state[f"{name}_scale"].value.astype(jnp.float32), None, "nf4")
-        )
-    else:
-        w = stored.astype(jnp.float32)
+    scale = module_state[f"{name}_scale"].value if f"{name}_scale" in module_state else None
+    w = _float_kernel(module_state[name].value, scale, jnp.float32)
     if f"{name}_lora_a" not in module_state:
         return w
     a = module_state[f"{name}_lora_a"].value.astype(jnp.float32)
