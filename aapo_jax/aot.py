@@ -625,18 +625,20 @@ def device_peaks(device: jax.Device) -> tuple[float, float, float] | None:
 
 def ideal_decode_bytes(plan: Plan, completion_slots: float) -> float:
     """Bytes one device must read per decode step at best: its share (1/devices) of every
-    decoded model's weights in the compute dtype, and of their caches: each prompt's P
-    slots once (its G rows share them) and `completion_slots` filled slots of every row."""
+    decoded model's weights in the compute dtype (a LoRA base once: the policy and the
+    reference share it), and of every decoded model's cache: each prompt's P slots once
+    (its G rows share them) and `completion_slots` filled slots of every row."""
     cfg, mc = plan.config, plan.model_config
     itemsize = jnp.dtype(mc.compute_dtype).itemsize
-    n_models = rollout.decoded_weight_sets(cfg.rl, plan.state)
     weights = sum(x.size for x in jax.tree.leaves(plan.state.policy_weights())) * itemsize
     prompts = cfg.train.prompts_per_step
     slots = (
         prompts * cfg.sampling.max_prompt_length + prompts * cfg.rl.group_size * completion_slots
     )
     per_slot = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * itemsize
-    return n_models * (weights + per_slot * slots) / plan.mesh.devices.size
+    caches = 2 if cfg.rl.samples_reference else 1  # the reference's own, LoRA or not
+    read = rollout.decoded_weight_sets(cfg.rl, plan.state) * weights + caches * per_slot * slots
+    return read / plan.mesh.devices.size
 
 
 @dataclasses.dataclass

@@ -352,3 +352,24 @@ def test_paper_configs_take_lora_and_nf4_arguments(module):
     assert plain.optim.micro_batch_tokens == 4 * rows and plain.sampling.kv_budget_gib == 0
     with pytest.raises(ValueError, match="lora=RANK"):
         get_config("base=nf4")
+
+
+def test_the_ideal_decode_read_counts_a_lora_base_once_and_both_caches(tmp_path):
+    from aapo_jax import aot
+    from tests.helpers import tiny_plan_config
+    from tests.test_plan import write_model
+
+    c = tiny_plan_config(write_model(tmp_path / "model"))
+    full = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    c.model.lora_rank = RANK
+    plan = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    # One more filled slot per row costs the same: the policy's and the reference's caches.
+    slot = aot.ideal_decode_bytes(plan, 1) - aot.ideal_decode_bytes(plan, 0)
+    assert slot == pytest.approx(aot.ideal_decode_bytes(full, 1) - aot.ideal_decode_bytes(full, 0))
+    # At no fill: two copies of the full model's weights (W), or one base plus the adapters
+    # (A); both with the two models' prompt caches. So LoRA reads A − W more (fp32 here).
+    size = jax.device_count()
+    w = sum(x.size for x in jax.tree.leaves(full.state.params)) * 4 / size
+    a = sum(x.size for x in jax.tree.leaves(plan.state.params)) * 4 / size
+    got = aot.ideal_decode_bytes(plan, 0) - aot.ideal_decode_bytes(full, 0)
+    assert got == pytest.approx(a - w, rel=1e-6)
