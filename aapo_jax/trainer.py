@@ -95,6 +95,10 @@ class Trainer:
     The process holds the workdir's lock (`lock.WorkdirLock`) from construction to
     `close()`: a second run in the same workdir is refused (`lock.WorkdirBusyError`).
 
+    With no eval split (`data.eval_size=0` and no eval file: the paper configs) nothing is
+    evaluated, `train.eval_every` is ignored (logged), and the summary's eval accuracies
+    are None.
+
     `imports`: the plugin modules (`--import`) the run's algorithm or rewards come from;
     they are recorded with every checkpoint so that `load_trained_model` can re-import
     them. `started`: when this process's work began (seconds since the epoch; default
@@ -164,9 +168,12 @@ class Trainer:
             base=base,
         )
         self._build_stages(tx)
-        self.eval_scorer = evaluation.make_scorer(
-            cfg.reward.eval_name, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers
-        )
+        if self.eval_examples:  # no eval split: no eval scorer (nor its worker processes)
+            self.eval_scorer = evaluation.make_scorer(
+                cfg.reward.eval_name,
+                timeout_s=cfg.reward.timeout_s,
+                num_workers=cfg.reward.num_workers,
+            )
         self._failed_in_a_row = 0
 
     def _check_resume(self) -> list[dict]:
@@ -239,7 +246,12 @@ class Trainer:
     def _load_data(self) -> None:
         cfg = self.config
         train_examples, eval_examples = sources.load_splits(cfg.data)
-        if cfg.train.eval_size:
+        if cfg.train.eval_size and len(eval_examples) > cfg.train.eval_size:
+            logger.info(
+                "evaluating on the first %d of %d eval problems (train.eval_size).",
+                cfg.train.eval_size,
+                len(eval_examples),
+            )
             eval_examples = eval_examples[: cfg.train.eval_size]
         prompt_kw = dict(
             template=cfg.prompt.template,
@@ -253,7 +265,15 @@ class Trainer:
         )
         self.num_train_prompts = len(encoded)
         self.train_examples = [p.example for p in encoded]  # PromptBatch.index points here
-        eval_prompts, _ = pipeline.encode_examples(eval_examples, self.tokenizer, **prompt_kw)
+        # No eval split (data.eval_size=0, no eval file): no evaluation at all.
+        eval_prompts = []
+        if eval_examples:
+            eval_prompts, _ = pipeline.encode_examples(eval_examples, self.tokenizer, **prompt_kw)
+        elif cfg.train.eval_every:
+            logger.info(
+                "train.eval_every=%d is ignored: there is no eval split (data.eval_size=0).",
+                cfg.train.eval_every,
+            )
         self.eval_examples = [p.example for p in eval_prompts]
         # Each eval problem's prompt as it was formatted (and checked for length) here.
         self.eval_prompt_texts = {p.example: p.text for p in eval_prompts}
@@ -307,8 +327,11 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy on the eval split (score ≥ 1 under `reward.eval_name`)."""
+        """Greedy accuracy on the eval split (score ≥ 1 under `reward.eval_name`); {} when
+        there is no eval split."""
         cfg = self.config
+        if not self.eval_examples:
+            return {}
         report = evaluation.evaluate(
             nnx.merge(self.graphdef, *self.state.policy_weights()),
             self.tokenizer,
@@ -434,10 +457,13 @@ class Trainer:
                 )
                 skipped_in_a_row = 0
                 bar.update(step)
-                if initial_eval is None:
-                    bar.set_postfix_str("evaluating the initial policy", refresh=True)
-                    initial_eval = self.evaluate()
-                    writer.write_scalars(0, initial_eval)
+                if initial_eval is None:  # a fresh run
+                    # With no eval split it is {}: saved so, and restored unlike None.
+                    initial_eval = {}
+                    if self.eval_examples:
+                        bar.set_postfix_str("evaluating the initial policy", refresh=True)
+                        initial_eval = self.evaluate()
+                        writer.write_scalars(0, initial_eval)
                 last_eval = initial_eval
                 if step < cfg.train.steps:
                     bar.set_postfix_str("compiling and running the first step", refresh=True)
@@ -467,7 +493,11 @@ class Trainer:
                     except RewardFailureError:
                         writer.write_scalars(step, metrics)
                         raise
-                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    if (
+                        self.eval_examples
+                        and cfg.train.eval_every
+                        and step % cfg.train.eval_every == 0
+                    ):
                         last_eval = self.evaluate()
                         metrics.update(last_eval)
                     if step % cfg.train.log_every == 0 or "eval/accuracy" in metrics:
@@ -483,11 +513,10 @@ class Trainer:
                             self.save(step, initial_eval)
                     clock.tick()
                     bar.update(1)
-                    bar.set_postfix(
-                        reward=f"{float(metrics['reward_mean']):.3f}",
-                        acc=f"{last_eval['eval/accuracy']:.3f}",
-                        sps=f"{1.0 / seconds:.2f}",
-                    )
+                    shown = {"reward": f"{float(metrics['reward_mean']):.3f}"}
+                    if last_eval:
+                        shown["acc"] = f"{last_eval['eval/accuracy']:.3f}"
+                    bar.set_postfix(**shown, sps=f"{1.0 / seconds:.2f}")
                 bar.close()
                 if stop.requested:
                     stop.check()
@@ -498,7 +527,7 @@ class Trainer:
                 final_eval = (
                     self.evaluate() if step > 0 and last_eval is initial_eval else last_eval
                 )
-                if final_eval is not last_eval or not cfg.train.eval_every:
+                if final_eval and (final_eval is not last_eval or not cfg.train.eval_every):
                     writer.write_scalars(step, final_eval)
                 if self.checkpointer.latest_step() != step:
                     self.save(step, initial_eval)
@@ -531,9 +560,10 @@ class Trainer:
             "hparams": cfg.rl.hyperparameters,
             "imports": list(self.imports),
             "group_size": cfg.rl.group_size,
-            "initial_eval_accuracy": initial_eval["eval/accuracy"],
-            "final_eval_accuracy": final_eval["eval/accuracy"],
-            "eval_problems": int(final_eval["eval/problems"]),
+            # None with no eval split (nothing was evaluated), not a misleading 0.
+            "initial_eval_accuracy": initial_eval.get("eval/accuracy"),
+            "final_eval_accuracy": final_eval.get("eval/accuracy"),
+            "eval_problems": int(final_eval.get("eval/problems", 0)),
             "steps": int(steps),
             "wall_seconds": round(clock.total(), 2),  # every process that ran in the workdir
             "processes": clock.processes(),

@@ -101,8 +101,12 @@ def paper_config(
     Shared, as the authors' TRL 0.16 runs: G=6, 16 prompts/step, 100 steps, lr 1e-6 with
     transformers' warmup (from lr 0 over ceil(ratio · steps) steps), seed 42, top_k 50,
     training log-probs at the sampling temperature, over-long prompts cut on the left (the
-    SimpleRL configs drop them instead, as the authors' data_utils does);
+    SimpleRL configs drop them instead, as the authors' data_utils does), every training
+    row trained on and no evaluation during training (`--eval_strategy no`);
     plus fp32 masters with bf16 compute and remat. `lora=R`, `base=nf4`: `apply_lora`.
+
+    `--config.data.eval_path=FILE` adds a greedy eval before and after training (and every
+    `train.eval_every` steps) on the file's first 64 rows (`train.eval_size`; 0: all).
     """
     args = parse_arg(arg, algo="aapo", variant="full", lora="0", base="bf16")
     if args["variant"] not in ("full", "tiny"):
@@ -111,7 +115,7 @@ def paper_config(
     c.name = f"{name}-{{algorithm}}"
     c.data.source = "jsonl"
     c.data.train_size = 100_000
-    c.data.eval_size = 64
+    c.data.eval_size = 0  # no rows held out of the train file; an eval file gives all of its
     c.sampling.max_prompt_length = max_prompt
     c.sampling.max_new_tokens = max_completion
     c.sampling.temperature = temperature
@@ -125,6 +129,7 @@ def paper_config(
     c.train.prompts_per_step = 16
     c.train.steps = 100
     c.train.seed = 42
+    c.train.eval_size = 64  # of an eval file's rows, if one is given
     c.train.eval_batch_size = 16
     c.train.checkpoint_every = 50
     c.optim.learning_rate = 1e-6

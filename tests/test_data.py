@@ -155,6 +155,19 @@ def test_load_splits_with_eval_file(tmp_path):
     train, evaluation = data.load_splits(config)
     assert len(train) == 10
     assert [e.answer for e in evaluation] == ["6", "7", "8", "9"]
+    # eval_size=0 with an eval file: every row of it.
+    _, every = data.load_splits(dataclass_replace(config, eval_size=0))
+    assert [e.answer for e in every] == [str(i + 1) for i in range(5, 20)]
+
+
+def test_load_splits_without_eval_trains_on_every_row_in_order(tmp_path):
+    """eval_size=0 and no eval file (the paper configs): nothing held out, nothing reordered."""
+    path = write_jsonl(tmp_path / "train.jsonl", math_rows(30))
+    config = data.DataConfig(source="jsonl", path=str(path), eval_size=0, seed=1)
+    train, evaluation = data.load_splits(config)
+    assert train == data.read_records(path) and evaluation == []
+    train, evaluation = data.load_splits(dataclass_replace(config, train_size=5))
+    assert train == data.read_records(path)[:5] and evaluation == []
 
 
 # --- TFDS (array_record, no TensorFlow) ---------------------------------------
@@ -218,6 +231,11 @@ def test_tfds_load_splits(tfds_dir):
     train, evaluation = data.load_splits(held)
     assert (len(train), len(evaluation)) == (8, 4)
     assert not {e.question for e in train} & {e.question for e in evaluation}
+    # eval_size=0: the whole eval split, or with none, nothing held out.
+    assert len(data.load_splits(dataclass_replace(config, eval_size=0))[1]) == 3
+    train, evaluation = data.load_splits(dataclass_replace(held, eval_size=0))
+    assert evaluation == []
+    assert train == data.tfds_examples("aapo_tiny_math", data_dir=tfds_dir, split="train")
 
 
 # --- encoding -----------------------------------------------------------------

@@ -82,6 +82,49 @@ def test_resume_gives_the_same_next_step(tiny_model_dir, trained_workdir, tmp_pa
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
 
 
+def test_no_eval_split_trains_summarises_and_resumes(
+    tiny_model_dir, tmp_path, monkeypatch, caplog, capsys
+):
+    """data.eval_size=0 (the paper configs): nothing is evaluated, no eval scorer is made,
+    train.eval_every is ignored with a note; the checkpoint's empty initial eval restores,
+    so a restart resumes rather than starting over."""
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("evaluation.evaluate called with no eval split")
+
+    monkeypatch.setattr(trainer.evaluation, "evaluate", no_eval)
+    c = tiny_config(tiny_model_dir, eval_every=1, samples_every=0)
+    c.data.eval_size = 0
+    with caplog.at_level("INFO", logger="aapo_jax.trainer"):
+        run = trainer.Trainer(configs.experiment_config(c), tmp_path)
+    try:
+        assert run.eval_examples == [] and run.eval_scorer is None
+        summary = run.run(progress=False)
+    finally:
+        run.close()
+    assert "train.eval_every=1 is ignored" in caplog.text
+    assert summary["steps"] == 2 and summary["eval_problems"] == 0
+    assert summary["initial_eval_accuracy"] is None and summary["final_eval_accuracy"] is None
+    assert summary["plots"] == ["reward_mean.png", "training.png"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    rows = metrics.read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]  # no eval rows
+    assert not [k for r in rows for k in r if k.startswith("eval/")]
+    with checkpoint.Checkpointer(tmp_path / "checkpoints") as saved:
+        assert saved.read_meta(2)["initial_eval"] == {}
+
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level("INFO", logger="aapo_jax.trainer"):
+        c.train.steps = 3
+        summary = trainer.train(configs.experiment_config(c), tmp_path, progress=True)
+    assert "resumed from step 2" in caplog.text
+    assert summary["steps"] == 3 and summary["final_eval_accuracy"] is None
+    assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2, 3]
+    bar = capsys.readouterr().err
+    assert "reward=" in bar and "acc=" not in bar
+
+
 @pytest.mark.parametrize("kind", ["host", "token"])
 def test_sharded_mesh_trains_like_one_device(tiny_model_dir, tmp_path, kind):
     """data × fsdp × tensor = 2 × 2 × 2 on the 8 CPU devices, and a data-parallel 4 × 1 × 1

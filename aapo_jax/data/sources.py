@@ -344,8 +344,14 @@ class DataConfig:
       rows of a seeded permutation of the train file, disjoint from train.
     train_split, eval_split: TFDS only; an empty `eval_split` holds eval out
       of the train split the same way as for files.
-    train_size, eval_size: exact sizes for reasoning-gym; upper bounds (the
-      first rows, in stored order) for files and TFDS. eval_size may be 0.
+    train_size: exact for reasoning-gym; an upper bound (the first rows, in stored
+      order) for files and TFDS.
+    eval_size: the eval problems. reasoning-gym, or held out of the train file / split
+      (no `eval_path`, an empty `eval_split`): exactly this many, and 0 means no eval
+      split at all, every train row trained on in stored order. A separate eval file /
+      TFDS `eval_split`: its first `eval_size` rows, 0 meaning every row, so giving
+      `eval_path` turns eval on under a config with eval_size=0 (the paper configs).
+      The trainer evaluates at most `train.eval_size` of them (0: all).
     seed: the reasoning-gym seed / the hold-out permutation seed.
     question_key, answer_key: column names for files and TFDS ("a|b": the first of those
       present); None auto-detects (see `read_records`).
@@ -419,9 +425,14 @@ class DataConfig:
 def _hold_out(
     examples: list[Example], eval_size: int, seed: int, where: str
 ) -> tuple[list[Example], list[Example]]:
-    """Split off `eval_size` examples by a seeded permutation; train keeps the stored order."""
+    """Split off `eval_size` examples by a seeded permutation; train keeps the stored order.
+
+    eval_size=0 returns every example, in stored order, and no eval examples.
+    """
     import numpy as np
 
+    if not eval_size:
+        return list(examples), []
     if len(examples) <= eval_size:
         raise ValueError(
             f"{where} has {len(examples)} records; data.eval_size={eval_size} held out for eval "
@@ -461,10 +472,11 @@ def load_splits(config: DataConfig) -> tuple[list[Example], list[Example]]:
 
     reasoning-gym: `gym_splits` (exact sizes, disjoint by question). Files and
     TFDS: the train file / split and the eval file / split, each capped at
-    its size; with no eval file (or an empty TFDS `eval_split`), eval is held
-    out of the train records by a permutation seeded with `config.seed`
-    (disjoint by record). A warning is logged when a separate eval source shares
-    questions with train.
+    its size (`eval_size=0`: the whole eval file / split); with no eval file (or an
+    empty TFDS `eval_split`), `eval_size` records are held out of the train records
+    by a permutation seeded with `config.seed` (disjoint by record; 0: none, every
+    record trains). A warning is logged when a separate eval source shares questions
+    with train.
     """
     if config.source == "reasoning_gym":
         train, evaluation = gym_splits(
@@ -494,7 +506,7 @@ def load_splits(config: DataConfig) -> tuple[list[Example], list[Example]]:
         train, evaluation = _hold_out(records, config.eval_size, config.seed, where)
         return train[: config.train_size], evaluation
     train = records[: config.train_size]
-    evaluation = load_eval()[: config.eval_size] if config.eval_size else []
+    evaluation = load_eval()[: config.eval_size or None]  # 0: every row of the eval source
     shared = {e.question for e in train} & {e.question for e in evaluation}
     if shared:
         logger.warning(
