@@ -11,17 +11,21 @@ to 10% with 10% warmup from 0, 100 steps, G=6, 4 prompts/step, prompt ≤ 512 (l
 ones cut on the left), completion ≤ 3584, temperature 0.7 (top_k 50; training
 log-probs at the same temperature), seed 42, checkpoints every 50 steps, std-scaled
 group rewards (`scale_rewards`), the `<think>…</think><answer>…</answer>` system
-prompt, question `problem` and gold `solution`. Rewards: `format_think_close`
-(weight 1: "\n</think>\n" exactly once) + `cosine_open_rs` (weight 2: wrong answers
-0 when short to -0.5 when long, correct 1 to 0.5, over 1000 characters, unclipped).
+prompt (verbatim, `\\boxed{{}}` included), question `problem` and gold `solution`.
+Rewards: `format_think_close` (weight 1: "\n</think>\n" exactly once) + `cosine_open_rs`
+(weight 2: wrong answers 0 when short to -0.5 when long, correct 1 to 0.5, over 1000
+characters, unclipped).
 """
 
 from configs.base import paper_config
 
+# open-rs/configs/AAPO.yaml's `system_prompt` as yaml.safe_load reads it: its "\\boxed{{}}" is
+# one backslash and two brace pairs, and TRL passes the string to the chat template as the
+# system message's content without formatting it, so the model sees `\boxed{{}}` (not `\boxed{}`).
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
     "solves it. The assistant first thinks about the reasoning process in the mind and then "
-    "provides the user with the answer, and put your final answer within \\boxed{} . The "
+    "provides the user with the answer, and put your final answer within \\boxed{{}} . The "
     "reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
     "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
     "</answer>. Note that respond by English, NOT use other languages."

@@ -19,8 +19,10 @@ Every run starts from the shipped quickstart model with the same steps, prompts
 per step and learning rate; only the variant, G and the seed change. Per
 (variant, G) the table gives the mean and the 95% confidence interval (Student
 t over seeds) of the final held-out greedy accuracy and of the reward AUC (mean
-training reward over all steps). Finished runs in --workdir are reused, so an
-interrupted ablation resumes. Writes `results.json`, `table.md` and `ablate.png`.
+training reward over all steps). `PAIRS` (aapo − margin_0_0, the group part alone;
+aapo − constant) are also compared seed by seed: the mean of the per-seed differences
+and its 95% CI. Finished runs in --workdir are reused, so an interrupted ablation
+resumes. Writes `results.json` (per run), `paired.json`, `table.md` and `ablate.png`.
 The derivation of what the margin does to the expected gradient is in
 docs/margin-gradient.md.
 """
@@ -30,12 +32,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
 from experiments import compare
+from experiments.intervals import mean_ci
 
 # The ablation's budget: a quarter of the quickstart's rows per step and 80 steps,
 # so the 70 runs of the full grid take about half an hour on 2 cores.
@@ -136,17 +138,6 @@ VARIANTS = {
 }
 
 
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the Student-t `level` confidence interval); 0 for one value."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t = stats.t.ppf(0.5 + level / 2, df=len(values) - 1)
-    return mean, float(t * statistics.stdev(values) / math.sqrt(len(values)))
-
-
 def table(results: list[dict]) -> str:
     """A markdown table: one row per (variant, G), mean ± 95% CI over seeds."""
     lines = [
@@ -163,6 +154,73 @@ def table(results: list[dict]) -> str:
             cells = [name, group, len(rs), *compare.outcome_cells(rs, mean_ci), shift]
             lines.append(f"| {' | '.join(map(str, cells))} |")
     return "\n".join(lines)
+
+
+# Paired comparisons (a − b): the matched-seed runs of two variants share their prompt order
+# and sampling keys, so the per-seed difference cancels what the seed alone moves.
+PAIRS = (("aapo", "margin_0_0"), ("aapo", "constant"))
+PAIRED_METRICS = {
+    "final_accuracy_pts": lambda r: 100 * r["final_accuracy"],
+    "reward_auc": lambda r: r["reward_auc"],
+}
+
+
+def _by_seed(results: list[dict], variant: str, group: int) -> dict[int, dict]:
+    runs = [r for r in results if r["variant"] == variant and r["group"] == group]
+    by_seed = {r["seed"]: r for r in runs}
+    if len(by_seed) < len(runs):
+        raise ValueError(f"{variant} G={group}: a seed appears twice in the results.")
+    return by_seed
+
+
+def paired(results: list[dict], pairs=PAIRS) -> list[dict]:
+    """Per G and pair (a, b): the differences a − b of each metric, seed by seed over the
+    seeds both ran, with their mean and 95% CI half-width (`mean_ci`). Pairs of which
+    either variant did not run at that G, or that share no seed, are left out."""
+    out = []
+    for group in sorted({r["group"] for r in results}):
+        for a, b in pairs:
+            runs_a, runs_b = _by_seed(results, a, group), _by_seed(results, b, group)
+            seeds = sorted(runs_a.keys() & runs_b.keys())
+            if not seeds:
+                continue
+            row = {"a": a, "b": b, "group": group, "seeds": seeds}
+            for metric, value in PAIRED_METRICS.items():
+                diffs = [value(runs_a[s]) - value(runs_b[s]) for s in seeds]
+                mean, half = mean_ci(diffs)
+                row[metric] = {"diffs": diffs, "mean": mean, "ci95_half": half}
+            out.append(row)
+    return out
+
+
+def paired_table(rows: list[dict]) -> str:
+    """A markdown table of `paired(...)`: mean difference ± 95% CI half-width over seeds."""
+    lines = [
+        "| a − b | G | seeds | Δ final acc. (pts) | Δ reward AUC |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        acc, auc = row["final_accuracy_pts"], row["reward_auc"]
+        cells = [
+            f"{row['a']} − {row['b']}",
+            row["group"],
+            len(row["seeds"]),
+            f"{acc['mean']:+.1f} ± {acc['ci95_half']:.1f}",
+            f"{auc['mean']:+.3f} ± {auc['ci95_half']:.3f}",
+        ]
+        lines.append(f"| {' | '.join(map(str, cells))} |")
+    return "\n".join(lines)
+
+
+def report(workdir: Path, results: list[dict]) -> None:
+    """`table.md` (per-variant table, then the paired one; both printed), `paired.json`
+    and the plot."""
+    rows = paired(results)
+    (workdir / "paired.json").write_text(json.dumps(rows, indent=1))
+    parts = [table(results)]
+    if rows:
+        parts += ["Paired over matched seeds (a − b per seed, mean ± 95% CI):", paired_table(rows)]
+    compare.write_report(workdir, "\n\n".join(parts), plot, results, "ablate.png")
 
 
 def plot(results: list[dict], out: Path) -> None:
@@ -280,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         args.steps,
         args.prompts,
     )
-    compare.write_report(args.workdir, table(results), plot, results, "ablate.png")
+    report(args.workdir, results)
 
 
 if __name__ == "__main__":

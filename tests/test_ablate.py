@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from aapo_jax import advantages, algorithms, losses, metrics
-from experiments import ablate
+from experiments import ablate, intervals
 from tests.helpers import matplotlib_backend
 
 REWARDS = jnp.array([0.0, 0.15, 1.0])  # differences 0.15 (inside), ±0.85 and ±1 (clipped)
@@ -146,11 +146,38 @@ def test_variants_name_registered_algorithms_with_valid_hparams():
 
 
 def test_mean_ci_is_student_t():
-    mean, half = ablate.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    mean, half = intervals.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert mean == 3.0
     # t_{0.975, 4} = 2.7764; stdev = sqrt(2.5)
     assert half == pytest.approx(2.7764451 * np.sqrt(2.5) / np.sqrt(5), rel=1e-6)
-    assert ablate.mean_ci([0.4]) == (0.4, 0.0)
+    assert intervals.mean_ci([0.4]) == (0.4, 0.0)
+
+
+# scipy.stats.t.ppf(0.5 + level / 2, df), to 8 decimals.
+T_TABLE = {
+    (0.95, 1): 12.70620474,
+    (0.95, 2): 4.30265273,
+    (0.95, 3): 3.18244631,
+    (0.95, 4): 2.77644511,
+    (0.95, 10): 2.22813885,
+    (0.95, 30): 2.04227246,
+    (0.95, 100): 1.98397152,
+    (0.9, 5): 2.01504837,
+    (0.99, 3): 5.84090931,
+    (0.99, 1): 63.65674116,
+}
+
+
+@pytest.mark.parametrize(("level", "df"), sorted(T_TABLE))
+def test_t_quantile_matches_the_t_table(level, df):
+    assert intervals.t_quantile(level, df) == pytest.approx(T_TABLE[level, df], rel=1e-8)
+
+
+def test_t_quantile_rejects_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="df=0"):
+        intervals.t_quantile(0.95, 0)
+    with pytest.raises(ValueError, match="level=1"):
+        intervals.t_quantile(1, 4)
 
 
 def _result(variant, group, seed, final, curve, margin=None, **extra):
@@ -189,6 +216,66 @@ def test_table_and_plot(tmp_path):
         ablate.plot(results, tmp_path / "ablate.png")
         assert matplotlib.get_backend() == "svg"
     assert (tmp_path / "ablate.png").stat().st_size > 1000
+
+
+def _paired_results():
+    """aapo, margin_0_0 and constant at G=2 over seeds listed out of order (and one aapo seed
+    that no other variant ran), plus a G=4 aapo run with no partner."""
+    acc = {  # (variant, seed): final accuracy
+        ("aapo", 0): 0.40, ("aapo", 1): 0.50, ("aapo", 2): 0.45, ("aapo", 3): 0.90,
+        ("margin_0_0", 2): 0.44, ("margin_0_0", 0): 0.39, ("margin_0_0", 1): 0.49,
+        ("constant", 1): 0.47, ("constant", 0): 0.39, ("constant", 2): 0.42,
+    }  # fmt: skip
+    results = [
+        _result(v, 2, seed, final, [final - 0.1, final + 0.1]) for (v, seed), final in acc.items()
+    ]
+    return [*results, _result("aapo", 4, 0, 0.5, [0.5])]
+
+
+def test_paired_differences_pair_runs_by_seed():
+    rows = ablate.paired(_paired_results())
+    assert [(r["a"], r["b"], r["group"], r["seeds"]) for r in rows] == [
+        ("aapo", "margin_0_0", 2, [0, 1, 2]),
+        ("aapo", "constant", 2, [0, 1, 2]),
+    ]
+    by_group_part, by_constant = rows
+    # aapo − margin_0_0 is +1 point at every seed: no spread. Paired by position in the
+    # results instead, the differences would be 0.40 − 0.44, … and the interval wide.
+    acc = by_group_part["final_accuracy_pts"]
+    np.testing.assert_allclose(acc["diffs"], [1.0, 1.0, 1.0], atol=1e-9)
+    assert acc["mean"] == pytest.approx(1.0) and acc["ci95_half"] == pytest.approx(0, abs=1e-9)
+    # The reward AUC is final accuracy here (a symmetric curve): the same differences.
+    assert by_group_part["reward_auc"]["mean"] == pytest.approx(0.01)
+    # aapo − constant: +1, +3, +3 points; t_{0.975, 2} · stdev / √3.
+    acc = by_constant["final_accuracy_pts"]
+    np.testing.assert_allclose(acc["diffs"], [1.0, 3.0, 3.0], atol=1e-9)
+    half = 4.30265273 * np.std([1.0, 3.0, 3.0], ddof=1) / np.sqrt(3)
+    assert acc["mean"] == pytest.approx(7 / 3)
+    assert acc["ci95_half"] == pytest.approx(half, rel=1e-6)
+    lines = ablate.paired_table(rows).splitlines()
+    assert lines[2] == "| aapo − margin_0_0 | 2 | 3 | +1.0 ± 0.0 | +0.010 ± 0.000 |"
+    assert (
+        lines[3] == f"| aapo − constant | 2 | 3 | +2.3 ± {half:.1f} | +0.023 ± {half / 100:.3f} |"
+    )
+
+
+def test_paired_differences_refuse_a_seed_run_twice():
+    results = _paired_results()
+    with pytest.raises(ValueError, match="margin_0_0 G=2: a seed appears twice"):
+        ablate.paired([*results, _result("margin_0_0", 2, 1, 0.3, [0.3])])
+
+
+def test_report_writes_the_paired_table_and_json(tmp_path, capsys):
+    results = _paired_results()
+    with matplotlib_backend("svg"):
+        ablate.report(tmp_path, results)
+    text = (tmp_path / "table.md").read_text()
+    assert text.startswith(ablate.table(results))
+    assert ablate.paired_table(ablate.paired(results)) in text
+    assert "| aapo − constant | 2 | 3 |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "paired.json").read_text())
+    assert saved == json.loads(json.dumps(ablate.paired(results)))
+    assert (tmp_path / "ablate.png").exists()
 
 
 def test_ablation_runs_end_to_end_and_takes_c_from_the_matched_run(tmp_path):

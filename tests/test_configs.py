@@ -20,6 +20,16 @@ SIMPLERL_PROMPT = (
     "<|im_start|>system\nPlease reason step by step, and put your final answer within "
     "\\boxed{{}}.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 )
+# open-rs/configs/AAPO.yaml's `system_prompt` as yaml.safe_load gives it: the YAML's double-quoted
+# "\\boxed{{}}" loads as one backslash and both brace pairs, which TRL passes on unformatted.
+OPEN_RS_SYSTEM_PROMPT = (
+    r"A conversation between User and Assistant. The user asks a question, and the Assistant "
+    r"solves it. The assistant first thinks about the reasoning process in the mind and then "
+    r"provides the user with the answer, and put your final answer within \boxed{{}} . The "
+    r"reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    r"tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
+    r"</answer>. Note that respond by English, NOT use other languages."
+)
 
 
 def _module(name):
@@ -128,6 +138,9 @@ _SHARED = {
     "sampling.top_k": 50,
     "sampling.top_p": 1.0,
     "rl.loss_aggregation": "per_prompt_token_mean",
+    # Every training row is trained on, nothing evaluated (`--eval_strategy no`).
+    "data.eval_size": 0,
+    "data.eval_path": "",
 }
 _SIMPLERL = {
     **_SHARED,
@@ -169,6 +182,7 @@ AUTHORS = {
         "data.question_key": "problem",
         "data.answer_key": "solution",
         "prompt.use_chat_template": True,
+        "prompt.system_prompt": OPEN_RS_SYSTEM_PROMPT,
         "prompt.overlong": "truncate_left",  # TRL's prompt_ids[:, -max_prompt_length:]
     },
     "qwen25_math_7b_simplerl": _SIMPLERL,
@@ -196,6 +210,41 @@ def test_paper_configs_resolve_to_the_authors_values(name, local_assets):
     # transformers: ceil(warmup_ratio · max_steps) warmup steps, from lr 0.
     optim = configs.resolve_epoch_steps(config, 8500).optim
     assert optim.warmup_steps == math.ceil(optim.warmup_ratio * optim.total_steps)
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_paper_configs_train_on_every_row_and_evaluate_an_eval_file(name, local_assets, tmp_path):
+    from aapo_jax.data import sources
+
+    c = _with_paths(_module(name).get_config(), local_assets)
+    path = local_assets[1][c.data.source]
+    want = sources.read_records(
+        path, question_key=c.data.question_key, answer_key=c.data.answer_key
+    )
+    train, evaluation = sources.load_splits(configs.experiment_config(c).data)
+    assert train == want and evaluation == []  # every row, in stored order
+    # An eval file brings eval back: all of its rows, of which the trainer evaluates 64.
+    eval_file = tmp_path / f"eval{path.suffix}"
+    eval_file.write_bytes(path.read_bytes())
+    c.data.eval_path = str(eval_file)
+    config = configs.experiment_config(c)
+    train, evaluation = sources.load_splits(config.data)
+    assert train == want and evaluation == want
+    assert config.train.eval_size == 64
+    # The tiny variant keeps its 4 held-out rows.
+    tiny = configs.experiment_config(
+        _with_paths(_module(name).get_config("variant=tiny"), local_assets)
+    )
+    assert (tiny.data.eval_size, tiny.data.eval_path, tiny.train.eval_size) == (4, "", 4)
+    train, evaluation = sources.load_splits(tiny.data)
+    assert len(evaluation) == 4 and not set(train) & set(evaluation)
+
+
+def test_quickstart_keeps_its_eval():
+    full = configs.experiment_config(_module("quickstart").get_config())
+    assert (full.data.eval_size, full.train.eval_size, full.train.eval_every) == (500, 0, 50)
+    tiny = configs.experiment_config(_module("quickstart").get_config("variant=tiny"))
+    assert (tiny.data.eval_size, tiny.train.eval_size) == (4, 8)
 
 
 def test_one_epoch_resolves_from_the_prompt_count(local_assets):
@@ -256,6 +305,35 @@ def test_simplerl_parquet_row_gives_the_authors_prompt_string(local_assets):
     for prompt in encoded:
         assert prompt.text in gold  # the instruction's content, byte for byte
         assert prompt.example.answer == gold[prompt.text]
+
+
+def test_open_rs_prompt_shows_the_model_the_authors_system_prompt_verbatim(local_assets):
+    """TRL puts the YAML's string, `\\boxed{{}}` and all, into the system message as is; nothing
+    on our side formats it (which would make it `\\boxed{}`)."""
+    from aapo_jax.data import pipeline, sources, tokenize
+
+    c = _with_paths(_module("r1_distill_1p5b_openrs").get_config(), local_assets)
+    config = configs.experiment_config(c)
+    train, _ = sources.load_splits(config.data)
+    tokenizer = tokenize.load_tokenizer(local_assets[0])
+    encoded, _ = pipeline.encode_examples(
+        train[:4],
+        tokenizer,
+        template=config.prompt.template,
+        system_prompt=config.prompt.system_prompt or None,
+        use_chat_template=config.prompt.use_chat_template,
+        max_prompt_length=config.sampling.max_prompt_length,
+        overlong=config.prompt.overlong,
+    )
+    assert len(encoded) == 4
+    for prompt in encoded:
+        messages = [
+            {"role": "system", "content": OPEN_RS_SYSTEM_PROMPT},
+            {"role": "user", "content": prompt.example.question},
+        ]
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert prompt.text == want
+        assert "within \\boxed{{}} . The" in prompt.text
 
 
 def test_simplerl_file_may_name_its_prompt_column_prompt_or_instruction(local_assets, tmp_path):
