@@ -6,6 +6,7 @@
 import functools
 from typing import Any
 
+from aapo_jax.rewards import lighteval_pinned
 from aapo_jax.rewards.accuracy import (
     COSINE_DEFAULTS,
     DEFAULT_MATH_VERIFY_TIMEOUT_S,
@@ -41,6 +42,14 @@ HOST_REWARDS: dict[str, HostReward] = {
     # The paper's evaluation (lighteval as open-r1 / open-rs configure it), by gold format.
     "lighteval_latex_gold": functools.partial(lighteval_accuracy, gold_as="latex"),
     "lighteval_expr_gold": functools.partial(lighteval_accuracy, gold_as="expr"),
+    # The same metrics decided by lighteval 0.8.1 itself, the authors' pinned version, from its
+    # own directory (`lighteval_pinned`; score in worker processes).
+    "lighteval081_latex_gold": functools.partial(
+        lighteval_pinned.lighteval_accuracy, gold_as="latex"
+    ),
+    "lighteval081_expr_gold": functools.partial(
+        lighteval_pinned.lighteval_accuracy, gold_as="expr"
+    ),
     # The AAPO authors' open-rs run (open-rs `get_cosine_scaled_reward` with their YAML): wrong
     # answers score 0 (short) to -0.5 (long); length in characters over the default max_len of
     # 1000, the progress not clipped.
@@ -113,6 +122,7 @@ __all__ = [
     "is_correct",
     "lighteval_accuracy",
     "lighteval_correct",
+    "lighteval_pinned",
     "make_cosine_reward",
     "make_gym_reward",
     "record",

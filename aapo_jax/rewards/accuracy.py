@@ -179,17 +179,22 @@ def _match(
     *,
     pred_mode: str = "first_match",
     float_rounding: int = 6,
+    raw_gold_fallback: bool = False,
     timeout_s: int | None,
     stats: Stats | None,
 ) -> bool | None:
     """Parse the gold (first match) and the completion (`pred_mode`), then verify.
 
-    None for an unparsable gold (counted); timeouts make the answer wrong and are counted.
+    An unparsable gold is counted and gives None, or with `raw_gold_fallback` is kept as its
+    raw string (lighteval's fallback), which matches an extraction of the same text.
+    Timeouts make the answer wrong and are counted.
     """
     gold_parsed, gold_timed_out = _parse(gold, gold_config, timeout_s)
     if not gold_parsed:
         record(stats, TIMEOUTS if gold_timed_out else GOLD_UNPARSABLE)
-        return None
+        if not raw_gold_fallback or gold_timed_out:
+            return None
+        gold_parsed = [gold.strip()]
     pred_parsed, timed_out = _parse(completion, pred_config, timeout_s, pred_mode)
     verified = False
     if pred_parsed:
@@ -286,11 +291,17 @@ def lighteval_correct(
     math_verify_timeout_s: int | None = DEFAULT_MATH_VERIFY_TIMEOUT_S,
     stats: Stats | None = None,
 ) -> bool | None:
-    """lighteval's extractive match: the prediction parsed as an expression AND as LaTeX
-    (`\\boxed{}` first, any match, the first match as fallback), the gold as LaTeX
-    (`gold_as="latex"`: MATH-500, Minerva, OlympiadBench) or as an expression ("expr":
-    AIME24, AMC23), then `verify` with floats rounded to 5 decimals. None: unparsable gold;
-    it and timeouts are counted in `stats` as for `is_correct`.
+    """lighteval's extractive match transcribed onto math-verify: the prediction parsed as an
+    expression AND as LaTeX (`\\boxed{}` first, any match, the first match as fallback), the
+    gold as LaTeX (`gold_as="latex"`: MATH-500, Minerva, OlympiadBench) or as an expression
+    ("expr": AIME24, AMC23), then `verify` with floats rounded to 5 decimals. A gold nothing
+    parses is compared as its raw string, as lighteval does (a bare `7` under LaTeX matches a
+    prediction that extracts `7` verbatim); it is counted in `stats["gold_unparsable"]`, and
+    timeouts in `stats["timeouts"]`.
+
+    An approximation: math-verify ≥ 0.9 decides some pairs differently from lighteval 0.8.1,
+    the authors' version (`\\boxed{25\\%}` against `25`, `3.14159` against `\\pi`: yes here,
+    no there). `lighteval_pinned.lighteval_correct` runs lighteval 0.8.1 itself.
     """
     if gold_as not in LIGHTEVAL_GOLDS:
         raise ValueError(f"gold_as={gold_as!r}; valid: {LIGHTEVAL_GOLDS}")
@@ -302,6 +313,7 @@ def lighteval_correct(
         pred_config,
         pred_mode="any_match",
         float_rounding=LIGHTEVAL_PRECISION,
+        raw_gold_fallback=True,
         timeout_s=_alarm_timeout(math_verify_timeout_s),
         stats=stats,
     )
