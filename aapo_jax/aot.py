@@ -148,14 +148,16 @@ class Plan:
     pad_token_id: int
 
 
-def _rows_or_replicated(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+def rows_or_replicated(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """An array's rows over data × fsdp when they divide its leading dimension, else whole."""
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if len(shape) and shape[0] % rows == 0:
         return sharding.batch_sharding(mesh, len(shape))
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _with_sharding(tree, shardings):
+def with_sharding(tree, shardings):
+    """Abstract leaves (`jax.ShapeDtypeStruct`) of `tree` carrying `shardings`."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
@@ -199,7 +201,7 @@ def abstract_inputs(
     )
     shardings = sharding.tree_shardings(state, train_step_lib.model_variables(params, base), mesh)
     b, p = config.train.prompts_per_step, config.sampling.max_prompt_length
-    prompt_sharding = _rows_or_replicated(mesh, (b, p))
+    prompt_sharding = rows_or_replicated(mesh, (b, p))
     prompts = PromptBatch(
         ids=jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=prompt_sharding),
         mask=jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=prompt_sharding),
@@ -211,7 +213,7 @@ def abstract_inputs(
         model_config=abstract_model.config,
         graphdef=graphdef,
         tx=tx,
-        state=_with_sharding(state, shardings),
+        state=with_sharding(state, shardings),
         state_shardings=shardings,
         prompts=prompts,
         eos_token_ids=sampling.eos_ids(hf.get("eos_token_id")),
@@ -353,7 +355,10 @@ def parse_resource_exhausted(message: str) -> tuple[int, int] | None:
     return None
 
 
-def _compile(name: str, jitted, args, log: Callable[[str], None], *, use_peak: bool):
+def compile_program(name: str, jitted, args, log: Callable[[str], None], *, use_peak: bool):
+    """(compiled or None, `ProgramReport`) of `jitted` lowered on abstract `args`; a
+    RESOURCE_EXHAUSTED compile is a report that does not fit, another failure one with
+    its error. `use_peak`: total = XLA's peak (not on CPU, where it under-states)."""
     log(f"compiling {name}…")
     start = time.perf_counter()
     argument_bytes = tree_bytes_per_device(args)
@@ -452,17 +457,17 @@ def compile_programs(
     jit_sample = jax.jit(sample, keep_unused=True)
     # XLA:CPU's peak under-states (about the arguments alone): there the sum is the bound.
     use_peak = mesh.devices.flat[0].platform != "cpu"
-    compiled, rollout_report = _compile(
+    compiled, rollout_report = compile_program(
         "rollout", jit_sample, (plan.state, plan.prompts), log, use_peak=use_peak
     )
     shape = jax.eval_shape(sample, plan.state, plan.prompts)
     if compiled is not None:
         shardings = compiled.output_shardings
     else:
-        shardings = jax.tree.map(lambda x: _rows_or_replicated(mesh, x.shape), shape)
-    sampled = _with_sharding(shape, shardings)
+        shardings = jax.tree.map(lambda x: rows_or_replicated(mesh, x.shape), shape)
+    sampled = with_sharding(shape, shardings)
     b, g = cfg.train.prompts_per_step, cfg.rl.group_size
-    reward = jax.ShapeDtypeStruct((b, g), jnp.float32, sharding=_rows_or_replicated(mesh, (b,)))
+    reward = jax.ShapeDtypeStruct((b, g), jnp.float32, sharding=rows_or_replicated(mesh, (b,)))
     scored: Rollout = sampled.replace(
         prompts=plan.prompts,
         rewards=reward,
@@ -471,7 +476,9 @@ def compile_programs(
     jit_step = jax.jit(
         step, out_shardings=(plan.state_shardings, None), donate_argnums=0, keep_unused=True
     )
-    _, update_report = _compile("update", jit_step, (plan.state, scored), log, use_peak=use_peak)
+    _, update_report = compile_program(
+        "update", jit_step, (plan.state, scored), log, use_peak=use_peak
+    )
     return {"rollout": rollout_report, "update": update_report}
 
 
@@ -677,24 +684,24 @@ def compile_decode_step(
         models = rollout.sampled_models(cfg.rl, plan.graphdef, state)
         return sampling.decode_models(models, config, mesh, prompts)
 
-    compiled, reshard_report = _compile(
+    compiled, reshard_report = compile_program(
         "reshard", jax.jit(reshard), (plan.state,), log, use_peak=use_peak
     )
     if compiled is None:  # its error is in the report; no step to compile from it
         return DecodeStepPrograms(reshard=reshard_report, steps={})
     models_shape = jax.eval_shape(reshard, plan.state)
-    decode_models = _with_sharding(models_shape, compiled.output_shardings)
+    decode_models = with_sharding(models_shape, compiled.output_shardings)
 
     def start(models, prompts):
         keys = [jax.random.key(0)] * len(models)
         return sampling.start_decode(models, prompts.ids, prompts.mask, keys, config)
 
     state_shape, uniforms_shape = jax.eval_shape(start, decode_models, plan.prompts)
-    state = _with_sharding(
-        state_shape, jax.tree.map(lambda x: _rows_or_replicated(mesh, x.shape), state_shape)
+    state = with_sharding(
+        state_shape, jax.tree.map(lambda x: rows_or_replicated(mesh, x.shape), state_shape)
     )
     # The uniforms are [T, N]: their rows are the second dimension.
-    by_rows = _rows_or_replicated(mesh, (prompts * cfg.rl.group_size,))
+    by_rows = rows_or_replicated(mesh, (prompts * cfg.rl.group_size,))
     spec = PartitionSpec(None, *by_rows.spec)
     uniforms = tuple(
         None
@@ -717,7 +724,7 @@ def compile_decode_step(
         jitted = jax.jit(
             step, donate_argnums=1, out_shardings=jax.tree.map(lambda x: x.sharding, state)
         )
-        _, report = _compile(
+        _, report = compile_program(
             f"decode step (kv_len {kv_len})",
             jitted,
             (decode_models, state, uniforms),

@@ -8,9 +8,10 @@ trainer's periodic evaluation is `evaluate` with greedy decoding.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -22,10 +23,13 @@ from aapo_jax.data.sources import Example
 from aapo_jax.data.tokenize import (
     DEFAULT_BUCKETS,
     decode_completions,
+    encode_prompts,
     format_prompt,
-    tokenize_prompts,
+    left_pad,
 )
+from aapo_jax.models.config import ModelConfig
 from aapo_jax.sampling import SamplerSettings
+from aapo_jax.train_step import row_ways
 
 # prompt_fn(example) -> prompt text. extract_fn(completion) -> the answer that majority voting
 # compares (None: no answer).
@@ -45,17 +49,81 @@ PAPER_QUERY_TEMPLATE = (
 )
 PAPER_SAMPLING = SamplerSettings(max_new_tokens=32768, temperature=0.6, top_p=0.95)
 PAPER_SAMPLES = 1
+# lighteval 0.8.1's vLLM path (`lighteval vllm "...,max_model_length=32768,..."
+# --use-chat-template`, lighteval/models/vllm/vllm_model.py): the chat-templated prompt is
+# tokenised with `tokenizer(context, add_special_tokens=True)` (VLLMModelConfig's default),
+# so a tokenizer that adds a BOS puts one more in front of the template's own; its context
+# truncation is a no-op there (max_new_tokens = max_model_length: `input[-0:]`), and vLLM
+# ends a request at max_model_length tokens, prompt included. Each row's completion budget
+# is min(max_new_tokens, max_model_length − its prompt tokens) (`completion_budgets`).
+PAPER_MAX_MODEL_LENGTH = 32768
+PAPER_ADD_SPECIAL_TOKENS = True
 # Per benchmark, as the authors' lighteval tasks read it: the question column, the gold
-# column and the verifier that parses the gold (expressions for AIME24 / AMC23, LaTeX on the
-# worked `solution` for MATH-500 / Minerva, LaTeX on `answer` for OlympiadBench, whose
-# question is `question`: its files carry other text columns too, so nothing is guessed).
+# column and the gold's format (expressions for AIME24 / AMC23, LaTeX on the worked `solution`
+# for MATH-500 / Minerva, LaTeX on `answer` for OlympiadBench, whose question is `question`:
+# its files carry other text columns too, so nothing is guessed).
 PAPER_BENCHMARKS = {
-    "aime24": ("problem", "answer", "lighteval_expr_gold"),
-    "amc23": ("problem", "answer", "lighteval_expr_gold"),
-    "math500": ("problem", "solution", "lighteval_latex_gold"),
-    "minerva": ("problem", "solution", "lighteval_latex_gold"),
-    "olympiadbench": ("question", "answer", "lighteval_latex_gold"),
+    "aime24": ("problem", "answer", "expr"),
+    "amc23": ("problem", "answer", "expr"),
+    "math500": ("problem", "solution", "latex"),
+    "minerva": ("problem", "solution", "latex"),
+    "olympiadbench": ("question", "answer", "latex"),
 }
+# Who judges the paper's evaluation, as a host reward name per gold format: lighteval 0.8.1
+# itself, the authors' pinned version (`rewards.lighteval_pinned`, installed apart with
+# requirements-lighteval.txt), or our transcription of its metric onto math-verify (an
+# approximation: the two differ on e.g. `25\%` against `25`, `3.14159` against `\pi`).
+PAPER_JUDGES = {
+    "lighteval-0.8.1": "lighteval081_{}_gold",
+    "math-verify": "lighteval_{}_gold",
+}
+PAPER_JUDGE = "lighteval-0.8.1"
+
+
+class PaperTask(NamedTuple):
+    """One benchmark under the paper's protocol: its problems (question and gold from the
+    pinned columns), the prompt (`paper_prompt_fn`) and the judge's host reward name."""
+
+    name: str
+    examples: list[Example]
+    prompt_fn: PromptFn
+    verifier: str
+
+
+def paper_verifier(benchmark: str, judge: str = PAPER_JUDGE) -> str:
+    """The host reward that judges `benchmark` (a `PAPER_BENCHMARKS` name) under `judge` (a
+    `PAPER_JUDGES` name).
+
+    Raises:
+      ValueError: an unknown benchmark or judge, naming the valid ones.
+    """
+    if benchmark not in PAPER_BENCHMARKS:
+        raise ValueError(f"benchmark {benchmark!r}; valid: {sorted(PAPER_BENCHMARKS)}")
+    if judge not in PAPER_JUDGES:
+        raise ValueError(f"judge {judge!r}; valid: {sorted(PAPER_JUDGES)}")
+    return PAPER_JUDGES[judge].format(PAPER_BENCHMARKS[benchmark][2])
+
+
+def paper_task(benchmark: str, path: str, tokenizer, *, judge: str = PAPER_JUDGE) -> PaperTask:
+    """`benchmark`'s problems from the local file `path` (.jsonl or .parquet), under the
+    paper's protocol: the pinned question and gold columns, the query in the tokenizer's
+    chat template (plain if it has none), and the `judge`'s verifier.
+
+    Raises:
+      ValueError: an unknown benchmark or judge, or a file without the pinned columns
+        (naming the columns it has).
+    """
+    from aapo_jax.data.sources import read_records
+
+    verifier = paper_verifier(benchmark, judge)
+    question_key, answer_key, _ = PAPER_BENCHMARKS[benchmark]
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    return PaperTask(
+        name=f"{benchmark}:{path}",
+        examples=read_records(str(path), question_key=question_key, answer_key=answer_key),
+        prompt_fn=paper_prompt_fn(tokenizer, use_chat_template=chat),
+        verifier=verifier,
+    )
 
 
 def paper_prompt_fn(tokenizer, *, use_chat_template: bool = True) -> PromptFn:
@@ -149,10 +217,91 @@ def majority_vote(answers: Sequence[Hashable | None]) -> tuple[Hashable | None, 
 # Generation
 
 
+def completion_budgets(
+    prompt_lengths: Sequence[int], max_new_tokens: int, max_model_length: int | None = None
+) -> np.ndarray:
+    """Each prompt's completion budget, int[B]: as vLLM caps a request under lighteval.
+
+        budget_b = min(max_new_tokens, max_model_length − prompt_tokens_b)
+
+    (max_new_tokens alone when `max_model_length` is None). `prompt_lengths` count the
+    tokens the model is given, special tokens added by the tokenizer included.
+
+    Raises:
+      ValueError: a prompt leaves no room for a completion (budget ≤ 0), naming the first
+        such prompt and the numbers.
+    """
+    lengths = np.asarray(prompt_lengths, np.int64)
+    budgets = np.full(lengths.shape, max_new_tokens, np.int64)
+    if max_model_length is None:
+        return budgets
+    budgets = np.minimum(budgets, max_model_length - lengths)
+    if np.any(budgets <= 0):
+        i = int(np.argmax(budgets <= 0))
+        raise ValueError(
+            f"prompt {i} has {lengths[i]} tokens (special tokens included), which leaves no "
+            f"room for a completion under max_model_length={max_model_length} "
+            f"({np.sum(budgets <= 0)} of {len(lengths)} prompts are that long): raise "
+            "max_model_length or shorten the prompts."
+        )
+    return budgets
+
+
+def kv_cache_bytes(
+    model_config: ModelConfig,
+    settings: SamplerSettings,
+    mesh: Mesh | None,
+    prompts: int,
+    prompt_len: int,
+    num_samples: int,
+) -> int:
+    """Per-device bytes of an evaluation decode's KV caches: `prompts` prompts of `prompt_len`
+    (padded) tokens, `num_samples` rows each, `settings.max_new_tokens` slots a row, one model
+    (`sampling.kv_cache_bytes`); prompts and rows split over data × fsdp, kv heads over
+    tensor, where those divide them (as the rollout's, `rollout.kv_cache_bytes`)."""
+    rows = prompts * num_samples
+    heads = model_config.num_kv_heads
+    tensor = 1 if mesh is None else mesh.shape["tensor"]
+    return sampling.kv_cache_bytes(
+        model_config,
+        prompts=prompts // row_ways(mesh, prompts),
+        rows=rows // row_ways(mesh, rows),
+        prompt_len=prompt_len,
+        max_new_tokens=settings.max_new_tokens,
+        shared_prompt=settings.shared_prompt,
+        kv_heads=heads // tensor if heads % tensor == 0 else heads,
+    )
+
+
+def decode_passes(
+    model_config: ModelConfig,
+    settings: SamplerSettings,
+    mesh: Mesh | None,
+    prompts: int,
+    prompt_len: int,
+    num_samples: int,
+    *,
+    kv_budget_gib: float,
+) -> int:
+    """The sequential decode passes (`SamplingConfig.passes`) of one generate call of
+    `prompts` prompts under a per-device KV budget (GiB; 0: one pass): `sampling.decode_passes`
+    of the prompts each device decodes and one prompt's caches per device (`kv_cache_bytes`).
+
+    Raises:
+      ValueError: one prompt's caches alone exceed the budget (named as
+        `sampling.kv_budget_gib`, the rollout's field of the same meaning).
+    """
+    ways = row_ways(mesh, prompts)
+    per_prompt = kv_cache_bytes(model_config, settings, mesh, ways, prompt_len, num_samples)
+    budget = round(kv_budget_gib * sharding.GiB)
+    return sampling.decode_passes(prompts // ways, per_prompt, budget)
+
+
 def _generate_texts(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    budgets: np.ndarray,
     *,
     num_samples: int,
     settings: SamplerSettings,
@@ -162,9 +311,19 @@ def _generate_texts(
     mesh: Mesh | None,
     bar,
     decode_weights: str = "auto",
-) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
-    """[B][n] completion texts, their lengths int[B, n] and truncation flags bool[B, n]."""
+    kv_budget_gib: float = 0.0,
+) -> tuple[list[list[str]], np.ndarray, np.ndarray, int]:
+    """[B][n] completion texts, their lengths int[B, n], truncation flags bool[B, n] and the
+    most decode passes a batch took.
+
+    Every batch decodes `budgets.max()` new tokens (one static shape for the whole
+    evaluation, so one program per prompt bucket); each row is then cut at its own prompt's
+    budget. Autoregressive decoding makes the kept tokens those a per-row budget gives: the
+    same tokens greedily, and with sampling the same draws (a step's uniforms depend on the
+    step, not on the budget: `sampling.draw_uniforms`).
+    """
     eos = sampling.eos_ids(tokenizer.eos_token_id)
+    settings = dataclasses.replace(settings, max_new_tokens=int(budgets.max()))
     layout, _ = sampling.decode_copies(
         decode_weights, nnx.state(model), model.config.compute_dtype, mesh, batch_size
     )
@@ -175,36 +334,58 @@ def _generate_texts(
         num_samples=num_samples,
         decode_weights=layout,
     )
-    texts, lengths, truncated = [], [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
+    texts, lengths, truncated, most_passes = [], [], [], 1
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = list(prompt_ids[start : start + batch_size])
+        caps = budgets[start : start + batch_size]
         real = len(chunk)
         # A short last batch is padded with copies so every batch reuses one compiled program.
         chunk += [chunk[0]] * (batch_size - real)
-        ids, mask = tokenize_prompts(tokenizer, chunk, buckets=buckets)
+        caps = np.repeat(np.pad(caps, (0, batch_size - real), constant_values=caps[0]), num_samples)
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id, buckets=buckets)
+        passes = decode_passes(
+            model.config,
+            settings,
+            mesh,
+            batch_size,
+            ids.shape[1],
+            num_samples,
+            kv_budget_gib=kv_budget_gib,
+        )
+        most_passes = max(most_passes, passes)
         (out,) = sampling.generate_many(
             [model],
             ids,
             mask,
             rngs=[jax.random.fold_in(rng, start)],
-            config=config,
+            config=dataclasses.replace(config, passes=passes),
             buckets=buckets,
             mesh=mesh,
         )
         # Every process reads every row (an all-gather across processes); no log-probs.
         out = sharding.to_host(out.replace(logprobs=None))
-        decoded = decode_completions(tokenizer, out.tokens, out.lengths)
-        n_len = out.lengths.reshape(batch_size, num_samples)
-        last = out.tokens[:, -1].reshape(batch_size, num_samples)
-        # A row that used the whole budget and did not end on EOS was cut off.
-        cut = (n_len == settings.max_new_tokens) & ~np.isin(last, eos)
+        kept = np.minimum(out.lengths, caps)
+        decoded = decode_completions(tokenizer, out.tokens, kept)
+        last = np.take_along_axis(out.tokens, kept[:, None] - 1, axis=1)[:, 0]
+        # A row that used its whole budget and did not end on EOS was cut off.
+        cut = (kept == caps) & ~np.isin(last, eos)
         for b in range(real):
             texts.append(decoded[b * num_samples : (b + 1) * num_samples])
-        lengths.append(n_len[:real])
-        truncated.append(cut[:real])
+        lengths.append(kept.reshape(batch_size, num_samples)[:real])
+        truncated.append(cut.reshape(batch_size, num_samples)[:real])
         if bar is not None:
             bar.update(real)
-    return texts, np.concatenate(lengths), np.concatenate(truncated)
+    return texts, np.concatenate(lengths), np.concatenate(truncated), most_passes
+
+
+def _batch_size(batch_size: int, problems: int, mesh: Mesh | None) -> int:
+    """Prompts per generate call: `batch_size`, or fewer for fewer problems, rounded up to a
+    multiple of the mesh's data × fsdp devices so that the rows split over them (30 AIME
+    problems on 8 devices: 32, two of them padding, not 30 rows on every device)."""
+    if problems >= batch_size:
+        return batch_size
+    ways = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-problems // ways) * ways
 
 
 def _score(
@@ -243,6 +424,9 @@ def evaluate(
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
     mesh: Mesh | None = None,
     decode_weights: str = "auto",
+    max_model_length: int | None = None,
+    add_special_tokens: bool = False,
+    kv_budget_gib: float = 0.0,
 ) -> dict[str, Any]:
     """Greedy accuracy and sampled pass@1 / pass@k / maj@k of a model on problems.
 
@@ -280,12 +464,28 @@ def evaluate(
       decode_weights: where the decode loop reads the weights on `mesh`
         (`sampling.decode_weights`: "auto", "tensor", "replicated" or "sharded"; see
         `sampling.decode_copies`).
+      max_model_length: cap prompt + completion at this many tokens, as vLLM does under
+        lighteval: each row's completion budget is min(settings.max_new_tokens,
+        max_model_length − its prompt tokens) (`completion_budgets`; the paper's:
+        `PAPER_MAX_MODEL_LENGTH`). None: settings.max_new_tokens for every row.
+      add_special_tokens: tokenise the prompts with the tokenizer's special tokens (a BOS in
+        front, for tokenizers that add one), as lighteval does (`PAPER_ADD_SPECIAL_TOKENS`);
+        they count in the prompt tokens.
+      kv_budget_gib: per-device KV cache budget of a generate call (GiB): its rows are
+        decoded in the fewest sequential passes whose caches fit (`decode_passes`; the
+        tokens are one pass's). 0: one pass. `experiments/plan.py --evaluate` picks it.
 
     Returns:
-      A dict with `num_problems`, the settings, and as computed: `greedy_accuracy`,
-      `greedy_score`, `pass@1`, `pass@k`, `maj@k`, `sample_score`, mean completion lengths
-      and truncated fractions, `scorer_timeouts` and `scorer_errors` (samples that scored
-      0 because the verifier ran out of time or raised); `problems` with `details`.
+      A dict with `num_problems`, the settings (`max_model_length`, `add_special_tokens`,
+      `kv_budget_gib` and `passes`: the most decode passes a generate call took), and as
+      computed: `greedy_accuracy`, `greedy_score`, `pass@1`, `pass@k`, `maj@k`,
+      `sample_score`, mean completion lengths and truncated fractions (a row is truncated
+      when it used its whole budget without EOS), `scorer_timeouts` and `scorer_errors`
+      (samples that scored 0 because the verifier ran out of time or raised); `problems`
+      with `details`.
+
+    Raises:
+      ValueError: bad settings, or a prompt with no room left under `max_model_length`.
     """
     if not examples:
         raise ValueError("evaluate needs at least one example.")
@@ -303,12 +503,21 @@ def evaluate(
 
     rng = jax.random.key(0) if rng is None else rng
     extract = extract_fn or (lambda text: text.strip() or None)
+    if max_model_length is not None and max_model_length < 1:
+        raise ValueError(f"max_model_length must be ≥ 1 (None: no cap), got {max_model_length}.")
+    if kv_budget_gib < 0:
+        raise ValueError(f"kv_budget_gib must be ≥ 0 GiB (0: one pass), got {kv_budget_gib}.")
     prompts = [prompt_fn(e) for e in examples]
+    prompt_ids = encode_prompts(tokenizer, prompts, add_special_tokens=add_special_tokens)
+    budgets = completion_budgets(
+        [len(ids) for ids in prompt_ids], settings.max_new_tokens, max_model_length
+    )
     common = dict(
-        batch_size=min(batch_size, len(prompts)),
+        batch_size=_batch_size(batch_size, len(prompts), mesh),
         buckets=buckets,
         mesh=mesh,
         decode_weights=decode_weights,
+        kv_budget_gib=kv_budget_gib,
     )
     scorer_counts: collections.Counter = collections.Counter()
     report: dict[str, Any] = dict(
@@ -320,6 +529,10 @@ def evaluate(
         top_k=settings.top_k if n_samples else None,
         min_p=settings.min_p if n_samples else None,
         max_new_tokens=settings.max_new_tokens,
+        max_model_length=max_model_length,
+        add_special_tokens=add_special_tokens,
+        kv_budget_gib=kv_budget_gib,
+        passes=1,
     )
     records: list[dict[str, Any]] = [
         dict(question=e.question, answer=e.answer, prompt=p)
@@ -328,16 +541,18 @@ def evaluate(
 
     if greedy:
         with tqdm(total=len(prompts), desc="greedy", disable=not progress, leave=False) as bar:
-            texts, lengths, cut = _generate_texts(
+            texts, lengths, cut, passes = _generate_texts(
                 model,
                 tokenizer,
-                prompts,
+                prompt_ids,
+                budgets,
                 num_samples=1,
                 settings=SamplerSettings(max_new_tokens=settings.max_new_tokens, temperature=0.0),
                 rng=rng,
                 bar=bar,
                 **common,
             )
+        report["passes"] = max(report["passes"], passes)
         scores = _score(scorer, texts, examples, scorer_counts)[:, 0]
         report.update(
             greedy_accuracy=float(np.mean(scores >= 1.0)),
@@ -352,16 +567,18 @@ def evaluate(
         with tqdm(
             total=len(prompts), desc=f"sample×{n_samples}", disable=not progress, leave=False
         ) as bar:
-            texts, lengths, cut = _generate_texts(
+            texts, lengths, cut, passes = _generate_texts(
                 model,
                 tokenizer,
-                prompts,
+                prompt_ids,
+                budgets,
                 num_samples=n_samples,
                 settings=settings,
                 rng=jax.random.fold_in(rng, 1),
                 bar=bar,
                 **common,
             )
+        report["passes"] = max(report["passes"], passes)
         scores = _score(scorer, texts, examples, scorer_counts)
         correct = scores >= 1.0
         counts = correct.sum(axis=1)

@@ -19,10 +19,24 @@ Tasks, each with the host reward (`aapo_jax.rewards.get_host_reward`) that verif
   first, bare golds boxed).
 - `--paper=BENCH` (aime24 | amc23 | math500 | minerva | olympiadbench) with a file task: the
   authors' whole protocol in one flag: one sample per problem at temperature 0.6, top_p 0.95,
-  up to 32768 new tokens, no greedy pass, the query template in the chat template, and
-  lighteval's extraction with the benchmark's gold column and format
-  (`evaluation.PAPER_BENCHMARKS`: the question and gold columns pinned per benchmark;
-  verifiers `lighteval_expr_gold` / `lighteval_latex_gold`).
+  up to 32768 new tokens within a 32768-token model length (--max_model_length), the prompt
+  tokenised with the tokenizer's special tokens (--add_special_tokens: a second BOS in front
+  of the chat template's, for tokenizers that add one), as lighteval 0.8.1's vLLM path does;
+  no greedy pass, the query template in the chat template, and lighteval's extractive match
+  with the benchmark's gold column and format (`evaluation.PAPER_BENCHMARKS`: the question
+  and gold columns pinned per benchmark). --max_model_length and --[no]add_special_tokens
+  given explicitly override it. The answers are judged by lighteval 0.8.1 itself
+  (--judge=lighteval-0.8.1, the default: install it once with `pip install --no-deps
+  --target ~/.cache/aapo_jax/lighteval-0.8.1 -r requirements-lighteval.txt`) or by our
+  math-verify transcription of its metric (--judge=math-verify, an approximation).
+  `python -m experiments.paper_eval` runs all five benchmarks, seeds and checkpoints.
+
+Budget: each row generates up to min(--max_new_tokens, --max_model_length − its prompt
+tokens) tokens (vLLM's cap; no --max_model_length: --max_new_tokens). Memory: with
+--kv_budget_gib=X each generate call decodes its rows in the fewest sequential passes whose
+KV caches fit X GiB per device (the same tokens as one pass); `python -m experiments.plan
+--evaluate ...` compiles the evaluation for a TPU slice and prints the X (and the
+--batch_size and --mesh) that fit it.
 
 `--import=my_module` (repeatable) imports your own module first, e.g. one that registers the
 reward a training run used; a training --workdir re-imports the modules it was trained with.
@@ -126,14 +140,14 @@ def load_task(args: argparse.Namespace, tokenizer) -> Task:
             if args.template is not None
             else evaluation.paper_prompt_fn(tokenizer, use_chat_template=chat)
         )
-        question_key, answer_key, verifier = None, None, "accuracy_boxed_gold"
         if args.paper:
-            question_key, answer_key, verifier = evaluation.PAPER_BENCHMARKS[args.paper]
+            paper = evaluation.paper_task(args.paper, args.task, tokenizer, judge=args.judge)
+            return Task(*paper, extract_fn=evaluation.math_extract_fn)
         return Task(
-            name=args.task if not args.paper else f"{args.paper}:{args.task}",
-            examples=read_records(args.task, question_key=question_key, answer_key=answer_key),
+            name=args.task,
+            examples=read_records(args.task),
             prompt_fn=prompt_fn,
-            verifier=verifier,
+            verifier="accuracy_boxed_gold",
             extract_fn=evaluation.math_extract_fn,
         )
     raise ValueError(f"--task={args.task!r}: expected quickstart, gym:NAME or a .jsonl file.")
@@ -194,6 +208,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--num_workers", type=int, default=2, help="verifier processes (0: in this process)"
     )
+    p.add_argument(
+        "--max_model_length",
+        type=int,
+        default=None,
+        help="cap prompt + completion at this many tokens, as vLLM does: a row's budget is "
+        "min(--max_new_tokens, this − its prompt tokens) (default: no cap; --paper: "
+        f"{evaluation.PAPER_MAX_MODEL_LENGTH})",
+    )
+    p.add_argument(
+        "--add_special_tokens",
+        dest="add_special_tokens",
+        action="store_true",
+        default=None,
+        help="tokenise prompts with the tokenizer's special tokens (e.g. a BOS in front), as "
+        "lighteval's vLLM path does (default: off; --paper: "
+        f"{'on' if evaluation.PAPER_ADD_SPECIAL_TOKENS else 'off'})",
+    )
+    p.add_argument(
+        "--noadd_special_tokens",
+        "--no-add_special_tokens",
+        dest="add_special_tokens",
+        action="store_false",
+        help="tokenise prompts as written (chat templates carry their own special tokens)",
+    )
+    p.add_argument(
+        "--kv_budget_gib",
+        type=float,
+        default=0.0,
+        help="per-device KV cache budget of a generate call: its rows decode in the fewest "
+        "sequential passes that fit (0: one pass; experiments.plan --evaluate picks it)",
+    )
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument(
         f"--{plugins.FLAG}", dest="imports", action="append", default=[], help=plugins.FLAG_HELP
@@ -203,6 +248,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=sorted(evaluation.PAPER_BENCHMARKS),
         help="the authors' evaluation protocol for this benchmark (a .jsonl/.parquet --task)",
+    )
+    p.add_argument(
+        "--judge",
+        default=evaluation.PAPER_JUDGE,
+        choices=sorted(evaluation.PAPER_JUDGES),
+        help="who decides --paper's answers: lighteval 0.8.1 itself (the authors' version, "
+        "installed with requirements-lighteval.txt) or our math-verify transcription of it",
     )
     args = p.parse_args(argv)
     if args.paper:
@@ -216,6 +268,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if name != "max_new_tokens":
                 setattr(args, name, getattr(evaluation.PAPER_SAMPLING, name))
         args.max_new_tokens = args.max_new_tokens or evaluation.PAPER_SAMPLING.max_new_tokens
+        if args.max_model_length is None:
+            args.max_model_length = evaluation.PAPER_MAX_MODEL_LENGTH
+        if args.add_special_tokens is None:
+            args.add_special_tokens = evaluation.PAPER_ADD_SPECIAL_TOKENS
+    args.add_special_tokens = bool(args.add_special_tokens)
+    if args.max_model_length is not None and args.max_model_length < 1:
+        p.error(f"--max_model_length must be ≥ 1 token, got {args.max_model_length}.")
+    if not args.kv_budget_gib >= 0:
+        p.error(f"--kv_budget_gib must be ≥ 0 GiB (0: one pass), got {args.kv_budget_gib}.")
     try:
         args.mesh = parse_mesh(args.mesh)
     except ValueError as e:
@@ -318,6 +379,30 @@ def is_training_workdir(model: str | Path) -> bool:
     )
 
 
+def check_judge(judge: str, num_workers: int) -> None:
+    """Before anything loads: the paper's judge can run here.
+
+    Raises:
+      ValueError: lighteval 0.8.1 is not installed (with the command that installs it), or
+        asked to judge in this process (--num_workers=0), which holds math-verify's
+        latex2sympy2_extended.
+    """
+    from aapo_jax import evaluation
+    from aapo_jax.rewards import lighteval_pinned
+
+    if judge != evaluation.PAPER_JUDGE:
+        return
+    try:
+        lighteval_pinned.check_available()
+    except lighteval_pinned.LightevalUnavailable as e:
+        raise ValueError(f"--judge={judge}: {e}") from None
+    if num_workers < 1:
+        raise ValueError(
+            f"--judge={judge} scores in worker processes (its latex2sympy2_extended cannot share "
+            "this one with math-verify's): --num_workers must be ≥ 1."
+        )
+
+
 def make_mesh(shape: tuple[int, int, int]):
     """The (data, fsdp, tensor) mesh of --mesh on this machine's devices."""
     from aapo_jax import sharding
@@ -339,6 +424,8 @@ def run(args: argparse.Namespace) -> dict:
 
     source = str(args.model)
     workdir = is_training_workdir(args.model)
+    if args.paper:
+        check_judge(args.judge, args.num_workers)
     mesh = make_mesh(args.mesh)
     if workdir:
         from aapo_jax import trainer
@@ -373,6 +460,9 @@ def run(args: argparse.Namespace) -> dict:
             extract_fn=task.extract_fn,
             details=args.details,
             mesh=mesh,
+            max_model_length=args.max_model_length,
+            add_special_tokens=args.add_special_tokens,
+            kv_budget_gib=args.kv_budget_gib,
         )
     return dict(
         model=source,

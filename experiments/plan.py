@@ -5,6 +5,9 @@
     python -m experiments.plan --config=configs/r1_distill_1p5b_openrs.py \
         --model=deepseek-r1-distill-qwen-1.5b --topology=v5e:2x4 --json
     python -m experiments.plan --config=configs/quickstart.py --cpu_devices=8 --config.mesh.fsdp=-1
+    python -m experiments.plan --config=configs/r1_distill_1p5b_openrs.py \
+        --model=deepseek-r1-distill-qwen-1.5b --topology=v5e:2x4 --evaluate \
+        --eval_batch_size=64 --max_model_length=32768
 
 The two device programs of a step, `rollout` (the sampler: policy and, for AAPO, the
 reference in one decode loop) and `update` (the train step, state donated), are lowered on
@@ -34,6 +37,20 @@ Exits with status 1 when a program does not fit, naming the knob to turn, and 2
 when one fails to compile for another reason (its traceback on stderr; the other program
 is still planned). XLA:CPU's temporaries over-state (no buffer reuse across the program):
 decide TPU fits with --topology.
+
+--evaluate plans `experiments.evaluate`'s program instead (`aapo_jax.eval_plan`): one generate
+call of --eval_batch_size prompts of --eval_prompt_length tokens, --eval_samples rows each,
+decoding min(--eval_max_new_tokens, --max_model_length − 1) tokens (the most any prompt gets)
+from the checkpoint's weights in --eval_dtype on the config's mesh, at the paper's temperature
+and top_p. It compiles one pass, then the fewest sequential decode passes whose KV caches fit
+the room the rest leaves, until a program fits the device, and prints the passes, rows per
+pass per device, the peak per device and the `experiments.evaluate` flags that run it
+(--kv_budget_gib: one pass's KV caches per device). --json fields: passes, rows_per_pass,
+prompts_per_device, kv_cache_per_pass_bytes, kv_budget_gib, decode_max_new_tokens,
+decode_layout, fits, compile_error, per_device_bytes {total, weights, decode_weights,
+kv_cache, temporaries}, tried {passes: the program report}, compile_s, evaluate_flags, and
+the settings. Exits 1 when even one prompt per device per pass does not fit, 2 on a compile
+error.
 """
 
 from __future__ import annotations
@@ -68,6 +85,36 @@ _DECODE_STEP = flags.DEFINE_bool(
     True,
     "Also compile one decode step (and the decode copies) for its bytes, FLOPs and "
     "collectives, and the roofline estimate.",
+)
+_EVALUATE = flags.DEFINE_bool(
+    "evaluate",
+    False,
+    "Plan experiments.evaluate's decode (rows per pass, passes, --kv_budget_gib) instead of "
+    "the RL step.",
+)
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+    "eval_batch_size",
+    None,
+    "--evaluate: prompts per generate call (default: the config's train.eval_batch_size).",
+)
+_EVAL_SAMPLES = flags.DEFINE_integer(
+    "eval_samples", 1, "--evaluate: samples per prompt (the paper's: 1)."
+)
+_EVAL_PROMPT_LENGTH = flags.DEFINE_integer(
+    "eval_prompt_length",
+    None,
+    "--evaluate: the prompts' padded length (default: the config's sampling.max_prompt_length).",
+)
+_EVAL_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "eval_max_new_tokens", 32768, "--evaluate: the completion budget (the paper's: 32768)."
+)
+_MAX_MODEL_LENGTH = flags.DEFINE_integer(
+    "max_model_length",
+    None,
+    "--evaluate: prompt + completion cap (the paper's: 32768; default: none).",
+)
+_EVAL_DTYPE = flags.DEFINE_enum(
+    "eval_dtype", "bfloat16", ["bfloat16", "float32"], "--evaluate: the weights' dtype."
 )
 flags.mark_flags_as_required(["config"])
 
@@ -201,6 +248,79 @@ def print_decode_step(report: dict) -> None:
         )
 
 
+def print_eval_table(report: dict) -> None:
+    """The --evaluate plan: passes, rows per pass, bytes per device, the evaluate flags."""
+    b = report["per_device_bytes"]
+    where = report["topology"] or report["platform"]
+    cap = report["max_model_length"]
+    print(
+        f"evaluate {report['model']} on {report['devices']} × {report['device_kind']} ({where}), "
+        f"mesh {report['mesh']}, {_gib(report['device_memory_bytes'])} GiB per device "
+        f"({report['device_memory_source']}); attention: {report['attention']}; decode "
+        f"weights: {report['decode_layout']}, {report['dtype']}"
+    )
+    print(
+        f"{report['batch_size']} prompts × {report['num_samples']} samples a generate call, "
+        f"prompts of {report['prompt_len']} tokens, up to {report['decode_max_new_tokens']} new "
+        f"(max_new_tokens {report['max_new_tokens']}, max_model_length {cap or 'none'})"
+    )
+    print(
+        f"passes: {report['passes']} ({report['rows_per_pass']} rows per pass per device of "
+        f"{report['prompts_per_device']} prompts; KV caches per pass "
+        f"{_gib(report['kv_cache_per_pass_bytes'])} GiB per device)"
+    )
+    print(f"{'per device':<22}{'GiB':>10}")
+    for key in ("weights", "decode_weights", "kv_cache", "temporaries", "total"):
+        print(f"  {key:<20}{_gib(b[key]):>10}")
+    tried = ", ".join(
+        f"{p} pass(es) {_gib(r['total_bytes'])} GiB" + ("" if r["error"] is None else " (refused)")
+        for p, r in report["tried"].items()
+    )
+    print(f"compiled: {tried}")
+    print(f"experiments.evaluate flags: {report['evaluate_flags']}")
+
+
+def plan_evaluation(config, devices, memory: int, source: str) -> int:
+    """--evaluate: plan, print, and return the exit status (0 fits, 1 does not, 2 error)."""
+    from aapo_jax import aot, eval_plan
+
+    batch = _EVAL_BATCH_SIZE.value or config.train.eval_batch_size
+    try:
+        plan = eval_plan.abstract_eval_inputs(
+            config,
+            devices,
+            batch_size=batch,
+            num_samples=_EVAL_SAMPLES.value,
+            prompt_len=_EVAL_PROMPT_LENGTH.value,
+            max_new_tokens=_EVAL_MAX_NEW_TOKENS.value,
+            max_model_length=_MAX_MODEL_LENGTH.value,
+            dtype=_EVAL_DTYPE.value,
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    log(f"planning the evaluation on {len(devices)} × {devices[0].device_kind}")
+    passes, reports = eval_plan.plan_passes(plan, memory, log=log)
+    report = eval_plan.eval_report(
+        plan, passes, reports, memory, memory_source=source, topology=_TOPOLOGY.value
+    )
+    if _JSON.value:
+        print(aot.to_json(report))
+    else:
+        print_eval_table(report)
+    if report["compile_error"]:
+        print(f"the evaluation failed to compile: {report['compile_error']}", file=sys.stderr)
+        return 2
+    if not report["fits"]:
+        print(
+            "does not fit even at one prompt per device per pass: fewer --eval_samples, a "
+            "shorter --max_model_length, more devices (--config.mesh.*, a bigger --topology)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv):
     del argv
     from aapo_jax import sharding
@@ -215,6 +335,8 @@ def main(argv):
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     memory, source = sharding.device_memory_bytes(devices[0], _DEVICE_MEMORY_GB.value)
+    if _EVALUATE.value:
+        sys.exit(plan_evaluation(config, devices, memory, source))
     attention = aot.target_attention(config, devices[0].platform) if _TOPOLOGY.value else None
     plan = aot.abstract_inputs(config, devices, attention=attention)
     try:

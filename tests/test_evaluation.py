@@ -86,20 +86,40 @@ def test_make_scorer_names_host_rewards():
 # ---------------------------------------------------------------------------
 # evaluate() on a model whose next-token distribution is set by hand
 
-VOCAB = ["<pad>", "<eos>", "q", "a", "b", "c", "x", "y"]
+VOCAB = ["<pad>", "<eos>", "q", "a", "b", "c", "x", "y", "<bos>"]
 ID = {t: i for i, t in enumerate(VOCAB)}
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
+def _tokenizer(adds_bos: bool = False):
+    """Word-level over `VOCAB`; `adds_bos`: its special tokens are a BOS in front (as
+    DeepSeek-R1-Distill's tokenizer adds one)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(WordLevel(ID, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.Fuse()
+    bos = {}
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", ID["<bos>"])]
+        )
+        bos = dict(bos_token="<bos>")
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left"
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left", **bos
+    )
+
+
+def _markov_config():
+    """One layer of width 16 over `VOCAB`, 2 heads of 8 sharing 1 kv head."""
+    return hf_fixtures.tiny_model_config(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
     )
 
 
@@ -110,15 +130,8 @@ def _markov_model(transitions: dict[str, dict[str, float]]):
     one-hot embeddings that is √D·e_t and the logits row of t is √D·lm_head[t]. Unlisted
     successors get logit −30.
     """
-    d = 16
-    config = hf_fixtures.tiny_model_config(
-        vocab_size=len(VOCAB),
-        hidden_size=d,
-        intermediate_size=8,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-    )
+    config = _markov_config()
+    d = config.hidden_size
     model = models.Transformer(config, rngs=nnx.Rngs(0))
     layers = model.layers  # all layers' weights, stacked
     layers.attn.o_kernel.value = jnp.zeros_like(layers.attn.o_kernel.value)
@@ -172,11 +185,11 @@ def _raises_on_y(completions, *, answers, **kwargs):
     return np.ones(len(completions), np.float32)
 
 
-def _evaluate(examples, scorer=None, model=None, **kwargs):
+def _evaluate(examples, scorer=None, model=None, tokenizer=None, **kwargs):
     """`evaluation.evaluate` on the rigged model; the default verifier is `_exact_answer`."""
     if scorer is None:
         with rewards.RewardScorer(_exact_answer, num_workers=0) as scorer:
-            return _evaluate(examples, scorer, model, **kwargs)
+            return _evaluate(examples, scorer, model, tokenizer, **kwargs)
     # The sampler settings given as keywords form the one `SamplerSettings` record.
     names = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p")
     settings = dict(max_new_tokens=4, temperature=0.6, top_p=0.95)
@@ -189,9 +202,8 @@ def _evaluate(examples, scorer=None, model=None, **kwargs):
         buckets=None,
     )
     model = _markov_model(TRANSITIONS) if model is None else model
-    return evaluation.evaluate(
-        model, _tokenizer(), examples, scorer=scorer, **{**defaults, **kwargs}
-    )
+    tokenizer = _tokenizer() if tokenizer is None else tokenizer
+    return evaluation.evaluate(model, tokenizer, examples, scorer=scorer, **{**defaults, **kwargs})
 
 
 def _examples(questions):
@@ -316,6 +328,145 @@ def test_evaluate_on_an_fsdp_mesh_matches_one_device(decode_weights):
     assert split["greedy_accuracy"] == one["greedy_accuracy"]
 
 
+# -- the completion budget under a model length, special tokens, decode passes ---------------
+
+# After "a" the model says x forever; after "c" it wanders between x and y (odds 1:1), never
+# stopping: every completion runs to its budget.
+ENDLESS = {
+    "a": {"x": 0.0},
+    "c": {"x": 0.0, "y": 0.0},
+    "x": {"x": 0.0, "y": -1.0},
+    "y": {"x": 0.0, "y": 0.0},
+}
+
+
+def test_completion_budgets_are_vllms_cap():
+    np.testing.assert_array_equal(evaluation.completion_budgets([3, 10], 8), [8, 8])
+    np.testing.assert_array_equal(evaluation.completion_budgets([3, 10], 8, 12), [8, 2])
+    with pytest.raises(ValueError, match=r"prompt 1 has 12 tokens .*max_model_length=12"):
+        evaluation.completion_budgets([3, 12, 15], 8, 12)
+
+
+def test_max_model_length_caps_each_rows_completion():
+    """Prompts of 2 and 5 tokens under max_model_length = 5 + 3: the long one gets 3 new
+    tokens, the short one 6 (< max_new_tokens = 8), both cut off; each is what greedy decoding
+    with that row's own budget gives, and the sampled rows are prefixes of uncapped ones."""
+    model = _markov_model(ENDLESS)
+    examples = _examples(["a", "q q q a"])
+    capped = _evaluate(
+        examples, model=model, n_samples=0, max_new_tokens=8, max_model_length=8, details=True
+    )
+    assert [p["greedy_completion"] for p in capped["problems"]] == ["x" * 6, "x" * 3]
+    assert capped["greedy_completion_len"] == 4.5 and capped["greedy_truncated_frac"] == 1.0
+    assert (capped["max_model_length"], capped["max_new_tokens"]) == (8, 8)
+    for example, budget, text in [(examples[0], 6, "x" * 6), (examples[1], 3, "x" * 3)]:
+        alone = _evaluate([example], model=model, n_samples=0, max_new_tokens=budget, details=True)
+        assert alone["problems"][0]["greedy_completion"] == text
+    # Sampling: the same draws, each row cut at its own budget.
+    examples = _examples(["c", "q q q c"])
+    sampled = dict(model=model, n_samples=2, greedy=False, temperature=1.0, max_new_tokens=8)
+    full = _evaluate(examples, details=True, **sampled)["problems"]
+    cut = _evaluate(examples, details=True, max_model_length=8, **sampled)["problems"]
+    assert set(full[0]["completions"][0] + full[0]["completions"][1]) == {"x", "y"}
+    for budget, whole, capped_row in zip((6, 3), full, cut, strict=True):
+        assert [c[:budget] for c in whole["completions"]] == capped_row["completions"]
+    # A prompt with no room left is named, with the numbers.
+    with pytest.raises(ValueError, match=r"prompt 1 has 5 tokens .*max_model_length=5"):
+        _evaluate(_examples(["a", "q q q a"]), model=model, n_samples=0, max_model_length=5)
+
+
+def test_add_special_tokens_puts_the_bos_in_the_prompt_and_its_count():
+    from aapo_jax.data import tokenize
+
+    tokenizer = _tokenizer(adds_bos=True)
+    bos = tokenizer.bos_token_id
+    with_bos = tokenize.encode_prompts(tokenizer, ["q a"], add_special_tokens=True)
+    assert with_bos == [[bos, ID["q"], ID["a"]]]
+    assert tokenize.encode_prompts(tokenizer, ["q a"]) == [[ID["q"], ID["a"]]]
+    ids, mask = tokenize.tokenize_prompts(
+        tokenizer, ["q a", "q b"], add_special_tokens=True, buckets=None
+    )
+    assert (ids[:, 0] == bos).all() and mask.all()
+    # max_model_length = 4 after "q a": room for "x" + EOS, or with the BOS for "x" alone.
+    runs = {
+        add: _evaluate(
+            _examples("a"),
+            tokenizer=tokenizer,
+            n_samples=0,
+            max_model_length=4,
+            add_special_tokens=add,
+            details=True,
+        )
+        for add in (False, True)
+    }
+    assert runs[True]["add_special_tokens"] and not runs[False]["add_special_tokens"]
+    assert runs[False]["greedy_completion_len"] == 2 and runs[False]["greedy_truncated_frac"] == 0
+    assert runs[True]["greedy_completion_len"] == 1 and runs[True]["greedy_truncated_frac"] == 1
+    assert runs[True]["problems"][0]["greedy_completion"] == "x"
+
+
+def test_eval_kv_cache_bytes_and_passes():
+    """layers × 2 × (P + G·T) slots × kv heads × head_dim × 4 B per prompt (a shared prompt),
+    and the fewest passes of 8 prompts that fit a budget."""
+    config = _markov_config()
+    settings = SamplerSettings(max_new_tokens=4)
+    per_prompt = 1 * 2 * (2 + 3 * 4) * 1 * 8 * 4
+    assert evaluation.kv_cache_bytes(config, settings, None, 1, 2, 3) == per_prompt
+    passes = lambda gib: evaluation.decode_passes(
+        config, settings, None, 8, 2, 3, kv_budget_gib=gib
+    )
+    assert passes(0.0) == 1
+    assert passes(8 * per_prompt / sharding.GiB) == 1
+    assert passes(3 * per_prompt / sharding.GiB) == 4
+    with pytest.raises(ValueError, match="kv_budget_gib"):
+        passes(per_prompt / 2 / sharding.GiB)
+
+
+def _two_pass_budget(model, mesh, batch: int, num_samples: int) -> float:
+    """GiB of KV caches of half of one device's prompts (P = 2, T = 4): two passes."""
+    from aapo_jax.train_step import row_ways
+
+    settings = SamplerSettings(max_new_tokens=4)
+    ways = row_ways(mesh, batch)
+    one = evaluation.kv_cache_bytes(model.config, settings, mesh, ways, 2, num_samples)
+    return batch // ways // 2 * one / sharding.GiB
+
+
+def test_kv_budget_decodes_in_passes_with_the_same_tokens():
+    """A budget of half the prompts: two passes per generate call, and the greedy and sampled
+    completions of one pass."""
+    examples, model = _examples("aabcbabc"), _markov_model(TRANSITIONS)
+    for kw in (dict(n_samples=0), dict(n_samples=2, greedy=False)):
+        common = dict(model=model, batch_size=8, temperature=1.0, details=True, **kw)
+        one = _evaluate(examples, **common)
+        budget = _two_pass_budget(model, None, 8, max(kw["n_samples"], 1))
+        two = _evaluate(examples, kv_budget_gib=budget, **common)
+        assert (one["passes"], two["passes"], two["kv_budget_gib"]) == (1, 2, budget)
+        assert one["problems"] == two["problems"]
+        if not kw["n_samples"]:
+            greedy = [p["greedy_completion"] for p in one["problems"]]
+            assert greedy == ["x", "x", "y", "y", "y", "x", "y", "y"]
+    assert {c for p in one["problems"][3::4] for c in p["completions"]} == {"x", "y"}
+
+
+@pytest.mark.parametrize("axes", [dict(data=8, fsdp=1), dict(data=2, fsdp=4)])
+def test_kv_budget_passes_on_the_8_fake_devices(axes):
+    """16 problems, 2 per device in 2 passes: the sampled completions of one pass, each device
+    decoding its own rows (data=8) or XLA splitting them (fsdp)."""
+    examples = _examples("aabcbabc" * 2)
+    mesh = sharding.make_mesh(**axes, tensor=1)
+    model = sharding.shard_model(_markov_model(TRANSITIONS), mesh)
+    common = dict(model=model, mesh=mesh, batch_size=16, n_samples=2, greedy=False, temperature=1.0)
+    one = _evaluate(examples, details=True, **common)
+    budget = _two_pass_budget(model, mesh, 16, 2)
+    two = _evaluate(examples, details=True, kv_budget_gib=budget, **common)
+    assert (one["passes"], two["passes"]) == (1, 2)
+    assert [p["completions"] for p in two["problems"]] == [
+        p["completions"] for p in one["problems"]
+    ]
+    assert {c for p in one["problems"][3::4] for c in p["completions"]} == {"x", "y"}
+
+
 # -- the paper's protocol (experiments/evaluate.py --paper) ------------------------------------
 
 
@@ -327,20 +478,43 @@ def test_paper_flag_sets_the_authors_protocol_and_gold(tmp_path):
     task = tmp_path / "math500.jsonl"
     row = {"problem": "Half of one?", "answer": "0.5", "solution": r"It is $\boxed{\frac12}$."}
     task.write_text(json.dumps(row) + "\n")
-    args = evaluate.parse_args(["--model=M", f"--task={task}", "--paper=math500"])
+    args_flags = ["--model=M", f"--task={task}", "--paper=math500"]
+    args = evaluate.parse_args(args_flags)
     assert (args.n, args.k, args.no_greedy) == (evaluation.PAPER_SAMPLES, 1, True)
     assert (args.temperature, args.top_p) == (0.6, 0.95)
     assert args.max_new_tokens == evaluation.PAPER_SAMPLING.max_new_tokens == 32768
     loaded = evaluate.load_task(args, _tokenizer())
-    assert loaded.verifier == "lighteval_latex_gold"
+    # Judged by lighteval 0.8.1 itself unless --judge=math-verify (our transcription).
+    assert args.judge == evaluation.PAPER_JUDGE == "lighteval-0.8.1"
+    assert loaded.verifier == "lighteval081_latex_gold"
+    transcribed = evaluate.parse_args([*args_flags, "--judge=math-verify"])
+    assert evaluate.load_task(transcribed, _tokenizer()).verifier == "lighteval_latex_gold"
     assert loaded.examples[0].answer == row["solution"]  # MATH-500: LaTeX on the solution
     aime = evaluate.load_task(
         evaluate.parse_args(["--model=M", f"--task={task}", "--paper=aime24"]), _tokenizer()
     )
-    assert aime.verifier == "lighteval_expr_gold" and aime.examples[0].answer == "0.5"
+    assert aime.verifier == "lighteval081_expr_gold" and aime.examples[0].answer == "0.5"
     flags = ["--model=M", f"--task={task}", "--paper=amc23", "--max_new_tokens=9"]
     kept = evaluate.parse_args(flags)
     assert kept.max_new_tokens == 9
+    # lighteval's vLLM path: a 32768-token model length, prompts with special tokens; each
+    # can be given explicitly (the BOS choice too) and otherwise off / uncapped.
+    assert args.max_model_length == evaluation.PAPER_MAX_MODEL_LENGTH == 32768
+    assert args.add_special_tokens is evaluation.PAPER_ADD_SPECIAL_TOKENS is True
+    assert (args.kv_budget_gib, kept.max_model_length) == (0.0, 32768)
+    flags = ["--model=M", f"--task={task}", "--paper=amc23", "--max_model_length=4096"]
+    mine = evaluate.parse_args([*flags, "--noadd_special_tokens", "--kv_budget_gib=2.5"])
+    assert (mine.max_model_length, mine.add_special_tokens, mine.kv_budget_gib) == (
+        4096,
+        False,
+        2.5,
+    )
+    plain = evaluate.parse_args(["--model=M", f"--task={task}"])
+    assert (plain.max_model_length, plain.add_special_tokens) == (None, False)
+    assert evaluate.parse_args(["--model=M", "--add_special_tokens"]).add_special_tokens
+    for bad in ("--max_model_length=0", "--kv_budget_gib=-1"):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--model=M", bad])
     # OlympiadBench's question is `question`, though its rows may carry a `problem` too.
     olympiad = tmp_path / "olympiadbench.jsonl"
     row = {"problem": "other text", "question": "What is 2+2?", "answer": "$4$"}
@@ -375,3 +549,34 @@ def test_model_that_is_neither_a_workdir_nor_a_checkpoint_is_named(tiny_model_di
     assert not evaluate.is_training_workdir(tiny_model_dir)
     (tmp_path / "checkpoints").mkdir()
     assert evaluate.is_training_workdir(tmp_path)
+
+
+def test_paper_task_pins_columns_and_names_the_judge(tmp_path, monkeypatch):
+    import json
+
+    from experiments import evaluate
+
+    path = tmp_path / "olympiadbench.jsonl"
+    path.write_text(json.dumps({"problem": "x", "question": "What is 2+2?", "answer": "4"}))
+    task = evaluation.paper_task("olympiadbench", str(path), _tokenizer(), judge="math-verify")
+    assert task.verifier == "lighteval_latex_gold"
+    assert [(e.question, e.answer) for e in task.examples] == [("What is 2+2?", "4")]
+    assert "What is 2+2?" in task.prompt_fn(task.examples[0])
+    for bad in (dict(benchmark="gsm8k"), dict(judge="vibes")):
+        with pytest.raises(ValueError, match="valid"):
+            evaluation.paper_verifier(**{"benchmark": "aime24", **bad})
+    # The pinned judge is checked before anything loads, naming how to install it.
+    monkeypatch.setenv("AAPO_LIGHTEVAL_DIR", str(tmp_path / "none"))
+    with pytest.raises(ValueError, match=r"--judge=lighteval-0\.8\.1: .*requirements-lighteval"):
+        evaluate.check_judge("lighteval-0.8.1", num_workers=2)
+    evaluate.check_judge("math-verify", num_workers=0)
+
+
+def test_a_short_last_call_still_splits_its_rows_over_the_mesh():
+    from aapo_jax import sharding
+
+    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
+    # 30 problems (AIME) on 8 devices: 32 prompts per call, so every device decodes 4.
+    assert evaluation._batch_size(64, 30, mesh) == 32
+    assert evaluation._batch_size(64, 30, None) == 30
+    assert evaluation._batch_size(16, 30, mesh) == 16

@@ -58,7 +58,7 @@ def test_the_transcription_keeps_an_unparsable_gold_as_its_raw_string():
 def test_the_pinned_judge_names_its_install_command_when_missing(tmp_path, monkeypatch):
     monkeypatch.setenv(lighteval_pinned.DIR_ENV, str(tmp_path))
     assert lighteval_pinned.pinned_dir() == tmp_path and not lighteval_pinned.available()
-    with pytest.raises(lighteval_pinned.LightevalUnavailable, match="requirements-lighteval.txt"):
+    with pytest.raises(lighteval_pinned.LightevalUnavailable, match=r"requirements-lighteval\.txt"):
         lighteval_pinned.check_available()
 
 

@@ -1,6 +1,7 @@
 """The ahead-of-time planner: a tiny config compiled on 8 fake CPU devices, the entry point's
 JSON and exit status, collectives read from HLO text, and a TPU topology where libtpu exists."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from aapo_jax import aot, hlo, models, sampling, sharding
+from aapo_jax import aot, eval_plan, evaluation, hlo, models, sampling, sharding
 from tests.helpers import REPO, tiny_plan_config
 
 MODEL_SHAPES = REPO / "configs" / "model_shapes"
@@ -336,6 +337,121 @@ def test_entry_point_json_and_exit_status(model_dir, tmp_path):
     assert report["collective_bytes"]["update"]["all-gather"] > 0
     assert "compiling update" in proc.stderr
     assert "does not fit" in proc.stderr and "--config.mesh." in proc.stderr
+
+
+def _eval_plan(model_dir, batch_size: int = 16):
+    """The tiny model's evaluation on the 8 fake CPU devices (fsdp=8): 16 prompts of 8
+    tokens × 2 samples, 64 new tokens within a model length of 72, fp32 weights."""
+    config = aot.plan_config(tiny_plan_config(model_dir))
+    return eval_plan.abstract_eval_inputs(
+        config,
+        jax.devices(),
+        batch_size=batch_size,
+        num_samples=2,
+        prompt_len=8,
+        max_new_tokens=64,
+        max_model_length=72,
+        dtype="float32",
+    )
+
+
+def test_the_evaluation_decodes_in_passes_when_memory_demands(model_dir):
+    """Less memory than the one-pass program needs: the plan takes 2 passes (one prompt per
+    device each), whose program compiles and fits, and the --kv_budget_gib it prints gives
+    `evaluate` those 2 passes."""
+    plan = _eval_plan(model_dir)
+    assert plan.config.settings.max_new_tokens == 64  # min(64, 72 - a one-token prompt)
+    assert plan.prompts_per_device == 2 and plan.passes_choices() == [1, 2]
+    per_prompt = 2 * 2 * (8 + 2 * 64) * 2 * 16 * 4  # layers × (k, v) × slots × kv heads × Dh × 4 B
+    assert plan.kv_cache_bytes(1) == 2 * per_prompt and plan.kv_cache_bytes(2) == per_prompt
+    one = eval_plan.compile_eval(plan, 1)
+    assert one.error is None and one.temp_bytes >= plan.kv_cache_bytes(1)
+    passes, reports = eval_plan.plan_passes(plan, one.total_bytes - 1)
+    assert passes == 2 and set(reports) == {1, 2}
+    assert reports[2].error is None and reports[2].total_bytes < one.total_bytes
+    report = eval_plan.eval_report(plan, passes, reports, one.total_bytes - 1)
+    assert report["fits"] and (report["passes"], report["rows_per_pass"]) == (2, 2)
+    assert report["per_device_bytes"]["kv_cache"] == per_prompt
+    assert f"--kv_budget_gib={report['kv_budget_gib']}" in report["evaluate_flags"]
+    assert "--batch_size=16 --mesh=1,8,1" in report["evaluate_flags"]
+    json.loads(aot.to_json(report))
+    # That budget in `evaluate`'s own terms: these 16 prompts decode in 2 passes.
+    settings = dataclasses.replace(evaluation.PAPER_SAMPLING, max_new_tokens=64)
+    budget = report["kv_budget_gib"]
+    model_config = plan.model.config
+    assert (
+        evaluation.decode_passes(model_config, settings, plan.mesh, 16, 8, 2, kv_budget_gib=budget)
+        == 2
+    )
+    # Too little memory for anything: the most passes, not fitting.
+    passes, reports = eval_plan.plan_passes(plan, 1024)
+    assert passes == 2 and not eval_plan.eval_report(plan, passes, reports, 1024)["fits"]
+
+
+def test_the_pass_search_verifies_the_fewest_passes(model_dir, monkeypatch):
+    """With 8 prompts per device and programs of 2·KV/passes bytes (the rest shrinking with
+    the rows too), memory for exactly 2 passes: one pass leaves no room by its own numbers,
+    so the most passes are compiled, whose smaller rest then predicts 2, compiled and kept."""
+    plan = _eval_plan(model_dir, batch_size=64)
+    assert plan.passes_choices() == [1, 2, 4, 8]
+    kv = plan.kv_cache_bytes(1)
+    compiled = []
+
+    def fake_compile(plan, passes, *, log):
+        compiled.append(passes)
+        return aot.ProgramReport("evaluate", 0.0, 0, 0, total_bytes=2 * kv // passes)
+
+    monkeypatch.setattr(eval_plan, "compile_eval", fake_compile)
+    assert eval_plan.plan_passes(plan, kv)[0] == 2 and compiled == [1, 8, 2]
+    compiled.clear()
+    assert eval_plan.plan_passes(plan, 2 * kv)[0] == 1 and compiled == [1]
+    compiled.clear()
+    passes, reports = eval_plan.plan_passes(plan, kv // 8)
+    assert passes == 8 and compiled == [1, 8] and reports[8].total_bytes > kv // 8
+
+
+@pytest.mark.slow
+def test_entry_point_plans_the_evaluation(model_dir, tmp_path):
+    """--evaluate: the evaluation's JSON plan from the flags; a device too small for even one
+    prompt per device per pass exits 1 after trying every pass count up to that."""
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from tests.helpers import tiny_plan_config\n\n\n"
+        f"def get_config():\n    return tiny_plan_config({str(model_dir)!r})\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.plan",
+        f"--config={config_file}",
+        "--cpu_devices=8",
+        "--device_memory_gb=0.000001",
+        "--json",
+        "--evaluate",
+        "--eval_batch_size=16",
+        "--eval_samples=2",
+        "--eval_prompt_length=8",
+        "--eval_max_new_tokens=64",
+        "--max_model_length=72",
+        "--eval_dtype=float32",
+    ]
+    proc = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (line,) = proc.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert (report["passes"], report["fits"], set(report["tried"])) == (2, False, {"1", "2"})
+    assert (report["batch_size"], report["num_samples"], report["prompt_len"]) == (16, 2, 8)
+    assert (report["decode_max_new_tokens"], report["dtype"]) == (64, "float32")
+    assert report["evaluate_flags"].startswith("--batch_size=16 --mesh=1,8,1 --dtype=float32")
+    assert "--max_model_length=72" in report["evaluate_flags"]
+    assert "does not fit even at one prompt per device per pass" in proc.stderr
 
 
 HLO = """\

@@ -91,16 +91,30 @@ def left_pad(
     return ids, mask
 
 
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], *, add_special_tokens: bool = False
+) -> list[list[int]]:
+    """Each prompt text's token ids, unpadded.
+
+    `add_special_tokens`: what the tokenizer adds around a text (e.g. a BOS in front), as
+    transformers' `tokenizer(text, add_special_tokens=True)` does. Off by default: chat
+    templates already contain their special tokens; lighteval's vLLM path adds them anyway
+    (`evaluation.PAPER_ADD_SPECIAL_TOKENS`).
+    """
+    return tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+
+
 def tokenize_prompts(
     tokenizer,
     prompts: Sequence[str],
     *,
     length: int | None = None,
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+    add_special_tokens: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize prompt texts (no extra special tokens) and left-pad them into a bucket."""
-    # Chat templates already contain their special tokens.
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    """Tokenize prompt texts (`encode_prompts`: no extra special tokens unless asked) and
+    left-pad them into a bucket."""
+    encoded = encode_prompts(tokenizer, prompts, add_special_tokens=add_special_tokens)
     return left_pad(encoded, tokenizer.pad_token_id, length=length, buckets=buckets)
 
 
