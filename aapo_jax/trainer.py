@@ -345,6 +345,7 @@ class Trainer:
             progress=False,
             mesh=self.mesh,
             decode_weights=cfg.sampling.decode_weights,
+            kv_budget_gib=cfg.sampling.kv_budget_gib,  # the rollout's budget holds here too
         )
         return {
             "eval/accuracy": report["greedy_accuracy"],
