@@ -637,6 +637,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"prepare_data: {e}") from None
     print(format_summary(counts, skipped))
+    if args.command == "benchmarks":
+        where = sorted({os.path.dirname(c.out) for c in counts})
+        print(
+            f"\nall of them, every checkpoint and seed: python -m experiments.paper_eval "
+            f"--model=MODEL --benchmarks={where[0] if len(where) == 1 else 'DIR'} --out=RESULTS"
+        )
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def test_prepare_train_evaluate_five_benchmarks_table(
     prepare_data.main(["open-rs", f"--input={raw / 'open-rs'}", f"--out={data}"])
     prepare_data.main(["benchmarks", f"--input={raw / 'bench'}", f"--out={bench}"])
     assert sorted(p.name for p in bench.iterdir()) == sorted(f"{n}.jsonl" for n in NAMES)
+    assert f"experiments.paper_eval --model=MODEL --benchmarks={bench}" in capsys.readouterr().out
 
     # 2. The 1.5B open-rs config, tiny, on the prepared file: a checkpoint after each step.
     c = importlib.import_module("configs.r1_distill_1p5b_openrs").get_config("variant=tiny")
