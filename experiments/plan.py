@@ -270,8 +270,12 @@ def print_eval_table(report: dict) -> None:
         f"{_gib(report['kv_cache_per_pass_bytes'])} GiB per device)"
     )
     print(f"{'per device':<22}{'GiB':>10}")
+    labels = {
+        "kv_cache": "kv_cache (part of the temporaries)",
+        "total": "total (XLA's peak, not the sum)",
+    }
     for key in ("weights", "decode_weights", "kv_cache", "temporaries", "total"):
-        print(f"  {key:<20}{_gib(b[key]):>10}")
+        print(f"  {key:<20}{_gib(b[key]):>10}   {labels.get(key, '')}".rstrip())
     tried = ", ".join(
         f"{p} pass(es) {_gib(r['total_bytes'])} GiB" + ("" if r["error"] is None else " (refused)")
         for p, r in report["tried"].items()
