@@ -529,7 +529,7 @@ def update_layout(plan: Plan) -> tuple[int, int, int]:
     if sharding.row_parallel(mesh, b):
         n, ways = n // mesh.devices.size, 1
     else:
-        ways = train_step_lib.row_ways(mesh, n)
+        ways = sharding.row_ways(mesh, n)
     k, prompt_group = train_step_lib.micro_batch_plan(cfg.rl, cfg.optim, n, row_tokens, ways)
     return n, k, prompt_group
 

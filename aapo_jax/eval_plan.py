@@ -17,7 +17,6 @@ from aapo_jax import aot, evaluation, models, sampling, sharding
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.models import attention
 from aapo_jax.sampling import SamplerSettings
-from aapo_jax.train_step import row_ways
 
 GiB = sharding.GiB
 
@@ -55,7 +54,7 @@ class EvalPlan:
 
     @property
     def prompts_per_device(self) -> int:
-        return self.prompts // row_ways(self.mesh, self.prompts)
+        return self.prompts // sharding.row_ways(self.mesh, self.prompts)
 
     def passes_choices(self) -> list[int]:
         """The pass counts a device's prompts split into evenly (`sampling.decode_passes`)."""
@@ -69,7 +68,7 @@ class EvalPlan:
             self.model.config,
             self.config.settings,
             self.mesh,
-            row_ways(self.mesh, self.prompts),
+            sharding.row_ways(self.mesh, self.prompts),
             self.prompt_len,
             self.config.num_samples,
         )

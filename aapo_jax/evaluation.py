@@ -29,7 +29,6 @@ from aapo_jax.data.tokenize import (
 )
 from aapo_jax.models.config import ModelConfig
 from aapo_jax.sampling import SamplerSettings
-from aapo_jax.train_step import row_ways
 
 # prompt_fn(example) -> prompt text. extract_fn(completion) -> the answer that majority voting
 # compares (None: no answer).
@@ -257,19 +256,15 @@ def kv_cache_bytes(
 ) -> int:
     """Per-device bytes of an evaluation decode's KV caches: `prompts` prompts of `prompt_len`
     (padded) tokens, `num_samples` rows each, `settings.max_new_tokens` slots a row, one model
-    (`sampling.kv_cache_bytes`); prompts and rows split over data × fsdp, kv heads over
-    tensor, where those divide them (as the rollout's, `rollout.kv_cache_bytes`)."""
-    rows = prompts * num_samples
-    heads = model_config.num_kv_heads
-    tensor = 1 if mesh is None else mesh.shape["tensor"]
-    return sampling.kv_cache_bytes(
+    (`sampling.device_kv_cache_bytes`)."""
+    return sampling.device_kv_cache_bytes(
         model_config,
-        prompts=prompts // row_ways(mesh, prompts),
-        rows=rows // row_ways(mesh, rows),
+        mesh,
+        prompts=prompts,
+        samples=num_samples,
         prompt_len=prompt_len,
         max_new_tokens=settings.max_new_tokens,
         shared_prompt=settings.shared_prompt,
-        kv_heads=heads // tensor if heads % tensor == 0 else heads,
     )
 
 
@@ -284,17 +279,23 @@ def decode_passes(
     kv_budget_gib: float,
 ) -> int:
     """The sequential decode passes (`SamplingConfig.passes`) of one generate call of
-    `prompts` prompts under a per-device KV budget (GiB; 0: one pass): `sampling.decode_passes`
-    of the prompts each device decodes and one prompt's caches per device (`kv_cache_bytes`).
+    `prompts` prompts under a per-device KV budget (GiB; 0: one pass):
+    `sampling.device_decode_passes`.
 
     Raises:
       ValueError: one prompt's caches alone exceed the budget (named as
         `sampling.kv_budget_gib`, the rollout's field of the same meaning).
     """
-    ways = row_ways(mesh, prompts)
-    per_prompt = kv_cache_bytes(model_config, settings, mesh, ways, prompt_len, num_samples)
-    budget = round(kv_budget_gib * sharding.GiB)
-    return sampling.decode_passes(prompts // ways, per_prompt, budget)
+    return sampling.device_decode_passes(
+        model_config,
+        mesh,
+        prompts=prompts,
+        samples=num_samples,
+        prompt_len=prompt_len,
+        max_new_tokens=settings.max_new_tokens,
+        shared_prompt=settings.shared_prompt,
+        kv_budget_gib=kv_budget_gib,
+    )
 
 
 def _generate_texts(

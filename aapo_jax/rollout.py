@@ -25,7 +25,6 @@ from aapo_jax.data.sources import Example
 from aapo_jax.data.tokenize import decode_completions
 from aapo_jax.models.config import ModelConfig
 from aapo_jax.sampling import SamplerSettings
-from aapo_jax.train_step import row_ways
 from aapo_jax.types import PromptBatch, Rollout, TrainState
 
 SampleFn = Callable[[TrainState, PromptBatch], Rollout]
@@ -147,21 +146,10 @@ def kv_cache_bytes(
     prompt_len: int,
 ) -> int:
     """Per-device bytes of the rollout's decode KV caches for `prompts` prompts of
-    `prompt_len` tokens (`sampling.kv_cache_bytes`): G rows each, for every decoded model
-    (the reference's too when sampled); prompts and rows split over data × fsdp, kv heads
-    over tensor, where those divide them. The sampler and the planner size with this."""
-    rows = prompts * rl.group_size
-    heads = model_config.num_kv_heads
-    tensor = 1 if mesh is None else mesh.shape["tensor"]
-    return sampling.kv_cache_bytes(
-        model_config,
-        prompts=prompts // row_ways(mesh, prompts),
-        rows=rows // row_ways(mesh, rows),
-        prompt_len=prompt_len,
-        max_new_tokens=settings.max_new_tokens,
-        shared_prompt=settings.shared_prompt,
-        kv_heads=heads // tensor if heads % tensor == 0 else heads,
-        models=2 if rl.samples_reference else 1,
+    `prompt_len` tokens (`sampling.device_kv_cache_bytes`): G rows each, for every decoded
+    model (the reference's too when sampled). The sampler and the planner size with this."""
+    return sampling.device_kv_cache_bytes(
+        model_config, mesh, **_kv_shape(rl, settings, prompts, prompt_len)
     )
 
 
@@ -176,12 +164,24 @@ def decode_passes(
     kv_budget_gib: float,
 ) -> int:
     """The rollout's sequential decode passes (`SamplingConfig.passes`) under a per-device
-    KV budget (`sampling.kv_budget_gib`, 0: one pass): `sampling.decode_passes` of the
-    prompts each device decodes and one prompt's caches per device (`kv_cache_bytes` of
-    one prompt on each of the devices that split the prompts)."""
-    ways = row_ways(mesh, prompts)
-    per_prompt = kv_cache_bytes(rl, settings, model_config, mesh, ways, prompt_len)
-    return sampling.decode_passes(prompts // ways, per_prompt, round(kv_budget_gib * sharding.GiB))
+    KV budget (`sampling.kv_budget_gib`, 0: one pass): `sampling.device_decode_passes`."""
+    return sampling.device_decode_passes(
+        model_config,
+        mesh,
+        **_kv_shape(rl, settings, prompts, prompt_len),
+        kv_budget_gib=kv_budget_gib,
+    )
+
+
+def _kv_shape(rl: RLConfig, settings: SamplerSettings, prompts: int, prompt_len: int) -> dict:
+    return dict(
+        prompts=prompts,
+        samples=rl.group_size,
+        prompt_len=prompt_len,
+        max_new_tokens=settings.max_new_tokens,
+        shared_prompt=settings.shared_prompt,
+        models=2 if rl.samples_reference else 1,
+    )
 
 
 def make_token_scorer(reward_fn: rewards.TokenReward) -> ScoreFn:

@@ -332,6 +332,64 @@ def kv_cache_bytes(
     return models * model_config.num_layers * 2 * slots * heads * model_config.head_dim * itemsize
 
 
+def device_kv_cache_bytes(
+    model_config: ModelConfig,
+    mesh: Mesh | None,
+    *,
+    prompts: int,
+    samples: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    shared_prompt: bool,
+    models: int = 1,
+) -> int:
+    """`kv_cache_bytes` on one device of `mesh`: `prompts` prompts of `samples` rows each,
+    prompts and rows split over data × fsdp and kv heads over tensor, where those divide
+    them (as XLA splits them). The rollout, the evaluation and the planner size with this."""
+    rows = prompts * samples
+    heads = model_config.num_kv_heads
+    tensor = 1 if mesh is None else mesh.shape["tensor"]
+    return kv_cache_bytes(
+        model_config,
+        prompts=prompts // sharding.row_ways(mesh, prompts),
+        rows=rows // sharding.row_ways(mesh, rows),
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+        shared_prompt=shared_prompt,
+        kv_heads=heads // tensor if heads % tensor == 0 else heads,
+        models=models,
+    )
+
+
+def device_decode_passes(
+    model_config: ModelConfig,
+    mesh: Mesh | None,
+    *,
+    prompts: int,
+    samples: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    shared_prompt: bool,
+    models: int = 1,
+    kv_budget_gib: float,
+) -> int:
+    """`decode_passes` of a decode of `prompts` prompts on `mesh` under a per-device KV
+    budget (GiB; 0: one pass): the prompts each device decodes, and one prompt's caches on
+    each of the devices that split the prompts (`device_kv_cache_bytes`)."""
+    ways = sharding.row_ways(mesh, prompts)
+    per_prompt = device_kv_cache_bytes(
+        model_config,
+        mesh,
+        prompts=ways,
+        samples=samples,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+        shared_prompt=shared_prompt,
+        models=models,
+    )
+    return decode_passes(prompts // ways, per_prompt, round(kv_budget_gib * sharding.GiB))
+
+
 def decode_passes(prompts_per_device: int, bytes_per_prompt: int, budget_bytes: int) -> int:
     """The fewest sequential decode passes whose KV caches fit a per-device budget.
 

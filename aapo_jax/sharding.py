@@ -453,6 +453,14 @@ def decode_shardings(tree, mesh: Mesh, layout: str):
 # Data parallelism: per-device code over a data-parallel mesh, and its collectives.
 
 
+def row_ways(mesh: Mesh | None, rows: int) -> int:
+    """data × fsdp of `mesh` when it divides `rows` (how XLA splits them), else 1."""
+    if mesh is None:
+        return 1
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    return ways if rows % ways == 0 else 1
+
+
 def row_parallel(mesh: Mesh | None, rows: int) -> bool:
     """Whether work on `rows` leading rows (prompts) is split over the mesh's data axis.
 

@@ -507,7 +507,7 @@ def make_train_step(
         # Devices that split each micro-batch's rows: none inside `data_parallel` (its rows
         # are this device's), else data × fsdp when they divide the rows.
         n, completion_len = rows.completion_ids.shape
-        ways = 1 if axis is not None else row_ways(mesh, n)
+        ways = 1 if axis is not None else sharding.row_ways(mesh, n)
         k, prompt_group = micro_batch_plan(
             rl, optim, n, rows.prompt_ids.shape[1] + completion_len, ways
         )
@@ -559,11 +559,3 @@ def make_train_step(
             )(state, rollout)
 
     return train_step
-
-
-def row_ways(mesh: Mesh | None, rows: int) -> int:
-    """data × fsdp of `mesh` when it divides `rows` (how XLA splits them), else 1."""
-    if mesh is None:
-        return 1
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    return ways if rows % ways == 0 else 1

@@ -424,7 +424,7 @@ def test_eval_kv_cache_bytes_and_passes():
 
 def _two_pass_budget(model, mesh, batch: int, num_samples: int) -> float:
     """GiB of KV caches of half of one device's prompts (P = 2, T = 4): two passes."""
-    from aapo_jax.train_step import row_ways
+    from aapo_jax.sharding import row_ways
 
     settings = SamplerSettings(max_new_tokens=4)
     ways = row_ways(mesh, batch)
