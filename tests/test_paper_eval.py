@@ -82,15 +82,14 @@ def test_prepare_train_evaluate_five_benchmarks_table(
     assert sorted(p.name for p in bench.iterdir()) == sorted(f"{n}.jsonl" for n in NAMES)
     assert f"experiments.paper_eval --model=MODEL --benchmarks={bench}" in capsys.readouterr().out
 
-    # 2. The 1.5B open-rs config, tiny, on the prepared file: a checkpoint after each step.
+    # 2. The 1.5B open-rs config, tiny (two steps), on the prepared file.
     c = importlib.import_module("configs.r1_distill_1p5b_openrs").get_config("variant=tiny")
     c.model.path = str(tiny_model_dir)
     (c.data.path,) = [str(p) for p in data.iterdir() if p.suffix == ".jsonl"]
-    c.train.checkpoint_every = 1
     workdir = tmp_path / "run"
     trainer.train(configs.experiment_config(c), workdir)
 
-    # 3. The source model and both steps on the five benchmarks, one seed.
+    # 3. The source model (step 0) and the trained one on the five benchmarks, one seed.
     judge = "lighteval-0.8.1" if lighteval_pinned.available() else "math-verify"
     out = tmp_path / "table"
     flags = [
@@ -107,14 +106,13 @@ def test_prepare_train_evaluate_five_benchmarks_table(
     ]
     paper_eval.main(flags)
     printed = capsys.readouterr().out
-    assert "0 of 15 cells already" in printed
+    assert "0 of 10 cells already" in printed
     assert "| checkpoint | step | AIME24 | AMC23 | MATH-500 | Minerva | OlympiadBench | Avg |" in (
         printed
     )
     summary = json.loads((out / paper_eval.RESULTS_JSON).read_text())
     assert [(r["label"], r["step"]) for r in summary["checkpoints"]] == [
         ("run@step0", 0),
-        ("run@step1", 1),
         ("run@step2", 2),
     ]
     for row in summary["checkpoints"]:
@@ -126,7 +124,7 @@ def test_prepare_train_evaluate_five_benchmarks_table(
     assert cell["verifier"] == evaluation.paper_verifier("aime24", judge)
     assert (cell["num_problems"], cell["scorer_errors"], cell["add_special_tokens"]) == (1, 0, True)
     assert cell["max_model_length"] == 32768 and cell["sample_completion_len"] <= 4
-    assert summary["checkpoints"][2]["results"]["aime24"]["completion_len"] <= 4
+    assert summary["checkpoints"][1]["results"]["aime24"]["completion_len"] <= 4
     assert (out / paper_eval.PLOT).stat().st_size > 0
 
     # 4. A rerun finds every cell and loads no model.
@@ -135,4 +133,4 @@ def test_prepare_train_evaluate_five_benchmarks_table(
 
     monkeypatch.setattr(paper_eval, "_load", no_load)
     paper_eval.main(flags)
-    assert "15 of 15 cells already" in capsys.readouterr().out
+    assert "10 of 10 cells already" in capsys.readouterr().out
