@@ -226,6 +226,34 @@ def plan_passes(
             return (min(fit) if fit else max(reports)), reports
 
 
+def time_floor(plan: EvalPlan, passes: int, weight_bytes: int) -> dict[str, Any] | None:
+    """An HBM floor on the evaluation's decode time, None for a device without peaks
+    (`aot.device_peaks`; CPUs): every decode step reads the device's `weight_bytes` (its
+    share of the decode copies) and one pass's KV caches at their mean fill over a
+    full-length decode, (P + T/2) / (P + T), at the spec sheet's HBM bandwidth.
+
+        call_s = passes × T × (weights + mean-filled KV) / HBM
+
+    A floor: it assumes every row runs to the budget T (rows that stop early shorten the
+    loop only once all of a pass's rows stop) and leaves out prefill, compile, the judge and
+    every inefficiency of the compiled step (`plan.py`'s RL-step estimate measures those).
+    `paper_calls` generate calls run the five benchmarks once (`PAPER_BENCHMARK_ROWS`).
+    """
+    peaks = aot.device_peaks(plan.mesh.devices.flat[0])
+    if peaks is None:
+        return None
+    t, p = plan.config.settings.max_new_tokens, plan.prompt_len
+    step_bytes = weight_bytes + plan.kv_cache_bytes(passes) * (p + t / 2) / (p + t)
+    call_s = passes * t * step_bytes / peaks[1]
+    calls = sum(-(-n // plan.prompts) for n in evaluation.PAPER_BENCHMARK_ROWS.values())
+    return {
+        "step_bytes": step_bytes,
+        "call_floor_s": call_s,
+        "paper_calls": calls,
+        "paper_floor_s": calls * call_s,
+    }
+
+
 def eval_report(
     plan: EvalPlan,
     passes: int,
@@ -293,4 +321,5 @@ def eval_report(
         "tried": {str(p): dataclasses.asdict(r) for p, r in sorted(reports.items())},
         "compile_s": {str(p): round(r.compile_s, 2) for p, r in sorted(reports.items())},
         "evaluate_flags": " ".join(flags),
+        "time_floor": time_floor(plan, passes, copies or weights),
     }

@@ -68,6 +68,14 @@ PAPER_BENCHMARKS = {
     "minerva": ("problem", "solution", "latex"),
     "olympiadbench": ("question", "answer", "latex"),
 }
+# Problems per benchmark as released (the authors' lighteval tasks' repositories).
+PAPER_BENCHMARK_ROWS = {
+    "aime24": 30,
+    "amc23": 40,
+    "math500": 500,
+    "minerva": 272,
+    "olympiadbench": 675,
+}
 # Who judges the paper's evaluation, as a host reward name per gold format: lighteval 0.8.1
 # itself, the authors' pinned version (`rewards.lighteval_pinned`, installed apart with
 # requirements-lighteval.txt), or our transcription of its metric onto math-verify (an

@@ -48,7 +48,9 @@ pass per device, the peak per device and the `experiments.evaluate` flags that r
 (--kv_budget_gib: one pass's KV caches per device). --json fields: passes, rows_per_pass,
 prompts_per_device, kv_cache_per_pass_bytes, kv_budget_gib, decode_max_new_tokens,
 decode_layout, fits, compile_error, per_device_bytes {total, weights, decode_weights,
-kv_cache, temporaries}, tried {passes: the program report}, compile_s, evaluate_flags, and
+kv_cache, temporaries}, tried {passes: the program report}, compile_s, evaluate_flags,
+time_floor {step_bytes, call_floor_s, paper_calls, paper_floor_s: an HBM-bound floor, every row
+decoding the whole budget; null on CPU}, and
 the settings. Exits 1 when even one prompt per device per pass does not fit, 2 on a compile
 error.
 """
@@ -282,6 +284,14 @@ def print_eval_table(report: dict) -> None:
     )
     print(f"compiled: {tried}")
     print(f"experiments.evaluate flags: {report['evaluate_flags']}")
+    floor = report["time_floor"]
+    if floor is not None:
+        print(
+            f"time floor (HBM-bound, every row to the budget; an estimate): "
+            f"{floor['call_floor_s'] / 60:.1f} min a generate call, "
+            f"{floor['paper_floor_s'] / 3600:.2f} h for the five benchmarks once "
+            f"({floor['paper_calls']} calls)"
+        )
 
 
 def plan_evaluation(config, devices, memory: int, source: str) -> int:

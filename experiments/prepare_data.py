@@ -59,13 +59,14 @@ SIMPLERL_PROMPT = dict(template="{question}", system_prompt=None, use_chat_templ
 # `reward_model.ground_truth`, the authors' renamed `solution`.
 SIMPLERL_GOLDS = ("target", "gt_answer", "reward_model.ground_truth", "solution")
 # Per `evaluation.PAPER_BENCHMARKS` name: substrings of a file's path (lower case, letters and
-# digits only) that name it, the repository the authors' lighteval task reads, and its rows.
+# digits only) that name it, and the repository the authors' lighteval task reads (its rows
+# as released: `evaluation.PAPER_BENCHMARK_ROWS`).
 BENCHMARKS = {
-    "aime24": (("aime24", "aime2024"), "HuggingFaceH4/aime_2024", 30),
-    "amc23": (("amc23", "amc2023"), "knoveleng/AMC-23", 40),
-    "math500": (("math500",), "HuggingFaceH4/MATH-500", 500),
-    "minerva": (("minerva",), "knoveleng/Minerva-Math", 272),
-    "olympiadbench": (("olympiadbench",), "knoveleng/OlympiadBench", 675),
+    "aime24": (("aime24", "aime2024"), "HuggingFaceH4/aime_2024"),
+    "amc23": (("amc23", "amc2023"), "knoveleng/AMC-23"),
+    "math500": (("math500",), "HuggingFaceH4/MATH-500"),
+    "minerva": (("minerva",), "knoveleng/Minerva-Math"),
+    "olympiadbench": (("olympiadbench",), "knoveleng/OlympiadBench"),
 }
 _SHARD = re.compile(r"-\d{5}-of-\d{5}")
 
@@ -464,7 +465,7 @@ def prepare_benchmark(
     Raises:
       ValueError: an unknown name, or a pinned column missing (the columns found are named).
     """
-    from aapo_jax.evaluation import PAPER_BENCHMARKS  # deferred: imports jax
+    from aapo_jax.evaluation import PAPER_BENCHMARK_ROWS, PAPER_BENCHMARKS  # deferred: jax
 
     if name not in PAPER_BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; valid: {sorted(PAPER_BENCHMARKS)}")
@@ -475,7 +476,8 @@ def prepare_benchmark(
     rows, where = _rows(paths), _where(paths)
     columns = _columns(rows)
     question_key, gold_key, _ = PAPER_BENCHMARKS[name]
-    _, repo, released = BENCHMARKS[name]
+    _, repo = BENCHMARKS[name]
+    released = PAPER_BENCHMARK_ROWS[name]
     why = f"the authors' {name} task reads it from {repo}"
     _require(where, columns, question_key, "question", why)
     _require(where, columns, gold_key, "gold", why)
@@ -529,9 +531,7 @@ def match_benchmarks(
             files = [(_check_file(given), given)]
         for path, label in files:
             text = _normalised(label)
-            names = [
-                b for b, (aliases, _, _) in BENCHMARKS.items() if any(a in text for a in aliases)
-            ]
+            names = [b for b, (aliases, _) in BENCHMARKS.items() if any(a in text for a in aliases)]
             if len(names) > 1:
                 raise ValueError(f"{path} matches several benchmarks {names}; pass it with --name.")
             if names:

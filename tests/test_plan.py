@@ -723,3 +723,19 @@ def test_bench_compile_reports_both_depths_and_their_ratio(model_dir, tmp_path):
     assert "1 layers" in proc.stderr and "3 layers" in proc.stderr
     bad = run("--depths=4")
     assert bad.returncode != 0 and "--depths needs two or more" in bad.stderr
+
+
+def test_the_evaluation_time_floor_is_the_hbm_bound_of_a_full_length_decode(
+    model_dir, monkeypatch
+):
+    """passes × T × (weights + KV at its mean fill (P + T/2) / (P + T)) / HBM bytes/s, and
+    the generate calls the five benchmarks take at this batch size; None on a CPU."""
+    plan = _eval_plan(model_dir)  # 16 prompts of 8 tokens, T = 64
+    assert eval_plan.time_floor(plan, 1, 1000) is None
+    monkeypatch.setattr(aot, "device_peaks", lambda device: (1.0, 1e6, 1.0))
+    floor = eval_plan.time_floor(plan, 2, 1000)
+    step = 1000 + plan.kv_cache_bytes(2) * (8 + 32) / (8 + 64)
+    assert floor["step_bytes"] == pytest.approx(step)
+    assert floor["call_floor_s"] == pytest.approx(2 * 64 * step / 1e6)
+    assert floor["paper_calls"] == 2 + 3 + 32 + 17 + 43  # ⌈30/16⌉ + ⌈40/16⌉ + … + ⌈675/16⌉
+    assert floor["paper_floor_s"] == pytest.approx(97 * floor["call_floor_s"])
