@@ -273,8 +273,8 @@ def print_eval_table(report: dict) -> None:
     )
     print(f"{'per device':<22}{'GiB':>10}")
     labels = {
-        "kv_cache": "kv_cache (part of the temporaries)",
-        "total": "total (XLA's peak, not the sum)",
+        "kv_cache": "(part of the temporaries)",
+        "total": "(XLA's peak, not the sum)",
     }
     for key in ("weights", "decode_weights", "kv_cache", "temporaries", "total"):
         print(f"  {key:<20}{_gib(b[key]):>10}   {labels.get(key, '')}".rstrip())
