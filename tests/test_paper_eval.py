@@ -87,7 +87,8 @@ def test_prepare_train_evaluate_five_benchmarks_table(
     c.model.path = str(tiny_model_dir)
     (c.data.path,) = [str(p) for p in data.iterdir() if p.suffix == ".jsonl"]
     workdir = tmp_path / "run"
-    trainer.train(configs.experiment_config(c), workdir)
+    summary = trainer.train(configs.experiment_config(c), workdir, progress=False)
+    assert summary["steps"] == 2 and (workdir / "summary.json").exists()
 
     # 3. The source model (step 0) and the trained one on the five benchmarks, one seed.
     judge = "lighteval-0.8.1" if lighteval_pinned.available() else "math-verify"
@@ -110,12 +111,12 @@ def test_prepare_train_evaluate_five_benchmarks_table(
     assert "| checkpoint | step | AIME24 | AMC23 | MATH-500 | Minerva | OlympiadBench | Avg |" in (
         printed
     )
-    summary = json.loads((out / paper_eval.RESULTS_JSON).read_text())
-    assert [(r["label"], r["step"]) for r in summary["checkpoints"]] == [
+    results = json.loads((out / paper_eval.RESULTS_JSON).read_text())
+    assert [(r["label"], r["step"]) for r in results["checkpoints"]] == [
         ("run@step0", 0),
         ("run@step2", 2),
     ]
-    for row in summary["checkpoints"]:
+    for row in results["checkpoints"]:
         assert set(row["results"]) == {*NAMES, paper_eval.AVERAGE}
         assert all(0 <= r["mean"] <= 1 for r in row["results"].values())
     cell = json.loads(
@@ -124,7 +125,7 @@ def test_prepare_train_evaluate_five_benchmarks_table(
     assert cell["verifier"] == evaluation.paper_verifier("aime24", judge)
     assert (cell["num_problems"], cell["scorer_errors"], cell["add_special_tokens"]) == (1, 0, True)
     assert cell["max_model_length"] == 32768 and cell["sample_completion_len"] <= 4
-    assert summary["checkpoints"][1]["results"]["aime24"]["completion_len"] <= 4
+    assert results["checkpoints"][1]["results"]["aime24"]["completion_len"] <= 4
     assert (out / paper_eval.PLOT).stat().st_size > 0
 
     # 4. A rerun finds every cell and loads no model.

@@ -725,9 +725,7 @@ def test_bench_compile_reports_both_depths_and_their_ratio(model_dir, tmp_path):
     assert bad.returncode != 0 and "--depths needs two or more" in bad.stderr
 
 
-def test_the_evaluation_time_floor_is_the_hbm_bound_of_a_full_length_decode(
-    model_dir, monkeypatch
-):
+def test_the_evaluation_time_floor_is_the_hbm_bound_of_a_full_length_decode(model_dir, monkeypatch):
     """passes × T × (weights + KV at its mean fill (P + T/2) / (P + T)) / HBM bytes/s, and
     the generate calls the five benchmarks take at this batch size; None on a CPU."""
     plan = _eval_plan(model_dir)  # 16 prompts of 8 tokens, T = 64
