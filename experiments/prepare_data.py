@@ -21,9 +21,10 @@ dropped (and why) per output file, then the flag that points a config or
   → `OUT/<that name>.parquet` for the SimpleRL configs (question `instruction|prompt`, gold
   `target`), as the authors' `open-r1/utils/data_utils.py` prepares it: the released `prompt`
   column is renamed `instruction`, and with `--tokenizer` the rows whose prompt is longer than
-  `--max_prompt_length` tokens are dropped, counted the way the trainer counts them
-  (`pipeline.encode_examples`, `prompt.overlong="drop"`). Without a tokenizer nothing is
-  dropped for length: the trainer drops those rows itself. A file without `target` gets one
+  `--max_prompt_length` tokens are dropped, counted as the authors count them: the trainer's
+  tokens (`pipeline.encode_examples`) plus the tokenizer's special tokens (Llama's BOS), which
+  their filter counts and training does not add. Without a tokenizer nothing is dropped for
+  length: the trainer drops the rows over the limit by its own count (`prompt.overlong="drop"`). A file without `target` gets one
   from `gt_answer` (or `reward_model.ground_truth`, or the authors' renamed `solution`).
 - `benchmarks` → `OUT/{aime24,amc23,math500,minerva,olympiadbench}.jsonl`, each file matched to
   its benchmark by its path (`aime_2024`, `AMC-23`, `MATH-500`, `Minerva-Math`,
@@ -350,9 +351,10 @@ def prepare_simplerl(
     The released `prompt` column (a one-turn chat whose content is the ready prompt) is
     renamed `instruction`; `target` is kept, or made from the first gold of `SIMPLERL_GOLDS`;
     other columns are kept. Rows whose prompt string is empty are dropped. With a tokenizer,
-    rows whose prompt is longer than `max_prompt_length` tokens are dropped as the trainer
-    measures them (`pipeline.encode_examples` with the configs' prompt settings: the string as
-    is, no chat template, no special tokens added), so the trainer drops none of the rest.
+    rows whose prompt is longer than `max_prompt_length` tokens are dropped as the authors'
+    data_utils measures them: the trainer's tokens (`pipeline.encode_examples` with the
+    configs' prompt settings: the string as is, no chat template) plus the tokenizer's
+    special tokens (Llama's BOS), so the trainer drops none of the rest.
 
     Args:
       input: the downloaded file, or its directory (its `train.parquet` when it has several).
@@ -404,18 +406,22 @@ def prepare_simplerl(
             )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        kept_ids = {id(p.example) for p in encoded}
+        # The authors' get_length calls tokenizer(text) with its special tokens (Llama's BOS),
+        # which the trainer (TRL's, and ours) does not add: their filter is the stricter one.
+        special = len(tok("", add_special_tokens=True)["input_ids"])
+        kept_ids = {id(p.example) for p in encoded if len(p.ids) + special <= max_prompt_length}
         keep = [i for i, e in enumerate(examples) if id(e) in kept_ids]
         dropped[f"longer than {max_prompt_length} tokens"] = stats.dropped_too_long
+        if special:
+            dropped[f"{max_prompt_length} tokens only with the {special} special token(s)"] = len(
+                encoded
+            ) - len(kept_ids)
         if isinstance(tokenizer, str | os.PathLike):
             notes.append(f"tokens counted with {os.fspath(tokenizer)}")
-        # The authors' get_length calls tokenizer(text) with its special tokens (Llama's BOS).
-        special = len(tok("", add_special_tokens=True)["input_ids"])
-        at_limit = sum(len(p.ids) + special > max_prompt_length for p in encoded)
-        if at_limit:
+        if special:
             notes.append(
-                f"{at_limit} kept rows would also be dropped by the authors' data_utils, which "
-                f"counts the tokenizer's {special} special token(s) that the trainer does not add"
+                f"lengths counted as the authors' data_utils counts them, with the tokenizer's "
+                f"{special} special token(s), which training does not add"
             )
     if not keep:
         raise ValueError(f"{where}: every row has an empty {q_key!r} prompt.")

@@ -315,18 +315,24 @@ class WithBos:
         return out
 
 
-def test_simplerl_notes_rows_the_authors_bos_count_would_drop(tmp_path, tokenizer):
+def test_simplerl_drops_by_the_authors_count_with_the_bos(tmp_path, tokenizer):
+    """The authors' data_utils counts a prompt with the tokenizer's special tokens (Llama's
+    BOS), training without them: a prompt that fits only without its BOS is dropped."""
     rows = simplerl_rows(["What is 12 + 7?", "What is 5 - 3?"])
     lengths = [
         len(tokenizer(r["prompt"][0]["content"], add_special_tokens=False)["input_ids"])
         for r in rows
     ]
+    assert lengths[0] > lengths[1]
     src = write(tmp_path / "in.parquet", rows)
     counts = prepare_data.prepare_simplerl(
-        src, tmp_path, tokenizer=WithBos(tokenizer), max_prompt_length=max(lengths)
+        src, tmp_path, tokenizer=WithBos(tokenizer), max_prompt_length=lengths[0]
     )
-    assert counts.kept == 2  # the trainer adds no BOS: both fit
-    assert any(note.startswith("1 kept rows would also be dropped") for note in counts.notes)
+    assert (counts.read, counts.kept) == (2, 1)
+    assert counts.dropped[f"{lengths[0]} tokens only with the 1 special token(s)"] == 1
+    assert any("with the tokenizer's 1 special token(s)" in note for note in counts.notes)
+    kept = prepare_data.read_table(counts.out)
+    assert [r["question"] for r in kept] == ["What is 5 - 3?"]
 
 
 def test_resolve_inputs_takes_one_split_and_its_shards(tmp_path):
