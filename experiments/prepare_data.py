@@ -24,8 +24,9 @@ dropped (and why) per output file, then the flag that points a config or
   `--max_prompt_length` tokens are dropped, counted as the authors count them: the trainer's
   tokens (`pipeline.encode_examples`) plus the tokenizer's special tokens (Llama's BOS), which
   their filter counts and training does not add. Without a tokenizer nothing is dropped for
-  length: the trainer drops the rows over the limit by its own count (`prompt.overlong="drop"`). A file without `target` gets one
-  from `gt_answer` (or `reward_model.ground_truth`, or the authors' renamed `solution`).
+  length: the trainer drops the rows over the limit by its own count
+  (`prompt.overlong="drop"`). A file without `target` gets one from `gt_answer` (or
+  `reward_model.ground_truth`, or the authors' renamed `solution`).
 - `benchmarks` → `OUT/{aime24,amc23,math500,minerva,olympiadbench}.jsonl`, each file matched to
   its benchmark by its path (`aime_2024`, `AMC-23`, `MATH-500`, `Minerva-Math`,
   `OlympiadBench`, …) or by `--name`; the question and gold columns that
