@@ -1,5 +1,6 @@
 """Every file in configs/ resolves for every algorithm and runs two steps in tiny mode."""
 
+import dataclasses
 import importlib
 import json
 import math
@@ -114,13 +115,20 @@ def test_every_hyperparameter_is_overridable_by_name():
     assert config.rl.hyperparameters["kl_beta"] == 0.05 and config.rl.needs_reference_logprobs
 
 
-# The open-rs config's tiny run is the training step of test_paper_eval's end-to-end test.
-@pytest.mark.parametrize("name", [n for n in RUNNABLE if n != "r1_distill_1p5b_openrs"])
+# The open-rs config's tiny run is the training step of test_paper_eval's end-to-end test, and
+# the Llama config's tiny variant is the Qwen 7B one's but for its name (checked here).
+@pytest.mark.parametrize(
+    "name", [n for n in RUNNABLE if n not in ("r1_distill_1p5b_openrs", "llama32_simplerl")]
+)
 def test_tiny_variant_runs_two_steps(name, local_assets, tmp_path):
     c = _module(name).get_config("variant=tiny")
     if name in NEEDS_PATHS:
         _with_paths(c, local_assets)
     config = configs.experiment_config(c)
+    if name == "qwen25_math_7b_simplerl":
+        llama = _with_paths(_module("llama32_simplerl").get_config("variant=tiny"), local_assets)
+        llama = configs.experiment_config(llama)
+        assert dataclasses.replace(llama, name=config.name) == config
     summary = trainer.train(config, tmp_path, progress=False)
     assert summary["steps"] == 2
     assert (tmp_path / "summary.json").exists()
