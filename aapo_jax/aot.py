@@ -344,6 +344,13 @@ class ProgramReport:
     error: str | None = None
     available_bytes: int | None = None  # the device memory XLA's error states
 
+    def fits_in(self, device_memory: int) -> bool:
+        """Whether the program fits `device_memory` bytes per device: XLA's verdict where it
+        gave one (`fits`), else compiled (no `error`) with `total_bytes` within it."""
+        if self.fits is not None:
+            return self.fits
+        return self.error is None and self.total_bytes <= device_memory
+
 
 def parse_resource_exhausted(message: str) -> tuple[int, int] | None:
     """(needed, available) bytes from an XLA RESOURCE_EXHAUSTED compile error, or None."""
@@ -881,10 +888,7 @@ def memory_report(
     for p in programs.values():
         if p.available_bytes:
             device_memory, memory_source = p.available_bytes, "xla"
-    fits = {
-        name: p.fits if p.fits is not None else p.error is None and p.total_bytes <= device_memory
-        for name, p in programs.items()
-    }
+    fits = {name: p.fits_in(device_memory) for name, p in programs.items()}
     binding = max(programs.values(), key=lambda p: p.total_bytes)
     cfg, device = plan.config, plan.mesh.devices.flat[0]
     layout, copies = decode_copies(plan)

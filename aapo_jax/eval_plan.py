@@ -185,10 +185,6 @@ def compile_eval(
     return report
 
 
-def _fits(report: aot.ProgramReport, memory: int) -> bool:
-    return report.fits if report.fits is not None else report.total_bytes <= memory
-
-
 def plan_passes(
     plan: EvalPlan, device_memory: int, *, log: Callable[[str], None] = lambda _: None
 ) -> tuple[int, dict[int, aot.ProgramReport]]:
@@ -212,7 +208,7 @@ def plan_passes(
         report = reports[passes] = compile_eval(plan, passes, log=log)
         if report.error and report.fits is None:
             return passes, reports
-        fit = [p for p, r in reports.items() if _fits(r, device_memory)]
+        fit = [p for p, r in reports.items() if r.fits_in(device_memory)]
         over = max((p for p in reports if p not in fit), default=0)
         fewest = min(fit, default=math.inf)
         untried = [p for p in choices if over < p < fewest and p not in reports]
@@ -309,7 +305,7 @@ def eval_report(
         "kv_budget_gib": budget,
         "device_memory_bytes": int(report.available_bytes or device_memory),
         "device_memory_source": "xla" if report.available_bytes else memory_source,
-        "fits": report.error is None and _fits(report, device_memory),
+        "fits": report.fits_in(device_memory),
         "compile_error": report.error if report.fits is None else None,
         "per_device_bytes": {
             "total": report.total_bytes,
