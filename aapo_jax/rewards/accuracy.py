@@ -5,7 +5,7 @@ import itertools
 import logging
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,6 +15,7 @@ from aapo_jax.rewards.base import (
     TIMEOUTS,
     Stats,
     as_rewards,
+    binary_rewards,
     check_batch,
     record,
 )
@@ -204,15 +205,6 @@ def _match(
     return verified
 
 
-def _accuracy(
-    completions: Sequence[str], answers: Sequence[str], correct: Callable[[str, str], Any]
-) -> np.ndarray:
-    """1.0 where `correct(completion, gold)` is true, else 0.0."""
-    check_batch(completions, answers)
-    pairs = zip(completions, answers, strict=True)
-    return as_rewards([1.0 if correct(c, g) else 0.0 for c, g in pairs])
-
-
 def accuracy(
     completions: Sequence[str],
     *,
@@ -238,7 +230,7 @@ def accuracy(
         math_verify_timeout_s=math_verify_timeout_s,
         stats=stats,
     )
-    return _accuracy(completions, answers, correct)
+    return binary_rewards(completions, answers, correct)
 
 
 def accuracy_boxed_gold(
@@ -266,7 +258,7 @@ def accuracy_boxed_gold(
         math_verify_timeout_s=math_verify_timeout_s,
         stats=stats,
     )
-    return _accuracy(completions, answers, correct)
+    return binary_rewards(completions, answers, correct)
 
 
 # lighteval's math metrics as open-r1 / open-rs define them (`latex_gold_metric`,
@@ -337,7 +329,7 @@ def lighteval_accuracy(
     correct = functools.partial(
         lighteval_correct, gold_as=gold_as, math_verify_timeout_s=math_verify_timeout_s, stats=stats
     )
-    return _accuracy(completions, answers, correct)
+    return binary_rewards(completions, answers, correct)
 
 
 def cosine_value(

@@ -1,7 +1,7 @@
 """The host reward signature, the stats counters rewards may bump, and small shared helpers."""
 
 import reprlib
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -52,6 +52,15 @@ def check_batch(completions: Sequence[str], answers: Sequence[str]) -> int:
 def as_rewards(values: Sequence[float]) -> np.ndarray:
     """f32[N] from a list of floats."""
     return np.asarray(values, dtype=np.float32).reshape(-1)
+
+
+def binary_rewards(
+    completions: Sequence[str], answers: Sequence[str], correct: Callable[[str, str], Any]
+) -> np.ndarray:
+    """f32[N]: 1.0 where `correct(completion, gold)` is true, else 0.0 (a None too)."""
+    check_batch(completions, answers)
+    pairs = zip(completions, answers, strict=True)
+    return as_rewards([1.0 if correct(c, g) else 0.0 for c, g in pairs])
 
 
 class RewardContractError(TypeError):

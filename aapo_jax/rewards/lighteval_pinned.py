@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from aapo_jax.rewards.base import GOLD_UNPARSABLE, TIMEOUTS, Stats, as_rewards, check_batch, record
+from aapo_jax.rewards.base import GOLD_UNPARSABLE, TIMEOUTS, Stats, binary_rewards, record
 
 VERSION = "0.8.1"
 LATEX2SYMPY_VERSION = "1.0.6"
@@ -198,9 +198,5 @@ def lighteval_accuracy(
       f32[N] in {0, 1}.
     """
     del kwargs
-    check_batch(completions, answers)
-    values = [
-        1.0 if lighteval_correct(c, g, gold_as=gold_as, stats=stats) else 0.0
-        for c, g in zip(completions, answers, strict=True)
-    ]
-    return as_rewards(values)
+    correct = functools.partial(lighteval_correct, gold_as=gold_as, stats=stats)
+    return binary_rewards(completions, answers, correct)
