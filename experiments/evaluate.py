@@ -414,28 +414,40 @@ def make_mesh(shape: tuple[int, int, int]):
         raise ValueError(f"--mesh={','.join(map(str, shape))}: {e}") from e
 
 
+def load_model(model: str | Path, *, mesh, dtype: str, step: int | None = None):
+    """(model, tokenizer, source directory) of --model placed on `mesh`: a training
+    workdir's newest checkpoint (or its `step`), in the run's dtypes, with the tokenizer of
+    the model the run started from; or a Hugging Face directory in `dtype`. The source
+    directory holds the tokenizer (and a task.json)."""
+    import jax.numpy as jnp
+
+    from aapo_jax import models
+    from aapo_jax.data.tokenize import load_tokenizer
+
+    if is_training_workdir(model):
+        from aapo_jax import trainer
+
+        loaded, config = trainer.load_trained_model(model, step, mesh=mesh)
+        tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
+        return loaded, tokenizer, config.model.path
+    if step is not None:
+        raise ValueError(f"--model={model} is a Hugging Face directory: it has no step {step}.")
+    loaded = models.load_hf_checkpoint(model, dtype=jnp.dtype(dtype), mesh=mesh)
+    return loaded, load_tokenizer(model), str(model)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Load the model and task, evaluate, return the report."""
     import jax
-    import jax.numpy as jnp
 
-    from aapo_jax import evaluation, models
-    from aapo_jax.data.tokenize import load_tokenizer
+    from aapo_jax import evaluation
 
     source = str(args.model)
-    workdir = is_training_workdir(args.model)
+    is_training_workdir(args.model)  # names a --model that is neither, before anything loads
     if args.paper:
         check_judge(args.judge, args.num_workers)
     mesh = make_mesh(args.mesh)
-    if workdir:
-        from aapo_jax import trainer
-
-        model, config = trainer.load_trained_model(args.model, mesh=mesh)
-        args.model = config.model.path  # its tokenizer and task.json
-        tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
-    else:
-        tokenizer = load_tokenizer(args.model)
-        model = models.load_hf_checkpoint(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
+    model, tokenizer, args.model = load_model(args.model, mesh=mesh, dtype=args.dtype)
     task = load_task(args, tokenizer)
     examples = task.examples[: args.limit] if args.limit else task.examples
     settings = args.sampling

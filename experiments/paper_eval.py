@@ -383,17 +383,13 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def _load(checkpoint: Checkpoint, args: argparse.Namespace, mesh):
-    """(model, tokenizer) of a checkpoint, placed on `mesh`."""
-    import jax.numpy as jnp
-
-    from aapo_jax import models, trainer
-    from aapo_jax.data.tokenize import load_tokenizer
-
-    if checkpoint.workdir is not None and checkpoint.step:
-        model, config = trainer.load_trained_model(checkpoint.model, checkpoint.step, mesh=mesh)
-        return model, load_tokenizer(config.model.tokenizer_path or config.model.path)
-    model = models.load_hf_checkpoint(checkpoint.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
-    return model, load_tokenizer(checkpoint.model)
+    """(model, tokenizer) of a checkpoint, placed on `mesh` (`evaluate.load_model`: a
+    workdir's step, or a Hugging Face directory such as `--with_base`'s source model)."""
+    step = checkpoint.step if checkpoint.model == checkpoint.workdir else None
+    model, tokenizer, _ = evaluate_cli.load_model(
+        checkpoint.model, mesh=mesh, dtype=args.dtype, step=step
+    )
+    return model, tokenizer
 
 
 def run(args: argparse.Namespace) -> dict:
