@@ -494,12 +494,8 @@ class Trainer:
                     except RewardFailureError:
                         writer.write_scalars(step, metrics)
                         raise
-                    if (
-                        self.eval_examples
-                        and cfg.train.eval_every
-                        and step % cfg.train.eval_every == 0
-                    ):
-                        last_eval = self.evaluate()
+                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                        last_eval = self.evaluate()  # {} with no eval split
                         metrics.update(last_eval)
                     if step % cfg.train.log_every == 0 or "eval/accuracy" in metrics:
                         writer.write_scalars(step, metrics)
