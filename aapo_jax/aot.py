@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from aapo_jax import configs, models, rl_step, rollout, sampling, sharding
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
-from aapo_jax.hlo import collective_bytes, staging_bytes
+from aapo_jax.hlo import collective_bytes, eviction_bytes, staging_bytes
 from aapo_jax.optim import make_optimizer
 from aapo_jax.types import PromptBatch, Rollout, TrainState
 
@@ -340,6 +340,7 @@ class ProgramReport:
     flops: float | None = None
     bytes_accessed: float | None = None
     staging_bytes: int | None = None  # `hlo.staging_bytes`
+    eviction_bytes: int | None = None  # `hlo.eviction_bytes`
     collectives: dict[str, Any] | None = None
     error: str | None = None
     available_bytes: int | None = None  # the device memory XLA's error states
@@ -362,7 +363,15 @@ def parse_resource_exhausted(message: str) -> tuple[int, int] | None:
     return None
 
 
-def compile_program(name: str, jitted, args, log: Callable[[str], None], *, use_peak: bool):
+def compile_program(
+    name: str,
+    jitted,
+    args,
+    log: Callable[[str], None],
+    *,
+    use_peak: bool,
+    compiler_options: dict[str, str] | None = None,
+):
     """(compiled or None, `ProgramReport`) of `jitted` lowered on abstract `args`; a
     RESOURCE_EXHAUSTED compile is a report that does not fit, another failure one with
     its error. `use_peak`: total = XLA's peak (not on CPU, where it under-states)."""
@@ -370,7 +379,7 @@ def compile_program(name: str, jitted, args, log: Callable[[str], None], *, use_
     start = time.perf_counter()
     argument_bytes = tree_bytes_per_device(args)
     try:
-        compiled = jitted.lower(*args).compile()
+        compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
     except Exception as e:  # XLA raises JaxRuntimeError; tracing / lowering anything
         seconds = time.perf_counter() - start
         parsed = parse_resource_exhausted(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
@@ -424,6 +433,7 @@ def compile_program(name: str, jitted, args, log: Callable[[str], None], *, use_
     text = compiled.as_text()
     report.collectives = collective_bytes(text)
     report.staging_bytes = staging_bytes(text)
+    report.eviction_bytes = eviction_bytes(text)
     return compiled, report
 
 
@@ -660,32 +670,116 @@ class DecodeStepPrograms:
     """The rollout's decode loop, compiled step by step.
 
     `reshard`: the program that makes the decode copies once per rollout
-    (`sampling.decode_models`); `steps`: ONE decode step (`sampling.decode_step`, every
-    layer laid out so that XLA's cost analysis counts each) at each of the kv_len the
-    loop's segments read, first and last.
+    (`sampling.decode_models`); `steps`: the decode loop with ONE step as its body
+    (`decode_loop_program`) at each of the kv_len the loop's segments read, first and last;
+    `staging_overhead`: how much XLA's bytes accessed add per byte the backend stages into
+    on-chip memory (`staging_overhead`; None where it stages nothing). `config` and
+    `inputs` (the abstract decode copies, loop state and uniforms) are what the steps were
+    compiled with.
     """
 
     reshard: ProgramReport
     steps: dict[int, ProgramReport]
+    staging_overhead: float | None = None
+    config: sampling.SamplingConfig | None = None
+    inputs: tuple | None = None
+
+
+# Sliced prefetches (`slice-start`) are staged copies that `hlo.staging_bytes` does not see;
+# one slice per prefetch makes every staged copy a `copy-start` (the same data moved).
+_TPU_COST_OPTIONS = {"xla_tpu_sliced_prefetch_max_slices": "1"}
+
+
+def _compiler_options(device: jax.Device) -> dict[str, str]:
+    return dict(_TPU_COST_OPTIONS) if device.platform == "tpu" else {}
+
+
+def staging_overhead(device: jax.Device, *, size: int = 2048) -> float | None:
+    """Bytes accessed that XLA's cost analysis adds per byte it stages into on-chip memory,
+    measured on `device`'s compiler: a program that reads a [size, size] bf16 weight once,
+    which XLA:TPU prefetches into on-chip memory first (`hlo.staging_bytes`), is compiled and
+    its count compared with the bytes it moves (weight, input and output once). XLA:TPU v5e
+    gives 4.0: the prefetch's start and done each count a read and a write, and the read
+    that follows counts again. None where nothing is staged (CPU and GPU).
+    """
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((8, size), jnp.bfloat16, sharding=sharding)
+    w = jax.ShapeDtypeStruct((size, size), jnp.bfloat16, sharding=sharding)
+    compiled = jax.jit(jnp.matmul).lower(x, w).compile(compiler_options=_compiler_options(device))
+    staged = staging_bytes(compiled.as_text())
+    if not staged:
+        return None
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    moved = (8 * size + size * size + 8 * size) * 2
+    return (float(cost["bytes accessed"]) - moved) / staged
+
+
+def decode_loop_program(config: sampling.SamplingConfig, plan: Plan, kv_len: int, layouts):
+    """The rollout's decode loop over the first `kv_len` slots, with ONE step
+    (`sampling.decode_step`, every layer laid out so that the cost analysis counts each) as
+    its body and a trip count known only at run time, jitted: (decode copies, state,
+    uniforms, trips) -> state, the state donated as the loop carries it in place.
+
+    XLA's cost analysis counts the body once, and what does not change from step to step
+    (a relayout of the decode copies, the shared prompt's slicing) is hoisted out of it, as
+    in the rollout's own loop: a step compiled on its own would redo it on every call.
+    `layouts`: (copies, state, uniforms) shardings, `Format(Layout.AUTO, ...)` where the
+    installed jax has it, so the inputs arrive in the layouts the loop reads them in (the
+    rollout makes them inside its own program).
+    """
+    step = functools.partial(
+        sampling.decode_step,
+        config=config,
+        kv_len=kv_len,
+        prompts=plan.config.train.prompts_per_step,
+        mesh=plan.mesh,
+        unroll=plan.model_config.num_layers,
+    )
+
+    def loop(models, state, uniforms, trips):
+        body = functools.partial(step, models, uniforms=uniforms)
+        return jax.lax.while_loop(lambda s: s.step < trips, lambda s: body(s), state)
+
+    copies, state, uniforms = layouts
+    return jax.jit(
+        loop,
+        donate_argnums=1,
+        in_shardings=(copies, state, uniforms, None),
+        out_shardings=state,
+    )
+
+
+def _auto_layouts(tree):
+    """Each leaf's sharding as `Format(Layout.AUTO, sharding)` (the compiler picks the
+    layout), or the sharding itself where this jax has no `Format`."""
+    try:
+        from jax.experimental.layout import Format, Layout
+    except ImportError:  # pragma: no cover - a jax without the layout API
+        return jax.tree.map(lambda x: x.sharding, tree)
+    return jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), tree)
 
 
 def compile_decode_step(
     plan: Plan, *, log: Callable[[str], None] = lambda _: None
 ) -> DecodeStepPrograms:
-    """Compile the rollout's decode-copy program and one decode step at the first and last
-    segment's kv_len, on the plan's mesh as the sampler splits them.
+    """Compile the rollout's decode-copy program and the decode loop with one step as its
+    body (`decode_loop_program`) at the first and last segment's kv_len, on the plan's mesh
+    as the sampler splits them.
 
-    The step's inputs are the decode copies (the reshard program's outputs, with their
+    The loop's inputs are the decode copies (the reshard program's outputs, with their
     shardings), the loop state (`sampling.start_decode`'s shape; rows over data × fsdp)
-    and the draws' uniforms; the state is donated, as the loop carries it in place.
+    and the draws' uniforms. On TPU prefetches are compiled unsliced (`_TPU_COST_OPTIONS`)
+    so that `hlo.staging_bytes` sees every staged copy.
     """
-    cfg, mesh, mc = plan.config, plan.mesh, plan.model_config
+    cfg, mesh = plan.config, plan.mesh
     config = rollout.sampling_config(
         cfg.rl, cfg.sampling, eos_token_id=plan.eos_token_ids, pad_token_id=plan.pad_token_id
     )
     config = dataclasses.replace(config, decode_weights=decode_copies(plan)[0])
     prompts = cfg.train.prompts_per_step
-    use_peak = mesh.devices.flat[0].platform != "cpu"
+    device = mesh.devices.flat[0]
+    use_peak = device.platform != "cpu"
 
     def reshard(state):
         models = rollout.sampled_models(cfg.rl, plan.graphdef, state)
@@ -716,30 +810,28 @@ def compile_decode_step(
         else jax.ShapeDtypeStruct(u.shape, u.dtype, sharding=NamedSharding(mesh, spec))
         for u in uniforms_shape
     )
+    layouts = tuple(_auto_layouts(x) for x in (decode_models, state, uniforms))
+    trips = jax.ShapeDtypeStruct((), jnp.int32)
     p, t = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens
     ends = sampling.decode_segments(p, t)
     steps = {}
     for kv_len in sorted({p + ends[0], p + ends[-1]}):
-        step = functools.partial(
-            sampling.decode_step,
-            config=config,
-            kv_len=kv_len,
-            prompts=prompts,
-            mesh=mesh,
-            unroll=mc.num_layers,
-        )
-        jitted = jax.jit(
-            step, donate_argnums=1, out_shardings=jax.tree.map(lambda x: x.sharding, state)
-        )
         _, report = compile_program(
             f"decode step (kv_len {kv_len})",
-            jitted,
-            (decode_models, state, uniforms),
+            decode_loop_program(config, plan, kv_len, layouts),
+            (decode_models, state, uniforms, trips),
             log,
             use_peak=use_peak,
+            compiler_options=_compiler_options(device),
         )
         steps[kv_len] = report
-    return DecodeStepPrograms(reshard=reshard_report, steps=steps)
+    return DecodeStepPrograms(
+        reshard=reshard_report,
+        steps=steps,
+        staging_overhead=staging_overhead(device),
+        config=config,
+        inputs=(decode_models, state, uniforms),
+    )
 
 
 def _at(values: dict[int, float], x: float) -> float:
@@ -750,11 +842,15 @@ def _at(values: dict[int, float], x: float) -> float:
 
 def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any]:
     """Per decode step per device, at the loop's average read (`sampling.mean_read_slots`):
-    XLA's bytes accessed and FLOPs (straight-line between the first and last segment's
-    kv_len) and the on-chip staging copies among them (`hlo.staging_bytes`: XLA:TPU counts
-    each as an access on top of the reads that follow), the collectives' bytes, the ideal
-    bytes (`ideal_decode_bytes` at the average fill: each prompt's P once, T/2 per row),
-    bytes per added cache slot against the ideal's, and the one-time reshard collectives.
+    XLA's bytes accessed and FLOPs for one step of the loop (straight-line between the
+    first and last segment's kv_len), the on-chip staging copies among them
+    (`hlo.staging_bytes`) and `hbm_bytes`, the bytes accessed less what the cost analysis
+    adds for those copies (`staging_overhead` per staged byte): the HBM traffic, a staged
+    buffer counted once per read. `eviction_bytes`: what it copies from on-chip memory
+    back to HBM (left in `hbm_bytes` as the cost analysis counts it). Also the collectives'
+    bytes, the ideal bytes (`ideal_decode_bytes` at the average fill: each prompt's P once,
+    T/2 per row), bytes per added cache slot against the ideal's, and the one-time
+    reshard collectives.
     Estimates from the compiled programs, not measurements.
     """
     cfg = plan.config
@@ -767,26 +863,34 @@ def decode_step_summary(plan: Plan, decode: DecodeStepPrograms) -> dict[str, Any
         k: sum(r.collectives["bytes"].values()) for k, r in steps.items() if r.collectives
     }
     by_kind = max(steps.items())[1].collectives if steps else None
+    overhead = decode.staging_overhead or 0.0
+    hbm = {k: r.bytes_accessed - overhead * (r.staging_bytes or 0) for k, r in steps.items()}
     kv = sorted(steps)
-    slope = (  # one segment: one kv_len, no slope
-        None
-        if missing or len(kv) == 1
-        else (steps[kv[-1]].bytes_accessed - steps[kv[0]].bytes_accessed) / (kv[-1] - kv[0])
-    )
+
+    def slope(values):  # one segment: one kv_len, no slope
+        return (
+            None if missing or len(kv) == 1 else (values[kv[-1]] - values[kv[0]]) / (kv[-1] - kv[0])
+        )
+
     ideal_slot = ideal_decode_bytes(plan, 1) - ideal_decode_bytes(plan, 0)  # one slot per row
     reshard = decode.reshard.collectives
+    accessed = {k: r.bytes_accessed for k, r in steps.items()}
     return {
         "kv_len": kv,
         "mean_kv_len": mean,
-        "bytes_accessed": None
-        if missing
-        else _at({k: r.bytes_accessed for k, r in steps.items()}, mean),
-        "bytes_accessed_by_kv_len": {k: r.bytes_accessed for k, r in steps.items()},
+        "bytes_accessed": None if missing else _at(accessed, mean),
+        "bytes_accessed_by_kv_len": accessed,
         "staging_bytes": None
         if missing
         else _at({k: r.staging_bytes or 0 for k, r in steps.items()}, mean),
+        "staging_overhead": decode.staging_overhead,
+        "eviction_bytes": None
+        if missing
+        else _at({k: r.eviction_bytes or 0 for k, r in steps.items()}, mean),
+        "hbm_bytes": None if missing else _at(hbm, mean),
         "ideal_bytes": ideal_decode_bytes(plan, t / 2),
-        "bytes_per_slot": slope,
+        "bytes_per_slot": slope(accessed),
+        "hbm_bytes_per_slot": slope(hbm),
         "ideal_bytes_per_slot": ideal_slot,
         "flops": None if missing else _at({k: r.flops for k, r in steps.items()}, mean),
         "collective_bytes": _at(collectives, mean) if collectives else None,
@@ -806,11 +910,12 @@ def roofline_estimate(
     """Seconds per RL step from the compiled decode step and the update, beside the physical
     floor, on the device's peaks (`device_peaks`; None for a kind without them).
 
-    rollout_s = T × the slowest of (bytes accessed / HBM, FLOPs / peak, collectives /
-    inter-chip) per decode step; update_s = the slower of the update's executed FLOPs
-    (`model_flops`: completions at their expected executed length, T without
-    `optim.length_buckets`) / devices / peak and its `update_collective_bytes` per device /
-    inter-chip (the compiled update's, e.g. FSDP's weight gathers, once per micro-batch).
+    rollout_s = T × the slowest of (HBM bytes (`decode_step_summary`'s `hbm_bytes`) / HBM,
+    FLOPs / peak, collectives / inter-chip) per decode step; update_s = the slower of the
+    update's executed FLOPs (`model_flops`: completions at their expected executed length,
+    T without `optim.length_buckets`) / devices / peak and its `update_collective_bytes`
+    per device / inter-chip (the compiled update's, e.g. FSDP's weight gathers, once per
+    micro-batch).
     floor_s = T × ideal bytes / HBM + the update's useful FLOPs / devices / peak. Prefill
     and host time are left out of both. An estimate: the ratio step_s / floor_s is what a
     change to the rollout or the update is judged by.
@@ -823,7 +928,7 @@ def roofline_estimate(
     t = plan.config.sampling.max_new_tokens
     devices = plan.mesh.devices.size
     seconds = {  # per decode step, by what bounds it
-        "hbm": decode_step["bytes_accessed"] / hbm,
+        "hbm": decode_step.get("hbm_bytes", decode_step["bytes_accessed"]) / hbm,
         "flops": (decode_step["flops"] or 0.0) / peak,
         "collectives": (decode_step["collective_bytes"] or 0.0) / ici,
     }

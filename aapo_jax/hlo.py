@@ -56,6 +56,27 @@ def shape_bytes(shape_text: str) -> int:
 _ON_CHIP = re.compile(r"\b[a-z]+[0-9a-z]*\[[\d,]*\]\{[^}]*S\(1\)\}")
 
 
+def _on_chip_copies(hlo_text: str) -> tuple[int, int]:
+    """(bytes copied into on-chip memory, bytes copied out of it) by `copy-start`s in every
+    computation, each once: a copy-start's shape is (destination, source, context)."""
+    computations, _ = _parse_hlo(hlo_text)
+    into = out_of = 0
+    for computation in computations.values():
+        for inst in computation.insts.values():
+            if inst.opcode != "copy-start":
+                continue
+            arrays = list(_ARRAY.finditer(inst.shape))
+            on_chip = [m.start() for m in _ON_CHIP.finditer(inst.shape)]
+            if len(arrays) < 2:
+                continue
+            destination, source = arrays[0], arrays[1]
+            if destination.start() in on_chip:
+                into += shape_bytes(destination.group(0))
+            elif source.start() in on_chip:
+                out_of += shape_bytes(source.group(0))
+    return into, out_of
+
+
 def staging_bytes(hlo_text: str) -> int:
     """Bytes a compiled module copies into on-chip memory (memory space 1: TPU VMEM) by
     asynchronous copies (`copy-start` whose destination is there), each counted once.
@@ -65,18 +86,14 @@ def staging_bytes(hlo_text: str) -> int:
     that follow, although the HBM traffic is the one read. This is the size of those
     copies, to read `bytes_accessed` beside. 0 where the backend stages nothing (CPU).
     """
-    computations, _ = _parse_hlo(hlo_text)
-    total = 0
-    for computation in computations.values():
-        for inst in computation.insts.values():
-            if inst.opcode != "copy-start":
-                continue
-            # (destination, source, context): the first array of the tuple is the copy.
-            first = _ARRAY.search(inst.shape)
-            on_chip = _ON_CHIP.search(inst.shape)
-            if first is not None and on_chip is not None and on_chip.start() == first.start():
-                total += shape_bytes(on_chip.group(0))
-    return total
+    return _on_chip_copies(hlo_text)[0]
+
+
+def eviction_bytes(hlo_text: str) -> int:
+    """Bytes a compiled module copies out of on-chip memory back to HBM (`copy-start` whose
+    source is in memory space 1), each counted once: e.g. a layer's cache that XLA:TPU
+    prefetched, wrote a slot into on chip and writes back whole. 0 on CPU."""
+    return _on_chip_copies(hlo_text)[1]
 
 
 def _dtype_bits(name: str) -> int | None:

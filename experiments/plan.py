@@ -28,11 +28,12 @@ decode_weights (the rollout's decode copies),
 temporaries, other_state}, compile_s {rollout, update}, flops (XLA's, per device, each loop body
 once), model_flops (analytic, all devices), collective_bytes {program: {kind:
 bytes}}, unknown_trip_count_loops, compile_errors, programs (every number per program),
-decode_step (per decode step per device at the loop's average read: bytes_accessed,
-staging_bytes, ideal_bytes, collective_bytes, bytes_per_slot, flops,
-reshard_collective_bytes: from one decode step compiled on its own; --nodecode_step skips
-it), estimate (roofline seconds per RL step: step_s, floor_s, ratio, update_bound,
-update_useful_flops_fraction, update_padding_flops_fraction; None on CPU), advice.
+decode_step (per decode step per device at the loop's average read: hbm_bytes,
+bytes_accessed, staging_bytes, staging_overhead, eviction_bytes, ideal_bytes,
+collective_bytes, hbm_bytes_per_slot, bytes_per_slot, ideal_bytes_per_slot, flops,
+reshard_collective_bytes: from the decode loop compiled with one step as its body;
+--nodecode_step skips it), estimate (roofline seconds per RL step: step_s, floor_s, ratio,
+update_bound, update_useful_flops_fraction, update_padding_flops_fraction; None on CPU), advice.
 Exits with status 1 when a program does not fit, naming the knob to turn, and 2
 when one fails to compile for another reason (its traceback on stderr; the other program
 is still planned). XLA:CPU's temporaries over-state (no buffer reuse across the program):
@@ -228,9 +229,15 @@ def print_decode_step(report: dict) -> None:
         "estimates from the compiled programs):"
     )
     print(
-        f"  bytes accessed {_gib(d['bytes_accessed'])} GiB, ideal {_gib(d['ideal_bytes'])} GiB "
-        f"({d['bytes_accessed'] / d['ideal_bytes']:.1f}×; on-chip staging copies "
-        f"{_gib(d['staging_bytes'])} GiB); per added cache slot "
+        f"  HBM bytes {_gib(d['hbm_bytes'])} GiB, ideal {_gib(d['ideal_bytes'])} GiB "
+        f"({d['hbm_bytes'] / d['ideal_bytes']:.1f}×); XLA's bytes accessed "
+        f"{_gib(d['bytes_accessed'])} GiB ({d['bytes_accessed'] / d['ideal_bytes']:.1f}×), "
+        f"of which on-chip staging copies {_gib(d['staging_bytes'])} GiB counted "
+        f"{1 + (d['staging_overhead'] or 0):.0f}×; copies back to HBM "
+        f"{_gib(d['eviction_bytes'])} GiB"
+    )
+    print(
+        f"  per added cache slot: HBM {mib(d['hbm_bytes_per_slot'])} MiB, accessed "
         f"{mib(d['bytes_per_slot'])} MiB, ideal {mib(d['ideal_bytes_per_slot'])} MiB"
     )
     coll = ", ".join(f"{k} {_gib(v)}" for k, v in (d["collectives"] or {}).items() if v)

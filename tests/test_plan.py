@@ -204,6 +204,46 @@ def test_one_decode_step_reports_its_bytes_collectives_and_ideal(decode_planned)
     assert tensor["bytes_accessed"] < replicated["bytes_accessed"]
 
 
+def test_the_decode_loop_program_counts_one_step(decode_planned):
+    """The planner's decode program is the loop with one step as its body: the cost
+    analysis counts that body once, so its FLOPs are one step's, those of the step compiled
+    on its own (the loop's condition adds a compare)."""
+    plan, decode = decode_planned["tensor"]
+    prompts = plan.config.train.prompts_per_step
+    alone = jax.jit(
+        lambda m, s, u: sampling.decode_step(
+            m, s, u, decode.config, kv_len=520, prompts=prompts, mesh=plan.mesh, unroll=2
+        )
+    )
+    flops = alone.lower(*decode.inputs).compile().cost_analysis()["flops"]
+    assert decode.steps[520].flops == pytest.approx(flops, rel=1e-3)
+
+
+def test_hbm_bytes_take_the_staging_overhead_out(decode_planned):
+    """A staged copy adds `staging_overhead` bytes per byte to XLA's count (XLA:TPU: 4,
+    its prefetch's start and done each read and write): the HBM figure takes that out at
+    each kv_len, then interpolates and takes the slope like the bytes accessed. XLA:CPU
+    stages nothing: there the two are equal."""
+    plan, decode = decode_planned["tensor"]
+    cpu = aot.decode_step_summary(plan, decode)
+    assert decode.staging_overhead is None and aot.staging_overhead(jax.devices()[0]) is None
+    assert cpu["hbm_bytes"] == cpu["bytes_accessed"]
+    steps = {
+        520: dataclasses.replace(decode.steps[520], bytes_accessed=1000.0, staging_bytes=100),
+        1032: dataclasses.replace(decode.steps[1032], bytes_accessed=3048.0, staging_bytes=200),
+    }
+    staged = aot.DecodeStepPrograms(decode.reshard, steps, staging_overhead=4.0)
+    summary = aot.decode_step_summary(plan, staged)
+    hbm = {520: 1000.0 - 400, 1032: 3048.0 - 800}
+    mean = summary["mean_kv_len"]
+    assert summary["hbm_bytes"] == pytest.approx(
+        hbm[520] + (hbm[1032] - hbm[520]) * (mean - 520) / 512
+    )
+    assert summary["hbm_bytes_per_slot"] == pytest.approx((2248 - 600) / 512)
+    assert summary["bytes_per_slot"] == pytest.approx(2048 / 512)
+    assert summary["staging_overhead"] == 4.0
+
+
 def test_a_one_segment_decode_loop_has_no_slope(model_dir):
     """T = 4: one loop segment, one kv_len compiled: the bytes are that step's, no per-slot
     figure is made up."""
@@ -626,11 +666,14 @@ def test_a_conditional_counts_its_heaviest_branch():
     assert out["count"]["all-gather"] == 3
 
 
-def test_staging_bytes_counts_copies_into_on_chip_memory():
+def test_staging_and_eviction_bytes_count_copies_into_and_out_of_on_chip_memory():
     """Copies whose destination (the tuple's first array) is in memory space 1, in every
     computation, once each; a copy out of on-chip memory, and CPU HLO, count nothing."""
     assert hlo.staging_bytes(STAGING_HLO) == 64 * 128 * 2 + 4 * 256 * 4
     assert hlo.staging_bytes(HLO) == 0
+    # The copy back out of on-chip memory (its source in memory space 1) is an eviction.
+    assert hlo.eviction_bytes(STAGING_HLO) == 4 * 256 * 4
+    assert hlo.eviction_bytes(HLO) == 0
 
 
 def test_shape_bytes_and_resource_exhausted_messages():
@@ -696,6 +739,15 @@ def test_compiles_for_a_tpu_topology(model_dir):
     # counter conditions, so only the decode loop stays unknown.
     assert report["unknown_trip_count_loops"]["update"] == []
     assert report["unknown_trip_count_loops"]["rollout"]
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -r requirements-tpu.txt")
+def test_tpu_cost_analysis_counts_a_staged_copy_five_times():
+    """XLA:TPU prefetches a weight read once into on-chip memory and counts it five times
+    (the copy's start and done, each read and written, and the read): 4 bytes more per
+    staged byte, which `hbm_bytes` takes out."""
+    device = aot.target_devices("v5e:2x4")[0]
+    assert aot.staging_overhead(device) == pytest.approx(4.0, abs=0.01)
 
 
 def test_bench_compile_reports_both_depths_and_their_ratio(model_dir, tmp_path):
