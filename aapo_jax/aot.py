@@ -686,8 +686,9 @@ class DecodeStepPrograms:
 
 
 # Sliced prefetches (`slice-start`) are staged copies that `hlo.staging_bytes` does not see;
-# one slice per prefetch makes every staged copy a `copy-start` (the same data moved).
-_TPU_COST_OPTIONS = {"xla_tpu_sliced_prefetch_max_slices": "1"}
+# with none (0: XLA:TPU also accepts no other value for shapes it splits) every staged copy
+# is a `copy-start`, the same data moved.
+_TPU_COST_OPTIONS = {"xla_tpu_sliced_prefetch_max_slices": "0"}
 
 
 def _compiler_options(device: jax.Device) -> dict[str, str]:
