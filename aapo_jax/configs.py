@@ -256,9 +256,10 @@ class RolloutSettings(SamplerSettings):
     (`prompt.overlong`); the rollout's prompt buffers are P wide. RL samples: the
     temperature must be > 0.
     decode_weights: where the decode loop reads the weights. "tensor": copies in the
-    compute dtype made once per rollout, the MLP's hidden units and the vocabulary split
-    over every device (`sharding.DECODE_TENSOR_RULES`), attention whole: each step reads
-    about 1/devices of the MLP and vocabulary weights and exchanges activations only.
+    compute dtype made once per rollout, the MLP's hidden units, the vocabulary and the
+    attention projections' head_dim split over every device
+    (`sharding.DECODE_TENSOR_RULES`): each step reads about 1/devices of every matmul
+    weight and exchanges activations only.
     "replicated": whole copies on every device (no collective in the loop, every device
     reads all weights). "sharded": the training layout (XLA gathers each layer's weights
     on every decode step: least memory). "auto": "tensor" on a mesh that splits the

@@ -344,11 +344,13 @@ DECODE_WEIGHTS_SHARE = 0.5
 # every device; "tensor", a copy split by `DECODE_TENSOR_RULES`.
 DECODE_LAYOUTS = ("sharded", "replicated", "tensor")
 
-# The "tensor" decode layout: the MLP's hidden dimension and the vocabulary (embedding and
-# LM head) split over every device, the attention projections and norms whole. A decode
-# step then reads 1/devices of the MLP and vocabulary weights (most of a model) and
-# attention runs on each device's own rows and cache; the MLP and the LM head exchange only
-# activations ([rows, D] in, [rows, D] / [rows, V] out), under `tensor_decode`.
+# The "tensor" decode layout: the MLP's hidden dimension, the vocabulary (embedding and LM
+# head) and the attention projections' head_dim split over every device, the norms whole.
+# A decode step then reads 1/devices of every matmul weight, whatever the head counts, and
+# attention runs on each device's own rows and cache; the projections, the MLP and the LM
+# head exchange only activations ([rows, D] in, [rows, D] / [rows, V] out, and each
+# layer's q, k, v and attention output between head_dim slices and rows), under
+# `tensor_decode`.
 DECODE_TENSOR_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("layers", None),
@@ -356,7 +358,7 @@ DECODE_TENSOR_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", None),
     ("q_heads", None),
     ("kv_heads", None),
-    ("head_dim", None),
+    ("head_dim", MESH_AXES),
     ("mlp", MESH_AXES),
     ("norm", None),
     ("length", None),
@@ -393,6 +395,21 @@ def constrain_columns(x: jax.Array) -> jax.Array:
     if not axes or x.shape[-1] % ways:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*([None] * (x.ndim - 1)), axes))
+
+
+def constrain_decode_rows(x: jax.Array) -> jax.Array:
+    """Under `tensor_decode`: `constrain_rows(x)` (each row on the device that holds its
+    cache); otherwise `x` as it is."""
+    return constrain_rows(x) if _TENSOR_DECODE.get() else x
+
+
+def constrain_decode_whole(x: jax.Array) -> jax.Array:
+    """Under `tensor_decode` (and `activation_mesh`): `x` whole on every device (the rows
+    gathered once, for the several projections that read them); otherwise `x` as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _TENSOR_DECODE.get() or mesh.empty or mesh.manual_axes:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())
 
 
 def decode_layout(

@@ -223,6 +223,12 @@ def dense(x: Array, kernel: Array, n_in: int = 1) -> Array:
     """
     lead, contract = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
     out = kernel.shape[n_in:]
+    if kernel.ndim > 2 and sharding_lib.tensor_decoding():
+        # The kernel as it is: flattening [D, H, Dh] split by Dh (the tensor decode layout)
+        # is not a split of H·Dh, and XLA would gather the whole kernel to reshape it.
+        x = x.reshape(-1, *contract)
+        dims = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, kernel, (dims, ((), ()))).reshape(*lead, *out)
     y = x.reshape(-1, math.prod(contract)) @ kernel.reshape(math.prod(contract), -1)
     return y.reshape(*lead, *out)
 
@@ -290,11 +296,22 @@ class Attention(nnx.Module):
     def __call__(
         self, x_BxLxD: Array, rope: tuple[Array, Array], attend: AttendFn
     ) -> tuple[Array, Any]:
-        q = apply_rope(self._project(x_BxLxD, "q_kernel", "q_bias"), rope)
-        k = apply_rope(self._project(x_BxLxD, "k_kernel", "k_bias"), rope)
-        v = self._project(x_BxLxD, "v_kernel", "v_bias")
+        # In the tensor decode layout the projections are split by head_dim: each device
+        # computes its slice of every head for all rows, then the rows go back to the device
+        # that holds their cache (`constrain_decode_rows`), and the attention's output is
+        # split by head_dim again for the output projection (elsewhere both are identities).
+        x_BxLxD = sharding_lib.constrain_decode_whole(x_BxLxD)  # gathered once for q, k, v
+
+        def project(name):
+            y = self._project(x_BxLxD, f"{name}_kernel", f"{name}_bias")
+            return sharding_lib.constrain_decode_rows(sharding_lib.constrain_columns(y))
+
+        q, k, v = apply_rope(project("q"), rope), apply_rope(project("k"), rope), project("v")
         out, aux = attend(q, k, v)
-        y = lora.project(self, out.astype(x_BxLxD.dtype), "o_kernel", n_in=2)
+        # Rows first: the head_dim split must not reach back into the attention itself.
+        out = sharding_lib.constrain_decode_rows(out.astype(x_BxLxD.dtype))
+        out = sharding_lib.constrain_columns(out)
+        y = lora.project(self, out, "o_kernel", n_in=2)
         if self.config.o_bias:
             y = y + self.o_bias.value.astype(y.dtype)
         return y, aux
@@ -426,7 +443,9 @@ class MLP(nnx.Module):
                 y = y + getattr(self, f"{name}_bias").value.astype(x.dtype)
             return y
 
-        # Split by hidden units in the tensor decode layout (else as it is).
+        # Split by hidden units in the tensor decode layout (else as it is), from rows
+        # gathered once for both projections.
+        x_BxLxD = sharding_lib.constrain_decode_whole(x_BxLxD)
         gate = sharding_lib.constrain_columns(project(x_BxLxD, "gate"))
         up = sharding_lib.constrain_columns(project(x_BxLxD, "up"))
         return project(jax.nn.silu(gate) * up, "down")
