@@ -86,8 +86,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the t
 _DECODE_STEP = flags.DEFINE_bool(
     "decode_step",
     True,
-    "Also compile one decode step (and the decode copies) for its bytes, FLOPs and "
-    "collectives, and the roofline estimate.",
+    "Also compile the decode loop with one step as its body (and the decode copies) for a "
+    "step's bytes, FLOPs and collectives, and the roofline estimate.",
 )
 _EVALUATE = flags.DEFINE_bool(
     "evaluate",

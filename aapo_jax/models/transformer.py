@@ -448,7 +448,9 @@ class MLP(nnx.Module):
         x_BxLxD = sharding_lib.constrain_decode_whole(x_BxLxD)
         gate = sharding_lib.constrain_columns(project(x_BxLxD, "gate"))
         up = sharding_lib.constrain_columns(project(x_BxLxD, "up"))
-        return project(jax.nn.silu(gate) * up, "down")
+        # Whole rows out (an all-reduce of [rows, D]): a reduce-scatter to the rows makes
+        # XLA:TPU split the product into a windowed loop that copies the weight first.
+        return sharding_lib.constrain_decode_whole(project(jax.nn.silu(gate) * up, "down"))
 
 
 class DecoderLayer(nnx.Module):
