@@ -123,8 +123,8 @@ def test_report_numbers_are_consistent(planned):
 
 
 def test_the_decode_loop_gathers_no_weights_from_its_copies(planned, planned_sharded):
-    """ "auto" on an fsdp mesh: tensor-parallel decode copies (MLP and vocabulary split over
-    the 8 devices, attention whole), their bytes reported; the decode loop gathers
+    """ "auto" on an fsdp mesh: tensor-parallel decode copies (every matmul weight split
+    over the 8 devices, the norms whole), their bytes reported; the decode loop gathers
     activations only, and a rollout that does not fit names the layout knob. Sharded:
     every step gathers weights."""
     plan, programs = planned
@@ -132,7 +132,7 @@ def test_the_decode_loop_gathers_no_weights_from_its_copies(planned, planned_sha
     assert layout == "tensor" and plan.model_config.compute_dtype == np.float32
     whole = 2 * sum(x.size for x in jax.tree.leaves(plan.state.params)) * 4
     assert copies == 2 * sharding.layout_bytes(plan.state.params, plan.mesh, "tensor", 4)
-    assert whole / 4 < copies < whole / 2  # most of the weights split 8 ways
+    assert whole / 8 < copies < whole / 7  # all but the norms split 8 ways
     mc = plan.model_config
     mlp_layer = 3 * mc.hidden_size * mc.intermediate_size * 4
     loops = programs["rollout"].collectives["unknown_trip_count_loops"]
