@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from aapo_jax import configs, models, rl_step, rollout, sampling, sharding
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
-from aapo_jax.hlo import collective_bytes, eviction_bytes, staging_bytes
+from aapo_jax.hlo import collective_bytes, on_chip_copies, staging_bytes
 from aapo_jax.optim import make_optimizer
 from aapo_jax.types import PromptBatch, Rollout, TrainState
 
@@ -432,8 +432,7 @@ def compile_program(
     report.total_bytes = (use_peak and report.peak_bytes) or report.sum_bytes
     text = compiled.as_text()
     report.collectives = collective_bytes(text)
-    report.staging_bytes = staging_bytes(text)
-    report.eviction_bytes = eviction_bytes(text)
+    report.staging_bytes, report.eviction_bytes = on_chip_copies(text)
     return compiled, report
 
 
@@ -740,7 +739,7 @@ def decode_loop_program(config: sampling.SamplingConfig, plan: Plan, kv_len: int
 
     def loop(models, state, uniforms, trips):
         body = functools.partial(step, models, uniforms=uniforms)
-        return jax.lax.while_loop(lambda s: s.step < trips, lambda s: body(s), state)
+        return jax.lax.while_loop(lambda s: s.step < trips, body, state)
 
     copies, state, uniforms = layouts
     return jax.jit(
@@ -929,7 +928,7 @@ def roofline_estimate(
     t = plan.config.sampling.max_new_tokens
     devices = plan.mesh.devices.size
     seconds = {  # per decode step, by what bounds it
-        "hbm": decode_step.get("hbm_bytes", decode_step["bytes_accessed"]) / hbm,
+        "hbm": decode_step["hbm_bytes"] / hbm,
         "flops": (decode_step["flops"] or 0.0) / peak,
         "collectives": (decode_step["collective_bytes"] or 0.0) / ici,
     }

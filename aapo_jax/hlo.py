@@ -56,9 +56,10 @@ def shape_bytes(shape_text: str) -> int:
 _ON_CHIP = re.compile(r"\b[a-z]+[0-9a-z]*\[[\d,]*\]\{[^}]*S\(1\)\}")
 
 
-def _on_chip_copies(hlo_text: str) -> tuple[int, int]:
-    """(bytes copied into on-chip memory, bytes copied out of it) by `copy-start`s in every
-    computation, each once: a copy-start's shape is (destination, source, context)."""
+def on_chip_copies(hlo_text: str) -> tuple[int, int]:
+    """(`staging_bytes`, `eviction_bytes`) of a compiled module from one parse: the bytes
+    `copy-start`s in every computation copy into on-chip memory and out of it, each once
+    (a copy-start's shape is (destination, source, context))."""
     computations, _ = _parse_hlo(hlo_text)
     into = out_of = 0
     for computation in computations.values():
@@ -86,14 +87,14 @@ def staging_bytes(hlo_text: str) -> int:
     that follow, although the HBM traffic is the one read. This is the size of those
     copies, to read `bytes_accessed` beside. 0 where the backend stages nothing (CPU).
     """
-    return _on_chip_copies(hlo_text)[0]
+    return on_chip_copies(hlo_text)[0]
 
 
 def eviction_bytes(hlo_text: str) -> int:
     """Bytes a compiled module copies out of on-chip memory back to HBM (`copy-start` whose
     source is in memory space 1), each counted once: e.g. a layer's cache that XLA:TPU
     prefetched, wrote a slot into on chip and writes back whole. 0 on CPU."""
-    return _on_chip_copies(hlo_text)[1]
+    return on_chip_copies(hlo_text)[1]
 
 
 def _dtype_bits(name: str) -> int | None:

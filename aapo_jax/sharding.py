@@ -382,13 +382,22 @@ def tensor_decoding() -> bool:
     return _TENSOR_DECODE.get()
 
 
+def _tensor_decode_mesh():
+    """The abstract mesh a trace inside `tensor_decode` partitions over (under
+    `activation_mesh`, outside `shard_map`), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _TENSOR_DECODE.get() or mesh.empty or mesh.manual_axes:
+        return None
+    return mesh
+
+
 def constrain_columns(x: jax.Array) -> jax.Array:
     """Under `tensor_decode` (and `activation_mesh`): `x`'s last dimension (the MLP hidden
     units, the vocabulary) split over every device and its rows whole, so that a matmul
     with weights split that way by `DECODE_TENSOR_RULES` moves the activations, not the
     weights. Otherwise, or when the devices do not divide it, `x` as it is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not _TENSOR_DECODE.get() or mesh.empty or mesh.manual_axes:
+    mesh = _tensor_decode_mesh()
+    if mesh is None:
         return x
     axes = tuple(a for a in MESH_AXES if a in mesh.shape and mesh.shape[a] > 1)
     ways = math.prod(mesh.shape[a] for a in axes)
@@ -406,8 +415,7 @@ def constrain_decode_rows(x: jax.Array) -> jax.Array:
 def constrain_decode_whole(x: jax.Array) -> jax.Array:
     """Under `tensor_decode` (and `activation_mesh`): `x` whole on every device (the rows
     gathered once, for the several projections that read them); otherwise `x` as it is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not _TENSOR_DECODE.get() or mesh.empty or mesh.manual_axes:
+    if _tensor_decode_mesh() is None:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec())
 
