@@ -333,8 +333,9 @@ def cached_attention(
     before the queries) and the new keys and values are scored separately and share
     one softmax, so the layer's cache is only read: writing the new entries into it
     first would copy it. Scores are accumulated in fp32 and masked with a large finite
-    negative; the probabilities are cast to the compute dtype for the value matmuls. The
-    cache is never upcast: below fp32 it is read by dots in its own dtype.
+    negative; each part's weights, exp(score − the common max), are cast to the compute
+    dtype for its value matmul, and the fp32 sum is divided once by the common
+    denominator. The cache is never upcast: below fp32 it is read by dots in its own dtype.
 
     `prompt`: a `SharedPrompt` layer's (keys [B', K, Dh, P], values [B', K, P, Dh],
     visible [B', P]), before every other slot, for rows b·R + r (R = B / B'). Each
@@ -365,7 +366,7 @@ def cached_attention(
     scale = np.float32(1 / math.sqrt(dh))
     old = jnp.where(old_visible_BxS[:, None, None, None], old * scale, _MASK_VALUE)
     new = jnp.where(new_visible_BxLxL[:, None, None], new * scale, _MASK_VALUE)
-    scores = [old, new]
+    shared = None
     if prompt is not None:
         prompt_keys, prompt_values, prompt_visible = prompt
         groups = prompt_keys.shape[0]
@@ -377,29 +378,34 @@ def cached_attention(
             preferred_element_type=jnp.float32,
         )
         visible = jnp.repeat(prompt_visible, b // groups, axis=0)[:, None, None, None]
-        scores.insert(0, jnp.where(visible, by_row(shared) * scale, _MASK_VALUE))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    if prompt is not None:
-        p_shared, probs = jnp.split(probs, [prompt_keys.shape[-1]], axis=-1)
-    p_old, p_new = probs[..., : old.shape[-1]], probs[..., old.shape[-1] :]
+        shared = jnp.where(visible, by_row(shared) * scale, _MASK_VALUE)
+    # One softmax over the parts without joining them: each part's scores stay in the
+    # layout its own matmul wrote (a concatenation made XLA:TPU copy and relayout every
+    # part), exponentiated against the common max; the value matmuls take the unnormalised
+    # weights and their fp32 sum is divided once by the common denominator.
+    parts = [x for x in (shared, old, new) if x is not None]
+    peak = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1) for x in parts])[..., None]
+    shared, old, new = (None if x is None else jnp.exp(x - peak) for x in (shared, old, new))
+    total = sum(jnp.sum(x, axis=-1) for x in (shared, old, new) if x is not None)
     if reduce_in_fp32:
-        out = jnp.sum(p_old[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, :, :, None]
+        out = jnp.sum(old[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, :, :, None]
     else:
-        p_old = p_old.astype(dtype).reshape(b, kv_heads, group * seq_len, -1)
-        out = jnp.einsum("bkqs,bksd->bkqd", p_old, values, preferred_element_type=jnp.float32)
+        old = old.astype(dtype).reshape(b, kv_heads, group * seq_len, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", old, values, preferred_element_type=jnp.float32)
         out = out.reshape(b, kv_heads, group, seq_len, dh)
     out = out + jnp.einsum(
-        "bkglm,bmkd->bkgld", p_new.astype(dtype), new_v, preferred_element_type=jnp.float32
+        "bkglm,bmkd->bkgld", new.astype(dtype), new_v, preferred_element_type=jnp.float32
     )
-    if prompt is not None:
+    if shared is not None:
         out = out + by_row(
             jnp.einsum(
                 "bkqp,bkpd->bkqd",
-                by_group(p_shared.astype(dtype)),
+                by_group(shared.astype(dtype)),
                 prompt_values.astype(dtype),
                 preferred_element_type=jnp.float32,
             )
         )
+    out = out / total[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, seq_len, h, dh).astype(dtype)
 
 
