@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from aapo_jax.models.transformer import Transformer, positions_from_mask
+from aapo_jax.models.transformer import PrefixKV, Transformer, positions_from_mask
 
 
 def _log_softmax_at(
@@ -107,28 +107,81 @@ def completion_logprobs(
     shared keys and values, so values and gradients equal the plain forward up to
     summation order. If N is not a multiple of G the plain forward is used.
     """
-    prompt_len = prompt_ids.shape[1]
-    mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
-    positions = positions_from_mask(mask)
     g = prompt_group_size
     if g > 1 and prompt_ids.shape[0] % g == 0:
-        prompt_hidden, prefix = model.forward(
-            prompt_ids[::g], positions[::g, :prompt_len], mask[::g, :prompt_len], return_kv=True
-        )
-        completion_hidden, _ = model.forward(
+        last, prefix = prompt_prefix(model, prompt_ids[::g], prompt_mask[::g])
+        return continuation_logprobs(
+            model,
+            jnp.repeat(last, g, axis=0),
+            prefix.replace(repeats=g),
+            prompt_mask,
             completion_ids,
-            positions[:, prompt_len:],
-            mask[:, prompt_len:],
-            prefix=prefix.replace(repeats=g),
+            completion_mask,
+            chunk_size=chunk_size,
+            temperature=temperature,
         )
-        last_prompt = jnp.repeat(prompt_hidden[:, -1:], g, axis=0)
-        hidden = jnp.concatenate([last_prompt, completion_hidden[:, :-1]], axis=1)
-    else:
-        ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
-        hidden, _ = model.forward(ids, positions, mask)
-        # Hidden state at position t predicts token t + 1.
-        hidden = hidden[:, prompt_len - 1 : -1]
-    head = model.lm_head_kernel()
+    prompt_len = prompt_ids.shape[1]
+    mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+    hidden, _ = model.forward(ids, positions_from_mask(mask), mask)
+    # Hidden state at position t predicts token t + 1.
+    hidden = hidden[:, prompt_len - 1 : -1]
     return chunked_token_logprobs(
-        hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature
+        hidden,
+        model.lm_head_kernel(),
+        completion_ids,
+        chunk_size=chunk_size,
+        temperature=temperature,
+    )
+
+
+def prompt_prefix(
+    model: Transformer, prompt_ids: Int[Array, "B P"], prompt_mask: Array
+) -> tuple[Float[Array, "B D"], PrefixKV]:
+    """One forward over B' (left-padded) prompts: the last slot's hidden state (it predicts
+    each continuation's first token) and every layer's keys and values, for
+    `continuation_logprobs`. Differentiable: the continuations' gradients flow back
+    through both."""
+    positions = positions_from_mask(prompt_mask)
+    hidden, prefix = model.forward(prompt_ids, positions, prompt_mask, return_kv=True)
+    return hidden[:, -1], prefix
+
+
+def take_prompts(last: Float[Array, "B D"], prefix: PrefixKV, index: Int[Array, " N"]):
+    """`prompt_prefix`'s outputs for rows that continue prompts `index` (one row each)."""
+    taken = PrefixKV(
+        k=jnp.take(prefix.k, index, axis=1),
+        v=jnp.take(prefix.v, index, axis=1),
+        mask_BxP=jnp.take(prefix.mask_BxP, index, axis=0),
+    )
+    return jnp.take(last, index, axis=0), taken
+
+
+def continuation_logprobs(
+    model: Transformer,
+    last_N: Float[Array, "N D"],
+    prefix: PrefixKV,
+    prompt_mask: Array,
+    completion_ids: Int[Array, "N T"],
+    completion_mask: Array,
+    *,
+    chunk_size: int = 128,
+    temperature: float = 1.0,
+) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
+    """`completion_logprobs` of N completions that continue a `prompt_prefix`: `last_N` its
+    last hidden state per row, `prefix` its keys and values (`repeats` rows per prompt),
+    `prompt_mask` [N, P] each row's prompt mask (for the completions' positions)."""
+    prompt_len = prompt_mask.shape[1]
+    mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
+    positions = positions_from_mask(mask)[:, prompt_len:]
+    completion_hidden, _ = model.forward(
+        completion_ids, positions, mask[:, prompt_len:], prefix=prefix
+    )
+    hidden = jnp.concatenate([last_N[:, None], completion_hidden[:, :-1]], axis=1)
+    return chunked_token_logprobs(
+        hidden,
+        model.lm_head_kernel(),
+        completion_ids,
+        chunk_size=chunk_size,
+        temperature=temperature,
     )

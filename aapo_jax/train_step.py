@@ -22,9 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from aapo_jax import losses, sharding
+from aapo_jax import logprobs, losses, sharding
 from aapo_jax.configs import OptimConfig, RLConfig
-from aapo_jax.logprobs import completion_logprobs
+from aapo_jax.models.transformer import PrefixKV
 from aapo_jax.optim import make_schedule
 from aapo_jax.types import Rollout, TrainState
 
@@ -212,25 +212,6 @@ def split_micro_batches(rows: Rows, k: int, ways: int) -> Rows:
     return jax.tree.map(split, rows)
 
 
-def sort_by_length(rows: Rows, unit: int, k: int, ways: int) -> Rows:
-    """`rows` reordered so that `split_micro_batches(rows, k, ways)`'s micro-batch j holds
-    the j-th shortest units of rows on every device: rows of like length train together,
-    and each micro-batch's longest row bounds its `length_buckets` length.
-
-    A unit is `unit` consecutive rows (a prompt's group when micro-batches keep groups
-    whole, else one row) ranked by its longest completion; units keep their rows' order.
-    The loss is a sum over rows, so the order changes only the summation order.
-    """
-    n = rows.completion_ids.shape[0]
-    lengths = jnp.sum(rows.completion_mask.astype(jnp.int32), axis=1).reshape(-1, unit)
-    order = jnp.argsort(jnp.max(lengths, axis=1), stable=True)  # shortest unit first
-    # Sorted unit s goes to micro-batch s // (ways·per_block), device (s // per_block) % ways.
-    per_block = n // (k * ways * unit)
-    order = order.reshape(k, ways, per_block).swapaxes(0, 1).reshape(-1)
-    row_order = (order[:, None] * unit + jnp.arange(unit)).reshape(-1)
-    return jax.tree.map(lambda x: x[row_order], rows)
-
-
 def length_buckets(max_new_tokens: int, buckets: int) -> tuple[int, ...]:
     """The completion lengths an update micro-batch is cut to: T·i / buckets, i = 1..buckets."""
     return tuple(-(-max_new_tokens * i // buckets) for i in range(1, buckets + 1))
@@ -245,22 +226,22 @@ def truncate_completions(mb: Rows, length: int) -> Rows:
 
 
 def by_length(fn: Callable, max_new_tokens: int, buckets: int) -> Callable:
-    """`fn(params, mb)` run on the micro-batch cut to the shortest of `length_buckets` that
-    holds its longest completion: one branch of a `switch` per length, so an update computes
-    on about the real tokens rather than every row padded to T. The causal model's log-probs
-    of the kept tokens do not depend on the cut padding, so the results are `fn`'s on the
-    whole micro-batch. `buckets` ≤ 1: `fn` itself."""
+    """`fn(params, mb, *rest)` run on the rows `mb` cut to the shortest of `length_buckets`
+    that holds their longest completion: one branch of a `switch` per length, so the rows
+    compute on about their real tokens rather than padded to T. The causal model's
+    log-probs of the kept tokens do not depend on the cut padding, so the results are
+    `fn`'s on the whole rows. `buckets` ≤ 1: `fn` itself."""
     if buckets <= 1:
         return fn
     lengths = length_buckets(max_new_tokens, buckets)
 
     def cut(length):
-        return lambda params, mb: fn(params, truncate_completions(mb, length))
+        return lambda params, mb, *rest: fn(params, truncate_completions(mb, length), *rest)
 
-    def run(params, mb: Rows):
+    def run(params, mb: Rows, *rest):
         longest = jnp.max(jnp.sum(mb.completion_mask.astype(jnp.int32), axis=1))
         index = jnp.searchsorted(jnp.asarray(lengths), longest)  # the first length ≥ longest
-        return jax.lax.switch(index, [cut(n) for n in lengths], params, mb)
+        return jax.lax.switch(index, [cut(n) for n in lengths], params, mb, *rest)
 
     return run
 
@@ -274,7 +255,7 @@ def row_logprobs(
 ) -> tuple[Float[Array, "N T"], Float[Array, "N T"]]:
     """(log π, entropy) of a micro-batch's completion tokens under the model of `weights`
     (the states `nnx.merge(graphdef, *weights)` takes)."""
-    return completion_logprobs(
+    return logprobs.completion_logprobs(
         nnx.merge(graphdef, *weights),
         mb.prompt_ids,
         mb.prompt_mask,
@@ -298,9 +279,22 @@ def micro_batch_loss(
 ) -> tuple[Array, tuple[Array, dict[str, Array]]]:
     """The micro-batch's loss sum, and (its denominator, metric sums): the function whose
     gradient the update takes (with LoRA `params` are the adapters and `base` the frozen
-    rest). One KL serves the loss's penalty and the `kl` metric."""
-    weights = (params,) if base is None else (params, jax.lax.stop_gradient(base))
-    logp, entropy = row_logprobs(rl, graphdef, weights, mb, prompt_group)
+    rest)."""
+    logp, entropy = row_logprobs(rl, graphdef, _weights(params, base), mb, prompt_group)
+    return loss_sums(rl, mb, logp, entropy, ref_logp)
+
+
+def _weights(params: nnx.State, base: nnx.State | None) -> tuple[nnx.State, ...]:
+    """The states the model merges: `params`, and a frozen LoRA `base` (no gradient)."""
+    return (params,) if base is None else (params, jax.lax.stop_gradient(base))
+
+
+def loss_sums(
+    rl: RLConfig, mb: Rows, logp: Array, entropy: Array, ref_logp: Array | None
+) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+    """(loss sum, (denominator, metric sums)) of rows from their log-probs: sums over rows,
+    so any split of a step's rows adds up to the whole step's. One KL serves the loss's
+    penalty and the `kl` metric."""
     kl = None
     if ref_logp is not None:
         kl = losses.kl_divergence(logp, ref_logp, mb.completion_mask, rl.kl_estimator)
@@ -331,6 +325,113 @@ def reference_logprobs(
     ref_weights = jax.lax.stop_gradient(ref_weights)
     ref_logp, _ = row_logprobs(rl, graphdef, ref_weights, mb, prompt_group)
     return jax.lax.stop_gradient(ref_logp)
+
+
+def sort_into_sub_batches(mb: Rows, prompt_group: int, rows_per: int) -> tuple[Rows, Array]:
+    """The micro-batch's rows sorted by completion length, shortest first, as N / R
+    sub-batches of R = `rows_per` rows (a leading axis; each sub-batch's rows split over
+    the row devices), and each row's prompt: its index into `mb.prompt_ids[::prompt_group]`.
+    """
+    n = mb.completion_ids.shape[0]
+    lengths = jnp.sum(mb.completion_mask.astype(jnp.int32), axis=1)
+    order = jnp.argsort(lengths, stable=True)
+
+    def take(x):
+        x = x[order]
+        return sharding.constrain_rows(x.reshape(n // rows_per, rows_per, *x.shape[1:]), dim=1)
+
+    return jax.tree.map(take, mb), take(jnp.arange(n) // prompt_group)
+
+
+def length_sorted_grad(
+    rl: RLConfig,
+    graphdef: nnx.GraphDef,
+    *,
+    base: nnx.State | None,
+    ref_weights: tuple[nnx.State, ...] | None,
+    prompt_group: int,
+    rows_per: int,
+    max_new_tokens: int,
+    buckets: int,
+    axis: str | None = None,
+) -> Callable:
+    """`grad_fn(params, mb) -> ((loss sum, (denominator, sums)), grads)` of a micro-batch,
+    computed on about its real tokens: the same values as `micro_batch_loss`'s gradient.
+
+    Each of the micro-batch's prompts (one per `prompt_group` rows) runs through the
+    model once (`logprobs.prompt_prefix`). Its rows are then sorted by completion length
+    into sub-batches of `rows_per` rows (`sort_into_sub_batches`: one per row device, so
+    rows of like length run side by side), and each sub-batch is cut to the shortest of
+    `length_buckets(max_new_tokens, buckets)` that holds it (`by_length`) and continues
+    its rows' prompts. A sub-batch's gradient reaches the parameters directly and through
+    the prompts' keys and values; the latter are summed over the sub-batches (in fp32)
+    and pulled back through the prompt forward once. The reference's log-probs (when
+    `rl.computes_reference_logprobs`) are taken the same way, without gradients.
+    Inside `sharding.data_parallel`, `axis` names the devices' axis.
+    """
+
+    def continuation(weights, prefix, mask, sb: Rows, index):
+        last, k, v = prefix
+        last, taken = logprobs.take_prompts(last, PrefixKV(k=k, v=v, mask_BxP=mask), index)
+        return logprobs.continuation_logprobs(
+            nnx.merge(graphdef, *weights),
+            last,
+            taken,
+            taken.mask_BxP,
+            sb.completion_ids,
+            sb.completion_mask,
+            chunk_size=rl.logprob_chunk_size,
+            temperature=rl.logprob_temperature,
+        )
+
+    def sub_loss(params, prefix, mask, sb: Rows, index, ref_logp):
+        logp, entropy = continuation(_weights(params, base), prefix, mask, sb, index)
+        return loss_sums(rl, sb, logp, entropy, ref_logp)
+
+    def sub_grad(params, sb: Rows, prefix, ref_prefix, mask, index):
+        ref_logp = None
+        if ref_prefix is not None:
+            frozen = jax.lax.stop_gradient(ref_weights)
+            ref_logp = jax.lax.stop_gradient(continuation(frozen, ref_prefix, mask, sb, index)[0])
+        loss_and_grad = jax.value_and_grad(sub_loss, argnums=(0, 1), has_aux=True)
+        value, (grads, prefix_grads) = loss_and_grad(params, prefix, mask, sb, index, ref_logp)
+        return value, (grads, _in_fp32(prefix_grads))
+
+    at_length = by_length(sub_grad, max_new_tokens, buckets)
+
+    def grad_fn(params: nnx.State, mb: Rows):
+        ids, mask = mb.prompt_ids[::prompt_group], mb.prompt_mask[::prompt_group]
+
+        def prompt_pass(weights):  # (last hidden, keys, values): what the rows continue
+            last, prefix = logprobs.prompt_prefix(nnx.merge(graphdef, *weights), ids, mask)
+            return last, prefix.k, prefix.v
+
+        prefix, pullback = jax.vjp(lambda p: prompt_pass(_weights(p, base)), params)
+        ref_prefix = None
+        if rl.computes_reference_logprobs:
+            ref_prefix = jax.lax.stop_gradient(prompt_pass(jax.lax.stop_gradient(ref_weights)))
+        subs, indices = sort_into_sub_batches(mb, prompt_group, rows_per)
+
+        def add(acc, xs):
+            sb, index = xs
+            step = at_length(params, sb, prefix, ref_prefix, mask, index)
+            return jax.tree.map(jnp.add, acc, step), None
+
+        sb, index = jax.tree.map(lambda x: x[0], (subs, indices))
+        shapes = jax.eval_shape(at_length, params, sb, prefix, ref_prefix, mask, index)
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        init = sharding.varying(init, axis)
+        (value, (grads, prefix_grads)), _ = jax.lax.scan(add, init, (subs, indices))
+        prefix_grads = jax.tree.map(lambda g, x: g.astype(x.dtype), prefix_grads, prefix)
+        (prompt_grads,) = pullback(prefix_grads)
+        return value, jax.tree.map(jnp.add, grads, prompt_grads)
+
+    return grad_fn
+
+
+def _in_fp32(tree):
+    """Floating leaves of `tree` in fp32 (sums over many terms kept exact)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def accumulate_gradients(grad_fn: Callable, params: nnx.State, micro: Rows, init: Accumulated):
@@ -450,7 +551,11 @@ def micro_batch_plan(
     rl: RLConfig, optim: OptimConfig, n: int, row_tokens: int, ways: int
 ) -> tuple[int, int]:
     """(k micro-batches, prompt group kept whole per micro-batch: G or 1) for `n` rows of
-    `row_tokens` (prompt + completion) tokens split over `ways` devices."""
+    `row_tokens` (prompt + completion) tokens split over `ways` devices.
+
+    A micro-batch keeps groups whole when each device's block of it does; with
+    `optim.length_buckets` > 1 also when it is the only one (`length_sorted_grad` runs
+    each prompt once and moves its keys and values to the rows that continue it)."""
     k = micro_batch_count(
         n,
         row_tokens,
@@ -464,7 +569,8 @@ def micro_batch_plan(
             f"batch rows {n} not divisible by optim.grad_accum_steps={k} × {ways} devices."
         )
     block = n // (k * ways)
-    return k, rl.group_size if block % rl.group_size == 0 else 1
+    whole = block % rl.group_size == 0 or (k == 1 and optim.length_buckets > 1)
+    return k, rl.group_size if whole else 1
 
 
 def make_train_step(
@@ -511,26 +617,35 @@ def make_train_step(
         k, prompt_group = micro_batch_plan(
             rl, optim, n, rows.prompt_ids.shape[1] + completion_len, ways
         )
-        if optim.length_buckets > 1:
-            rows = sort_by_length(rows, prompt_group, k, ways)
         micro = split_micro_batches(rows, k, ways)
-        loss_and_grad = jax.value_and_grad(
-            functools.partial(
-                micro_batch_loss,
-                rl=rl,
-                graphdef=graphdef,
-                prompt_group=prompt_group,
+        ref_weights = state.reference_weights()
+        if optim.length_buckets > 1:
+            grad_fn = length_sorted_grad(
+                rl,
+                graphdef,
                 base=state.base,
-            ),
-            has_aux=True,
-        )
+                ref_weights=ref_weights,
+                prompt_group=prompt_group,
+                rows_per=ways,
+                max_new_tokens=completion_len,
+                buckets=optim.length_buckets,
+                axis=axis,
+            )
+        else:
+            loss_and_grad = jax.value_and_grad(
+                functools.partial(
+                    micro_batch_loss,
+                    rl=rl,
+                    graphdef=graphdef,
+                    prompt_group=prompt_group,
+                    base=state.base,
+                ),
+                has_aux=True,
+            )
 
-        def grad_at_length(params, mb):
-            ref_weights = state.reference_weights()
-            ref_logp = reference_logprobs(rl, graphdef, ref_weights, mb, prompt_group)
-            return loss_and_grad(params, mb, ref_logp)
-
-        grad_fn = by_length(grad_at_length, completion_len, optim.length_buckets)
+            def grad_fn(params, mb):
+                ref_logp = reference_logprobs(rl, graphdef, ref_weights, mb, prompt_group)
+                return loss_and_grad(params, mb, ref_logp)
 
         # On a data-parallel mesh this device's gradients and sums stay its own until the
         # psum below.

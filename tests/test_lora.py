@@ -1,5 +1,6 @@
 """LoRA and QLoRA: adapters on the stacked projections, the frozen base, export, training."""
 
+import dataclasses
 import json
 import math
 
@@ -227,10 +228,12 @@ def test_a_lora_run_trains_only_adapters_and_resumes_bit_identically_after_kill9
     assert (straight / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def _lora_rl_steps(mesh, steps=2):
+def _lora_rl_steps(mesh, steps=2, length_buckets=1):
     """Two one-program AAPO steps (policy + base-as-reference rollout, token reward) of a LoRA
     model: (metrics per step, adapters, base before, base after)."""
     from tests import test_train_step as ts
+
+    optim = dataclasses.replace(ts.LINEAR_ADAM, length_buckets=length_buckets)
 
     rl_cfg = configs.RLConfig(group_size=ts.G)
     model = models.Transformer(ts.TINY.replace(lora_rank=RANK), rngs=nnx.Rngs(0))
@@ -242,7 +245,7 @@ def _lora_rl_steps(mesh, steps=2):
     prompts = ts._prompts(8)
     if mesh is not None:
         prompts = sharding.shard_batch(prompts, mesh)
-    step = ts._rl_step(rl_cfg, ts.LINEAR_ADAM, graphdef, tx, mesh=mesh)
+    step = ts._rl_step(rl_cfg, optim, graphdef, tx, mesh=mesh)
     history = []
     for _ in range(steps):
         state, m = step(state, prompts)
@@ -252,11 +255,14 @@ def _lora_rl_steps(mesh, steps=2):
 
 
 def test_lora_rl_steps_move_only_adapters_and_an_8_device_mesh_matches_one():
+    """On 8 devices the update also sorts its rows by length into sub-batches (one length
+    bucket per completion length): the same steps as one device's padded update."""
     m1, p1, before, after = _lora_rl_steps(None)
     for x, y in zip(before, after, strict=True):  # the frozen base, bit for bit
         np.testing.assert_array_equal(x, y)
     assert abs(m1[0]["loss"]) > 1e-4 and m1[0]["reward_std"] > 0.1
-    m8, p8, _, after8 = _lora_rl_steps(sharding.make_mesh(data=1, fsdp=8, tensor=1))
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    m8, p8, _, after8 = _lora_rl_steps(mesh, length_buckets=5)
     for x, y in zip(before, after8, strict=True):
         np.testing.assert_array_equal(x, y)
     for step_1, step_8 in zip(m1, m8, strict=True):

@@ -534,9 +534,9 @@ def test_micro_batch_count_fits_the_token_budget_and_keeps_groups_whole():
         count(16, 10, budget=20, ways=5)
 
 
-def test_sort_by_length_puts_like_lengths_in_one_micro_batch():
-    """Micro-batch j of `split_micro_batches` holds the j-th shortest units on every device
-    (units: groups of G rows, kept in order, or single rows), and every row once."""
+def test_sort_into_sub_batches_orders_rows_by_length():
+    """Sub-batch s holds the rows of ranks s·R .. s·R + R − 1 by completion length, every
+    row once, each with the index of its prompt (one per `prompt_group` rows)."""
     rng = np.random.default_rng(0)
     n, t = 16, 9
     lengths = rng.integers(0, t + 1, n)
@@ -548,17 +548,15 @@ def test_sort_by_length_puts_like_lengths_in_one_micro_batch():
         completion_mask=jnp.asarray(mask),
         advantages=jnp.arange(n, dtype=jnp.float32),
     )
-    for unit, k, ways in ((1, 4, 2), (1, 2, 4), (4, 2, 2), (2, 1, 2)):
-        sorted_rows = train_step.sort_by_length(rows, unit, k, ways)
-        ids = np.asarray(sorted_rows.completion_ids[:, 0])
-        assert sorted(ids) == list(range(n))
-        np.testing.assert_array_equal(np.asarray(sorted_rows.advantages), ids)
-        micro = train_step.split_micro_batches(sorted_rows, k, ways)
-        longest = np.asarray(micro.completion_mask).sum(-1).reshape(k, -1, unit).max(-1)
-        # Every unit of micro-batch j is no longer than every unit of micro-batch j + 1.
-        assert all(longest[j].max() <= longest[j + 1].min() for j in range(k - 1)), longest
-        # Units stay whole and in order.
-        assert (ids.reshape(-1, unit) % unit == np.arange(unit)).all()
+    for group, per in ((1, 1), (4, 2), (4, 4), (2, 8)):
+        subs, index = train_step.sort_into_sub_batches(rows, group, per)
+        ids = np.asarray(subs.completion_ids[..., 0])
+        assert ids.shape == (n // per, per)
+        assert sorted(ids.reshape(-1)) == list(range(n))
+        np.testing.assert_array_equal(np.asarray(subs.advantages), ids)
+        np.testing.assert_array_equal(np.asarray(index), ids // group)
+        got = np.asarray(subs.completion_mask).sum(-1)
+        np.testing.assert_array_equal(got.reshape(-1), np.sort(lengths))
     assert train_step.length_buckets(3584, 4) == (896, 1792, 2688, 3584)
     assert train_step.length_buckets(5, 2) == (3, 5)
 
@@ -569,13 +567,20 @@ def test_sort_by_length_puts_like_lengths_in_one_micro_batch():
         (REINFORCE, 8),
         (dataclasses.replace(REINFORCE, loss_aggregation="seq_mean_token_sum"), 4),
         (configs.RLConfig(algorithm="grpo", group_size=G, hparams={"kl_beta": 0.04}), 2),
+        (configs.RLConfig(algorithm="grpo", group_size=G, hparams={"kl_beta": 0.04}), 1),
+        (
+            dataclasses.replace(REINFORCE, loss_aggregation="per_prompt_token_mean"),
+            1,
+        ),
     ],
-    ids=["token_mean", "dr_grpo_sum", "grpo_kl"],
+    ids=["token_mean", "dr_grpo_sum", "grpo_kl", "grpo_kl_shared_prompts", "per_prompt_token_mean"],
 )
 def test_length_buckets_give_the_same_update(rl_cfg, k):
-    """Rows sorted by length into micro-batches, each cut to its bucket length (5 buckets of
+    """Rows sorted by length into sub-batches, each cut to its bucket length (5 buckets of
     T = 5: one per length), give one padded batch's loss, metrics and update, with the
-    reference forward cut the same way (GRPO's KL)."""
+    reference forward cut the same way (GRPO's KL). With k micro-batches of one row each
+    every row runs its own prompt; with one micro-batch (k = 1) each prompt runs once and
+    its keys and values are taken by the rows that continue it, in any sub-batch."""
     batch = _scored(seed=3, eos=5)
     lengths = np.asarray(batch.policy.lengths)
     assert lengths.min() < T and (lengths == T).any()  # short rows to cut, and full ones
@@ -597,20 +602,21 @@ def test_length_buckets_give_the_same_update(rl_cfg, k):
 
 
 @pytest.mark.parametrize(
-    "mesh_shape,buckets",
-    [((1, 4, 1), 1), ((1, 4, 1), 5), ((4, 1, 1), 5)],
-    ids=["fsdp", "fsdp_length_buckets", "data_parallel_length_buckets"],
+    "mesh_shape,buckets,budget_rows",
+    [((1, 4, 1), 1, 2), ((1, 4, 1), 5, 2), ((4, 1, 1), 5, 2), ((1, 4, 1), 5, 0)],
+    ids=["fsdp", "fsdp_length_buckets", "data_parallel_length_buckets", "fsdp_shared_prompts"],
 )
-def test_token_budget_micro_batches_on_a_mesh_match_one_device(mesh_shape, buckets):
+def test_token_budget_micro_batches_on_a_mesh_match_one_device(mesh_shape, buckets, budget_rows):
     """4 devices split 16 rows; a 2-row budget makes 2 micro-batches of each device's rows.
-    With length buckets the rows are sorted by length first and each micro-batch is cut: on
-    an fsdp mesh to one length for all devices, on a data-parallel one per device. Each
-    gives one device's padded update."""
+    With length buckets each micro-batch's rows are sorted by length into sub-batches and
+    each is cut: on an fsdp mesh to one length for all devices, on a data-parallel one per
+    device. Without a budget the one micro-batch runs each prompt once and its rows, sorted
+    across devices, take its keys and values. Each gives one device's padded update."""
     batch = _scored(seed=3, eos=5)
     rl_cfg, optim, tx, graphdef, state, _ = _setup(REINFORCE, LINEAR_ADAM)
     expected, m1 = jax.jit(train_step.make_train_step(rl_cfg, optim, graphdef, tx))(state, batch)
     budget = dataclasses.replace(
-        LINEAR_ADAM, micro_batch_tokens=2 * (P + T), length_buckets=buckets
+        LINEAR_ADAM, micro_batch_tokens=budget_rows * (P + T), length_buckets=buckets
     )
     mesh = sharding.make_mesh(*mesh_shape)
     rl_cfg, optim, tx, graphdef, state, shardings = _setup(REINFORCE, budget, mesh=mesh)
