@@ -526,19 +526,30 @@ def micro_batch_knob() -> str:
 def _forward_flops(mc: models.ModelConfig, tokens: float, keys: float, logits: float) -> float:
     """FLOPs of a forward over `tokens` that attend to `keys` each, with `logits` of them
     through the LM head (2 per multiply-add)."""
+    return sum(_forward_parts(mc, tokens, keys, logits))
+
+
+def _forward_parts(
+    mc: models.ModelConfig, tokens: float, keys: float, logits: float
+) -> tuple[float, float, float]:
+    """`_forward_flops` as (the layers' weight matmuls, the attention's own matmuls, the LM
+    head): what a backward may run again differs by part."""
     d, layers = mc.hidden_size, mc.num_layers
     q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
     layer_weights = layers * (2 * d * q + 2 * d * kv + 3 * d * mc.intermediate_size)
     return (
-        2 * tokens * layer_weights + 4 * tokens * keys * layers * q + 2 * logits * mc.vocab_size * d
+        2 * tokens * layer_weights,
+        4 * tokens * keys * layers * q,
+        2 * logits * mc.vocab_size * d,
     )
 
 
-def update_layout(plan: Plan) -> tuple[int, int, int]:
-    """(rows each update micro-batch set decides for, micro-batches k, prompt group G or 1):
-    how `train_step.make_train_step` splits the plan's rows. On a data-parallel mesh each
-    device splits its own rows (and picks its own bucket lengths); otherwise all rows are
-    one set, split over the devices that divide them."""
+def update_layout(plan: Plan) -> tuple[int, int, int, int]:
+    """(rows each update micro-batch set decides for, micro-batches k, prompt group G or 1,
+    devices that split each micro-batch's rows): how `train_step.make_train_step` splits
+    the plan's rows. On a data-parallel mesh each device splits its own rows (and picks
+    its own bucket lengths); otherwise all rows are one set, split over the devices that
+    divide them."""
     cfg, mesh = plan.config, plan.mesh
     b, g = cfg.train.prompts_per_step, cfg.rl.group_size
     n, row_tokens = b * g, cfg.sampling.max_prompt_length + cfg.sampling.max_new_tokens
@@ -547,26 +558,25 @@ def update_layout(plan: Plan) -> tuple[int, int, int]:
     else:
         ways = sharding.row_ways(mesh, n)
     k, prompt_group = train_step_lib.micro_batch_plan(cfg.rl, cfg.optim, n, row_tokens, ways)
-    return n, k, prompt_group
+    return n, k, prompt_group, ways
 
 
 def expected_update_length(plan: Plan, *, draws: int = 512, seed: int = 0) -> float:
     """The completion length an update row computes on, averaged, when completion lengths
     are independent and uniform on 1..T (mean ≈ T/2, the useful FLOPs' assumption).
 
-    With `optim.length_buckets` ≤ 1 that is T. Otherwise the rows are sorted into the
-    micro-batches by length (in units of the prompt group the update keeps whole) and each
-    micro-batch runs at the shortest bucket length holding its longest row
-    (`train_step.by_length`): a Monte Carlo mean over `draws` batches, fixed `seed`.
+    With `optim.length_buckets` ≤ 1 that is T. Otherwise each micro-batch's rows are
+    sorted by length into sub-batches of one row per row device, and each sub-batch runs
+    at the shortest bucket length holding its longest row (`train_step.length_sorted_grad`):
+    a Monte Carlo mean over `draws` batches, fixed `seed`.
     """
     cfg = plan.config
     t, buckets = cfg.sampling.max_new_tokens, cfg.optim.length_buckets
     if buckets <= 1:
         return float(t)
-    n, k, unit = update_layout(plan)
-    lengths = np.random.default_rng(seed).integers(1, t + 1, (draws, n // unit, unit))
-    units = np.sort(lengths.max(axis=-1), axis=-1)  # the sort_by_length order
-    longest = units.reshape(draws, k, -1).max(axis=-1)  # per micro-batch
+    n, k, _, ways = update_layout(plan)
+    lengths = np.random.default_rng(seed).integers(1, t + 1, (draws, k, n // k))
+    longest = np.sort(lengths, axis=-1).reshape(draws, k, -1, ways).max(axis=-1)
     cuts = np.asarray(train_step_lib.length_buckets(t, buckets))
     return float(cuts[np.searchsorted(cuts, longest)].mean())
 
@@ -584,38 +594,53 @@ def model_flops(plan: Plan) -> dict[str, float]:
     completions at their executed length (`expected_update_length`: T, or the bucket
     lengths of `optim.length_buckets`), ×3 for the backward (×2 with LoRA: the frozen
     base's weight gradients are not computed; the adapters' FLOPs and attention's own
-    gradients, which stay ×3, are left out), +1 forward with remat "full", +1 for the
-    reference log-probs. `update_useful`: the update's work on real
-    tokens only, at a mean completion of T/2 (each prompt's P once, a forward + backward,
-    and the reference forward only when the loss needs it): the numerator of the update's
-    useful / executed FLOPs. `update_padding`: the executed passes' FLOPs on padding (the
-    completions past their real T/2, on average).
+    gradients, which stay ×3, are left out), plus what the backward runs again (the
+    layers with remat "full", the attention's matmuls with "dots", the LM head when a row
+    spans several `rl.logprob_chunk_size` chunks), +1 for the reference log-probs.
+    `update_useful`: the update's work on real tokens only, at a mean completion of T/2
+    (each prompt's P once, a forward + backward, and the reference forward only when the
+    loss needs it): the numerator of the update's useful / executed FLOPs.
+    `update_padding`: the executed FLOPs on padding (the completions past their real T/2,
+    on average).
     """
     mc, cfg = plan.model_config, plan.config
     b, g = cfg.train.prompts_per_step, cfg.rl.group_size
     p, t, n = cfg.sampling.max_prompt_length, cfg.sampling.max_new_tokens, b * g
 
-    def one_pass(t, prompt_rows=b):
-        prompts = _forward_flops(mc, prompt_rows * p, p / 2, 0)
-        return prompts + _forward_flops(mc, n * t, p + t / 2, n * t)
+    def one_pass(t, prompt_rows=b, parts=(1.0, 1.0, 1.0)):
+        prompts = _forward_parts(mc, prompt_rows * p, p / 2, 0)
+        completions = _forward_parts(mc, n * t, p + t / 2, n * t)
+        return sum(w * (a + c) for w, a, c in zip(parts, prompts, completions, strict=True))
 
-    _, _, prompt_group = update_layout(plan)
+    _, _, prompt_group, _ = update_layout(plan)
     update_rows = n // prompt_group
     executed = expected_update_length(plan)
     sampled = 2 if cfg.rl.samples_reference else 1
     forward_and_backward = 2 if mc.lora_rank else 3
-    passes = forward_and_backward + (1 if cfg.model.remat == "full" else 0)
-    passes += 1 if cfg.rl.computes_reference_logprobs else 0
+    reference = 1 if cfg.rl.computes_reference_logprobs else 0
     useful = forward_and_backward + (1 if cfg.rl.needs_reference_logprobs else 0)
-    update_pass = one_pass(executed, update_rows)
+    # What the backward runs again: the layers under remat "full", the attention's matmuls
+    # under "dots" (their outputs are not saved); the LM head when its chunks are
+    # rematerialised (`logprobs.chunked_token_logprobs`, more than one chunk a row).
+    chunked = executed > cfg.rl.logprob_chunk_size
+    again = (
+        1.0 if cfg.model.remat == "full" else 0.0,
+        1.0 if cfg.model.remat in ("full", "dots") else 0.0,
+        1.0 if chunked else 0.0,
+    )
+    passes = forward_and_backward + reference
+
+    def update(length):
+        return passes * one_pass(length, update_rows) + one_pass(length, update_rows, again)
+
     out = {
         "rollout": sampled * one_pass(t),
-        "update": passes * update_pass,
+        "update": update(executed),
         "update_completion_length": executed,
     }
     out["total"] = out["rollout"] + out["update"]
     out["update_useful"] = useful * one_pass(t / 2)
-    out["update_padding"] = passes * (update_pass - one_pass(t / 2, update_rows))
+    out["update_padding"] = out["update"] - update(t / 2)
     return out
 
 

@@ -282,18 +282,17 @@ def test_roofline_estimate_against_the_floor(decode_planned, monkeypatch):
 
 
 def test_length_buckets_cut_the_planned_update(model_dir):
-    """16 rows over 8 devices, one row per device per micro-batch (k = 2), 4 buckets of
-    T = 4: the micro-batch of the 8 shortest rows runs at their longest, the other at the
-    longest of all. The planner's mean executed length is that expectation for uniform
-    lengths (order statistics of 16 draws from 1..4, exactly), and the update's FLOPs and
-    padding fall with it."""
+    """16 rows over 8 devices in one micro-batch, 4 buckets of T = 4: the rows sorted by
+    length make 2 sub-batches of one row per device, the 8 shortest running at their
+    longest, the others at the longest of all. The planner's mean executed length is that
+    expectation for uniform lengths (order statistics of 16 draws from 1..4, exactly), and
+    the update's FLOPs and padding fall with it; each prompt still runs once."""
     c = tiny_plan_config(model_dir)
     plain = aot.abstract_inputs(aot.plan_config(c), jax.devices())
-    c.optim.micro_batch_tokens = 8 + 4
     c.optim.length_buckets = 4
     plan = aot.abstract_inputs(aot.plan_config(c), jax.devices())
-    assert aot.update_layout(plan) == (16, 2, 1)
-    assert aot.update_layout(plain) == (16, 1, 2)  # a device's 2 rows: one group, kept whole
+    assert aot.update_layout(plan) == (16, 1, 2, 8)
+    assert aot.update_layout(plain) == (16, 1, 2, 8)  # a device's 2 rows: one group, kept whole
 
     def at_most(x, j):  # P(the j-th smallest of 16 draws from 1..4 is ≤ x)
         q = x / 4
@@ -310,10 +309,18 @@ def test_length_buckets_cut_the_planned_update(model_dir):
     assert cut["update_completion_length"] == pytest.approx(aot.expected_update_length(plan))
     assert cut["update_padding"] < padded["update_padding"]
     assert cut["update_useful"] == padded["update_useful"]
-    # One row per micro-batch splits the groups, so every row runs its prompt: with P = 8
-    # against the ≈ 1 completion token a row the cut saves, the cut update costs more here.
-    # The planner counts both, so a config's trade shows in its numbers.
-    assert cut["update"] > padded["update"]
+    assert cut["update"] < padded["update"]
+    # A micro-batch of one row per device splits the groups: every row runs its prompt.
+    c.optim.micro_batch_tokens = 8 + 4
+    split = aot.abstract_inputs(aot.plan_config(c), jax.devices())
+    assert aot.update_layout(split) == (16, 2, 1, 8)
+    assert aot.model_flops(split)["update"] > cut["update"]
+    # Remat "dots" recomputes the attention's matmuls and the head, not the whole forward.
+    remat = {}
+    for name in ("none", "dots", "full"):
+        c.model.remat = name
+        remat[name] = aot.model_flops(aot.abstract_inputs(aot.plan_config(c), jax.devices()))
+    assert remat["none"]["update"] < remat["dots"]["update"] < remat["full"]["update"]
 
 
 def test_too_little_memory_names_the_knob(planned_sharded):
