@@ -103,7 +103,9 @@ def paper_config(
     training log-probs at the sampling temperature, over-long prompts cut on the left (the
     SimpleRL configs drop them instead, as the authors' data_utils does), every training
     row trained on and no evaluation during training (`--eval_strategy no`);
-    plus fp32 masters with bf16 compute and remat. `lora=R`, `base=nf4`: `apply_lora`.
+    plus fp32 masters with bf16 compute, and an update on about the real tokens: each
+    prompt run once, the rows sorted by length into 8 length buckets, the projections'
+    outputs kept for the backward (remat "dots"). `lora=R`, `base=nf4`: `apply_lora`.
 
     `--config.data.eval_path=FILE` adds a greedy eval before and after training (and every
     `train.eval_every` steps) on the file's first 64 rows (`train.eval_size`; 0: all).
@@ -137,7 +139,11 @@ def paper_config(
     # fp32 master weights and AdamW moments, bf16 forwards, a bf16 frozen reference.
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    c.model.remat = "full"
+    # The update computes on about the real tokens: sub-batches of rows of like length,
+    # each cut to the shortest of T·i/8 that holds it, each prompt run once; the backward
+    # recomputes only the attention's matmuls and elementwise work (docs/planning.md).
+    c.optim.length_buckets = 8
+    c.model.remat = "dots"
     customize(c)
     apply_lora(c, int(args["lora"]), args["base"])
     spec = algorithms.get_algorithm(args["algo"], field="algo")
