@@ -126,12 +126,14 @@ def completion_logprobs(
     hidden, _ = model.forward(ids, positions_from_mask(mask), mask)
     # Hidden state at position t predicts token t + 1.
     hidden = hidden[:, prompt_len - 1 : -1]
+    return _completion_head(model, hidden, completion_ids, chunk_size, temperature)
+
+
+def _completion_head(model: Transformer, hidden, completion_ids, chunk_size, temperature):
+    """`chunked_token_logprobs` of the completion tokens through the model's LM head."""
+    head = model.lm_head_kernel()
     return chunked_token_logprobs(
-        hidden,
-        model.lm_head_kernel(),
-        completion_ids,
-        chunk_size=chunk_size,
-        temperature=temperature,
+        hidden, head, completion_ids, chunk_size=chunk_size, temperature=temperature
     )
 
 
@@ -178,10 +180,4 @@ def continuation_logprobs(
         completion_ids, positions, mask[:, prompt_len:], prefix=prefix
     )
     hidden = jnp.concatenate([last_N[:, None], completion_hidden[:, :-1]], axis=1)
-    return chunked_token_logprobs(
-        hidden,
-        model.lm_head_kernel(),
-        completion_ids,
-        chunk_size=chunk_size,
-        temperature=temperature,
-    )
+    return _completion_head(model, hidden, completion_ids, chunk_size, temperature)
