@@ -85,6 +85,9 @@ def apply_lora(config: ml_collections.ConfigDict, rank: int, base: str = "bf16")
     config.model.remat = "full"
     if base == "nf4":
         config.sampling.kv_budget_gib = 4.5
+        # One padded micro-batch at a time: compiling 8 length buckets of the 7B nf4
+        # update took more than 24 GB of host memory.
+        config.optim.length_buckets = 1
     config.name += f"-lora{rank}" + ("-nf4" if base == "nf4" else "")
 
 

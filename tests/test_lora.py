@@ -353,6 +353,9 @@ def test_paper_configs_take_lora_and_nf4_arguments(module):
     assert config.optim.learning_rate == pytest.approx(10 * full.optim.learning_rate)
     rows = config.sampling.max_prompt_length + config.sampling.max_new_tokens
     assert config.optim.micro_batch_tokens == 2 * rows and config.sampling.kv_budget_gib == 4.5
+    # Beside the base on one chip: full remat, and with nf4 one padded micro-batch at a time.
+    assert config.model.remat == "full" and config.optim.length_buckets == 1
+    assert full.optim.length_buckets == 8 and full.model.remat == "dots"
     assert configs.experiment_config(full).model.lora_rank == 0
     plain = get_config("lora=64")
     assert plain.optim.micro_batch_tokens == 4 * rows and plain.sampling.kv_budget_gib == 0
