@@ -523,17 +523,12 @@ def micro_batch_knob() -> str:
     )
 
 
-def _forward_flops(mc: models.ModelConfig, tokens: float, keys: float, logits: float) -> float:
-    """FLOPs of a forward over `tokens` that attend to `keys` each, with `logits` of them
-    through the LM head (2 per multiply-add)."""
-    return sum(_forward_parts(mc, tokens, keys, logits))
-
-
 def _forward_parts(
     mc: models.ModelConfig, tokens: float, keys: float, logits: float
 ) -> tuple[float, float, float]:
-    """`_forward_flops` as (the layers' weight matmuls, the attention's own matmuls, the LM
-    head): what a backward may run again differs by part."""
+    """FLOPs of a forward over `tokens` that attend to `keys` each, with `logits` of them
+    through the LM head (2 per multiply-add), as (the layers' weight matmuls, the
+    attention's own matmuls, the LM head): what a backward may run again differs by part."""
     d, layers = mc.hidden_size, mc.num_layers
     q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
     layer_weights = layers * (2 * d * q + 2 * d * kv + 3 * d * mc.intermediate_size)
