@@ -148,11 +148,13 @@ class Plan:
     pad_token_id: int
 
 
-def rows_or_replicated(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-    """An array's rows over data × fsdp when they divide its leading dimension, else whole."""
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if len(shape) and shape[0] % rows == 0:
-        return sharding.batch_sharding(mesh, len(shape))
+def rows_or_replicated(mesh: Mesh, shape: Sequence[int], layout: str = "sharded") -> NamedSharding:
+    """An array's rows over data × fsdp when they divide its leading dimension, else whole;
+    as a decode in `layout` splits them (`sharding.decode_row_axes`: every axis in the
+    "tensor" layout)."""
+    if len(shape) and sharding.decode_row_ways(mesh, shape[0], layout) > 1:
+        axes = sharding.decode_row_axes(layout)
+        return NamedSharding(mesh, PartitionSpec(axes, *([None] * (len(shape) - 1))))
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -274,7 +276,13 @@ def kv_cache_bytes(plan: Plan, prompts: int | None = None) -> int:
     cfg = plan.config
     b = cfg.train.prompts_per_step if prompts is None else prompts
     return rollout.kv_cache_bytes(
-        cfg.rl, cfg.sampling, plan.model_config, plan.mesh, b, cfg.sampling.max_prompt_length
+        cfg.rl,
+        cfg.sampling,
+        plan.model_config,
+        plan.mesh,
+        b,
+        cfg.sampling.max_prompt_length,
+        layout=decode_copies(plan)[0],
     )
 
 
@@ -290,6 +298,7 @@ def decode_passes(plan: Plan) -> int:
         cfg.train.prompts_per_step,
         cfg.sampling.max_prompt_length,
         kv_budget_gib=cfg.sampling.kv_budget_gib,
+        layout=decode_copies(plan)[0],
     )
 
 
@@ -788,7 +797,8 @@ def compile_decode_step(
     as the sampler splits them.
 
     The loop's inputs are the decode copies (the reshard program's outputs, with their
-    shardings), the loop state (`sampling.start_decode`'s shape; rows over data × fsdp)
+    shardings), the loop state (`sampling.start_decode`'s shape; rows as the decode layout
+    splits them, `rows_or_replicated`)
     and the draws' uniforms. On TPU prefetches are compiled unsliced (`_TPU_COST_OPTIONS`)
     so that `hlo.staging_bytes` sees every staged copy.
     """
@@ -818,11 +828,12 @@ def compile_decode_step(
         return sampling.start_decode(models, prompts.ids, prompts.mask, keys, config)
 
     state_shape, uniforms_shape = jax.eval_shape(start, decode_models, plan.prompts)
+    layout = config.decode_weights
     state = with_sharding(
-        state_shape, jax.tree.map(lambda x: rows_or_replicated(mesh, x.shape), state_shape)
+        state_shape, jax.tree.map(lambda x: rows_or_replicated(mesh, x.shape, layout), state_shape)
     )
     # The uniforms are [T, N]: their rows are the second dimension.
-    by_rows = rows_or_replicated(mesh, (prompts * cfg.rl.group_size,))
+    by_rows = rows_or_replicated(mesh, (prompts * cfg.rl.group_size,), layout)
     spec = PartitionSpec(None, *by_rows.spec)
     uniforms = tuple(
         None

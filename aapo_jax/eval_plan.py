@@ -71,6 +71,7 @@ class EvalPlan:
             sharding.row_ways(self.mesh, self.prompts),
             self.prompt_len,
             self.config.num_samples,
+            layout=self.config.decode_weights,
         )
         return self.prompts_per_device // passes * per_prompt
 
@@ -85,6 +86,7 @@ class EvalPlan:
             self.prompt_len,
             self.config.num_samples,
             kv_budget_gib=kv_budget_gib,
+            layout=self.config.decode_weights,
         )
 
     def kv_budget_gib(self, passes: int) -> float:

@@ -261,10 +261,12 @@ def kv_cache_bytes(
     prompts: int,
     prompt_len: int,
     num_samples: int,
+    *,
+    layout: str = "sharded",
 ) -> int:
     """Per-device bytes of an evaluation decode's KV caches: `prompts` prompts of `prompt_len`
     (padded) tokens, `num_samples` rows each, `settings.max_new_tokens` slots a row, one model
-    (`sampling.device_kv_cache_bytes`)."""
+    (`sampling.device_kv_cache_bytes`, decode `layout`)."""
     return sampling.device_kv_cache_bytes(
         model_config,
         mesh,
@@ -273,6 +275,7 @@ def kv_cache_bytes(
         prompt_len=prompt_len,
         max_new_tokens=settings.max_new_tokens,
         shared_prompt=settings.shared_prompt,
+        layout=layout,
     )
 
 
@@ -285,10 +288,11 @@ def decode_passes(
     num_samples: int,
     *,
     kv_budget_gib: float,
+    layout: str = "sharded",
 ) -> int:
     """The sequential decode passes (`SamplingConfig.passes`) of one generate call of
     `prompts` prompts under a per-device KV budget (GiB; 0: one pass):
-    `sampling.device_decode_passes`.
+    `sampling.device_decode_passes` in the decode `layout`.
 
     Raises:
       ValueError: one prompt's caches alone exceed the budget (named as
@@ -303,6 +307,7 @@ def decode_passes(
         max_new_tokens=settings.max_new_tokens,
         shared_prompt=settings.shared_prompt,
         kv_budget_gib=kv_budget_gib,
+        layout=layout,
     )
 
 
@@ -360,6 +365,7 @@ def _generate_texts(
             ids.shape[1],
             num_samples,
             kv_budget_gib=kv_budget_gib,
+            layout=layout,
         )
         most_passes = max(most_passes, passes)
         (out,) = sampling.generate_many(

@@ -70,7 +70,13 @@ def make_sampler(
             prompts.ids.shape[0],
         )
         passes = decode_passes(
-            rl, settings, models[0].config, mesh, *prompts.ids.shape, kv_budget_gib=kv_budget_gib
+            rl,
+            settings,
+            models[0].config,
+            mesh,
+            *prompts.ids.shape,
+            kv_budget_gib=kv_budget_gib,
+            layout=layout,
         )
         config_here = dataclasses.replace(config, decode_weights=layout, passes=passes)
         # One decode loop advances both models (outputs equal two separate loops).
@@ -144,12 +150,15 @@ def kv_cache_bytes(
     mesh: Mesh | None,
     prompts: int,
     prompt_len: int,
+    *,
+    layout: str = "sharded",
 ) -> int:
     """Per-device bytes of the rollout's decode KV caches for `prompts` prompts of
-    `prompt_len` tokens (`sampling.device_kv_cache_bytes`): G rows each, for every decoded
-    model (the reference's too when sampled). The sampler and the planner size with this."""
+    `prompt_len` tokens (`sampling.device_kv_cache_bytes`, decode `layout`): G rows each,
+    for every decoded model (the reference's too when sampled). The sampler and the
+    planner size with this."""
     return sampling.device_kv_cache_bytes(
-        model_config, mesh, **_kv_shape(rl, settings, prompts, prompt_len)
+        model_config, mesh, **_kv_shape(rl, settings, prompts, prompt_len), layout=layout
     )
 
 
@@ -162,14 +171,17 @@ def decode_passes(
     prompt_len: int,
     *,
     kv_budget_gib: float,
+    layout: str = "sharded",
 ) -> int:
     """The rollout's sequential decode passes (`SamplingConfig.passes`) under a per-device
-    KV budget (`sampling.kv_budget_gib`, 0: one pass): `sampling.device_decode_passes`."""
+    KV budget (`sampling.kv_budget_gib`, 0: one pass): `sampling.device_decode_passes` in
+    the decode `layout`."""
     return sampling.device_decode_passes(
         model_config,
         mesh,
         **_kv_shape(rl, settings, prompts, prompt_len),
         kv_budget_gib=kv_budget_gib,
+        layout=layout,
     )
 
 

@@ -342,17 +342,20 @@ def device_kv_cache_bytes(
     max_new_tokens: int,
     shared_prompt: bool,
     models: int = 1,
+    layout: str = "sharded",
 ) -> int:
     """`kv_cache_bytes` on one device of `mesh`: `prompts` prompts of `samples` rows each,
     prompts and rows split over data × fsdp and kv heads over tensor, where those divide
-    them (as XLA splits them). The rollout, the evaluation and the planner size with this."""
+    them (as XLA splits them); in the "tensor" decode `layout` (`decode_copies`) rows and
+    prompts over every device and kv heads whole (`sharding.decode_row_ways`). The
+    rollout, the evaluation and the planner size with this."""
     rows = prompts * samples
     heads = model_config.num_kv_heads
-    tensor = 1 if mesh is None else mesh.shape["tensor"]
+    tensor = 1 if mesh is None or layout == "tensor" else mesh.shape["tensor"]
     return kv_cache_bytes(
         model_config,
-        prompts=prompts // sharding.row_ways(mesh, prompts),
-        rows=rows // sharding.row_ways(mesh, rows),
+        prompts=prompts // sharding.decode_row_ways(mesh, prompts, layout),
+        rows=rows // sharding.decode_row_ways(mesh, rows, layout),
         prompt_len=prompt_len,
         max_new_tokens=max_new_tokens,
         shared_prompt=shared_prompt,
@@ -372,10 +375,12 @@ def device_decode_passes(
     shared_prompt: bool,
     models: int = 1,
     kv_budget_gib: float,
+    layout: str = "sharded",
 ) -> int:
     """`decode_passes` of a decode of `prompts` prompts on `mesh` under a per-device KV
     budget (GiB; 0: one pass): the prompts each device decodes, and one prompt's caches on
-    each of the devices that split the prompts (`device_kv_cache_bytes`)."""
+    each of the devices that split the prompts (`device_kv_cache_bytes` in the decode
+    `layout`)."""
     ways = sharding.row_ways(mesh, prompts)
     per_prompt = device_kv_cache_bytes(
         model_config,
@@ -386,6 +391,7 @@ def device_decode_passes(
         max_new_tokens=max_new_tokens,
         shared_prompt=shared_prompt,
         models=models,
+        layout=layout,
     )
     return decode_passes(prompts // ways, per_prompt, round(kv_budget_gib * sharding.GiB))
 

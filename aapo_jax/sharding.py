@@ -77,7 +77,11 @@ def make_mesh(
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices.")
+            raise ValueError(
+                f"mesh shape (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) does not "
+                f"divide {len(devices)} devices: set --config.mesh.data/fsdp/tensor to sizes "
+                "whose product divides them (-1: the rest)."
+            )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) > len(devices):
         raise ValueError(
@@ -159,7 +163,8 @@ def activation_mesh(mesh: Mesh | None):
 
 
 def constrain_rows(x: jax.Array, dim: int = 0) -> jax.Array:
-    """`x` with dimension `dim` (rows) split over data × fsdp, the rest replicated.
+    """`x` with dimension `dim` (rows) split over data × fsdp, the rest replicated; under
+    `tensor_decode` over every mesh axis (`decode_row_axes`).
 
     Only under `activation_mesh` and outside `shard_map` (where rows are already a
     device's own); rows the axes do not divide are left to XLA. Activations pinned to
@@ -169,13 +174,31 @@ def constrain_rows(x: jax.Array, dim: int = 0) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.manual_axes:
         return x
-    axes = tuple(a for a in ROW_AXES if a in mesh.shape and mesh.shape[a] > 1)
-    ways = math.prod(mesh.shape[a] for a in axes)
-    if not axes or x.shape[dim] % ways:
+    names = decode_row_axes("tensor" if _TENSOR_DECODE.get() else "sharded")
+    axes = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
+    if not axes or x.shape[dim] % math.prod(mesh.shape[a] for a in axes):
         return x
     spec = [None] * x.ndim
     spec[dim] = axes
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def decode_row_axes(layout: str) -> tuple[str, ...]:
+    """The mesh axes a decode splits its rows and their caches over: every axis in the
+    "tensor" layout (each device attends for its own rows while the weights are split
+    over all devices, so a tensor axis holds no copy of another's rows), else data × fsdp
+    (`ROW_AXES`; in the training layout the model's tensor axis splits the heads)."""
+    return MESH_AXES if layout == "tensor" else ROW_AXES
+
+
+def decode_row_ways(mesh: Mesh | None, rows: int, layout: str) -> int:
+    """The devices a decode in `layout` splits `rows` over: those of `decode_row_axes` when
+    they divide the rows, else 1 (XLA places them; a prompt batch the devices do not
+    divide is kept whole on each)."""
+    if mesh is None:
+        return 1
+    ways = math.prod(mesh.shape[a] for a in decode_row_axes(layout))
+    return ways if rows % ways == 0 else 1
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -352,7 +375,7 @@ DECODE_LAYOUTS = ("sharded", "replicated", "tensor")
 # layer's q, k, v and attention output between head_dim slices and rows), under
 # `tensor_decode`.
 DECODE_TENSOR_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", MESH_AXES),
     ("layers", None),
     ("vocab", MESH_AXES),
     ("embed", None),

@@ -64,7 +64,7 @@ def apply_lora(config: ml_collections.ConfigDict, rank: int, base: str = "bf16")
     MLP projection with alpha = R (scale 1), the base frozen in bf16 (or nf4: QLoRA),
     10× the full fine-tuning learning rate (LoRA's usual ratio at equal step count), and
     update micro-batches of at most 4 full-length rows per device (one chip holds a whole
-    step's rows) with full rematerialisation; with nf4 (the 7B setting on one 16 GB chip)
+    step's rows, so no tensor axis) with full rematerialisation; with nf4 (the 7B setting on one 16 GB chip)
     2 rows and the rollout in passes of at most 4.5 GiB of KV caches
     (`sampling.kv_budget_gib`)."""
     if base not in ("bf16", "nf4"):
@@ -81,6 +81,7 @@ def apply_lora(config: ml_collections.ConfigDict, rank: int, base: str = "bf16")
     # beside a 7B nf4 base), and with nf4 the rollout in passes of at most 4.5 GiB of KV.
     rows = config.sampling.max_prompt_length + config.sampling.max_new_tokens
     config.optim.micro_batch_tokens = (2 if base == "nf4" else 4) * rows
+    config.mesh.tensor = 1
     # Beside the base on one chip the update keeps no projection outputs for the backward.
     config.model.remat = "full"
     if base == "nf4":

@@ -356,6 +356,9 @@ def test_paper_configs_take_lora_and_nf4_arguments(module):
     # Beside the base on one chip: full remat, and with nf4 one padded micro-batch at a time.
     assert config.model.remat == "full" and config.optim.length_buckets == 1
     assert full.optim.length_buckets == 8 and full.model.remat == "dots"
+    # The 1.5B's 24 rows split 2 ways beside a 4-way tensor axis; one chip has no such axis.
+    wide = 4 if module == "r1_distill_1p5b_openrs" else 1
+    assert full.mesh.tensor == wide and c.mesh.tensor == get_config("lora=64").mesh.tensor == 1
     assert configs.experiment_config(full).model.lora_rank == 0
     plain = get_config("lora=64")
     assert plain.optim.micro_batch_tokens == 4 * rows and plain.sampling.kv_budget_gib == 0

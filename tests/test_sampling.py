@@ -458,12 +458,14 @@ def test_a_shared_prompt_gives_the_repeated_prompts_tokens(checkpoints, qwen):
     assert cache.size == T and cache.prompt_length == ids.shape[1]
 
 
-def test_a_shared_prompt_whose_rows_span_devices(checkpoints, qwen):
+@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 2, 4)])
+def test_a_shared_prompt_whose_rows_span_devices(checkpoints, qwen, shape):
     """4 prompts × G = 6 rows over 8 devices (the 1.5B paper setting's split: a prompt's
     rows on two devices, the prompts themselves not divisible by 8), tensor decode copies:
-    one device's tokens with the prompt repeated per row."""
+    one device's tokens with the prompt repeated per row. On the paper's fsdp 2 × tensor 4
+    mesh too, whose decode splits the rows over all 8 devices (the prompts over fsdp)."""
     other = models.load_hf_checkpoint(checkpoints["qwen2_tied_mqa"])
-    mesh = sharding.make_mesh(data=2, fsdp=4)
+    mesh = sharding.make_mesh(*shape)
     ids, mask = _prompts(15, lengths=(9, 3, 12, 5))
     settings = sampling.SamplerSettings(max_new_tokens=T, temperature=1.0)
     keys = list(jax.random.split(jax.random.key(10)))

@@ -8,6 +8,7 @@ import pytest
 from aapo_jax import sharding
 
 ROWS = jax.sharding.PartitionSpec("data")
+REPLICATED = jax.sharding.PartitionSpec()
 
 
 def _tree():
@@ -96,3 +97,34 @@ def test_put_rows_splits_rows_that_divide_and_replicates_the_rest(rows):
         expected is None and placed["x"].sharding.spec == jax.sharding.PartitionSpec()
     )
     assert placed["s"].sharding.spec == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize(
+    "rows, tensor_decode, expected",
+    [
+        (16, False, ("data", "fsdp")),
+        (16, True, ("data", "fsdp", "tensor")),
+        (4, False, ("data", "fsdp")),
+        (4, True, None),  # 8 devices do not divide 4 rows: left to XLA, as on an fsdp mesh
+    ],
+)
+def test_decode_rows_go_over_every_device_under_the_tensor_layout(rows, tensor_decode, expected):
+    """Training keeps rows on data × fsdp (the tensor axis splits heads); the "tensor" decode
+    layout splits its rows over every axis, or leaves them to XLA where they do not divide.
+    `decode_row_ways` sizes the caches the same way."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+
+    def f(x):
+        with sharding.activation_mesh(mesh), sharding.tensor_decode(tensor_decode):
+            return sharding.constrain_rows(x * 2)
+
+    x = jax.device_put(jnp.ones((rows, 4)), jax.sharding.NamedSharding(mesh, REPLICATED))
+    text = jax.jit(f).lower(x).as_text()
+    layout = "tensor" if tensor_decode else "sharded"
+    ways = 1 if expected is None else int(np.prod([mesh.shape[a] for a in expected]))
+    assert sharding.decode_row_ways(mesh, rows, layout) == ways
+    if expected is None:
+        assert "sharding_constraint" not in text and "Sharding" not in text
+    else:
+        out = jax.jit(f).lower(x).compile().output_shardings
+        assert out.spec[0] == (expected if len(expected) > 1 else expected[0])
