@@ -64,8 +64,8 @@ def apply_lora(config: ml_collections.ConfigDict, rank: int, base: str = "bf16")
     MLP projection with alpha = R (scale 1), the base frozen in bf16 (or nf4: QLoRA),
     10× the full fine-tuning learning rate (LoRA's usual ratio at equal step count), and
     update micro-batches of at most 4 full-length rows per device (one chip holds a whole
-    step's rows, so no tensor axis) with full rematerialisation; with nf4 (the 7B setting on one 16 GB chip)
-    2 rows and the rollout in passes of at most 4.5 GiB of KV caches
+    step's rows, so no tensor axis) with full rematerialisation; with nf4 (the 7B setting
+    on one 16 GB chip) 2 rows and the rollout in passes of at most 4.5 GiB of KV caches
     (`sampling.kv_budget_gib`)."""
     if base not in ("bf16", "nf4"):
         raise ValueError(f"config argument base={base!r}; valid: bf16, nf4 (QLoRA)")

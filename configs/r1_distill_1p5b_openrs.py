@@ -47,7 +47,8 @@ def _open_rs(c) -> None:
     c.train.checkpoint_every = 50  # their save_steps
     # 24 rows a step: split 8 ways, each update sub-batch of 8 like-length rows would run at
     # the longest of 8. With the heads and MLP split 4 ways the rows split 2 ways, and the
-    # update's useful FLOPs rise from 67% to 80% (docs/planning.md). Needs 4k devices.
+    # update's useful FLOPs rise from 67% to 80% (docs/planning.md). It needs a device count
+    # that 4 divides: elsewhere pass --config.mesh.tensor=1.
     c.mesh.tensor = 4
 
 
