@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aapo_jax import configs, models, rl_step, rollout, sampling, sharding
+from aapo_jax import configs, decode_layouts, models, rl_step, rollout, sampling, sharding
 from aapo_jax import train_step as train_step_lib
 from aapo_jax.configs import ExperimentConfig
 from aapo_jax.hlo import collective_bytes, on_chip_copies, staging_bytes
@@ -150,10 +150,10 @@ class Plan:
 
 def rows_or_replicated(mesh: Mesh, shape: Sequence[int], layout: str = "sharded") -> NamedSharding:
     """An array's rows over data × fsdp when they divide its leading dimension, else whole;
-    as a decode in `layout` splits them (`sharding.decode_row_axes`: every axis in the
+    as a decode in `layout` splits them (`decode_layouts.decode_row_axes`: every axis in the
     "tensor" layout)."""
-    if len(shape) and sharding.decode_row_ways(mesh, shape[0], layout) > 1:
-        axes = sharding.decode_row_axes(layout)
+    if len(shape) and decode_layouts.decode_row_ways(mesh, shape[0], layout) > 1:
+        axes = decode_layouts.decode_row_axes(layout)
         return NamedSharding(mesh, PartitionSpec(axes, *([None] * (len(shape) - 1))))
     return NamedSharding(mesh, PartitionSpec())
 

@@ -258,13 +258,13 @@ class RolloutSettings(SamplerSettings):
     decode_weights: where the decode loop reads the weights. "tensor": copies in the
     compute dtype made once per rollout, the MLP's hidden units, the vocabulary and the
     attention projections' head_dim split over every device
-    (`sharding.DECODE_TENSOR_RULES`): each step reads about 1/devices of every matmul
+    (`decode_layouts.DECODE_TENSOR_RULES`): each step reads about 1/devices of every matmul
     weight and exchanges activations only.
     "replicated": whole copies on every device (no collective in the loop, every device
     reads all weights). "sharded": the training layout (XLA gathers each layer's weights
     on every decode step: least memory). "auto": "tensor" on a mesh that splits the
     weights, "replicated" on a data-parallel one, when the copies fit
-    `sharding.DECODE_WEIGHTS_SHARE` of a device's memory, else "sharded".
+    `decode_layouts.DECODE_WEIGHTS_SHARE` of a device's memory, else "sharded".
     kv_budget_gib: GiB per device for the decode KV caches of every decoded model (the
     policy's, and the reference's when it is sampled). 0: one decode pass over all of a
     step's prompts. > 0: the prompts each device decodes are split into the fewest equal

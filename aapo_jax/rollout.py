@@ -49,7 +49,7 @@ def make_sampler(
     policy. Keys are `fold_in(state.rng, state.step)`. On a data-parallel `mesh`
     each device decodes its own prompts' rows (`sampling.generate_tokens_many`).
     `decode_weights` (`sampling.decode_weights`: "auto" or one of
-    `sharding.DECODE_LAYOUTS`) says where the decode loop reads the weights: copies made
+    `decode_layouts.DECODE_LAYOUTS`) says where the decode loop reads the weights: copies made
     once per rollout, split over the devices by hidden units ("tensor") or whole on each
     ("replicated"), or the training layout ("sharded"); see `decode_copies`.
     `kv_budget_gib` (`sampling.kv_budget_gib`) > 0: each device decodes its prompts in the

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from aapo_jax import sharding
+from aapo_jax import decode_layouts, sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
 from aapo_jax.fields import check
 from aapo_jax.models.config import ModelConfig
@@ -92,11 +92,11 @@ class SamplingConfig:
 
     `settings` says how tokens are drawn; `eos_token_ids` (from the model and tokenizer)
     may be empty, and then the whole budget is generated; `num_samples` completions are
-    drawn per prompt (rows b·G + g). `decode_weights` (one of `sharding.DECODE_LAYOUTS`):
+    drawn per prompt (rows b·G + g). `decode_weights` (one of `decode_layouts.DECODE_LAYOUTS`):
     on a mesh, "sharded" decodes from the models as given; "replicated" and "tensor" from
     copies in the compute dtype made once per call, whole on every device or split by
-    `sharding.DECODE_TENSOR_RULES`, so that the decode loop moves no weights between
-    devices (`sharding.decode_layout` picks it for the rollout). `passes` > 1 decodes the
+    `decode_layouts.DECODE_TENSOR_RULES`, so that the decode loop moves no weights between
+    devices (`decode_layouts.decode_layout` picks it for the rollout). `passes` > 1 decodes the
     prompts (each device's own, on a data-parallel mesh) in that many sequential passes of
     equal size inside the one program, so that only one pass's KV caches are alive at a
     time (`decode_passes` picks it from a memory budget); the tokens are those of one pass.
@@ -114,10 +114,10 @@ class SamplingConfig:
             raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}.")
         if self.passes < 1:
             raise ValueError(f"passes must be ≥ 1, got {self.passes}.")
-        if self.decode_weights not in sharding.DECODE_LAYOUTS:
+        if self.decode_weights not in decode_layouts.DECODE_LAYOUTS:
             raise ValueError(
                 f"decode_weights={self.decode_weights!r}: expected one of "
-                f"{sharding.DECODE_LAYOUTS}."
+                f"{decode_layouts.DECODE_LAYOUTS}."
             )
 
 
@@ -347,15 +347,15 @@ def device_kv_cache_bytes(
     """`kv_cache_bytes` on one device of `mesh`: `prompts` prompts of `samples` rows each,
     prompts and rows split over data × fsdp and kv heads over tensor, where those divide
     them (as XLA splits them); in the "tensor" decode `layout` (`decode_copies`) rows and
-    prompts over every device and kv heads whole (`sharding.decode_row_ways`). The
+    prompts over every device and kv heads whole (`decode_layouts.decode_row_ways`). The
     rollout, the evaluation and the planner size with this."""
     rows = prompts * samples
     heads = model_config.num_kv_heads
     tensor = 1 if mesh is None or layout == "tensor" else mesh.shape["tensor"]
     return kv_cache_bytes(
         model_config,
-        prompts=prompts // sharding.decode_row_ways(mesh, prompts, layout),
-        rows=rows // sharding.decode_row_ways(mesh, rows, layout),
+        prompts=prompts // decode_layouts.decode_row_ways(mesh, prompts, layout),
+        rows=rows // decode_layouts.decode_row_ways(mesh, rows, layout),
         prompt_len=prompt_len,
         max_new_tokens=max_new_tokens,
         shared_prompt=shared_prompt,
@@ -638,7 +638,7 @@ def decode_models(
 
     With `config.decode_weights` "replicated" or "tensor" on a mesh: every model in the
     compute dtype (cast once here rather than on every decode step), placed in that layout
-    (`sharding.decode_shardings`: one collective per weight, here, none in the loop). On a
+    (`decode_layouts.decode_shardings`: one collective per weight, here, none in the loop). On a
     data-parallel mesh for `prompts` rows (`sharding.row_parallel`) the per-device loop
     gets whole weights anyway: only the cast. "sharded": the models as given. Weights the
     models share (a LoRA base) are cast and placed once.
@@ -661,7 +661,7 @@ def decode_models(
 
     def place(model):
         graphdef, state = nnx.split(model)
-        shardings = sharding.decode_shardings(state, mesh, config.decode_weights)
+        shardings = decode_layouts.decode_shardings(state, mesh, config.decode_weights)
         return nnx.merge(graphdef, jax.tree.map(place_one, state, shardings))
 
     return tuple(place(model) for model in models)
@@ -678,17 +678,17 @@ def decode_copies(
 ) -> tuple[str, int]:
     """(layout, per-device bytes) of the weights a decode loop reads.
 
-    The layout is what `sharding.decode_layout` picks for `decode_weights` ("auto" or one
-    of `sharding.DECODE_LAYOUTS`) on `mesh` for `prompts` prompt rows; the bytes are those
+    The layout is what `decode_layouts.decode_layout` picks for `decode_weights` ("auto" or one
+    of `decode_layouts.DECODE_LAYOUTS`) on `mesh` for `prompts` prompt rows; the bytes are those
     of its decode copies: `n_models` models with `params`' shapes, floating weights in the
     compute dtype (0 for "sharded", which decodes from the weights as given).
     """
     itemsize = jnp.dtype(compute_dtype).itemsize
 
     def copy_bytes(layout: str) -> int:
-        return n_models * sharding.layout_bytes(params, mesh, layout, itemsize)
+        return n_models * decode_layouts.layout_bytes(params, mesh, layout, itemsize)
 
-    layout = sharding.decode_layout(decode_weights, mesh, copy_bytes, prompts)
+    layout = decode_layouts.decode_layout(decode_weights, mesh, copy_bytes, prompts)
     return layout, 0 if layout == "sharded" else copy_bytes(layout)
 
 
@@ -734,7 +734,7 @@ def decode_step(
 
 def _tensor_decode(config: SamplingConfig, mesh: Mesh | None, prompts: int):
     active = config.decode_weights == "tensor" and not sharding.row_parallel(mesh, prompts)
-    return sharding.tensor_decode(active and mesh is not None)
+    return decode_layouts.tensor_decode(active and mesh is not None)
 
 
 def _state_specs(state: DecodeState):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from aapo_jax import aot, eval_plan, evaluation, hlo, models, sampling, sharding
+from aapo_jax import aot, decode_layouts, eval_plan, evaluation, hlo, models, sampling, sharding
 from tests.helpers import REPO, tiny_plan_config
 
 MODEL_SHAPES = REPO / "configs" / "model_shapes"
@@ -131,7 +131,7 @@ def test_the_decode_loop_gathers_no_weights_from_its_copies(planned, planned_sha
     layout, copies = aot.decode_copies(plan)
     assert layout == "tensor" and plan.model_config.compute_dtype == np.float32
     whole = 2 * sum(x.size for x in jax.tree.leaves(plan.state.params)) * 4
-    assert copies == 2 * sharding.layout_bytes(plan.state.params, plan.mesh, "tensor", 4)
+    assert copies == 2 * decode_layouts.layout_bytes(plan.state.params, plan.mesh, "tensor", 4)
     assert whole / 8 < copies < whole / 7  # all but the norms split 8 ways
     mc = plan.model_config
     mlp_layer = 3 * mc.hidden_size * mc.intermediate_size * 4

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from aapo_jax import hlo, models, sampling, sharding
+from aapo_jax import decode_layouts, hlo, models, sampling, sharding
 from tests import hf_fixtures
 
 VOCAB = hf_fixtures.TINY["vocab_size"]
@@ -485,7 +485,7 @@ def test_the_tensor_layout_splits_every_matmul_weight_over_every_device(qwen):
     split; only the norms stay whole."""
     mesh = sharding.make_mesh(data=2, fsdp=4)
     _, state = nnx.split(qwen)
-    shardings = sharding.decode_shardings(state, mesh, "tensor")
+    shardings = decode_layouts.decode_shardings(state, mesh, "tensor")
     mlp = shardings["layers"]["mlp"]["gate_kernel"].value
     assert mlp.spec == PartitionSpec(None, None, sharding.MESH_AXES[:2])
     assert shardings["embed"].value.spec == PartitionSpec(sharding.MESH_AXES[:2], None)
@@ -496,28 +496,28 @@ def test_the_tensor_layout_splits_every_matmul_weight_over_every_device(qwen):
     assert o_spec == PartitionSpec(None, None, sharding.MESH_AXES[:2], None)
     assert shardings["layers"]["input_norm"]["scale"].value.is_fully_replicated
     n = sum(x.size for x in jax.tree.leaves(state))
-    whole = sharding.layout_bytes(state, mesh, "replicated", 2)
-    split = sharding.layout_bytes(state, mesh, "tensor", 2)
+    whole = decode_layouts.layout_bytes(state, mesh, "replicated", 2)
+    split = decode_layouts.layout_bytes(state, mesh, "tensor", 2)
     assert whole == 2 * n and split < whole / 4
 
 
 def test_auto_decode_layout_weighs_the_copies_against_half_a_device():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     memory, _ = sharding.device_memory_bytes(mesh.devices.flat[0])
-    share = sharding.DECODE_WEIGHTS_SHARE
+    share = decode_layouts.DECODE_WEIGHTS_SHARE
     fits = lambda layout: int(share * memory)
     too_big = lambda layout: int(share * memory) + 1
-    assert sharding.decode_layout("auto", mesh, fits, prompts=8) == "tensor"
-    assert sharding.decode_layout("auto", mesh, too_big, prompts=8) == "sharded"
-    assert sharding.decode_layout("replicated", mesh, too_big, prompts=8) == "replicated"
-    assert sharding.decode_layout("sharded", mesh, fits, prompts=8) == "sharded"
-    assert sharding.decode_layout("tensor", None, fits, prompts=8) == "sharded"
+    assert decode_layouts.decode_layout("auto", mesh, fits, prompts=8) == "tensor"
+    assert decode_layouts.decode_layout("auto", mesh, too_big, prompts=8) == "sharded"
+    assert decode_layouts.decode_layout("replicated", mesh, too_big, prompts=8) == "replicated"
+    assert decode_layouts.decode_layout("sharded", mesh, fits, prompts=8) == "sharded"
+    assert decode_layouts.decode_layout("tensor", None, fits, prompts=8) == "sharded"
     # A data-parallel mesh decodes each device's rows over whole weights.
     data = sharding.make_mesh(data=8, fsdp=1)
-    assert sharding.decode_layout("auto", data, fits, prompts=8) == "replicated"
-    assert sharding.decode_layout("tensor", data, fits, prompts=8) == "replicated"
+    assert decode_layouts.decode_layout("auto", data, fits, prompts=8) == "replicated"
+    assert decode_layouts.decode_layout("tensor", data, fits, prompts=8) == "replicated"
     with pytest.raises(ValueError, match="decode_weights='rows'"):
-        sharding.decode_layout("rows", mesh, fits, prompts=8)
+        decode_layouts.decode_layout("rows", mesh, fits, prompts=8)
 
 
 class _Device:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aapo_jax import sharding
+from aapo_jax import decode_layouts, sharding
 
 ROWS = jax.sharding.PartitionSpec("data")
 REPLICATED = jax.sharding.PartitionSpec()
@@ -115,14 +115,14 @@ def test_decode_rows_go_over_every_device_under_the_tensor_layout(rows, tensor_d
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
 
     def f(x):
-        with sharding.activation_mesh(mesh), sharding.tensor_decode(tensor_decode):
+        with sharding.activation_mesh(mesh), decode_layouts.tensor_decode(tensor_decode):
             return sharding.constrain_rows(x * 2)
 
     x = jax.device_put(jnp.ones((rows, 4)), jax.sharding.NamedSharding(mesh, REPLICATED))
     text = jax.jit(f).lower(x).as_text()
     layout = "tensor" if tensor_decode else "sharded"
     ways = 1 if expected is None else int(np.prod([mesh.shape[a] for a in expected]))
-    assert sharding.decode_row_ways(mesh, rows, layout) == ways
+    assert decode_layouts.decode_row_ways(mesh, rows, layout) == ways
     if expected is None:
         assert "sharding_constraint" not in text and "Sharding" not in text
     else:

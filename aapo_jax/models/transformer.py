@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from aapo_jax import decode_layouts
 from aapo_jax import sharding as sharding_lib
 from aapo_jax.models import attention, lora
 from aapo_jax.models.config import ModelConfig
@@ -223,7 +224,7 @@ def dense(x: Array, kernel: Array, n_in: int = 1) -> Array:
     """
     lead, contract = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
     out = kernel.shape[n_in:]
-    if kernel.ndim > 2 and sharding_lib.tensor_decoding():
+    if kernel.ndim > 2 and decode_layouts.tensor_decoding():
         # The kernel as it is: flattening [D, H, Dh] split by Dh (the tensor decode layout)
         # is not a split of H·Dh, and XLA would gather the whole kernel to reshape it.
         x = x.reshape(-1, *contract)
@@ -300,17 +301,17 @@ class Attention(nnx.Module):
         # computes its slice of every head for all rows, then the rows go back to the device
         # that holds their cache (`constrain_decode_rows`), and the attention's output is
         # split by head_dim again for the output projection (elsewhere both are identities).
-        x_BxLxD = sharding_lib.constrain_decode_whole(x_BxLxD)  # gathered once for q, k, v
+        x_BxLxD = decode_layouts.constrain_decode_whole(x_BxLxD)  # gathered once for q, k, v
 
         def project(name):
             y = self._project(x_BxLxD, f"{name}_kernel", f"{name}_bias")
-            return sharding_lib.constrain_decode_rows(sharding_lib.constrain_columns(y))
+            return decode_layouts.constrain_decode_rows(decode_layouts.constrain_columns(y))
 
         q, k, v = apply_rope(project("q"), rope), apply_rope(project("k"), rope), project("v")
         out, aux = attend(q, k, v)
         # Rows first: the head_dim split must not reach back into the attention itself.
-        out = sharding_lib.constrain_decode_rows(out.astype(x_BxLxD.dtype))
-        out = sharding_lib.constrain_columns(out)
+        out = decode_layouts.constrain_decode_rows(out.astype(x_BxLxD.dtype))
+        out = decode_layouts.constrain_columns(out)
         y = lora.project(self, out, "o_kernel", n_in=2)
         if self.config.o_bias:
             y = y + self.o_bias.value.astype(y.dtype)
@@ -451,12 +452,12 @@ class MLP(nnx.Module):
 
         # Split by hidden units in the tensor decode layout (else as it is), from rows
         # gathered once for both projections.
-        x_BxLxD = sharding_lib.constrain_decode_whole(x_BxLxD)
-        gate = sharding_lib.constrain_columns(project(x_BxLxD, "gate"))
-        up = sharding_lib.constrain_columns(project(x_BxLxD, "up"))
+        x_BxLxD = decode_layouts.constrain_decode_whole(x_BxLxD)
+        gate = decode_layouts.constrain_columns(project(x_BxLxD, "gate"))
+        up = decode_layouts.constrain_columns(project(x_BxLxD, "up"))
         # Whole rows out (an all-reduce of [rows, D]): a reduce-scatter to the rows makes
         # XLA:TPU split the product into a windowed loop that copies the weight first.
-        return sharding_lib.constrain_decode_whole(project(jax.nn.silu(gate) * up, "down"))
+        return decode_layouts.constrain_decode_whole(project(jax.nn.silu(gate) * up, "down"))
 
 
 class DecoderLayer(nnx.Module):
@@ -749,8 +750,8 @@ class Transformer(nnx.Module):
         logits = jnp.matmul(
             hidden_BxLxD.reshape(b * length, d), kernel, preferred_element_type=jnp.float32
         )
-        if sharding_lib.tensor_decoding():  # split by vocabulary, then by rows for the draw
-            logits = sharding_lib.constrain_rows(sharding_lib.constrain_columns(logits))
+        if decode_layouts.tensor_decoding():  # split by vocabulary, then by rows for the draw
+            logits = sharding_lib.constrain_rows(decode_layouts.constrain_columns(logits))
         return logits.reshape(b, length, -1)
 
     def __call__(
