@@ -18,8 +18,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from aapo_jax import decode_layouts, sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
-from aapo_jax.fields import check
+from aapo_jax.fields import check, check_choice
 from aapo_jax.models.config import ModelConfig
+from aapo_jax.models.decode_attention import DECODE_ATTENTION, choose_decode_attention
 from aapo_jax.models.transformer import Transformer, cache_from_prefix, positions_from_mask
 
 _NEG_INF = -jnp.inf
@@ -65,6 +66,11 @@ class SamplerSettings:
         (`models.transformer.SharedPrompt`); False copies them into every row's cache
         (G times the prompt's cache memory and reads). Either way the same attention:
         the tokens agree up to fp32 rounding.
+      decode_attention: what a decode step's attention over the cache runs
+        (`models.decode_attention.DECODE_ATTENTION`): "xla" scores the cache in one XLA
+        program; "pallas_gpu" reads it with Pallas's GPU decode kernel, which skips
+        finished rows and the slots not yet written (off GPU it runs interpreted: for
+        tests); "auto": the kernel on GPU, XLA elsewhere. The same attention either way.
     """
 
     max_new_tokens: int = 512
@@ -73,6 +79,7 @@ class SamplerSettings:
     top_k: int = 0
     min_p: float = 0.0
     shared_prompt: bool = True
+    decode_attention: str = "auto"
 
     def __post_init__(self):
         check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "≥ 1")
@@ -80,6 +87,7 @@ class SamplerSettings:
         check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
         check(self.top_k >= 0, "sampling.top_k", self.top_k, "≥ 0 (0: off)")
         check(0 <= self.min_p < 1, "sampling.min_p", self.min_p, "in [0, 1) (0: off)")
+        check_choice("sampling.decode_attention", self.decode_attention, DECODE_ATTENTION)
 
     @property
     def greedy(self) -> bool:
@@ -276,6 +284,7 @@ def _prefill(model: Transformer, input_ids_BxP, mask_BxP, positions_BxP, config:
         p + config.settings.max_new_tokens,
         model.config.compute_dtype,
         share=config.settings.shared_prompt,
+        attention=choose_decode_attention(config.settings.decode_attention),
     )
     return last_logits, cache
 

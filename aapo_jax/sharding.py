@@ -188,12 +188,25 @@ def constrain_rows(x: jax.Array, dim: int = 0) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.manual_axes:
         return x
-    axes = tuple(a for a in _ROW_AXES.get() if a in mesh.shape and mesh.shape[a] > 1)
-    if not axes or x.shape[dim] % math.prod(mesh.shape[a] for a in axes):
+    axes = row_axes(x.shape[dim])
+    if not axes:
         return x
     spec = [None] * x.ndim
     spec[dim] = axes
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def row_axes(rows: int) -> tuple[str, ...]:
+    """The context mesh's axes that `constrain_rows` splits `rows` rows over now: data ×
+    fsdp (inside `rows_over(axes)`: those axes), the ones of size > 1; () when they do not
+    divide `rows` or there is no context mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(a for a in _ROW_AXES.get() if a in mesh.shape and mesh.shape[a] > 1)
+    if not axes or rows % math.prod(mesh.shape[a] for a in axes):
+        return ()
+    return axes
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

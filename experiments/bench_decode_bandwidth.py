@@ -3,6 +3,7 @@
     python -m experiments.bench_decode_bandwidth                  # 1b shape, batch 1 and 64
     python -m experiments.bench_decode_bandwidth --shape=medium   # a CPU-sized run
     python -m experiments.bench_decode_bandwidth --json           # one JSON object
+    python -m experiments.bench_decode_bandwidth --decode_attention=xla,pallas_gpu  # on a GPU
 
 Meant for an accelerator: a random model of the Llama-3.2-1B shape (1.24B
 parameters, bf16 weights and activations) decodes greedily, EOS off, from
@@ -17,6 +18,10 @@ full generate and a prefill-only one removes the prefill. The same run
 measures the memory bandwidth XLA reaches on a plain streaming kernel
 (y = 2·x over an fp32 array as large as the weights: read + write) and reports the decode
 figure as a fraction of it, and of the device's nominal peak when known.
+
+`--decode_attention` lists the decode attentions to time side by side
+(`sampling.decode_attention`; "pallas_gpu" is Pallas's GPU decode kernel, which off GPU
+runs interpreted, far slower). The bytes counted are the same for each: the whole cache.
 """
 
 from __future__ import annotations
@@ -91,8 +96,11 @@ def stream_bandwidth(num_bytes: int, reps: int) -> float:
     return 2 * x.size * 4 / seconds
 
 
-def time_decode(model, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
-    """Seconds per decode step at one batch size, from full and prefill-only generates."""
+def time_decode(
+    model, batch: int, prompt_len: int, new_tokens: int, reps: int, attention: str = "auto"
+) -> dict:
+    """Seconds per decode step at one batch size, from full and prefill-only generates,
+    with the decode attention `attention`."""
     import jax
     import numpy as np
 
@@ -113,6 +121,7 @@ def time_decode(model, batch: int, prompt_len: int, new_tokens: int, reps: int) 
                 temperature=0.0,
                 eos_token_id=None,
                 buckets=None,
+                decode_attention=attention,
             ).tokens
 
         return bench_common.median_seconds(call, reps)
@@ -121,6 +130,7 @@ def time_decode(model, batch: int, prompt_len: int, new_tokens: int, reps: int) 
     step = max(full - prefill, 1e-9) / (new_tokens - 1)
     return dict(
         batch=batch,
+        decode_attention=attention,
         generate_s=full,
         prefill_s=prefill,
         decode_step_s=step,
@@ -128,8 +138,15 @@ def time_decode(model, batch: int, prompt_len: int, new_tokens: int, reps: int) 
     )
 
 
-def run(shape: str, batches: list[int], prompt_len: int, new_tokens: int, reps: int) -> dict:
-    """The whole benchmark as one JSON-able dict."""
+def run(
+    shape: str,
+    batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    reps: int,
+    attentions: tuple[str, ...] = ("auto",),
+) -> dict:
+    """The whole benchmark as one JSON-able dict: a row per decode attention and batch size."""
     import jax
     from flax import nnx
     from tqdm.auto import tqdm
@@ -145,8 +162,9 @@ def run(shape: str, batches: list[int], prompt_len: int, new_tokens: int, reps: 
     measured = stream_bandwidth(max(weight_bytes, 64 << 20), reps)
     nominal = NOMINAL_BANDWIDTH.get(device.device_kind)
     rows = []
-    for batch in tqdm(batches, desc="batch sizes", file=sys.stderr):
-        row = time_decode(model, batch, prompt_len, new_tokens, reps)
+    runs = [(a, b) for a in attentions for b in batches]
+    for attention, batch in tqdm(runs, desc="attention × batch", file=sys.stderr):
+        row = time_decode(model, batch, prompt_len, new_tokens, reps, attention)
         moved = decode_step_bytes(config, batch, prompt_len + new_tokens)
         row["bytes_per_step"] = moved
         row["bandwidth_bytes_per_s"] = sum(moved.values()) / row["decode_step_s"]
@@ -180,13 +198,13 @@ def _table(result: dict) -> str:
             if result["nominal_bandwidth_bytes_per_s"]
             else ""
         ),
-        f"{'batch':>5} {'tok/s':>10} {'ms/step':>8} {'GB/step':>8} {'GB/s':>8} {'%stream':>8} "
-        f"{'%nominal':>9}",
+        f"{'attention':>10} {'batch':>5} {'tok/s':>10} {'ms/step':>8} {'GB/step':>8} {'GB/s':>8} "
+        f"{'%stream':>8} {'%nominal':>9}",
     ]
     for row in result["batches"]:
         nominal = row.get("fraction_of_nominal")
         lines.append(
-            f"{row['batch']:>5} {row['decode_tokens_per_s']:>10.0f} "
+            f"{row['decode_attention']:>10} {row['batch']:>5} {row['decode_tokens_per_s']:>10.0f} "
             f"{1e3 * row['decode_step_s']:>8.2f} {sum(row['bytes_per_step'].values()) / gb:>8.3f} "
             f"{row['bandwidth_bytes_per_s'] / gb:>8.0f} {100 * row['fraction_of_stream']:>7.0f}% "
             f"{'' if nominal is None else f'{100 * nominal:.0f}%':>9}"
@@ -201,10 +219,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument(
+        "--decode_attention",
+        default="auto",
+        help="comma-separated decode attentions to compare (auto, xla, pallas_gpu)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    result = run(args.shape, batches, args.prompt_len, args.new_tokens, args.reps)
+    attentions = tuple(args.decode_attention.split(","))
+    from aapo_jax.models.decode_attention import choose_decode_attention
+
+    for name in attentions:
+        choose_decode_attention(name)  # fails naming a bad one before any timing
+    result = run(args.shape, batches, args.prompt_len, args.new_tokens, args.reps, attentions)
     print(json.dumps(result) if args.json else _table(result))
 
 

@@ -342,6 +342,16 @@ def plan_evaluation(config, devices, memory: int, source: str) -> int:
     return 0
 
 
+def tpu_config_problem(config) -> str | None:
+    """What in an `ExperimentConfig` a TPU plan cannot compile as the run would, or None."""
+    if config.sampling.decode_attention == "pallas_gpu":
+        return (
+            "sampling.decode_attention='pallas_gpu' is Pallas's GPU decode kernel; a TPU plan "
+            "compiles the XLA decode attention: set it to 'auto' or 'xla'."
+        )
+    return None
+
+
 def main(argv):
     del argv
     from aapo_jax import sharding
@@ -351,6 +361,8 @@ def main(argv):
     from aapo_jax import aot
 
     config = aot.plan_config(_CONFIG.value, model_path=model_path(_CONFIG.value, _MODEL.value))
+    if _TOPOLOGY.value and (problem := tpu_config_problem(config)):
+        sys.exit(f"error: {problem}")
     try:
         devices = aot.target_devices(_TOPOLOGY.value)
     except RuntimeError as e:

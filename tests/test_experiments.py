@@ -209,16 +209,19 @@ def test_decode_step_bytes_count_weights_once_and_the_whole_cache():
 
 
 def test_decode_bandwidth_benchmark_runs(capsys):
-    bench_decode_bandwidth.main(
-        ["--shape=tiny", "--batches=1,2", "--prompt_len=4", "--new_tokens=3", "--reps=1", "--json"]
-    )
+    """A row per decode attention and batch size, side by side; a bad name fails first."""
+    args = ["--shape=tiny", "--prompt_len=4", "--new_tokens=3", "--reps=1", "--json"]
+    bench_decode_bandwidth.main([*args, "--batches=2", "--decode_attention=xla,pallas_gpu"])
     result = json.loads(capsys.readouterr().out)
     assert result["shape"] == "tiny" and result["backend"] == "cpu"
-    assert [row["batch"] for row in result["batches"]] == [1, 2]
-    for row in result["batches"]:
+    rows = result["batches"]
+    assert [(r["decode_attention"], r["batch"]) for r in rows] == [("xla", 2), ("pallas_gpu", 2)]
+    for row in rows:
         assert row["decode_step_s"] > 0 and row["bandwidth_bytes_per_s"] > 0
         assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] / row["decode_step_s"])
     assert result["stream_bandwidth_bytes_per_s"] > 0
+    with pytest.raises(ValueError, match="decode_attention='flash'"):
+        bench_decode_bandwidth.main([*args, "--decode_attention=xla,flash"])
 
 
 def test_shared_prompt_benchmark_runs(capsys):

@@ -796,3 +796,14 @@ def test_the_evaluation_time_floor_is_the_hbm_bound_of_a_full_length_decode(mode
     assert floor["call_floor_s"] == pytest.approx(2 * 64 * step / 1e6)
     assert floor["paper_calls"] == 2 + 3 + 32 + 17 + 43  # ⌈30/16⌉ + ⌈40/16⌉ + … + ⌈675/16⌉
     assert floor["paper_floor_s"] == pytest.approx(97 * floor["call_floor_s"])
+
+
+def test_a_tpu_plan_refuses_the_gpu_decode_kernel(model_dir):
+    """A TPU plan compiles the XLA decode attention: a config set to the GPU kernel is
+    refused by name rather than planned as something else."""
+    from experiments import plan
+
+    c = tiny_plan_config(model_dir)
+    assert plan.tpu_config_problem(aot.plan_config(c)) is None
+    c.sampling.decode_attention = "pallas_gpu"
+    assert "sampling.decode_attention='pallas_gpu'" in plan.tpu_config_problem(aot.plan_config(c))

@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from aapo_jax import decode_layouts
 from aapo_jax import sharding as sharding_lib
-from aapo_jax.models import attention, lora
+from aapo_jax.models import attention, decode_attention, lora
 from aapo_jax.models.config import ModelConfig
 
 # A large finite negative instead of -inf keeps masked scores out of NaN territory.
@@ -36,15 +36,25 @@ class KVCache:
     The buffers are separate (not stacked on a layer axis) so that the layer scan
     reads its layer's buffer where it lies: slicing layer i out of a stacked
     buffer makes XLA:CPU copy that layer's whole cache on every decode step.
+    A cache for the GPU decode kernel (`attention="pallas_gpu"`, see
+    `models.decode_attention`) stores keys slot-major like the values, [B, K, S, Dh],
+    and whole kernel blocks of slots.
     """
 
-    k: tuple[Float[Array, "B K Dh S"], ...]
+    k: tuple[Float[Array, "B K Dh S"] | Float[Array, "B K S Dh"], ...]
     v: tuple[Float[Array, "B K S Dh"], ...]
     mask_BxS: Bool[Array, "B S"]
     index: Int[Array, ""]
     # A prompt stored once for the rows that continue it; the buffers above then hold
     # each row's own slots only (slot 0 is the first token after the prompt).
     prompt: SharedPrompt | None = None
+    # The decode attention that reads it (`decode_attention.DECODE_ATTENTION`, resolved).
+    attention: str = flax.struct.field(pytree_node=False, default="xla")
+
+    @property
+    def keys_by_slot(self) -> bool:
+        """Keys stored [B, K, S, Dh] (the kernel's layout), not transposed [B, K, Dh, S]."""
+        return decode_attention.uses_kernel(self.attention)
 
     @property
     def size(self) -> int:
@@ -72,11 +82,12 @@ class KVCache:
 class SharedPrompt:
     """Keys and values of B' prompts, each stored once for the `repeats` decode rows that
     continue it (rows b·repeats + r): a decode step reads each prompt's P slots once per
-    group, not once per row. Per layer, in the cache's layouts: keys [B', K, Dh, P],
-    values [B', K, P, Dh]; `mask_BxP` marks real prompt tokens.
+    group, not once per row. Per layer, in the cache's layouts: keys [B', K, Dh, P]
+    ([B', K, P, Dh] for the GPU kernel), values [B', K, P, Dh]; `mask_BxP` marks real
+    prompt tokens (left-padded).
     """
 
-    k: tuple[Float[Array, "B K Dh P"], ...]
+    k: tuple[Float[Array, "B K Dh P"] | Float[Array, "B K P Dh"], ...]
     v: tuple[Float[Array, "B K P Dh"], ...]
     mask_BxP: Bool[Array, "B P"]
     repeats: int = flax.struct.field(pytree_node=False, default=1)
@@ -113,20 +124,33 @@ def visibility(query_slot_L: Array, key_mask_BxS: Array) -> Bool[Array, "B L S"]
     return (causal_LxS[None] & key_mask_BxS[:, None, :]) | self_LxS[None]
 
 
-def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None) -> KVCache:
-    """An empty cache of `cache_size` slots per row (keys/values in `dtype`, default compute)."""
+def init_cache(
+    config: ModelConfig, batch_size: int, cache_size: int, dtype=None, *, attention: str = "xla"
+) -> KVCache:
+    """An empty cache of `cache_size` slots per row (keys/values in `dtype`, default compute),
+    in the layout of the decode `attention` that will read it (for "pallas_gpu": rounded up
+    to whole kernel blocks, `decode_attention.kernel_slots`)."""
     dtype = config.compute_dtype if dtype is None else dtype
     ly, k, dh = config.num_layers, config.num_kv_heads, config.head_dim
+    by_slot = decode_attention.uses_kernel(attention)
+    size = decode_attention.kernel_slots(cache_size) if by_slot else cache_size
+    key_shape = (batch_size, k, size, dh) if by_slot else (batch_size, k, dh, size)
     return KVCache(
-        k=tuple(jnp.zeros((batch_size, k, dh, cache_size), dtype) for _ in range(ly)),
-        v=tuple(jnp.zeros((batch_size, k, cache_size, dh), dtype) for _ in range(ly)),
-        mask_BxS=jnp.zeros((batch_size, cache_size), bool),
+        k=tuple(jnp.zeros(key_shape, dtype) for _ in range(ly)),
+        v=tuple(jnp.zeros((batch_size, k, size, dh), dtype) for _ in range(ly)),
+        mask_BxS=jnp.zeros((batch_size, size), bool),
         index=jnp.zeros((), jnp.int32),
+        attention=attention,
     )
 
 
 def cache_from_prefix(
-    prefix: PrefixKV, cache_size: int, dtype=None, *, share: bool = False
+    prefix: PrefixKV,
+    cache_size: int,
+    dtype=None,
+    *,
+    share: bool = False,
+    attention: str = "xla",
 ) -> KVCache:
     """A decode cache of `cache_size` slots (the prompt's included) after a prefilled prompt.
 
@@ -137,16 +161,31 @@ def cache_from_prefix(
     they are a `SharedPrompt` kept once per prompt, and each row's buffers hold only its
     `cache_size` − P own slots, all empty (index = 0): the same attention, with the
     prompt's keys and values stored and read once per group.
+    `attention`: the decode attention that will read it (resolved, see
+    `decode_attention.choose_decode_attention`). For "pallas_gpu" keys are stored
+    slot-major and every part holds whole kernel blocks: a shared prompt gains masked
+    slots on its left, the rows' buffers empty slots at their end.
     """
     p = prefix.k.shape[2]
     if cache_size < p:
         raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {p}.")
     dtype = prefix.k.dtype if dtype is None else dtype
-    keys = tuple(k.transpose(0, 2, 3, 1).astype(dtype) for k in prefix.k)  # [B', K, Dh, P]
+    by_slot = decode_attention.uses_kernel(attention)
+    key_axes = (0, 2, 1, 3) if by_slot else (0, 2, 3, 1)  # [B', K, P, Dh] or [B', K, Dh, P]
+    keys = tuple(k.transpose(key_axes).astype(dtype) for k in prefix.k)
     values = tuple(v.transpose(0, 2, 1, 3).astype(dtype) for v in prefix.v)  # [B', K, P, Dh]
     mask = prefix.mask_BxP.astype(bool)
+    slot_axis = 2 if by_slot else 3
     if share and prefix.repeats > 1:
         own = cache_size - p
+        if by_slot:
+            own, left = decode_attention.kernel_slots(own), decode_attention.kernel_slots(p) - p
+
+            def pad_left(x, axis):
+                return jnp.pad(x, [(left if d == axis else 0, 0) for d in range(x.ndim)])
+
+            keys, values = (tuple(pad_left(x, 2) for x in xs) for xs in (keys, values))
+            mask = pad_left(mask, 1)
 
         def empty(x, axis):
             # Zeros padded from an empty slice: inside `shard_map` they vary over the
@@ -155,17 +194,25 @@ def cache_from_prefix(
             return jnp.pad(x, [(0, own if d == axis else 0) for d in range(x.ndim)])
 
         return KVCache(
-            k=tuple(empty(k, 3) for k in keys),
+            k=tuple(empty(k, slot_axis) for k in keys),
             v=tuple(empty(v, 2) for v in values),
             mask_BxS=empty(mask, 1),
             index=jnp.zeros((), jnp.int32),
             prompt=SharedPrompt(k=keys, v=values, mask_BxP=mask, repeats=prefix.repeats),
+            attention=attention,
         )
-    pad = cache_size - p
-    keys = tuple(jnp.pad(k, [(0, 0)] * 3 + [(0, pad)]) for k in keys)
-    values = tuple(jnp.pad(v, [(0, 0)] * 2 + [(0, pad), (0, 0)]) for v in values)
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    cache = KVCache(k=keys, v=values, mask_BxS=mask, index=jnp.asarray(p, jnp.int32))
+    pad = (decode_attention.kernel_slots(cache_size) if by_slot else cache_size) - p
+
+    def pad_end(x, axis):
+        return jnp.pad(x, [(0, pad if d == axis else 0) for d in range(x.ndim)])
+
+    cache = KVCache(
+        k=tuple(pad_end(k, slot_axis) for k in keys),
+        v=tuple(pad_end(v, 2) for v in values),
+        mask_BxS=pad_end(mask, 1),
+        index=jnp.asarray(p, jnp.int32),
+        attention=attention,
+    )
     return cache.repeat_rows(prefix.repeats)
 
 
@@ -327,6 +374,8 @@ def cached_attention(
     new_v_BxLxKxDh: Array,
     new_visible_BxLxL: Array,
     prompt: tuple[Array, Array, Array] | None = None,
+    *,
+    keys_by_slot: bool = False,
 ) -> Array:
     """Dense attention of L new queries over a cache's earlier slots and the L new entries.
 
@@ -342,6 +391,8 @@ def cached_attention(
     visible [B', P]), before every other slot, for rows b·R + r (R = B / B'). Each
     prompt's slots are read once by its group's R rows together (one matmul with R·H/K
     query rows per kv head) and join the same softmax.
+    `keys_by_slot`: the cache's (and the prompt's) keys are stored [B, K, S, Dh], like
+    the values (a cache for the GPU decode kernel, read here for writes of L > 1 tokens).
     """
     b, seq_len, h, dh = q_BxLxHxDh.shape
     kv_heads = keys_BxKxDhxS.shape[1]
@@ -357,11 +408,14 @@ def cached_attention(
     # cache per step), so there the cache is read by dots in its own dtype that accumulate
     # in fp32.
     reduce_in_fp32 = seq_len == 1 and dtype == jnp.float32
-    if reduce_in_fp32:
+    key_spec = "bksd" if keys_by_slot else "bkds"
+    if reduce_in_fp32 and keys_by_slot:
+        old = jnp.sum(q[:, 0][..., None, :] * keys[:, :, None], axis=-1)[:, :, :, None]
+    elif reduce_in_fp32:
         old = jnp.sum(q[:, 0][..., None] * keys[:, :, None], axis=-2)[:, :, :, None]
     else:
         qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * seq_len, dh)
-        old = jnp.einsum("bkqd,bkds->bkqs", qt, keys, preferred_element_type=jnp.float32)
+        old = jnp.einsum(f"bkqd,{key_spec}->bkqs", qt, keys, preferred_element_type=jnp.float32)
         old = old.reshape(b, kv_heads, group, seq_len, -1)
     new = jnp.einsum("blkgd,bmkd->bkglm", q, new_k, preferred_element_type=jnp.float32)
     scale = np.float32(1 / math.sqrt(dh))
@@ -373,7 +427,7 @@ def cached_attention(
         groups = prompt_keys.shape[0]
         by_group, by_row = _prompt_group_layout(b, groups, kv_heads, group, seq_len)
         shared = jnp.einsum(
-            "bkqd,bkdp->bkqp",
+            f"bkqd,{key_spec.replace('s', 'p')}->bkqp",
             by_group(q.transpose(0, 2, 3, 1, 4)),
             prompt_keys.astype(dtype),
             preferred_element_type=jnp.float32,
@@ -632,27 +686,46 @@ class Transformer(nnx.Module):
         `unroll` ≥ the layer count lays every layer out as straight-line code, over `layers`
         or static slices of the stacked weights (for a one-step program whose cost analysis
         should count every layer: XLA counts a loop body once).
+        A cache for the GPU kernel (`cache.attention == "pallas_gpu"`) is read by it on
+        one-token steps (`decode_attention.step_attention`): each row reads its whole
+        buffer up to the write index, `kv_len` aside, and a finished row (its new token
+        masked) reads none of it.
         """
         cfg = self.config
         shared = cache.prompt
-        # The bound counts the prompt's slots whether each row holds them or they are shared.
-        own = cache.size if kv_len is None else kv_len - cache.prompt_length
+        by_slot = cache.keys_by_slot
         length = tokens_BxL.shape[1]
+        in_kernel = by_slot and length == 1
+        # The bound counts the prompt's slots whether each row holds them or they are shared.
+        own = cache.size if kv_len is None or in_kernel else kv_len - cache.prompt_length
         index = cache.index
         # Every slot before the write index that holds a real token; the new tokens
         # see each other causally (and always themselves).
         old_visible = cache.mask_BxS[:, :own] & (jnp.arange(own) < index)[None]
         new_visible = visibility(jnp.arange(length), mask_BxL.astype(bool))
         rope = rope_tables(positions_BxL, rope_inv_freq(cfg))
+        if in_kernel:  # each row's slot range: from the end of its left padding to the index
+            start = decode_attention.first_real_slot(cache.mask_BxS)
+            end = jnp.where(mask_BxL[:, 0].astype(bool), index, 0)
 
         def attend_layer(i, q, k, v):
             # Layer i's buffers, read where they lie: `switch` passes them by reference,
             # where a scan input or a dynamic index into stacked buffers is a copy.
             def over(j):
-                keys, values = cache.k[j][..., :own], cache.v[j][:, :, :own]
+                keys = cache.k[j][:, :, :own] if by_slot else cache.k[j][..., :own]
+                values = cache.v[j][:, :, :own]
                 prompt = None if shared is None else (shared.k[j], shared.v[j], shared.mask_BxP)
+                if in_kernel:
+                    return lambda *qkv: decode_attention.step_attention(
+                        qkv[0], keys, values, start, end, qkv[1], qkv[2], prompt
+                    )
                 return lambda *qkv: cached_attention(
-                    qkv[0], keys, values, old_visible, qkv[1], qkv[2], new_visible, prompt
+                    qkv[0],
+                    *(keys, values, old_visible),
+                    *qkv[1:],
+                    new_visible,
+                    prompt,
+                    keys_by_slot=by_slot,
                 )
 
             if isinstance(i, int):  # an unrolled layer: its buffers directly
@@ -666,7 +739,8 @@ class Transformer(nnx.Module):
             new = {}
 
             def attend(q, k, v):
-                new["k"] = k.transpose(0, 2, 3, 1).astype(cache.k[0].dtype)  # [B, K, Dh, L]
+                key_axes = (0, 2, 1, 3) if by_slot else (0, 2, 3, 1)  # [B, K, L, Dh] or Dh, L
+                new["k"] = k.transpose(key_axes).astype(cache.k[0].dtype)
                 new["v"] = v.swapaxes(1, 2).astype(cache.v[0].dtype)  # [B, K, L, Dh]
                 return attend_layer(i, q, k, v), None
 
@@ -699,7 +773,8 @@ class Transformer(nnx.Module):
                 lambda x, i: jax.lax.switch(i, branches, x), x, jnp.arange(cfg.num_layers)
             )
         write = jax.lax.dynamic_update_slice
-        keys = tuple(write(c, n, (0, 0, 0, index)) for c, n in zip(cache.k, new_k, strict=True))
+        key_at = (0, 0, index, 0) if by_slot else (0, 0, 0, index)
+        keys = tuple(write(c, n, key_at) for c, n in zip(cache.k, new_k, strict=True))
         values = tuple(write(c, n, (0, 0, index, 0)) for c, n in zip(cache.v, new_v, strict=True))
         mask = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL.astype(bool), (0, index))
         new_cache = cache.replace(k=keys, v=values, mask_BxS=mask, index=index + length)
