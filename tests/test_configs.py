@@ -121,6 +121,8 @@ def test_every_hyperparameter_is_overridable_by_name():
     "name", [n for n in RUNNABLE if n not in ("r1_distill_1p5b_openrs", "llama32_simplerl")]
 )
 def test_tiny_variant_runs_two_steps(name, local_assets, tmp_path):
+    """Each runnable config's tiny variant trains its 2 steps. The Qwen 7B one runs the
+    authors' one epoch instead (`train.steps = -1`), which its prompts make 2 steps."""
     c = _module(name).get_config("variant=tiny")
     if name in NEEDS_PATHS:
         _with_paths(c, local_assets)
@@ -129,6 +131,9 @@ def test_tiny_variant_runs_two_steps(name, local_assets, tmp_path):
         llama = _with_paths(_module("llama32_simplerl").get_config("variant=tiny"), local_assets)
         llama = configs.experiment_config(llama)
         assert dataclasses.replace(llama, name=config.name) == config
+        c.train.steps = -1  # the tiny variant's 2 steps back to the authors' one epoch
+        c.train.prompts_per_step = 16  # 48 rows, 4 held out for eval: ⌊44 / 16⌋ = 2 steps
+        config = configs.experiment_config(c)
     summary = trainer.train(config, tmp_path, progress=False)
     assert summary["steps"] == 2
     assert (tmp_path / "summary.json").exists()
@@ -367,13 +372,3 @@ def test_simplerl_file_may_name_its_prompt_column_prompt_or_instruction(local_as
     c.data.path = str(neither)
     with pytest.raises(ValueError, match=r"no column 'instruction\|prompt'.*columns present"):
         sources.load_splits(configs.experiment_config(c).data)
-
-
-def test_one_epoch_run_trains_for_the_prompts_it_has(local_assets, tmp_path):
-    c = _with_paths(_module("qwen25_math_7b_simplerl").get_config("variant=tiny"), local_assets)
-    c.train.steps = -1  # the tiny variant's 2 steps back to the authors' one epoch
-    c.train.prompts_per_step = 16
-    config = configs.experiment_config(c)
-    summary = trainer.train(config, tmp_path, progress=False)
-    # 48 rows, 4 held out for eval: ⌊44 / 16⌋ = 2 steps.
-    assert summary["steps"] == 2

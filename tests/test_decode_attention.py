@@ -99,52 +99,43 @@ def _prompts():
     return hf_fixtures.left_padded_batch(np.random.default_rng(15), (9, 3, 12, 5), 12, VOCAB)
 
 
-def _early_eos(model, ids, mask) -> int:
+@pytest.fixture(scope="module")
+def early_eos(qwen) -> int:
     """A token the model draws often: as EOS, most rows finish early, at different steps."""
     out = sampling.generate(
-        model,
-        ids,
-        mask,
-        rng=jax.random.key(3),
-        max_new_tokens=10,
-        num_samples=6,
-        decode_attention="xla",
+        qwen, *_prompts(), rng=jax.random.key(3), max_new_tokens=10, num_samples=6
     )
     values, counts = np.unique(np.asarray(out.tokens)[:, 1:4], return_counts=True)
     return int(values[counts.argmax()])
 
 
-@pytest.mark.parametrize("shared_prompt", [True, False])
-def test_the_kernel_decodes_the_xla_tokens(qwen, shared_prompt):
-    """Greedy and sampled, with most rows finishing early: the same tokens and log-probs
-    as the XLA attention, whether the prompt is shared or copied into each row."""
+@pytest.mark.parametrize("shared_prompt,temperature", [(True, 1.0), (False, 0.0)])
+def test_the_kernel_decodes_the_xla_tokens(qwen, early_eos, shared_prompt, temperature):
+    """Sampled with a shared prompt, greedy with a copy in each row, most rows finishing
+    early: the same tokens and log-probs as the XLA attention."""
     ids, mask = _prompts()
-    eos = _early_eos(qwen, ids, mask)
-    for temperature in (0.0, 1.0):
-        kw = dict(
-            rng=jax.random.key(4),
-            max_new_tokens=10,
-            temperature=temperature,
-            num_samples=6,
-            eos_token_id=eos,
-            shared_prompt=shared_prompt,
-        )
-        xla = sampling.generate(qwen, ids, mask, decode_attention="xla", **kw)
-        kernel = sampling.generate(qwen, ids, mask, decode_attention="pallas_gpu", **kw)
-        lengths = np.asarray(xla.lengths)
-        assert lengths.min() < 10 and len(set(lengths)) > 2  # rows finish at different steps
-        np.testing.assert_array_equal(np.asarray(kernel.tokens), np.asarray(xla.tokens))
-        np.testing.assert_allclose(np.asarray(kernel.logprobs), np.asarray(xla.logprobs), atol=1e-5)
+    kw = dict(
+        rng=jax.random.key(4),
+        max_new_tokens=10,
+        temperature=temperature,
+        num_samples=6,
+        eos_token_id=early_eos,
+        shared_prompt=shared_prompt,
+    )
+    xla = sampling.generate(qwen, ids, mask, decode_attention="xla", **kw)
+    kernel = sampling.generate(qwen, ids, mask, decode_attention="pallas_gpu", **kw)
+    lengths = np.asarray(xla.lengths)
+    assert lengths.min() < 10 and len(set(lengths)) > 2  # rows finish at different steps
+    np.testing.assert_array_equal(np.asarray(kernel.tokens), np.asarray(xla.tokens))
+    np.testing.assert_allclose(np.asarray(kernel.logprobs), np.asarray(xla.logprobs), atol=1e-5)
 
 
-def test_the_kernel_on_the_tensor_decode_mesh_gives_one_devices_tokens(qwen):
+def test_the_kernel_on_the_tensor_decode_mesh_gives_one_devices_tokens(qwen, early_eos):
     """fsdp 2 × tensor 4, tensor decode copies: the kernel runs on each device's rows (the
     prompts, fewer than the devices, whole on each) and draws one device's tokens."""
     ids, mask = _prompts()
     settings = sampling.SamplerSettings(max_new_tokens=10, temperature=1.0)
-    base = sampling.SamplingConfig(
-        settings, eos_token_ids=(_early_eos(qwen, ids, mask),), num_samples=6
-    )
+    base = sampling.SamplingConfig(settings, eos_token_ids=(early_eos,), num_samples=6)
     keys = [jax.random.key(10)]
     (alone,) = sampling.generate_many([qwen], ids, mask, rngs=keys, config=base)
     mesh = sharding.make_mesh(1, 2, 4)
