@@ -196,6 +196,17 @@ def constrain_rows(x: jax.Array, dim: int = 0) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
+def auto_axes() -> tuple[str, ...]:
+    """The context mesh's axes XLA still partitions automatically (not yet manual inside a
+    `shard_map`); () without a context mesh. A Pallas kernel, which XLA cannot partition,
+    runs in a `shard_map` over all of them, size-1 ones too: Mosaic refuses a partially
+    manual context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
 def row_axes(rows: int) -> tuple[str, ...]:
     """The context mesh's axes that `constrain_rows` splits `rows` rows over now: data ×
     fsdp (inside `rows_over(axes)`: those axes), the ones of size > 1; () when they do not

@@ -128,3 +128,27 @@ def test_decode_rows_go_over_every_device_under_the_tensor_layout(rows, tensor_d
     else:
         out = jax.jit(f).lower(x).compile().output_shardings
         assert out.spec[0] == (expected if len(expected) > 1 else expected[0])
+
+
+def test_row_axes_and_auto_axes_follow_the_context_mesh():
+    """Rows go over data × fsdp (the axes of size > 1), over every axis inside
+    `rows_over`, and over none when they do not divide; inside a `shard_map` the manual
+    axes are no longer automatic. Without a context mesh: none."""
+    assert sharding.auto_axes() == () and sharding.row_axes(8) == ()
+    mesh = sharding.make_mesh(2, 4, 1)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert sharding.auto_axes() == ("data", "fsdp", "tensor")
+        assert sharding.row_axes(8) == ("data", "fsdp") and sharding.row_axes(6) == ()
+    mesh = sharding.make_mesh(1, 2, 4)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert sharding.row_axes(8) == ("fsdp",)
+        with sharding.rows_over(("data", "fsdp", "tensor")):
+            assert sharding.row_axes(8) == ("fsdp", "tensor") and sharding.row_axes(4) == ()
+
+    def inside(x):
+        assert sharding.auto_axes() == ("fsdp", "tensor")
+        return x
+
+    jax.shard_map(
+        inside, mesh=mesh, in_specs=jax.P("data"), out_specs=jax.P("data"), axis_names={"data"}
+    )(jnp.zeros(8))

@@ -12,6 +12,8 @@ import numpy as np
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Bool, Float
 
+from aapo_jax import sharding
+
 # A large finite negative instead of -inf keeps masked scores out of NaN territory.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Pallas TPU kernels tile the sequence axes in lanes of 128.
@@ -210,14 +212,10 @@ def _over_mesh(fn, batch: int, heads: int, kv_heads: int, n_args: int):
     over the tensor axis when it divides both H and K (other axes replicate). Inside a
     `shard_map` (manual axes) or without a mesh, `fn` runs as is.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn
-    # Every axis not yet manual becomes manual, size-1 ones too: Mosaic refuses a
-    # partially manual context.
-    auto = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    auto = sharding.auto_axes()
     if not auto:
         return fn
+    mesh = jax.sharding.get_abstract_mesh()
     rows, ways = [], 1
     for axis in _ROW_AXES:
         size = mesh.shape.get(axis, 1)

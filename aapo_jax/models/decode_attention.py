@@ -99,17 +99,14 @@ def _per_device(fn, rows: int):
     Pallas kernel): every argument and output split on its first dimension over the
     axes that `sharding.constrain_rows` splits rows over now, where they divide `rows`,
     else replicated. Inside `shard_map` or without a mesh, `fn` as is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn
-    auto = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    auto = sharding_lib.auto_axes()
     if not auto:
         return fn
     axes = tuple(a for a in sharding_lib.row_axes(rows) if a in auto)
     spec = PartitionSpec(axes or None)
     return jax.shard_map(
         fn,
-        mesh=mesh,
+        mesh=jax.sharding.get_abstract_mesh(),
         in_specs=spec,
         out_specs=spec,
         axis_names=frozenset(auto),
