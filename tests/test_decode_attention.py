@@ -168,10 +168,14 @@ def test_a_kernel_cache_is_slot_major_in_whole_blocks(qwen):
     assert empty.k[0].shape == (2, c.num_kv_heads, 128, c.head_dim) and empty.size == 128
 
 
-def test_choices_and_tilings():
-    """ "auto" is the kernel on GPU only; a bad name fails naming its field; every whole
-    number of blocks tiles into splits of whole blocks."""
+def test_choices_and_tilings(monkeypatch):
+    """On GPU "auto" is the kernel, while jax ships it; elsewhere XLA. A bad name fails
+    naming its field; every whole number of blocks tiles into splits of whole blocks."""
+    assert decode_attention.gpu_kernel_available()
     assert decode_attention.choose_decode_attention("auto", "gpu") == "pallas_gpu"
+    with monkeypatch.context() as m:
+        m.setattr(decode_attention, "_GPU_KERNEL_MODULE", "jax.experimental.pallas.ops.gpu.gone")
+        assert decode_attention.choose_decode_attention("auto", "gpu") == "xla"
     assert decode_attention.choose_decode_attention("auto", "tpu") == "xla"
     assert decode_attention.choose_decode_attention("auto", "cpu") == "xla"
     assert decode_attention.choose_decode_attention("pallas_gpu", "cpu") == "pallas_gpu"

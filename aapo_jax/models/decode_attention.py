@@ -18,6 +18,8 @@ with its slot counts rounded to whole kernel blocks (`kernel_slots`).
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import math
 
 import jax
@@ -28,22 +30,31 @@ from jaxtyping import Array, Float, Int
 
 from aapo_jax import sharding as sharding_lib
 
-# `ModelConfig.decode_attention`: "auto" is the GPU kernel on GPU and XLA elsewhere.
+# `sampling.decode_attention`: "auto" is the GPU kernel on GPU and XLA elsewhere.
 DECODE_ATTENTION = ("auto", "xla", "pallas_gpu")
+_GPU_KERNEL_MODULE = "jax.experimental.pallas.ops.gpu.decode_attention"
 # Cache parts for the kernel hold a multiple of this many slots (see `kernel_tiling`).
 SLOT_MULTIPLE = 64
 # A part's (unnormalised output [B, H, Dh], denominator [B, H], maximum [B, H]).
 Part = tuple[Array, Array, Array]
 
 
+def gpu_kernel_available() -> bool:
+    """Whether this jax ships the GPU decode kernel. jax 0.11 deprecates Pallas's Triton
+    ops, this one included, and will remove them with Pallas Triton."""
+    return importlib.util.find_spec(_GPU_KERNEL_MODULE) is not None
+
+
 def choose_decode_attention(name: str, backend: str | None = None) -> str:
-    """The decode attention `name` runs: "auto" is "pallas_gpu" on GPU, "xla" elsewhere."""
+    """The decode attention `name` runs: "auto" is "pallas_gpu" on GPU (while jax ships
+    the kernel, `gpu_kernel_available`), "xla" elsewhere."""
     if name not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention={name!r}; expected one of {DECODE_ATTENTION}.")
     if name != "auto":
         return name
     backend = jax.default_backend() if backend is None else backend
-    return "pallas_gpu" if backend in ("gpu", "cuda") else "xla"
+    on_gpu = backend in ("gpu", "cuda") and gpu_kernel_available()
+    return "pallas_gpu" if on_gpu else "xla"
 
 
 def uses_kernel(attention: str) -> bool:
@@ -73,8 +84,7 @@ def kernel_tiling(slots: int) -> tuple[int, int]:
 
 
 def _gqa_part(q_BxHxDh, keys_BxKxSxDh, values_BxKxSxDh, start_B, length_B, interpret) -> Part:
-    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
-
+    pallas_decode = importlib.import_module(_GPU_KERNEL_MODULE)
     splits, block = kernel_tiling(keys_BxKxSxDh.shape[2])
     # The kernel takes [B, S, K, Dh] and swaps back to [B, K, S, Dh]: the two transposes
     # cancel, so the cache is read where it lies.
