@@ -77,7 +77,9 @@ _LONG_MODULES = (
     "test_reliability.py",
     "test_trainer.py",
     "test_train_step.py",
+    "test_lora.py",
     "test_experiments.py",
+    "test_paper_eval.py",
     "test_plan.py",
     "test_configs.py",
 )
