@@ -4,6 +4,7 @@
     python -m experiments.bench_decode_bandwidth --shape=medium   # a CPU-sized run
     python -m experiments.bench_decode_bandwidth --json           # one JSON object
     python -m experiments.bench_decode_bandwidth --decode_attention=xla,pallas_gpu  # on a GPU
+    python -m experiments.bench_decode_bandwidth --shape=1.5b --new_tokens=1024  # open-rs's model
 
 Meant for an accelerator: a random model of the Llama-3.2-1B shape (1.24B
 parameters, bf16 weights and activations) decodes greedily, EOS off, from
@@ -45,6 +46,20 @@ SHAPES = {
         tie_word_embeddings=True,
         model_type="llama",
         qkv_bias=False,
+    ),
+    # DeepSeek-R1-Distill-Qwen-1.5B (the open-rs paper config's model): 28 layers, width 1536,
+    # 12 query / 2 KV heads of 128, MLP 8960, 152k vocabulary, untied head, qkv bias.
+    "1.5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        tie_word_embeddings=False,
+        model_type="qwen2",
+        qkv_bias=True,
     ),
     **{name: dict(shape, qkv_bias=True) for name, shape in bench_common.MODEL_SHAPES.items()},
 }

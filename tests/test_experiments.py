@@ -202,6 +202,7 @@ def test_decode_step_bytes_count_weights_once_and_the_whole_cache():
     moved = bench_decode_bandwidth.decode_step_bytes(tied, batch=4, cache_slots=10)
     assert moved["weights"] == 2 * tied.num_params  # the tied embedding is read as the head
     assert moved["kv_cache"] == 4 * 2 * 16 * 8 * 64 * 10 * 2
+    assert 1.77e9 < bench_decode_bandwidth.model_config("1.5b").num_params < 1.78e9  # R1-Distill
     untied = bench_decode_bandwidth.model_config("tiny")
     embedding = untied.vocab_size * untied.hidden_size
     moved = bench_decode_bandwidth.decode_step_bytes(untied, batch=1, cache_slots=0)
