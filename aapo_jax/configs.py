@@ -640,9 +640,12 @@ def resolve_epoch_steps(config: ExperimentConfig, num_prompts: int) -> Experimen
 
 
 # Fields a resumed run may change: how long it runs (the schedule's length follows) and
-# how it logs, evaluates, checkpoints and scores; not what is trained or how.
+# how it logs, evaluates, checkpoints and scores; not what is trained or how. Also which
+# program reads the decode cache (`sampling.decode_attention`): the same attention, and a run
+# saved before the field existed ran what "auto" picks off GPU.
 RESUMABLE_CHANGES = (
     "name",
+    "sampling.decode_attention",
     "train.steps",
     "optim.total_steps",
     "train.log_every",

@@ -257,6 +257,14 @@ def test_config_changes_and_which_refuse_a_resume():
     assert changes == {"rl.group_size": (8, 4), "train.steps": (10, 20)}
     assert configs.refused_resume_changes(changes) == {"rl.group_size": (8, 4)}
     assert configs.config_changes({"a": (1, 2)}, {"a": [1, 2]}) == {}  # JSON lists vs tuples
+    # A run saved before `sampling.decode_attention` existed resumes: the same attention.
+    saved, current = (
+        {"sampling": {"top_k": 50}},
+        {"sampling": {"top_k": 50, "decode_attention": "auto"}},
+    )
+    changes = configs.config_changes(saved, current)
+    assert changes == {"sampling.decode_attention": (None, "auto")}
+    assert configs.refused_resume_changes(changes) == {}
 
 
 # -- one run per workdir -------------------------------------------------------------------
