@@ -20,7 +20,11 @@ from aapo_jax import decode_layouts, sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
 from aapo_jax.fields import check, check_choice
 from aapo_jax.models.config import ModelConfig
-from aapo_jax.models.decode_attention import DECODE_ATTENTION, choose_decode_attention
+from aapo_jax.models.decode_attention import (
+    DECODE_ATTENTION,
+    choose_decode_attention,
+    uses_kernel,
+)
 from aapo_jax.models.transformer import Transformer, cache_from_prefix, positions_from_mask
 
 _NEG_INF = -jnp.inf
@@ -566,8 +570,10 @@ def _decode(
 
         return cond, body
 
-    p = input_ids_BxP.shape[1]
-    for end in decode_segments(p, config.settings.max_new_tokens):
+    p, t = input_ids_BxP.shape[1], config.settings.max_new_tokens
+    # The GPU kernel bounds each row's read itself: one loop body (one compile) will do.
+    kernel = uses_kernel(choose_decode_attention(config.settings.decode_attention))
+    for end in [t] if kernel else decode_segments(p, t):
         state = jax.lax.while_loop(*segment(end), state)
     eos = _eos_array(config)
     return tuple(
