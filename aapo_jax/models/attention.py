@@ -22,8 +22,7 @@ _SPLASH_LANES = 128
 # size tried from 8 to 512 compiled, 80, 96 and 100 included: blocks span the whole Dh).
 _SPLASH_MAX_HEAD_DIM = 512
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-# The mesh axes that split rows and heads (see `aapo_jax.sharding.LOGICAL_RULES`).
-_ROW_AXES = ("data", "fsdp")
+# The mesh axis that splits heads (see `aapo_jax.sharding.LOGICAL_RULES`).
 _HEAD_AXIS = "tensor"
 
 # impl(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, key_mask_BxS, query_offset, block_size) -> out_BxLxHxDh
@@ -217,7 +216,7 @@ def _over_mesh(fn, batch: int, heads: int, kv_heads: int, n_args: int):
         return fn
     mesh = jax.sharding.get_abstract_mesh()
     rows, ways = [], 1
-    for axis in _ROW_AXES:
+    for axis in sharding.ROW_AXES:
         size = mesh.shape.get(axis, 1)
         if axis in auto and size > 1 and batch % (ways * size) == 0:
             rows.append(axis)
