@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from aapo_jax import decode_layouts, sharding
 from aapo_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length
-from aapo_jax.fields import check, check_choice
+from aapo_jax.fields import check, check_choices, choice
 from aapo_jax.models.config import ModelConfig
 from aapo_jax.models.decode_attention import (
     DECODE_ATTENTION,
@@ -83,7 +83,7 @@ class SamplerSettings:
     top_k: int = 0
     min_p: float = 0.0
     shared_prompt: bool = True
-    decode_attention: str = "auto"
+    decode_attention: str = choice("auto", DECODE_ATTENTION)
 
     def __post_init__(self):
         check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "≥ 1")
@@ -91,7 +91,7 @@ class SamplerSettings:
         check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
         check(self.top_k >= 0, "sampling.top_k", self.top_k, "≥ 0 (0: off)")
         check(0 <= self.min_p < 1, "sampling.min_p", self.min_p, "in [0, 1) (0: off)")
-        check_choice("sampling.decode_attention", self.decode_attention, DECODE_ATTENTION)
+        check_choices(self, "sampling")
 
     @property
     def greedy(self) -> bool:
