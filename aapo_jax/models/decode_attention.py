@@ -160,7 +160,8 @@ def join_parts(parts: list[Part]) -> Float[Array, "B H Dh"]:
 
 
 def new_token_part(q_BxHxDh: Array, new_k_BxKxDh: Array, new_v_BxKxDh: Array) -> Part:
-    """The part of a row's own new key: its score is the maximum, its weight 1."""
+    """The part of a row's own new key, as a `Part`: one key, so its output is its value,
+    its denominator 1 and its maximum its score."""
     b, h, dh = q_BxHxDh.shape
     kv_heads = new_k_BxKxDh.shape[1]
     q = q_BxHxDh.reshape(b, kv_heads, h // kv_heads, dh)
