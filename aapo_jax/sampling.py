@@ -572,7 +572,7 @@ def _decode(
 
     p, t = input_ids_BxP.shape[1], config.settings.max_new_tokens
     # The GPU kernel bounds each row's read itself: one loop body (one compile) will do.
-    kernel = uses_kernel(choose_decode_attention(config.settings.decode_attention))
+    kernel = all(uses_kernel(cache.attention) for cache in state.caches)
     for end in [t] if kernel else decode_segments(p, t):
         state = jax.lax.while_loop(*segment(end), state)
     eos = _eos_array(config)

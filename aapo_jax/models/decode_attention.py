@@ -203,18 +203,35 @@ def step_attention(
     if prompt is not None:
         prompt_keys, prompt_values, prompt_mask = prompt
         groups, kv_heads = prompt_keys.shape[:2]
-        repeats, group = b // groups, h // kv_heads
+        group = h // kv_heads
+        by_group, by_row = prompt_group_layout(b, groups, kv_heads, group, 1)
         # Rows b·R + r of prompt b side by side, grouped by kv head: [B', K·R·g, Dh].
-        by_group = q.reshape(groups, repeats, kv_heads, group, dh).transpose(0, 2, 1, 3, 4)
+        q_by_group = by_group(q.reshape(b, kv_heads, group, 1, dh)).reshape(groups, -1, dh)
         start = first_real_slot(prompt_mask)
         length = jnp.full_like(start, prompt_mask.shape[1])
-        shared = kernel_part(
-            by_group.reshape(groups, -1, dh), prompt_keys, prompt_values, start, length
+        shared = kernel_part(q_by_group, prompt_keys, prompt_values, start, length)
+
+        def per_row(x):  # [B', K·R·g, X] → [B, H, X]
+            return by_row(x.reshape(groups, kv_heads, -1, x.shape[-1])).reshape(b, h, -1)
+
+        out, total, peak = shared
+        parts.append(
+            (per_row(out), per_row(total[..., None])[..., 0], per_row(peak[..., None])[..., 0])
         )
-
-        def by_row(x):
-            x = x.reshape(groups, kv_heads, repeats, group, *x.shape[2:])
-            return x.transpose(0, 2, 1, 3, *range(4, x.ndim)).reshape(b, h, *x.shape[4:])
-
-        parts.append(tuple(map(by_row, shared)))
     return join_parts(parts)[:, None].astype(q.dtype)
+
+
+def prompt_group_layout(rows: int, groups: int, kv_heads: int, group: int, length: int):
+    """Maps between per-row [N, K, g, L, X] and per-prompt [B', K, R·g·L, X] (N = B'·R rows
+    b·R + r): a prompt's R rows side by side as one matmul's query rows."""
+    repeats = rows // groups
+
+    def by_group(x):
+        x = x.reshape(groups, repeats, kv_heads, group, length, x.shape[-1])
+        return x.transpose(0, 2, 1, 3, 4, 5).reshape(groups, kv_heads, -1, x.shape[-1])
+
+    def by_row(x):
+        x = x.reshape(groups, kv_heads, repeats, group, length, x.shape[-1])
+        return x.transpose(0, 2, 1, 3, 4, 5).reshape(rows, kv_heads, group, length, x.shape[-1])
+
+    return by_group, by_row

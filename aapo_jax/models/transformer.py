@@ -425,7 +425,7 @@ def cached_attention(
     if prompt is not None:
         prompt_keys, prompt_values, prompt_visible = prompt
         groups = prompt_keys.shape[0]
-        by_group, by_row = _prompt_group_layout(b, groups, kv_heads, group, seq_len)
+        by_group, by_row = decode_attention.prompt_group_layout(b, groups, kv_heads, group, seq_len)
         shared = jnp.einsum(
             f"bkqd,{key_spec.replace('s', 'p')}->bkqp",
             by_group(q.transpose(0, 2, 3, 1, 4)),
@@ -462,22 +462,6 @@ def cached_attention(
         )
     out = out / total[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, seq_len, h, dh).astype(dtype)
-
-
-def _prompt_group_layout(rows: int, groups: int, kv_heads: int, group: int, length: int):
-    """Maps between per-row [N, K, g, L, X] and per-prompt [B', K, R·g·L, X] (N = B'·R rows
-    b·R + r): a prompt's R rows side by side as one matmul's query rows."""
-    repeats = rows // groups
-
-    def by_group(x):
-        x = x.reshape(groups, repeats, kv_heads, group, length, x.shape[-1])
-        return x.transpose(0, 2, 1, 3, 4, 5).reshape(groups, kv_heads, -1, x.shape[-1])
-
-    def by_row(x):
-        x = x.reshape(groups, kv_heads, repeats, group, length, x.shape[-1])
-        return x.transpose(0, 2, 1, 3, 4, 5).reshape(rows, kv_heads, group, length, x.shape[-1])
-
-    return by_group, by_row
 
 
 class MLP(nnx.Module):
